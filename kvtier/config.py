@@ -1,0 +1,234 @@
+"""Typed configuration: defaults < YAML file < ``KVTIER_*`` environment variables < explicit overrides.
+
+Environment: ``KVTIER_CONFIG`` names a YAML file; ``KVTIER_<KEY>`` sets a top-level key and
+``KVTIER_<SECTION>__<KEY>`` a key of a section (values are parsed as YAML scalars). Every unknown key,
+in the file or the environment, is an error naming the key and the nearest valid one; every bad value is
+an error naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+from kvtier.errors import ConfigError
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3, "t": 1000**4, "tb": 1000**4,
+    "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
+}
+
+
+def parse_bytes(value: Any) -> int:
+    """Parse ``1234``, ``"512MiB"``, ``"2GB"`` or ``"1.5 GiB"`` into a byte count."""
+    if isinstance(value, bool):
+        raise ValueError("expected a byte size such as 1073741824 or '1GiB'")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
+        if m and m.group(2).lower() in _UNITS:
+            return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    raise ValueError(f"expected a byte size such as 1073741824 or '1GiB', units {sorted(set(_UNITS) - {''})}")
+
+
+ByteSize = Annotated[int, BeforeValidator(parse_bytes), Field(ge=0)]
+Policy = Literal["lru", "lfu", "fifo", "s3fifo"]
+CodecName = str  # validated against the codec registry by the tier that uses it
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class CpuConfig(_Section):
+    """CPU memory tier: a preallocated arena of fixed-size chunk slots."""
+
+    capacity: ByteSize = Field("2GiB", description="Arena size in bytes (allocated once at start).")
+    policy: Policy = Field("lru", description="Eviction policy: lru, lfu, fifo or s3fifo.")
+
+
+class DiskConfig(_Section):
+    """Local disk tier: one checksummed file per chunk, written atomically."""
+
+    enabled: bool = Field(False, description="Use the local disk tier.")
+    path: str = Field("~/.cache/kvtier/disk", description="Directory holding the chunk files.")
+    capacity: ByteSize = Field("20GiB", description="Byte cap of the directory; oldest chunks are evicted.")
+    policy: Policy = Field("lru", description="Eviction policy when the cap is reached.")
+    codec: CodecName = Field("raw", description="Codec for chunks written to disk.")
+    fsync: bool = Field(True, description="fsync each file before publishing it (crash safety).")
+
+
+class RemoteConfig(_Section):
+    """Client of a kvtier cache server (``kvtier server``)."""
+
+    enabled: bool = Field(False, description="Use a kvtier cache server as a tier.")
+    host: str = Field("127.0.0.1", description="Server host.")
+    port: int = Field(7390, ge=1, le=65535, description="Server port.")
+    token: str = Field("", description="Shared secret sent to the server (required if it is not on loopback).")
+    codec: CodecName = Field("raw", description="Codec for chunks sent to the server.")
+    timeout_s: float = Field(2.0, gt=0, description="Per-request timeout in seconds.")
+    pool_size: int = Field(4, ge=1, description="Connections kept open to the server.")
+
+
+class RedisConfig(_Section):
+    """Redis / Valkey tier (single node, Sentinel or Cluster)."""
+
+    enabled: bool = Field(False, description="Use Redis / Valkey as a tier.")
+    url: str = Field("redis://127.0.0.1:6379/0", description="redis:// URL of one node (or a seed node).")
+    mode: Literal["single", "cluster", "sentinel"] = Field("single", description="Deployment kind.")
+    sentinel_master: str = Field("mymaster", description="Master name when mode is sentinel.")
+    ttl_s: int = Field(0, ge=0, description="Expiry of stored chunks in seconds; 0 keeps them.")
+    codec: CodecName = Field("raw", description="Codec for chunks sent to Redis.")
+    timeout_s: float = Field(2.0, gt=0, description="Socket timeout in seconds.")
+
+
+class FsConfig(_Section):
+    """Shared-filesystem tier: a directory several kvtier processes read and write concurrently."""
+
+    enabled: bool = Field(False, description="Use a shared directory as a tier.")
+    path: str = Field("", description="Shared directory (e.g. an NFS mount).")
+    codec: CodecName = Field("raw", description="Codec for chunks written to the shared directory.")
+
+
+class ServerConfig(_Section):
+    """``kvtier server``: the asyncio cache server."""
+
+    host: str = Field("127.0.0.1", description="Bind address; anything but loopback requires a token.")
+    port: int = Field(7390, ge=1, le=65535, description="TCP port.")
+    token: str = Field("", description="Shared secret clients must present.")
+    capacity: ByteSize = Field("4GiB", description="Byte cap of chunks held in memory.")
+    policy: Policy = Field("lru", description="Eviction policy of the in-memory store.")
+    persist_path: str = Field("", description="If set, chunks are also kept in a disk tier here.")
+    max_connections: int = Field(256, ge=1, description="Connections accepted at once.")
+    max_message_bytes: ByteSize = Field("256MiB", description="Largest frame accepted.")
+    max_inflight_bytes: ByteSize = Field("1GiB", description="Bytes of requests being processed at once.")
+
+
+class KvtierConfig(_Section):
+    """Everything kvtier can be told. Section classes document their own keys."""
+
+    chunk_tokens: int = Field(256, ge=1, le=1 << 20, description="Tokens per chunk (the unit of storage).")
+    tenant: str = Field("", description="Salt mixed into every key: caches with different tenants never share.")
+    save_partial_chunks: bool = Field(True, description="Store a trailing chunk shorter than chunk_tokens.")
+    store_queue: int = Field(64, ge=1, description="Chunks queued for lower tiers before writes are dropped.")
+    cpu: CpuConfig = Field(default_factory=CpuConfig)
+    disk: DiskConfig = Field(default_factory=DiskConfig)
+    remote: RemoteConfig = Field(default_factory=RemoteConfig)
+    redis: RedisConfig = Field(default_factory=RedisConfig)
+    fs: FsConfig = Field(default_factory=FsConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
+
+
+def _section_fields(model: type[BaseModel]) -> list[str]:
+    return list(model.model_fields)
+
+
+def _model_at(path: tuple[str | int, ...]) -> type[BaseModel]:
+    model: type[BaseModel] = KvtierConfig
+    for part in path:
+        field = model.model_fields.get(str(part))
+        ann = field.annotation if field else None
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+        else:
+            break
+    return model
+
+
+def _explain(err: ValidationError) -> ConfigError:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = ".".join(str(p) for p in loc)
+        if e["type"] == "extra_forbidden":
+            valid = _section_fields(_model_at(loc[:-1]))
+            near = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            lines.append(f"unknown config key {key!r}{hint} valid keys here: {', '.join(valid)}")
+        else:
+            lines.append(f"bad value for config key {key!r}: {e.get('input')!r}: {e['msg']}")
+    return ConfigError("; ".join(lines))
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith("KVTIER_") or name == "KVTIER_CONFIG":
+            continue
+        parts = name[len("KVTIER_") :].lower().split("__")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"environment variable {name} conflicts with another KVTIER_ variable")
+        node[parts[-1]] = value if not isinstance(value, (dict, list)) else raw
+    return out
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> KvtierConfig:
+    """Build the effective config; raise :class:`ConfigError` on any unknown key or bad value."""
+    env = os.environ if environ is None else environ
+    data: dict[str, Any] = {}
+    file = path or env.get("KVTIER_CONFIG")
+    if file:
+        try:
+            loaded = yaml.safe_load(Path(file).expanduser().read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {file}: {exc}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {file} is not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {file} must hold a mapping, got {type(loaded).__name__}")
+        data = loaded or {}
+    data = _merge(data, _env_overrides(env))
+    data = _merge(data, overrides or {})
+    try:
+        return KvtierConfig.model_validate(data)
+    except ValidationError as err:
+        raise _explain(err) from None
+
+
+def config_reference() -> str:
+    """Markdown table of every key, its type, default and doc (kept in README by a test)."""
+    rows = ["| key | default | description |", "|---|---|---|"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, f"{prefix}{name}.")
+                continue
+            rows.append(f"| `{prefix}{name}` | `{field.default!r}` | {field.description or ''} |")
+
+    walk(KvtierConfig, "")
+    return "\n".join(rows)

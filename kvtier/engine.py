@@ -1,0 +1,328 @@
+"""CacheEngine: the public API engines call.
+
+Semantics (all methods are thread-safe):
+- ``lookup(tokens)`` -> number of leading tokens whose chunks are all present (CPU or a lower tier) and
+  verified against ``tokens``. A full hit ending in a stored partial chunk returns ``len(tokens)``.
+- ``store(tokens, kv)`` copies the chunks of ``tokens`` not yet cached out of ``kv`` into CPU slots
+  and returns once the copy is done; writes to lower tiers continue in the background through a
+  bounded queue. Returns the length of the cached prefix after the call (a refused chunk stops it).
+- ``retrieve(tokens, into)`` writes the longest cached prefix into ``into`` and returns its length;
+  exactly positions ``[0, hit)`` were written, nothing else. Lower-tier hits are promoted to CPU.
+- ``prefetch(tokens)`` promotes lower-tier chunks to CPU in the background.
+- ``layerwise_store`` / ``layerwise_retrieve`` do the same one layer at a time so an engine can overlap
+  transfers with compute.
+- Nothing here raises because a tier failed: a failed tier is a miss.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+
+from kvtier.config import KvtierConfig, load_config
+from kvtier.keys import Chunk, Chunker, Namespace, Tokens
+from kvtier.layout import KVLike, KVSpec, check_kv, copy_in, copy_out
+from kvtier.storage.base import Tier
+from kvtier.storage.cpu import CpuTier
+from kvtier.storage.manager import StorageManager
+
+log = logging.getLogger(__name__)
+
+
+class CacheEngine:
+    """KV cache of one model (one :class:`KVSpec`) over a CPU tier and optional lower tiers."""
+
+    def __init__(
+        self,
+        spec: KVSpec,
+        model: str,
+        config: KvtierConfig | None = None,
+        *,
+        tiers: Sequence[tuple[Tier, str]] | None = None,
+    ) -> None:
+        self.config = config or load_config()
+        if spec.chunk_tokens != self.config.chunk_tokens:
+            spec = KVSpec(spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.dtype, self.config.chunk_tokens)
+        self.spec = spec
+        self.namespace = Namespace(model=model, spec=spec, codec="raw", tenant=self.config.tenant)
+        self.chunker = Chunker(self.namespace, partial=self.config.save_partial_chunks)
+        self.cpu = CpuTier(spec, self.config.cpu.capacity, self.config.cpu.policy)
+        if tiers is None:
+            from kvtier.storage.factory import build_tiers
+
+            tiers = build_tiers(self.config, spec)
+        self.storage = StorageManager(spec, tiers, queue_depth=self.config.store_queue)
+        self.counters: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-prefetch")
+        self._closed = False
+
+    def _count(self, **amounts: int) -> None:
+        with self._lock:
+            self.counters.update(amounts)
+
+    # ---- lookup ----------------------------------------------------------------------------------
+    def _present(self, tokens: Tokens) -> tuple[np.ndarray, list[Chunk], list[int | None]]:
+        """Chunks of ``tokens`` and, for the leading present run, where each is (None = CPU)."""
+        arr, chunks = self.chunker.chunks(tokens)
+        where: list[int | None] = []
+        for chunk in chunks:
+            if not self.cpu.contains(chunk, arr):
+                break
+            where.append(None)
+        if len(where) < len(chunks) and self.storage.enabled:
+            where.extend(self.storage.locate(chunks[len(where) :]))
+        return arr, chunks, where
+
+    def lookup(self, tokens: Tokens) -> int:
+        """Length of the cached, verified prefix of ``tokens``."""
+        _arr, chunks, where = self._present(tokens)
+        hit = chunks[len(where) - 1].end if where else 0
+        self._count(lookups=1, lookup_tokens=len(_arr), lookup_hit_tokens=hit)
+        return hit
+
+    # ---- store -----------------------------------------------------------------------------------
+    def store(self, tokens: Tokens, kv: KVLike, *, skip_tokens: int = 0) -> int:
+        """Cache the chunks of ``tokens`` from ``kv`` (positions ``[0, len(tokens))``).
+
+        Chunks ending at or before ``skip_tokens`` are assumed cached by the caller and not copied.
+        """
+        arr, chunks = self.chunker.chunks(tokens)
+        if not chunks:
+            return 0
+        check_kv(self.spec, kv, chunks[-1].end)
+        cached = 0
+        stored = 0
+        for chunk in chunks:
+            if chunk.end <= skip_tokens or self.cpu.contains(chunk, arr):
+                cached = chunk.end
+                continue
+            slot = self.cpu.reserve()
+            if slot is None:
+                break
+            view = self.cpu.arena.view(slot, chunk.num_tokens)
+            try:
+                copy_in(view, kv, chunk.start, chunk.end)
+            except BaseException:
+                self.cpu.abort(slot)
+                raise
+            if self.cpu.commit(chunk, arr, slot):
+                stored += chunk.num_tokens
+                self._write_back(chunk, arr)
+            cached = chunk.end
+        self._count(stores=1, stored_tokens=stored, store_refused_tokens=len(arr) - cached)
+        return cached
+
+    def _write_back(self, chunk: Chunk, arr: np.ndarray) -> None:
+        if not self.storage.enabled:
+            return
+        slot = self.cpu.acquire(chunk, arr)
+        if slot is None:
+            return
+        view = self.cpu.arena.view(slot, chunk.num_tokens)
+        self.storage.write_back(chunk, arr, view, lambda: self.cpu.release(slot))
+
+    # ---- retrieve --------------------------------------------------------------------------------
+    def _acquire_all(self, tokens: Tokens) -> tuple[np.ndarray, list[Chunk], list[int]]:
+        """Reference the CPU slots of the leading present run, promoting lower-tier hits to CPU."""
+        arr, chunks, where = self._present(tokens)
+        slots: list[int] = []
+        for chunk, tier in zip(chunks, where):
+            slot = self.cpu.acquire(chunk, arr) if tier is None else self._promote(tier, chunk, arr)
+            if slot is None:
+                break
+            slots.append(slot)
+        return arr, chunks[: len(slots)], slots
+
+    def _promote(self, tier: int, chunk: Chunk, arr: np.ndarray) -> int | None:
+        """Load ``chunk`` from lower tier ``tier`` into a CPU slot; the slot comes back referenced."""
+        slot = self.cpu.reserve()
+        if slot is None:
+            return None
+        if not self.storage.load(tier, chunk, arr, self.cpu.arena.view(slot, chunk.num_tokens)):
+            self.cpu.abort(slot)
+            return None
+        self._count(promoted_chunks=1)
+        if not self.cpu.commit(chunk, arr, slot):  # someone else promoted it meanwhile
+            return self.cpu.acquire(chunk, arr)
+        return self.cpu.acquire(chunk, arr)
+
+    def retrieve(self, tokens: Tokens, into: KVLike) -> int:
+        """Write the cached prefix of ``tokens`` into ``into``; return its length."""
+        arr, chunks, slots = self._acquire_all(tokens)
+        try:
+            if chunks:
+                check_kv(self.spec, into, chunks[-1].end)
+            for chunk, slot in zip(chunks, slots):
+                copy_out(self.cpu.arena.view(slot, chunk.num_tokens), into, chunk.start, chunk.end)
+        finally:
+            for slot in slots:
+                self.cpu.release(slot)
+        hit = chunks[-1].end if chunks else 0
+        self._count(retrieves=1, retrieve_tokens=len(arr), retrieve_hit_tokens=hit)
+        return hit
+
+    def prefetch(self, tokens: Tokens) -> Future[int]:
+        """Promote the lower-tier part of the cached prefix of ``tokens`` to CPU in the background.
+
+        The future resolves to the number of tokens then in CPU.
+        """
+
+        def run() -> int:
+            _arr, chunks, slots = self._acquire_all(tokens)
+            for slot in slots:
+                self.cpu.release(slot)
+            return chunks[-1].end if chunks else 0
+
+        return self._prefetcher.submit(run)
+
+    # ---- layerwise -------------------------------------------------------------------------------
+    @contextmanager
+    def layerwise_store(self, tokens: Tokens, *, skip_tokens: int = 0) -> Iterator[LayerwiseStore]:
+        """Reserve slots for the uncached chunks of ``tokens``; fill them with ``.layer(l, k, v)`` for
+        every layer; they are committed when the block exits without error (aborted otherwise)."""
+        writer = LayerwiseStore(self, tokens, skip_tokens)
+        try:
+            yield writer
+        except BaseException:
+            writer.abort()
+            raise
+        writer.finish()
+
+    @contextmanager
+    def layerwise_retrieve(self, tokens: Tokens) -> Iterator[LayerwiseRetrieve]:
+        """Hold the cached prefix of ``tokens``; copy it out with ``.layer(l, k, v)`` per layer."""
+        reader = LayerwiseRetrieve(self, tokens)
+        try:
+            yield reader
+        finally:
+            reader.close()
+
+    # ---- management ------------------------------------------------------------------------------
+    def _keyed_prefix(self, tokens: Tokens) -> list[Chunk]:
+        arr, chunks = self.chunker.chunks(tokens)
+        return [c for c in chunks if self.cpu.contains(c, arr)]
+
+    def pin(self, tokens: Tokens) -> int:
+        """Pin the CPU-resident chunks of ``tokens`` (they survive eviction); return tokens pinned."""
+        return sum(c.num_tokens for c in self._keyed_prefix(tokens) if self.cpu.pin(c.key))
+
+    def unpin(self, tokens: Tokens) -> int:
+        return sum(c.num_tokens for c in self._keyed_prefix(tokens) if self.cpu.unpin(c.key))
+
+    def remove(self, tokens: Tokens) -> int:
+        """Remove every chunk of ``tokens`` from every tier; return chunks removed (any tier)."""
+        _arr, chunks = self.chunker.chunks(tokens)
+        return sum(int(self.cpu.remove(c.key)) + self.storage.delete(c) for c in chunks)
+
+    def clear(self) -> int:
+        """Drop every unpinned, unused chunk from every tier; return how many were dropped."""
+        return self.cpu.clear() + self.storage.clear()
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            engine = dict(self.counters)
+        cpu: dict[str, int | float] = dict(self.cpu.counters)
+        cpu.update(
+            chunks=len(self.cpu),
+            used_bytes=self.cpu.used_bytes,
+            capacity_bytes=self.cpu.arena.capacity_bytes,
+        )
+        return {"engine": engine, "cpu": cpu, **self.storage.stats()}
+
+    def close(self, timeout_s: float = 30.0) -> int:
+        """Flush lower-tier writes (bounded by ``timeout_s``) and stop; return writes lost."""
+        if self._closed:
+            return 0
+        self._closed = True
+        self._prefetcher.shutdown(wait=True)
+        lost = self.storage.close(timeout_s)
+        if lost:
+            log.warning("kvtier closed with %d chunk writes not flushed", lost)
+        return lost
+
+    def __enter__(self) -> CacheEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class LayerwiseStore:
+    """Per-layer writer created by :meth:`CacheEngine.layerwise_store`."""
+
+    def __init__(self, engine: CacheEngine, tokens: Tokens, skip_tokens: int) -> None:
+        self._engine = engine
+        self._arr, chunks = engine.chunker.chunks(tokens)
+        self._pending: list[tuple[Chunk, int]] = []
+        self.cached = 0
+        for chunk in chunks:
+            if chunk.end <= skip_tokens or engine.cpu.contains(chunk, self._arr):
+                self.cached = chunk.end
+                continue
+            slot = engine.cpu.reserve()
+            if slot is None:
+                break
+            self._pending.append((chunk, slot))
+            self.cached = chunk.end
+        self._layers_done: set[int] = set()
+
+    def layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Copy layer ``layer`` (``k``, ``v`` shaped ``[tokens, kv_heads, head_dim]``) into the slots."""
+        for chunk, slot in self._pending:
+            view = self._engine.cpu.arena.view(slot, chunk.num_tokens)
+            view[layer, 0].copy_(k[chunk.start : chunk.end])
+            view[layer, 1].copy_(v[chunk.start : chunk.end])
+        self._layers_done.add(layer)
+
+    def finish(self) -> int:
+        """Commit every chunk (all layers must have been written); return the cached prefix length."""
+        missing = set(range(self._engine.spec.num_layers)) - self._layers_done
+        if missing and self._pending:
+            self.abort()
+            raise ValueError(f"layerwise store finished without layers {sorted(missing)}")
+        stored = 0
+        for chunk, slot in self._pending:
+            if self._engine.cpu.commit(chunk, self._arr, slot):
+                stored += chunk.num_tokens
+                self._engine._write_back(chunk, self._arr)
+        self._pending = []
+        self._engine._count(stores=1, stored_tokens=stored)
+        return self.cached
+
+    def abort(self) -> None:
+        for _chunk, slot in self._pending:
+            self._engine.cpu.abort(slot)
+        self._pending = []
+
+
+class LayerwiseRetrieve:
+    """Per-layer reader created by :meth:`CacheEngine.layerwise_retrieve`. ``hit_tokens`` is fixed at
+    creation; the slots stay referenced until the block exits."""
+
+    def __init__(self, engine: CacheEngine, tokens: Tokens) -> None:
+        self._engine = engine
+        arr, self._chunks, self._slots = engine._acquire_all(tokens)
+        self.hit_tokens = self._chunks[-1].end if self._chunks else 0
+        engine._count(retrieves=1, retrieve_tokens=len(arr), retrieve_hit_tokens=self.hit_tokens)
+
+    def layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write layer ``layer`` of the hit prefix into ``k``, ``v`` (``[tokens, kv_heads, head_dim]``)."""
+        for chunk, slot in zip(self._chunks, self._slots):
+            view = self._engine.cpu.arena.view(slot, chunk.num_tokens)
+            k[chunk.start : chunk.end].copy_(view[layer, 0])
+            v[chunk.start : chunk.end].copy_(view[layer, 1])
+
+    def close(self) -> None:
+        for slot in self._slots:
+            self._engine.cpu.release(slot)
+        self._slots = []
+        self._chunks = []

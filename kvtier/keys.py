@@ -1,0 +1,118 @@
+"""Token chunking and chained chunk keys.
+
+Chunks are ``[0, C)``, ``[C, 2C)``, ... with ``C = chunk_tokens``. The key of chunk ``i`` is
+
+    k_0     = BLAKE3(namespace)[:16]
+    k_{i+1} = BLAKE3(k_i || uint32-le(tokens of chunk i))[:16]
+
+so it depends on the namespace (model id, KV spec, codec, tenant salt) and on every token up to the
+chunk's end, including the chunk's exact length. Nothing here depends on the process (no ``hash()``,
+no seed): every process on every machine computes the same keys.
+
+Partial last chunk: a trailing chunk shorter than ``C`` gets a key of its own like any other (its
+length is part of the hashed bytes). A longer prompt that extends the same text computes a different,
+full chunk at that index, so a stored partial chunk hits only prompts that end on the same token.
+``Chunker(..., partial=False)`` drops the trailing partial chunk instead.
+
+Verification: each stored chunk keeps its token ids and its parent key (``k_i`` of the previous chunk).
+A hit counts only if both match what the caller computed, so by induction a hit on chunk ``i``
+verifies the whole prefix; a hash collision is a miss, never foreign KV.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Union
+
+import blake3
+import numpy as np
+import torch
+
+from kvtier.layout import KVSpec
+
+KEY_BYTES = 16
+ChunkKey = bytes  # KEY_BYTES raw bytes; ``key.hex()`` is the text form used in file names and remote keys
+
+Tokens = Union[Sequence[int], np.ndarray, torch.Tensor]
+
+
+def as_token_array(tokens: Tokens) -> np.ndarray:
+    """Return ``tokens`` as a 1-D contiguous little-endian uint32 array (a view when possible)."""
+    if isinstance(tokens, torch.Tensor):
+        tokens = tokens.detach().reshape(-1).cpu().numpy()
+    arr = np.asarray(tokens)
+    if arr.ndim != 1:
+        arr = arr.reshape(-1)
+    if arr.dtype != np.dtype("<u4"):
+        if arr.size and (arr.min() < 0 or arr.max() > 0xFFFFFFFF):
+            raise ValueError("token ids must be in [0, 2**32)")
+        arr = arr.astype("<u4")
+    return np.ascontiguousarray(arr)
+
+
+def _digest(data: bytes | memoryview) -> bytes:
+    return blake3.blake3(data).digest(length=KEY_BYTES)
+
+
+@dataclass(frozen=True)
+class Namespace:
+    """What separates caches that must never exchange chunks."""
+
+    model: str
+    spec: KVSpec
+    codec: str = "raw"
+    tenant: str = ""
+
+    def root(self) -> ChunkKey:
+        """``k_0``: the parent key of the first chunk."""
+        text = "\x1f".join(("kvtier/v1", self.model, self.spec.fingerprint(), self.codec, self.tenant))
+        return _digest(text.encode())
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One chunk of a token sequence: tokens ``[start, end)``, its key and its parent's key."""
+
+    index: int
+    start: int
+    end: int
+    key: ChunkKey
+    parent: ChunkKey
+
+    @property
+    def num_tokens(self) -> int:
+        return self.end - self.start
+
+
+class Chunker:
+    """Splits token sequences into keyed chunks for one namespace. Stateless and thread-safe."""
+
+    def __init__(self, namespace: Namespace, *, partial: bool = True) -> None:
+        self.namespace = namespace
+        self.chunk_tokens = namespace.spec.chunk_tokens
+        self.partial = partial
+        self._root = namespace.root()
+
+    def chunks(self, tokens: Tokens, *, limit: int | None = None) -> tuple[np.ndarray, list[Chunk]]:
+        """Return the token array and its chunks in order.
+
+        ``limit`` stops after that many chunks (lookups use it to avoid hashing what cannot hit).
+        """
+        arr = as_token_array(tokens)
+        data = memoryview(arr).cast("B")
+        c = self.chunk_tokens
+        n = len(arr)
+        stop = n if self.partial else n - n % c
+        out: list[Chunk] = []
+        parent = self._root
+        for index, start in enumerate(range(0, stop, c)):
+            if limit is not None and index >= limit:
+                break
+            end = min(start + c, n)
+            hasher = blake3.blake3(parent)
+            hasher.update(data[start * 4 : end * 4])
+            key = hasher.digest(length=KEY_BYTES)
+            out.append(Chunk(index, start, end, key, parent))
+            parent = key
+        return arr, out

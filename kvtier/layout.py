@@ -1,0 +1,160 @@
+"""KV geometry (:class:`KVSpec`) and the canonical chunk layout.
+
+Canonical chunk: one contiguous tensor ``[layers, 2, tokens, kv_heads, head_dim]`` (K at index 0 of the
+second axis, V at index 1) in the engine's dtype. Engine adapters convert to and from this layout; all
+other code only moves its bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+
+from kvtier.errors import LayoutError
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float8_e4m3fn": torch.float8_e4m3fn,
+}
+
+# A source or destination of KV for ``tokens`` positions: either a tensor shaped
+# ``[layers, 2, tokens, kv_heads, head_dim]`` (any strides) or a per-layer sequence of (K, V) tensors
+# shaped ``[tokens, kv_heads, head_dim]`` (any strides, e.g. transposed views of an engine's cache).
+KVLike = Union[torch.Tensor, Sequence[Sequence[torch.Tensor]]]
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    """Return the torch dtype called ``name``; raise :class:`LayoutError` listing the valid names."""
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise LayoutError(f"unknown KV dtype {name!r}; expected one of {sorted(_DTYPES)}") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """Inverse of :func:`dtype_from_name`."""
+    for name, value in _DTYPES.items():
+        if value == dtype:
+            return name
+    raise LayoutError(f"unsupported KV dtype {dtype}; expected one of {sorted(_DTYPES)}")
+
+
+@dataclass(frozen=True)
+class KVSpec:
+    """Geometry of one model's KV cache, as kvtier stores it.
+
+    Invariant: two engines exchange chunks only if their specs are equal (the spec is part of every
+    key's namespace, see :mod:`kvtier.keys`).
+    """
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str = "bfloat16"
+    chunk_tokens: int = 256
+
+    def __post_init__(self) -> None:
+        for field in ("num_layers", "num_kv_heads", "head_dim", "chunk_tokens"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or value <= 0:
+                raise LayoutError(f"KVSpec.{field} must be a positive int, got {value!r}")
+        dtype_from_name(self.dtype)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return dtype_from_name(self.dtype)
+
+    @property
+    def itemsize(self) -> int:
+        return int(torch.empty((), dtype=self.torch_dtype).element_size())
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes of K and V for one token over all layers."""
+        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * self.itemsize
+
+    @property
+    def chunk_bytes(self) -> int:
+        """Bytes of one full chunk in the canonical layout."""
+        return self.bytes_per_token * self.chunk_tokens
+
+    def chunk_shape(self, tokens: int | None = None) -> tuple[int, int, int, int, int]:
+        """Canonical shape of a chunk of ``tokens`` tokens (default: a full chunk)."""
+        n = self.chunk_tokens if tokens is None else tokens
+        return (self.num_layers, 2, n, self.num_kv_heads, self.head_dim)
+
+    def fingerprint(self) -> str:
+        """Stable text form used in key namespaces and wire headers."""
+        return (
+            f"L{self.num_layers}-H{self.num_kv_heads}-D{self.head_dim}-{self.dtype}-C{self.chunk_tokens}"
+        )
+
+    def check_chunk(self, tensor: torch.Tensor, tokens: int) -> None:
+        """Raise :class:`LayoutError` unless ``tensor`` is a canonical chunk of ``tokens`` tokens."""
+        expected = self.chunk_shape(tokens)
+        if tuple(tensor.shape) != expected or tensor.dtype != self.torch_dtype:
+            raise LayoutError(
+                f"expected a chunk of shape {expected} and dtype {self.dtype}, "
+                f"got shape {tuple(tensor.shape)} and dtype {tensor.dtype}"
+            )
+
+
+def kv_length(kv: KVLike) -> int:
+    """Number of token positions ``kv`` covers."""
+    if isinstance(kv, torch.Tensor):
+        return int(kv.shape[2])
+    return int(kv[0][0].shape[0])
+
+
+def check_kv(spec: KVSpec, kv: KVLike, min_tokens: int) -> None:
+    """Raise :class:`LayoutError` unless ``kv`` matches ``spec`` and covers ``min_tokens`` positions."""
+    if isinstance(kv, torch.Tensor):
+        if kv.dim() != 5 or kv.shape[0] != spec.num_layers or kv.shape[1] != 2 or tuple(
+            kv.shape[3:]
+        ) != (spec.num_kv_heads, spec.head_dim):
+            raise LayoutError(
+                f"expected KV of shape {spec.chunk_shape(min_tokens)[:2]}+(T,)+"
+                f"{(spec.num_kv_heads, spec.head_dim)}, got {tuple(kv.shape)}"
+            )
+        dtype = kv.dtype
+    else:
+        if len(kv) != spec.num_layers:
+            raise LayoutError(f"expected {spec.num_layers} layers of (K, V), got {len(kv)}")
+        first = kv[0][0]
+        if tuple(first.shape[1:]) != (spec.num_kv_heads, spec.head_dim):
+            raise LayoutError(
+                f"expected per-layer K of shape (T, {spec.num_kv_heads}, {spec.head_dim}), "
+                f"got {tuple(first.shape)}"
+            )
+        dtype = first.dtype
+    if dtype != spec.torch_dtype:
+        raise LayoutError(f"expected KV dtype {spec.dtype}, got {dtype}")
+    if kv_length(kv) < min_tokens:
+        raise LayoutError(f"KV covers {kv_length(kv)} tokens, need at least {min_tokens}")
+
+
+def copy_in(chunk: torch.Tensor, kv: KVLike, start: int, end: int) -> None:
+    """Copy positions ``[start, end)`` of ``kv`` into canonical ``chunk[:, :, :end-start]``."""
+    n = end - start
+    if isinstance(kv, torch.Tensor):
+        chunk[:, :, :n].copy_(kv[:, :, start:end])
+        return
+    for layer, (k, v) in enumerate(kv):
+        chunk[layer, 0, :n].copy_(k[start:end])
+        chunk[layer, 1, :n].copy_(v[start:end])
+
+
+def copy_out(chunk: torch.Tensor, kv: KVLike, start: int, end: int) -> None:
+    """Copy canonical ``chunk[:, :, :end-start]`` into positions ``[start, end)`` of ``kv``."""
+    n = end - start
+    if isinstance(kv, torch.Tensor):
+        kv[:, :, start:end].copy_(chunk[:, :, :n])
+        return
+    for layer, (k, v) in enumerate(kv):
+        k[start:end].copy_(chunk[layer, 0, :n])
+        v[start:end].copy_(chunk[layer, 1, :n])

@@ -1,0 +1,1 @@
+"""Storage tiers and the manager that orders them."""

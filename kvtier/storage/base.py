@@ -1,0 +1,53 @@
+"""The contract of a serialized storage tier (disk, cache server, Redis, shared filesystem).
+
+A tier stores opaque wire frames (see :mod:`kvtier.wire`) under 16-byte chunk keys; it never
+interprets the payload. Contract for every implementation:
+
+- ``put(key, frame)`` stores the frame atomically: a concurrent or later ``get`` sees either nothing or
+  the complete frame, never a prefix. It may evict other keys to respect its capacity.
+- ``get(key)`` returns the frame last put under ``key`` or ``None``. It need not verify the frame (the
+  manager does) but must never return a partial one.
+- ``exists(keys)`` answers for many keys in one call, in order.
+- Every method raises :class:`~kvtier.errors.TierUnavailable` (and only that) when the backing store
+  cannot be reached, so the manager can treat it as a miss and back off.
+- ``discard(key)`` is called by the manager when a frame failed verification: the tier removes it (a
+  tier with a quarantine area moves it there) and counts it.
+- Tiers are thread-safe.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+from kvtier.keys import ChunkKey
+
+
+class Tier(ABC):
+    name: str = ""
+
+    @abstractmethod
+    def put(self, key: ChunkKey, frame: bytes) -> None: ...
+
+    @abstractmethod
+    def get(self, key: ChunkKey) -> bytes | None: ...
+
+    @abstractmethod
+    def exists(self, keys: Sequence[ChunkKey]) -> list[bool]: ...
+
+    @abstractmethod
+    def delete(self, key: ChunkKey) -> bool: ...
+
+    def discard(self, key: ChunkKey) -> None:
+        """Drop a frame that failed verification (default: delete it)."""
+        self.delete(key)
+
+    @abstractmethod
+    def clear(self) -> int: ...
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections and files; default does nothing."""
+
+    def stats(self) -> dict[str, int | float]:
+        """Tier-specific numbers for ``CacheEngine.stats()`` (default none)."""
+        return {}

@@ -1,0 +1,154 @@
+"""CPU tier: an index of verified chunks living in :class:`~kvtier.memory.Arena` slots.
+
+Invariants: every indexed key owns one slot holding exactly its ``num_tokens`` positions; a lookup
+succeeds only if the caller's parent key and token ids equal the stored ones; a referenced or pinned
+entry is never evicted; when every slot is busy a store is refused and counted, never grown.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+
+from kvtier.keys import Chunk, ChunkKey
+from kvtier.layout import KVSpec
+from kvtier.memory import Arena
+from kvtier.storage.policy import make_policy
+
+
+@dataclass
+class Entry:
+    slot: int
+    parent: ChunkKey
+    tokens: np.ndarray  # uint32 token ids of the chunk
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.tokens)
+
+
+class CpuTier:
+    """Thread-safe; one lock guards the index, the policy and the arena bookkeeping."""
+
+    name = "cpu"
+
+    def __init__(self, spec: KVSpec, capacity_bytes: int, policy: str = "lru") -> None:
+        self.spec = spec
+        self.arena = Arena(spec, capacity_bytes)
+        self._policy = make_policy(policy)
+        self._index: dict[ChunkKey, Entry] = {}
+        self._lock = threading.RLock()
+        self.counters: Counter[str] = Counter()
+
+    # ---- queries -------------------------------------------------------------------------------
+    def _verified(self, chunk: Chunk, tokens: np.ndarray) -> Entry | None:
+        entry = self._index.get(chunk.key)
+        if entry is None:
+            return None
+        if entry.parent != chunk.parent or not np.array_equal(entry.tokens, tokens[chunk.start : chunk.end]):
+            self.counters["collisions"] += 1
+            return None
+        return entry
+
+    def contains(self, chunk: Chunk, tokens: np.ndarray) -> bool:
+        with self._lock:
+            return self._verified(chunk, tokens) is not None
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    @property
+    def used_bytes(self) -> int:
+        return len(self._index) * self.spec.chunk_bytes
+
+    # ---- reading -------------------------------------------------------------------------------
+    def acquire(self, chunk: Chunk, tokens: np.ndarray) -> int | None:
+        """Reference the verified slot of ``chunk`` (caller must :meth:`release` it), or ``None``."""
+        with self._lock:
+            entry = self._verified(chunk, tokens)
+            if entry is None:
+                return None
+            self.arena.ref(entry.slot)
+            self._policy.touch(chunk.key)
+            return entry.slot
+
+    def release(self, slot: int) -> None:
+        self.arena.unref(slot)
+
+    # ---- writing -------------------------------------------------------------------------------
+    def reserve(self) -> int | None:
+        """Take a slot for a new chunk, evicting by policy; ``None`` (counted) if all are busy.
+
+        The returned slot is referenced: fill it, then :meth:`commit` or :meth:`abort`.
+        """
+        with self._lock:
+            slot = self.arena.allocate()
+            if slot is None:
+                victim = self._policy.victim(lambda k: not self.arena.busy(self._index[k].slot))
+                if victim is None:
+                    self.counters["store_refused_all_busy"] += 1
+                    return None
+                slot = self._index.pop(victim).slot  # reuse the victim's slot directly
+                self.counters["evictions"] += 1
+            self.arena.ref(slot)
+            return slot
+
+    def commit(self, chunk: Chunk, tokens: np.ndarray, slot: int) -> bool:
+        """Index the filled ``slot`` under ``chunk.key`` and drop the reservation's reference.
+
+        Returns False (and frees the slot) if the key is already present.
+        """
+        with self._lock:
+            self.arena.unref(slot)
+            if chunk.key in self._index:
+                self.arena.free(slot)
+                return False
+            self._index[chunk.key] = Entry(slot, chunk.parent, tokens[chunk.start : chunk.end].copy())
+            self._policy.insert(chunk.key)
+            return True
+
+    def abort(self, slot: int) -> None:
+        """Give back a reserved slot that was not committed."""
+        with self._lock:
+            self.arena.unref(slot)
+            self.arena.free(slot)
+
+    # ---- management ----------------------------------------------------------------------------
+    def pin(self, key: ChunkKey) -> bool:
+        with self._lock:
+            entry = self._index.get(key)
+            if entry is None:
+                return False
+            self.arena.pin(entry.slot)
+            return True
+
+    def unpin(self, key: ChunkKey) -> bool:
+        with self._lock:
+            entry = self._index.get(key)
+            if entry is None:
+                return False
+            self.arena.unpin(entry.slot)
+            return True
+
+    def remove(self, key: ChunkKey) -> bool:
+        """Drop ``key`` unless it is busy; True if it was removed."""
+        with self._lock:
+            entry = self._index.get(key)
+            if entry is None or self.arena.busy(entry.slot):
+                return False
+            del self._index[key]
+            self._policy.remove(key)
+            self.arena.free(entry.slot)
+            return True
+
+    def clear(self) -> int:
+        """Drop every entry that is not busy; return how many were dropped."""
+        with self._lock:
+            return sum(self.remove(key) for key in list(self._index))
+
+    def keys(self) -> list[ChunkKey]:
+        with self._lock:
+            return list(self._index)

@@ -1,0 +1,278 @@
+"""StorageManager: the serialized tiers below the CPU tier, in order, with health and write-back.
+
+Invariants:
+- A read from a lower tier is returned only after :func:`kvtier.wire.unpack_into` verified it (checksum,
+  key, KV spec) and its parent key and token ids equal the caller's; otherwise it is counted, discarded
+  from that tier and treated as a miss.
+- Writes go down through one bounded queue; when it is full the write is dropped and counted, so the
+  engine never waits for a slow tier. Queued writes hold a reference on their CPU slot until done.
+- A tier that raised :class:`TierUnavailable` is skipped (fast miss) until its backoff expires; then it
+  is probed again by the next call. Backoff doubles per failure up to ``max_backoff_s``.
+- No exception from a tier reaches the caller.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from kvtier import wire
+from kvtier.errors import CorruptChunk, KvtierError, LayoutError, TierUnavailable
+from kvtier.keys import Chunk
+from kvtier.layout import KVSpec
+from kvtier.storage.base import Tier
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TierSlot:
+    """One tier with its codec and health state."""
+
+    tier: Tier
+    codec: str = "raw"
+    failures: int = 0
+    retry_at: float = 0.0
+    counters: Counter[str] = field(default_factory=Counter)
+
+    def usable(self, now: float) -> bool:
+        return self.failures == 0 or now >= self.retry_at
+
+
+@dataclass
+class _Write:
+    chunk: Chunk
+    tokens: np.ndarray
+    data: torch.Tensor
+    done: Callable[[], None]
+
+
+class StorageManager:
+    def __init__(
+        self,
+        spec: KVSpec,
+        tiers: Sequence[tuple[Tier, str]] = (),
+        *,
+        queue_depth: int = 64,
+        base_backoff_s: float = 0.2,
+        max_backoff_s: float = 10.0,
+    ) -> None:
+        self.spec = spec
+        self.slots = [TierSlot(tier, codec) for tier, codec in tiers]
+        self.counters: Counter[str] = Counter()
+        self._base_backoff = base_backoff_s
+        self._max_backoff = max_backoff_s
+        self._queue: queue.Queue[_Write | None] = queue.Queue(maxsize=queue_depth)
+        self._worker: threading.Thread | None = None
+        if self.slots:
+            self._worker = threading.Thread(target=self._drain, name="kvtier-writeback", daemon=True)
+            self._worker.start()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.slots)
+
+    # ---- health ----------------------------------------------------------------------------------
+    def _call(self, slot: TierSlot, op: str, fn: Callable[[], object]) -> object:
+        """Run ``fn`` against ``slot``; on failure mark it unhealthy and raise TierUnavailable."""
+        start = time.perf_counter()
+        try:
+            result = fn()
+        except TierUnavailable as exc:
+            slot.failures += 1
+            delay = min(self._max_backoff, self._base_backoff * 2 ** (slot.failures - 1))
+            slot.retry_at = time.monotonic() + delay
+            slot.counters["errors"] += 1
+            log.warning("tier %s unavailable during %s (%s); retry in %.1fs", slot.tier.name, op, exc, delay)
+            raise
+        except Exception as exc:  # a tier bug must not reach the engine
+            slot.counters["errors"] += 1
+            log.exception("tier %s failed during %s", slot.tier.name, op)
+            raise TierUnavailable(str(exc)) from exc
+        if slot.failures:
+            log.info("tier %s is back after %d failures", slot.tier.name, slot.failures)
+            slot.counters["reconnects"] += 1
+        slot.failures = 0
+        slot.counters[f"{op}_seconds_total_us"] += int((time.perf_counter() - start) * 1e6)
+        return result
+
+    def healthy(self) -> dict[str, bool]:
+        return {s.tier.name: s.failures == 0 for s in self.slots}
+
+    # ---- reads -----------------------------------------------------------------------------------
+    def locate(self, chunks: Sequence[Chunk]) -> list[int]:
+        """For the leading run of ``chunks`` present in some tier, the index of the first tier holding
+        each; stops at the first chunk no usable tier has."""
+        if not chunks or not self.slots:
+            return []
+        keys = [c.key for c in chunks]
+        where: list[int | None] = [None] * len(keys)
+        now = time.monotonic()
+        for i, slot in enumerate(self.slots):
+            todo = [j for j, w in enumerate(where) if w is None]
+            if not todo or not slot.usable(now):
+                continue
+            try:
+                found = self._call(slot, "exists", lambda s=slot, t=todo: s.tier.exists([keys[j] for j in t]))
+            except TierUnavailable:
+                continue
+            for j, hit in zip(todo, found):  # type: ignore[call-overload]
+                if hit:
+                    where[j] = i
+        out: list[int] = []
+        for w in where:
+            if w is None:
+                break
+            out.append(w)
+        return out
+
+    def load(self, tier_index: int, chunk: Chunk, tokens: np.ndarray, out: torch.Tensor) -> bool:
+        """Fetch ``chunk`` from one tier and decode it into ``out``; False on miss or damage."""
+        slot = self.slots[tier_index]
+        if not slot.usable(time.monotonic()):
+            return False
+        try:
+            frame = self._call(slot, "get", lambda: slot.tier.get(chunk.key))
+        except TierUnavailable:
+            slot.counters["misses"] += 1
+            return False
+        if frame is None:
+            slot.counters["misses"] += 1
+            return False
+        try:
+            meta = wire.unpack_into(frame, self.spec, out, expect=chunk.key)  # type: ignore[arg-type]
+            if meta.parent != chunk.parent or not np.array_equal(
+                meta.token_array(), tokens[chunk.start : chunk.end]
+            ):
+                slot.counters["collisions"] += 1
+                return False
+        except (CorruptChunk, LayoutError) as exc:
+            slot.counters["corrupt"] += 1
+            log.warning("discarding damaged chunk %s from tier %s: %s", chunk.key.hex(), slot.tier.name, exc)
+            try:
+                slot.tier.discard(chunk.key)
+            except KvtierError:
+                pass
+            return False
+        except KvtierError as exc:  # e.g. unknown codec in the header
+            slot.counters["corrupt"] += 1
+            log.warning("cannot decode chunk %s from tier %s: %s", chunk.key.hex(), slot.tier.name, exc)
+            return False
+        slot.counters["hits"] += 1
+        slot.counters["bytes_read"] += len(frame)  # type: ignore[arg-type]
+        return True
+
+    # ---- writes ----------------------------------------------------------------------------------
+    def write_back(self, chunk: Chunk, tokens: np.ndarray, data: torch.Tensor, done: Callable[[], None]) -> bool:
+        """Queue ``data`` (a canonical chunk view) for every tier; ``done()`` runs when it is no longer
+        needed, also when the write is dropped. Returns False if dropped."""
+        if not self.slots:
+            done()
+            return False
+        try:
+            self._queue.put_nowait(_Write(chunk, tokens, data, done))
+            return True
+        except queue.Full:
+            self.counters["writes_dropped_queue_full"] += 1
+            done()
+            return False
+
+    def _drain(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                self._write(item)
+            finally:
+                if item is not None:
+                    item.done()
+                self._queue.task_done()
+
+    def _write(self, item: _Write) -> None:
+        frames: dict[str, bytes] = {}
+        now = time.monotonic()
+        for slot in self.slots:
+            if not slot.usable(now):
+                slot.counters["writes_skipped_unhealthy"] += 1
+                continue
+            try:
+                frame = frames.get(slot.codec)
+                if frame is None:
+                    frame = wire.pack(item.chunk, item.tokens, item.data, self.spec, slot.codec)
+                    frames[slot.codec] = frame
+                self._call(slot, "put", lambda s=slot, f=frame: s.tier.put(item.chunk.key, f))
+                slot.counters["writes"] += 1
+                slot.counters["bytes_written"] += len(frame)
+            except TierUnavailable:
+                slot.counters["writes_failed"] += 1
+            except KvtierError as exc:
+                slot.counters["writes_failed"] += 1
+                log.warning("cannot encode chunk for tier %s: %s", slot.tier.name, exc)
+
+    def flush(self, timeout_s: float = 30.0) -> bool:
+        """Wait until queued writes are done; False if ``timeout_s`` passed first."""
+        deadline = time.monotonic() + timeout_s
+        while self._queue.unfinished_tasks:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.005)
+        return True
+
+    # ---- management ------------------------------------------------------------------------------
+    def delete(self, chunk: Chunk) -> int:
+        removed = 0
+        for slot in self.slots:
+            try:
+                removed += bool(self._call(slot, "delete", lambda s=slot: s.tier.delete(chunk.key)))
+            except TierUnavailable:
+                pass
+        return removed
+
+    def clear(self) -> int:
+        total = 0
+        for slot in self.slots:
+            try:
+                total += int(self._call(slot, "clear", slot.tier.clear))  # type: ignore[call-overload]
+            except TierUnavailable:
+                pass
+        return total
+
+    def stats(self) -> dict[str, dict[str, int | float]]:
+        out: dict[str, dict[str, int | float]] = {"manager": dict(self.counters)}
+        for slot in self.slots:
+            numbers: dict[str, int | float] = dict(slot.counters)
+            numbers["healthy"] = int(slot.failures == 0)
+            try:
+                numbers.update(slot.tier.stats())
+            except Exception:  # stats must never fail the caller
+                log.debug("stats of tier %s failed", slot.tier.name, exc_info=True)
+            out[slot.tier.name] = numbers
+        return out
+
+    def close(self, timeout_s: float = 30.0) -> int:
+        """Flush pending writes (bounded), stop the worker, close tiers; return writes lost."""
+        lost = 0
+        if self._worker is not None:
+            if not self.flush(timeout_s):
+                lost = self._queue.qsize()
+            try:
+                self._queue.put(None, timeout=1.0)
+            except queue.Full:
+                pass
+            self._worker.join(timeout=max(1.0, timeout_s))
+            self._worker = None
+        for slot in self.slots:
+            try:
+                slot.tier.close()
+            except Exception:
+                log.debug("closing tier %s failed", slot.tier.name, exc_info=True)
+        return lost
