@@ -1,0 +1,1 @@
+"""Benchmarks. Each module registers ``kvtier bench <name>``; shared helpers are in ``common``."""

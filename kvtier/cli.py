@@ -1,0 +1,91 @@
+"""The ``kvtier`` command.
+
+Subcommands live in the modules listed in :data:`COMMAND_MODULES`; each exposes
+``register(app: typer.Typer) -> None`` and keeps heavy imports (torch, transformers) inside its command
+functions so ``kvtier --help`` stays fast. Benchmarks register under ``kvtier bench``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+import typer
+from rich.console import Console
+
+from kvtier.errors import KvtierError
+
+app = typer.Typer(help="kvtier: a tiered KV-cache layer for LLM inference engines.", no_args_is_help=True)
+config_app = typer.Typer(help="Inspect configuration.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks (JSON + PNG under results/).", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(bench_app, name="bench")
+
+COMMAND_MODULES = (
+    "kvtier.demo",
+    "kvtier.server.cli",
+    "kvtier.storage.cli",
+    "kvtier.integrations.vllm_cli",
+    "kvtier.integrations.sglang_cli",
+    "kvtier.cluster.cli",
+)
+BENCH_MODULES = (
+    "kvtier.bench.ttft",
+    "kvtier.bench.cpu",
+    "kvtier.bench.lookup",
+    "kvtier.bench.disk",
+    "kvtier.bench.server",
+    "kvtier.bench.redis",
+    "kvtier.bench.codecs",
+    "kvtier.bench.blend",
+)
+
+
+@config_app.command("show")
+def config_show(
+    file: str = typer.Option(None, "--file", "-f", help="YAML config file (default: $KVTIER_CONFIG)."),
+) -> None:
+    """Print the effective configuration (defaults < file < KVTIER_* environment)."""
+    import yaml
+
+    from kvtier.config import load_config
+
+    cfg = load_config(file)
+    typer.echo(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+
+
+@config_app.command("reference")
+def config_reference_cmd() -> None:
+    """Print the table of every config key (as in the README)."""
+    from kvtier.config import config_reference
+
+    typer.echo(config_reference())
+
+
+def _register(target: typer.Typer, modules: tuple[str, ...]) -> None:
+    for name in modules:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name is not None and name.startswith(exc.name):
+                continue  # that part is not built (yet)
+            raise
+        module.register(target)
+
+
+_register(app, COMMAND_MODULES)
+_register(bench_app, BENCH_MODULES)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app()
+    except KvtierError as exc:
+        Console(stderr=True).print(f"[red]error:[/red] {exc}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
