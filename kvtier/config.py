@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic.fields import FieldInfo
 
 from kvtier.errors import ConfigError
 
@@ -42,6 +43,9 @@ def parse_bytes(value: Any) -> int:
     raise ValueError(f"expected a byte size such as 1073741824 or '1GiB', units {sorted(set(_UNITS) - {''})}")
 
 
+GiB = 1024**3
+MiB = 1024**2
+
 ByteSize = Annotated[int, BeforeValidator(parse_bytes), Field(ge=0)]
 Policy = Literal["lru", "lfu", "fifo", "s3fifo"]
 CodecName = str  # validated against the codec registry by the tier that uses it
@@ -54,7 +58,7 @@ class _Section(BaseModel):
 class CpuConfig(_Section):
     """CPU memory tier: a preallocated arena of fixed-size chunk slots."""
 
-    capacity: ByteSize = Field("2GiB", description="Arena size in bytes (allocated once at start).")
+    capacity: ByteSize = Field(2 * GiB, description="Arena size in bytes (allocated once at start).")
     policy: Policy = Field("lru", description="Eviction policy: lru, lfu, fifo or s3fifo.")
 
 
@@ -63,7 +67,7 @@ class DiskConfig(_Section):
 
     enabled: bool = Field(False, description="Use the local disk tier.")
     path: str = Field("~/.cache/kvtier/disk", description="Directory holding the chunk files.")
-    capacity: ByteSize = Field("20GiB", description="Byte cap of the directory; oldest chunks are evicted.")
+    capacity: ByteSize = Field(20 * GiB, description="Byte cap of the directory; oldest chunks are evicted.")
     policy: Policy = Field("lru", description="Eviction policy when the cap is reached.")
     codec: CodecName = Field("raw", description="Codec for chunks written to disk.")
     fsync: bool = Field(True, description="fsync each file before publishing it (crash safety).")
@@ -79,6 +83,10 @@ class RemoteConfig(_Section):
     codec: CodecName = Field("raw", description="Codec for chunks sent to the server.")
     timeout_s: float = Field(2.0, gt=0, description="Per-request timeout in seconds.")
     pool_size: int = Field(4, ge=1, description="Connections kept open to the server.")
+    retries: int = Field(2, ge=0, description="Retries of a failed request (with exponential backoff).")
+    breaker_cooldown_s: float = Field(
+        0.1, gt=0, description="Fast-fail time after the server failed; doubles per failure up to 2 s."
+    )
 
 
 class RedisConfig(_Section):
@@ -91,6 +99,7 @@ class RedisConfig(_Section):
     ttl_s: int = Field(0, ge=0, description="Expiry of stored chunks in seconds; 0 keeps them.")
     codec: CodecName = Field("raw", description="Codec for chunks sent to Redis.")
     timeout_s: float = Field(2.0, gt=0, description="Socket timeout in seconds.")
+    key_prefix: str = Field("kvtier:", description="Prefix of every Redis key kvtier writes (and clears).")
 
 
 class FsConfig(_Section):
@@ -99,20 +108,36 @@ class FsConfig(_Section):
     enabled: bool = Field(False, description="Use a shared directory as a tier.")
     path: str = Field("", description="Shared directory (e.g. an NFS mount).")
     codec: CodecName = Field("raw", description="Codec for chunks written to the shared directory.")
+    fsync: bool = Field(True, description="fsync each file before publishing it (crash safety).")
 
 
 class ServerConfig(_Section):
     """``kvtier server``: the asyncio cache server."""
 
     host: str = Field("127.0.0.1", description="Bind address; anything but loopback requires a token.")
-    port: int = Field(7390, ge=1, le=65535, description="TCP port.")
+    port: int = Field(7390, ge=0, le=65535, description="TCP port (0 picks a free one).")
     token: str = Field("", description="Shared secret clients must present.")
-    capacity: ByteSize = Field("4GiB", description="Byte cap of chunks held in memory.")
+    capacity: ByteSize = Field(4 * GiB, description="Byte cap of chunks held in memory.")
     policy: Policy = Field("lru", description="Eviction policy of the in-memory store.")
     persist_path: str = Field("", description="If set, chunks are also kept in a disk tier here.")
     max_connections: int = Field(256, ge=1, description="Connections accepted at once.")
-    max_message_bytes: ByteSize = Field("256MiB", description="Largest frame accepted.")
-    max_inflight_bytes: ByteSize = Field("1GiB", description="Bytes of requests being processed at once.")
+    max_message_bytes: ByteSize = Field(256 * MiB, description="Largest frame accepted.")
+    max_inflight_bytes: ByteSize = Field(1 * GiB, description="Bytes of requests being processed at once.")
+    persist_capacity: ByteSize = Field(20 * GiB, description="Byte cap of the persistence directory.")
+    persist_fsync: bool = Field(True, description="fsync persisted chunks before acknowledging a put.")
+    idle_timeout_s: float = Field(300.0, gt=0, description="Close a connection idle this long.")
+    read_timeout_s: float = Field(30.0, gt=0, description="Close a connection stalled mid-message this long.")
+    shutdown_grace_s: float = Field(10.0, ge=0, description="Time in-flight requests get on SIGTERM.")
+
+
+class BlendConfig(_Section):
+    """CacheBlend (:mod:`kvtier.blend`): reuse separately cached segments anywhere, recompute a few tokens."""
+
+    separator: str = Field("\n\n", description="Text whose token run separates segments ('' = no splitting).")
+    recompute_ratio: float = Field(0.15, ge=0.0, le=1.0, description="Fraction of reused tokens recomputed.")
+    check_layer: int = Field(1, ge=0, description="Layer where fresh and reused KV are compared (all tokens below).")
+    metric: Literal["key", "value"] = Field("key", description="Which of K or V the deviation is measured on.")
+    min_segment_tokens: int = Field(1, ge=1, description="Shorter segments are computed fresh, never cached.")
 
 
 class KvtierConfig(_Section):
@@ -128,6 +153,7 @@ class KvtierConfig(_Section):
     redis: RedisConfig = Field(default_factory=RedisConfig)
     fs: FsConfig = Field(default_factory=FsConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
+    blend: BlendConfig = Field(default_factory=BlendConfig)
 
 
 def _section_fields(model: type[BaseModel]) -> list[str]:
@@ -218,6 +244,16 @@ def load_config(
         raise _explain(err) from None
 
 
+def _show_default(field: FieldInfo) -> str:
+    is_size = any(getattr(m, "func", None) is parse_bytes for m in field.metadata)
+    value = field.default
+    if is_size and isinstance(value, int) and value:
+        for unit, size in (("GiB", GiB), ("MiB", MiB)):
+            if value % size == 0:
+                return f"{value // size}{unit}"
+    return repr(value)
+
+
 def config_reference() -> str:
     """Markdown table of every key, its type, default and doc (kept in README by a test)."""
     rows = ["| key | default | description |", "|---|---|---|"]
@@ -228,7 +264,7 @@ def config_reference() -> str:
             if isinstance(ann, type) and issubclass(ann, BaseModel):
                 walk(ann, f"{prefix}{name}.")
                 continue
-            rows.append(f"| `{prefix}{name}` | `{field.default!r}` | {field.description or ''} |")
+            rows.append(f"| `{prefix}{name}` | `{_show_default(field)}` | {field.description or ''} |")
 
     walk(KvtierConfig, "")
     return "\n".join(rows)

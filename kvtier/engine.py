@@ -73,11 +73,7 @@ class CacheEngine:
     def _present(self, tokens: Tokens) -> tuple[np.ndarray, list[Chunk], list[int | None]]:
         """Chunks of ``tokens`` and, for the leading present run, where each is (None = CPU)."""
         arr, chunks = self.chunker.chunks(tokens)
-        where: list[int | None] = []
-        for chunk in chunks:
-            if not self.cpu.contains(chunk, arr):
-                break
-            where.append(None)
+        where: list[int | None] = [None] * self.cpu.leading_hits(chunks, arr)
         if len(where) < len(chunks) and self.storage.enabled:
             where.extend(self.storage.locate(chunks[len(where) :]))
         return arr, chunks, where

@@ -21,9 +21,10 @@ verifies the whole prefix; a hash collision is a miss, never foreign KV.
 
 from __future__ import annotations
 
+import array
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Union
+from typing import NamedTuple
 
 import blake3
 import numpy as np
@@ -34,11 +35,16 @@ from kvtier.layout import KVSpec
 KEY_BYTES = 16
 ChunkKey = bytes  # KEY_BYTES raw bytes; ``key.hex()`` is the text form used in file names and remote keys
 
-Tokens = Union[Sequence[int], np.ndarray, torch.Tensor]
+Tokens = Sequence[int] | np.ndarray | torch.Tensor
 
 
 def as_token_array(tokens: Tokens) -> np.ndarray:
     """Return ``tokens`` as a 1-D contiguous little-endian uint32 array (a view when possible)."""
+    if isinstance(tokens, (list, tuple)):
+        try:  # array.array converts a list of ints ~3x faster than np.asarray
+            return np.frombuffer(array.array("I", tokens), dtype="<u4")
+        except (OverflowError, TypeError):
+            pass  # negative, huge or non-int entries: the checks below report them
     if isinstance(tokens, torch.Tensor):
         tokens = tokens.detach().reshape(-1).cpu().numpy()
     arr = np.asarray(tokens)
@@ -70,11 +76,12 @@ class Namespace:
         return _digest(text.encode())
 
 
-@dataclass(frozen=True)
-class Chunk:
-    """One chunk of a token sequence: tokens ``[start, end)``, its key and its parent's key."""
+class Chunk(NamedTuple):
+    """One chunk of a token sequence: tokens ``[start, end)``, its key and its parent's key.
 
-    index: int
+    A NamedTuple because lookups build one per chunk on the hot path."""
+
+    number: int
     start: int
     end: int
     key: ChunkKey
@@ -100,19 +107,17 @@ class Chunker:
         ``limit`` stops after that many chunks (lookups use it to avoid hashing what cannot hit).
         """
         arr = as_token_array(tokens)
-        data = memoryview(arr).cast("B")
+        data = arr.tobytes()
         c = self.chunk_tokens
         n = len(arr)
         stop = n if self.partial else n - n % c
         out: list[Chunk] = []
         parent = self._root
-        for index, start in enumerate(range(0, stop, c)):
-            if limit is not None and index >= limit:
+        for number, start in enumerate(range(0, stop, c)):
+            if limit is not None and number >= limit:
                 break
             end = min(start + c, n)
-            hasher = blake3.blake3(parent)
-            hasher.update(data[start * 4 : end * 4])
-            key = hasher.digest(length=KEY_BYTES)
-            out.append(Chunk(index, start, end, key, parent))
+            key = blake3.blake3(parent + data[start * 4 : end * 4]).digest(length=KEY_BYTES)
+            out.append(Chunk(number, start, end, key, parent))
             parent = key
         return arr, out

@@ -67,12 +67,12 @@ def ensure_embedded_model(cache_dir: Path | None = None) -> Path:
         model = AutoModelForCausalLM.from_pretrained(
             str(source.parent), gguf_file=source.name, dtype=torch.float32
         )
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]
         if hasattr(model, "is_quantized"):
-            model.is_quantized = False
+            model.is_quantized = False  # type: ignore[assignment]
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        model = model.to(torch.bfloat16)
+        model = model.to(torch.bfloat16)  # type: ignore[arg-type]
         model.config.name_or_path = EMBEDDED_MODEL_ID
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))

@@ -36,7 +36,7 @@ class Codec(ABC):
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """Raw bytes of a tensor (contiguous copy only if needed)."""
     t = tensor.contiguous()
-    return memoryview(t.view(torch.uint8).numpy()).cast("B") if t.numel() else memoryview(b"")
+    return t.view(torch.uint8).reshape(-1).numpy().data if t.numel() else memoryview(b"")
 
 
 def fill_from_bytes(out: torch.Tensor, data: bytes | bytearray | memoryview) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 
@@ -23,11 +24,11 @@ from kvtier.storage.policy import make_policy
 class Entry:
     slot: int
     parent: ChunkKey
-    tokens: np.ndarray  # uint32 token ids of the chunk
+    tokens: bytes  # uint32 little-endian token ids of the chunk (bytes compare is one memcmp)
 
     @property
     def num_tokens(self) -> int:
-        return len(self.tokens)
+        return len(self.tokens) // 4
 
 
 class CpuTier:
@@ -48,7 +49,7 @@ class CpuTier:
         entry = self._index.get(chunk.key)
         if entry is None:
             return None
-        if entry.parent != chunk.parent or not np.array_equal(entry.tokens, tokens[chunk.start : chunk.end]):
+        if entry.parent != chunk.parent or entry.tokens != tokens[chunk.start : chunk.end].tobytes():
             self.counters["collisions"] += 1
             return None
         return entry
@@ -56,6 +57,15 @@ class CpuTier:
     def contains(self, chunk: Chunk, tokens: np.ndarray) -> bool:
         with self._lock:
             return self._verified(chunk, tokens) is not None
+
+    def leading_hits(self, chunks: list[Chunk], tokens: np.ndarray) -> int:
+        """How many of ``chunks``, from the first, are present and verified (one lock round)."""
+        with self._lock:
+            verified = self._verified
+            for count, chunk in enumerate(chunks):
+                if verified(chunk, tokens) is None:
+                    return count
+            return len(chunks)
 
     def __len__(self) -> int:
         return len(self._index)
@@ -78,6 +88,9 @@ class CpuTier:
     def release(self, slot: int) -> None:
         self.arena.unref(slot)
 
+    def _busy(self, key: object) -> bool:
+        return self.arena.busy(self._index[cast(ChunkKey, key)].slot)
+
     # ---- writing -------------------------------------------------------------------------------
     def reserve(self) -> int | None:
         """Take a slot for a new chunk, evicting by policy; ``None`` (counted) if all are busy.
@@ -87,7 +100,7 @@ class CpuTier:
         with self._lock:
             slot = self.arena.allocate()
             if slot is None:
-                victim = self._policy.victim(lambda k: not self.arena.busy(self._index[k].slot))
+                victim = cast(ChunkKey | None, self._policy.victim(lambda k: not self._busy(k)))
                 if victim is None:
                     self.counters["store_refused_all_busy"] += 1
                     return None
@@ -106,7 +119,7 @@ class CpuTier:
             if chunk.key in self._index:
                 self.arena.free(slot)
                 return False
-            self._index[chunk.key] = Entry(slot, chunk.parent, tokens[chunk.start : chunk.end].copy())
+            self._index[chunk.key] = Entry(slot, chunk.parent, tokens[chunk.start : chunk.end].tobytes())
             self._policy.insert(chunk.key)
             return True
 

@@ -1,0 +1,188 @@
+"""CacheEngine over the CPU tier: exact round trips, partial chunks, arena limits, pins, threads."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from kvtier.config import load_config
+from kvtier.engine import CacheEngine
+from kvtier.errors import ConfigError, LayoutError
+from kvtier.layout import KVSpec
+
+SPEC = KVSpec(num_layers=3, num_kv_heads=2, head_dim=8, dtype="float32", chunk_tokens=16)
+
+
+def make(slots: int = 64, policy: str = "lru", **over) -> CacheEngine:
+    cfg = load_config(environ={}, overrides={"chunk_tokens": 16,
+                                             "cpu": {"capacity": slots * SPEC.chunk_bytes, "policy": policy},
+                                             **over})
+    return CacheEngine(SPEC, "test-model", cfg, tiers=[])
+
+
+def kv_for(n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((SPEC.num_layers, 2, n, SPEC.num_kv_heads, SPEC.head_dim), generator=g)
+
+
+def per_layer(kv: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(kv[layer, 0], kv[layer, 1]) for layer in range(kv.shape[0])]
+
+
+def test_round_trip_exact_tensor_and_per_layer() -> None:
+    e = make()
+    tokens = list(range(1000, 1050))
+    kv = kv_for(50)
+    assert e.store(tokens, kv) == 50
+    assert e.lookup(tokens) == 50
+    out = torch.zeros_like(kv)
+    assert e.retrieve(tokens, out) == 50
+    assert torch.equal(out, kv)
+    # per-layer views in an engine-like [heads, tokens, dim] layout, written through transposes
+    dest = [(torch.zeros(2, 50, 8), torch.zeros(2, 50, 8)) for _ in range(3)]
+    views = [(k.transpose(0, 1), v.transpose(0, 1)) for k, v in dest]
+    assert e.retrieve(tokens, views) == 50
+    for layer, (k, v) in enumerate(dest):
+        assert torch.equal(k.transpose(0, 1), kv[layer, 0]) and torch.equal(v.transpose(0, 1), kv[layer, 1])
+
+
+def test_prefix_semantics_and_partial_chunk() -> None:
+    e = make()
+    tokens = list(range(40))  # 2 full chunks + 8-token partial
+    kv = kv_for(40)
+    e.store(tokens, per_layer(kv))
+    longer = tokens + [7] * 30
+    assert e.lookup(longer) == 32  # the stored partial chunk only hits a prompt ending there
+    out = torch.zeros(kv_for(70).shape)
+    assert e.retrieve(longer, out) == 32
+    assert torch.equal(out[:, :, :32], kv[:, :, :32])
+    assert torch.count_nonzero(out[:, :, 32:]) == 0  # nothing beyond the hit was written
+    assert e.lookup(tokens[:20]) == 16
+    assert e.lookup([5] + tokens[1:]) == 0
+
+
+def test_partial_chunks_off() -> None:
+    e = make(save_partial_chunks=False)
+    assert e.store(list(range(40)), kv_for(40)) == 32
+    assert e.lookup(list(range(40))) == 32
+
+
+def test_skip_and_existing_chunks_not_copied_again() -> None:
+    e = make()
+    tokens = list(range(64))
+    e.store(tokens[:32], kv_for(32))
+    before = e.stats()["engine"]["stored_tokens"]
+    e.store(tokens, kv_for(64))
+    assert e.stats()["engine"]["stored_tokens"] - before == 32
+    e2 = make()
+    assert e2.store(tokens, kv_for(64), skip_tokens=32) == 64
+    assert e2.lookup(tokens) == 0  # first chunks were skipped, so no prefix is cached
+
+
+def test_layout_errors() -> None:
+    e = make()
+    with pytest.raises(LayoutError, match="dtype"):
+        e.store(list(range(16)), kv_for(16).to(torch.bfloat16))
+    with pytest.raises(LayoutError, match="covers 10 tokens"):
+        e.store(list(range(16)), kv_for(10))
+
+
+def test_arena_too_small_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="holds no chunk"):
+        CacheEngine(SPEC, "m", load_config(environ={}, overrides={"chunk_tokens": 16, "cpu": {"capacity": 100}}),
+                    tiers=[])
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "fifo", "s3fifo"])
+def test_arena_full_evicts_but_never_grows(policy: str) -> None:
+    e = make(slots=4, policy=policy)
+    for i in range(10):
+        tokens = [i * 1000 + t for t in range(16)]
+        assert e.store(tokens, kv_for(16, seed=i)) == 16
+    assert len(e.cpu) == 4
+    assert e.cpu.arena.num_slots == 4
+    assert e.stats()["cpu"]["evictions"] == 6
+    last = [9000 + t for t in range(16)]
+    out = torch.zeros(kv_for(16).shape)
+    assert e.retrieve(last, out) == 16 and torch.equal(out, kv_for(16, seed=9))
+
+
+def test_all_pinned_refuses_store_and_counts() -> None:
+    e = make(slots=2)
+    a, b, c = (list(range(s, s + 16)) for s in (0, 100, 200))
+    e.store(a, kv_for(16))
+    e.store(b, kv_for(16))
+    assert e.pin(a) == 16 and e.pin(b) == 16
+    assert e.store(c, kv_for(16)) == 0
+    assert e.stats()["cpu"]["store_refused_all_busy"] == 1
+    assert e.lookup(a) == 16 and e.lookup(b) == 16  # pinned data intact
+    e.unpin(a)
+    assert e.store(c, kv_for(16)) == 16
+    assert e.lookup(a) == 0 and e.lookup(b) == 16
+
+
+def test_clear_keeps_pinned() -> None:
+    e = make()
+    a, b = list(range(16)), list(range(100, 116))
+    e.store(a, kv_for(16))
+    e.store(b, kv_for(16))
+    e.pin(a)
+    assert e.clear() == 1
+    assert e.lookup(a) == 16 and e.lookup(b) == 0
+    assert e.remove(a) == 0  # pinned chunks cannot be removed
+    e.unpin(a)
+    assert e.remove(a) == 1 and e.lookup(a) == 0
+
+
+def test_layerwise_store_and_retrieve() -> None:
+    e = make()
+    tokens = list(range(50))
+    kv = kv_for(50)
+    with e.layerwise_store(tokens) as w:
+        for layer in range(SPEC.num_layers):
+            w.layer(layer, kv[layer, 0], kv[layer, 1])
+    assert e.lookup(tokens) == 50
+    out = torch.zeros_like(kv)
+    with e.layerwise_retrieve(tokens) as r:
+        assert r.hit_tokens == 50
+        for layer in range(SPEC.num_layers):
+            r.layer(layer, out[layer, 0], out[layer, 1])
+    assert torch.equal(out, kv)
+    assert e.cpu.arena.free_slots == e.cpu.arena.num_slots - 4
+    with pytest.raises(ValueError, match="without layers"), e.layerwise_store(list(range(500, 520))) as w:
+        w.layer(0, kv[0, 0], kv[0, 1])
+    assert e.lookup(list(range(500, 520))) == 0
+    assert e.cpu.arena.free_slots == e.cpu.arena.num_slots - 4  # aborted slots were given back
+
+
+def test_concurrent_store_retrieve_no_corruption() -> None:
+    e = make(slots=24)
+    errors: list[str] = []
+
+    def worker(wid: int) -> None:
+        for i in range(40):
+            seed = (wid * 7 + i) % 12
+            tokens = [seed * 10_000 + t for t in range(48)]
+            kv = kv_for(48, seed=seed)
+            e.store(tokens, kv)
+            out = torch.zeros_like(kv)
+            hit = e.retrieve(tokens, out)
+            if not torch.equal(out[:, :, :hit], kv[:, :, :hit]):
+                errors.append(f"worker {wid} iteration {i}: wrong KV for hit {hit}")
+            if torch.count_nonzero(out[:, :, hit:]):
+                errors.append(f"worker {wid} iteration {i}: wrote beyond hit {hit}")
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    assert e.cpu.arena.free_slots + len(e.cpu) == e.cpu.arena.num_slots  # no slot leaked
+
+
+def test_close_is_idempotent() -> None:
+    e = make()
+    assert e.close() == 0 and e.close() == 0

@@ -1,0 +1,103 @@
+"""Keys: stable across processes, namespaced, chained, verified on hit."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from kvtier.config import load_config
+from kvtier.engine import CacheEngine
+from kvtier.keys import Chunker, Namespace, as_token_array
+from kvtier.layout import KVSpec
+
+SPEC = KVSpec(num_layers=2, num_kv_heads=2, head_dim=4, dtype="float32", chunk_tokens=16)
+
+
+def _keys(tokens, **ns) -> list[str]:
+    _arr, chunks = Chunker(Namespace(model="m", spec=SPEC, **ns)).chunks(tokens)
+    return [c.key.hex() for c in chunks]
+
+
+def test_chunk_boundaries_and_partial_chunk() -> None:
+    _arr, chunks = Chunker(Namespace("m", SPEC)).chunks(list(range(40)))
+    assert [(c.start, c.end) for c in chunks] == [(0, 16), (16, 32), (32, 40)]
+    assert [c.parent for c in chunks[1:]] == [c.key for c in chunks[:-1]]
+    _arr, full_only = Chunker(Namespace("m", SPEC), partial=False).chunks(list(range(40)))
+    assert [(c.start, c.end) for c in full_only] == [(0, 16), (16, 32)]
+
+
+def test_key_depends_on_whole_prefix_and_namespace() -> None:
+    base = _keys(list(range(48)))
+    changed = list(range(48))
+    changed[3] = 999
+    assert _keys(changed)[0] != base[0]
+    assert all(a != b for a, b in zip(_keys(changed), base))  # the chain propagates the change
+    assert _keys(list(range(48)), tenant="t") != base
+    assert _keys(list(range(48)), codec="cachegen") != base
+    other = Chunker(Namespace("other-model", SPEC)).chunks(list(range(48)))[1]
+    assert [c.key.hex() for c in other] != base
+    bf16 = KVSpec(2, 2, 4, "bfloat16", 16)
+    assert [c.key.hex() for c in Chunker(Namespace("m", bf16)).chunks(list(range(48)))[1]] != base
+
+
+def test_partial_chunk_key_differs_from_full_chunk() -> None:
+    short = _keys(list(range(20)))
+    long = _keys(list(range(32)))
+    assert short[0] == long[0] and short[1] != long[1]
+
+
+def test_input_types_agree() -> None:
+    tokens = list(range(100, 140))
+    expected = _keys(tokens)
+    assert _keys(np.array(tokens, dtype=np.int64)) == expected
+    assert _keys(torch.tensor(tokens)) == expected
+    assert _keys(torch.tensor([tokens])) == expected
+    with pytest.raises(ValueError):
+        as_token_array([-1, 2])
+
+
+def test_keys_identical_across_processes_and_hash_seeds() -> None:
+    code = (
+        "from kvtier.keys import Chunker, Namespace; from kvtier.layout import KVSpec;"
+        "s=KVSpec(2,2,4,'float32',16);"
+        "print(','.join(c.key.hex() for c in Chunker(Namespace('m', s, tenant='x')).chunks(list(range(70)))[1]))"
+    )
+    outs = []
+    for seed in ("0", "12345"):
+        env = dict(os.environ, PYTHONHASHSEED=seed)
+        outs.append(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                   check=True).stdout.strip())
+    assert outs[0] == outs[1] == ",".join(_keys(list(range(70)), tenant="x"))
+
+
+def test_forced_hash_collision_is_a_miss(monkeypatch) -> None:
+    """With every key forced equal, different tokens must never be returned as a hit."""
+    import kvtier.keys as keys_mod
+
+    class ConstantHasher:
+        def __init__(self, data: bytes = b"") -> None:
+            pass
+
+        def update(self, data) -> None:
+            pass
+
+        def digest(self, length: int = 16) -> bytes:
+            return b"\x00" * length
+
+    monkeypatch.setattr(keys_mod.blake3, "blake3", ConstantHasher)
+    engine = CacheEngine(SPEC, "m", load_config(overrides={"chunk_tokens": 16, "cpu": {"capacity": "1MiB"}}))
+    kv = torch.randn(SPEC.num_layers, 2, 16, SPEC.num_kv_heads, SPEC.head_dim)
+    assert engine.store(list(range(16)), kv) == 16
+    other = list(range(1, 17))
+    assert engine.chunker.chunks(other)[1][0].key == engine.chunker.chunks(list(range(16)))[1][0].key
+    assert engine.lookup(other) == 0
+    out = torch.zeros_like(kv)
+    assert engine.retrieve(other, out) == 0
+    assert torch.count_nonzero(out) == 0
+    assert engine.stats()["cpu"]["collisions"] >= 2
+    engine.close()
