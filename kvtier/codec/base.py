@@ -14,6 +14,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any
 
+import numpy as np
 import torch
 
 from kvtier.errors import ConfigError, CorruptChunk
@@ -40,14 +41,17 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
 
 
 def fill_from_bytes(out: torch.Tensor, data: bytes | bytearray | memoryview) -> None:
-    """Copy raw bytes into ``out``; raise :class:`CorruptChunk` if the length is wrong."""
+    """Copy raw bytes into ``out`` (any strides with a contiguous last axis, e.g. a slot view holding
+    fewer tokens than a full chunk) without an intermediate copy; raise :class:`CorruptChunk` if the
+    length is wrong."""
     expected = out.numel() * out.element_size()
-    if len(data) != expected:
-        raise CorruptChunk(f"payload decodes to {len(data)} bytes, chunk needs {expected}")
-    src = torch.frombuffer(bytearray(data) if isinstance(data, bytes) else data, dtype=torch.uint8)
-    out.view(torch.uint8).view(-1).copy_(src) if out.is_contiguous() else out.copy_(
-        src.view(out.dtype).view(out.shape)
-    )
+    nbytes = memoryview(data).nbytes
+    if nbytes != expected:
+        raise CorruptChunk(f"payload decodes to {nbytes} bytes, chunk needs {expected}")
+    if expected == 0:
+        return
+    dst = out.view(torch.uint8).numpy()  # read-only sources are fine: numpy only reads them
+    np.copyto(dst, np.frombuffer(data, dtype=np.uint8).reshape(dst.shape))
 
 
 class RawCodec(Codec):
