@@ -128,6 +128,7 @@ class ServerConfig(_Section):
     idle_timeout_s: float = Field(300.0, gt=0, description="Close a connection idle this long.")
     read_timeout_s: float = Field(30.0, gt=0, description="Close a connection stalled mid-message this long.")
     shutdown_grace_s: float = Field(10.0, ge=0, description="Time in-flight requests get on SIGTERM.")
+    io_threads: int = Field(8, ge=0, description="Threads moving large bodies by plain socket calls (0: none).")
 
 
 class BlendConfig(_Section):
@@ -138,6 +139,9 @@ class BlendConfig(_Section):
     check_layer: int = Field(1, ge=0, description="Layer where fresh and reused KV are compared (all tokens below).")
     metric: Literal["key", "value"] = Field("key", description="Which of K or V the deviation is measured on.")
     min_segment_tokens: int = Field(1, ge=1, description="Shorter segments are computed fresh, never cached.")
+    prefix_piece: bool = Field(
+        True, description="Split mode: the first piece (and its separator) is the prefix segments are computed after."
+    )
 
 
 class KvtierConfig(_Section):
@@ -187,10 +191,14 @@ def _explain(err: ValidationError) -> ConfigError:
     return ConfigError("; ".join(lines))
 
 
+# KVTIER_* variables that are not config keys (read elsewhere); every other KVTIER_* name must be one.
+RESERVED_ENV = frozenset({"KVTIER_CONFIG", "KVTIER_HOME", "KVTIER_CONTROLLER_TOKEN"})
+
+
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, raw in environ.items():
-        if not name.startswith("KVTIER_") or name == "KVTIER_CONFIG":
+        if not name.startswith("KVTIER_") or name in RESERVED_ENV:
             continue
         parts = name[len("KVTIER_") :].lower().split("__")
         try:

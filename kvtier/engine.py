@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
@@ -61,6 +62,8 @@ class CacheEngine:
             tiers = build_tiers(self.config, spec)
         self.storage = StorageManager(spec, tiers, queue_depth=self.config.store_queue)
         self.counters: Counter[str] = Counter()
+        # ``observer(op, seconds)`` after every lookup / store / retrieve (metrics); must not raise
+        self.observers: list[Callable[[str, float], None]] = []
         self._lock = threading.Lock()
         self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-prefetch")
         self._closed = False
@@ -68,6 +71,13 @@ class CacheEngine:
     def _count(self, **amounts: int) -> None:
         with self._lock:
             self.counters.update(amounts)
+
+    def _observe(self, op: str, start: float) -> None:
+        for observer in self.observers:
+            try:
+                observer(op, time.perf_counter() - start)
+            except Exception:
+                log.debug("engine observer failed", exc_info=True)
 
     # ---- lookup ----------------------------------------------------------------------------------
     def _present(self, tokens: Tokens) -> tuple[np.ndarray, list[Chunk], list[int | None]]:
@@ -80,9 +90,11 @@ class CacheEngine:
 
     def lookup(self, tokens: Tokens) -> int:
         """Length of the cached, verified prefix of ``tokens``."""
+        start = time.perf_counter()
         _arr, chunks, where = self._present(tokens)
         hit = chunks[len(where) - 1].end if where else 0
         self._count(lookups=1, lookup_tokens=len(_arr), lookup_hit_tokens=hit)
+        self._observe("lookup", start)
         return hit
 
     # ---- store -----------------------------------------------------------------------------------
@@ -91,6 +103,7 @@ class CacheEngine:
 
         Chunks ending at or before ``skip_tokens`` are assumed cached by the caller and not copied.
         """
+        start = time.perf_counter()
         arr, chunks = self.chunker.chunks(tokens)
         if not chunks:
             return 0
@@ -115,6 +128,7 @@ class CacheEngine:
                 self._write_back(chunk, arr)
             cached = chunk.end
         self._count(stores=1, stored_tokens=stored, store_refused_tokens=len(arr) - cached)
+        self._observe("store", start)
         return cached
 
     def _write_back(self, chunk: Chunk, arr: np.ndarray) -> None:
@@ -153,6 +167,7 @@ class CacheEngine:
 
     def retrieve(self, tokens: Tokens, into: KVLike) -> int:
         """Write the cached prefix of ``tokens`` into ``into``; return its length."""
+        start = time.perf_counter()
         arr, chunks, slots = self._acquire_all(tokens)
         try:
             if chunks:
@@ -164,6 +179,7 @@ class CacheEngine:
                 self.cpu.release(slot)
         hit = chunks[-1].end if chunks else 0
         self._count(retrieves=1, retrieve_tokens=len(arr), retrieve_hit_tokens=hit)
+        self._observe("retrieve", start)
         return hit
 
     def prefetch(self, tokens: Tokens) -> Future[int]:

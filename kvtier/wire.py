@@ -66,6 +66,15 @@ def _checksum(meta: bytes | memoryview, payload: bytes | memoryview) -> int:
 
 def pack(chunk: Chunk, tokens: np.ndarray, kv: torch.Tensor, spec: KVSpec, codec: str = "raw") -> bytes:
     """Frame canonical chunk tensor ``kv`` (``num_tokens`` positions) with its metadata."""
+    return b"".join(pack_parts(chunk, tokens, kv, spec, codec))
+
+
+def pack_parts(
+    chunk: Chunk, tokens: np.ndarray, kv: torch.Tensor, spec: KVSpec, codec: str = "raw"
+) -> tuple[bytes, bytes | memoryview]:
+    """Like :func:`pack` but without joining: ``(header + metadata, payload)``, whose concatenation is
+    the frame. The payload may be a view of ``kv``'s memory (raw codec), valid while ``kv`` is unchanged;
+    writers pass both parts to ``writev``/``sendmsg`` and save one copy of the payload."""
     encoder = get_codec(codec)
     payload, params = encoder.encode(kv, spec)
     meta = _encoder.encode(
@@ -79,8 +88,9 @@ def pack(chunk: Chunk, tokens: np.ndarray, kv: torch.Tensor, spec: KVSpec, codec
             num_tokens=chunk.num_tokens,
         )
     )
-    header = HEADER.pack(MAGIC, VERSION, 0, len(meta), len(payload), _checksum(meta, payload))
-    return b"".join((header, meta, payload))
+    payload_len = memoryview(payload).nbytes
+    header = HEADER.pack(MAGIC, VERSION, 0, len(meta), payload_len, _checksum(meta, payload))
+    return header + meta, payload
 
 
 def read_header(frame: bytes | bytearray | memoryview) -> tuple[int, int, int]:
@@ -141,11 +151,55 @@ def unpack_into(
     and :class:`LayoutError` if the frame was written for another KV spec.
     """
     meta, payload = unpack_meta(frame)
+    _check_meta(meta, spec, out, expect)
+    get_codec(meta.codec).decode(payload, meta.codec_params, spec, out)
+    return meta
+
+
+def _check_meta(meta: ChunkMeta, spec: KVSpec, out: torch.Tensor, expect: ChunkKey | None) -> None:
     if expect is not None and meta.key != expect:
         raise CorruptChunk(f"frame holds key {meta.key.hex()}, expected {expect.hex()}")
     if meta.spec != spec.fingerprint():
         raise LayoutError(f"chunk was stored for KV spec {meta.spec}, this engine uses {spec.fingerprint()}")
     if out.shape[2] != meta.num_tokens:
         raise LayoutError(f"destination holds {out.shape[2]} tokens, chunk has {meta.num_tokens}")
-    get_codec(meta.codec).decode(payload, meta.codec_params, spec, out)
+
+
+def payload_view(out: torch.Tensor) -> memoryview | None:
+    """Writable bytes of ``out`` where a raw payload can be read straight in, or ``None`` if ``out``
+    is not contiguous (or empty)."""
+    if not out.is_contiguous() or out.numel() == 0 or out.device.type != "cpu":
+        return None
+    return out.view(torch.uint8).reshape(-1).numpy().data
+
+
+def unpack_head_into(
+    head: bytes | bytearray | memoryview, spec: KVSpec, out: torch.Tensor, expect: ChunkKey | None = None
+) -> ChunkMeta:
+    """:func:`unpack_into` for a frame split in two: ``head`` (fixed header + metadata) and a payload a
+    reader already placed in ``payload_view(out)`` (zero copy). Verifies exactly what
+    :func:`unpack_into` does, checksum included; a payload of a codec other than raw is decoded from a
+    copy. On any error ``out`` holds garbage and the caller must not use it."""
+    view = memoryview(head).cast("B")
+    meta_len, payload_len, checksum = read_header(view)
+    payload = payload_view(out)
+    if payload is None:
+        raise LayoutError("unpack_head_into needs a contiguous CPU destination")
+    if len(view) != HEADER_BYTES + meta_len or payload_len != payload.nbytes:
+        raise CorruptChunk(
+            f"head of {len(view)} bytes and payload of {payload.nbytes} bytes, header says "
+            f"{HEADER_BYTES + meta_len} and {payload_len}"
+        )
+    meta_bytes = view[HEADER_BYTES:]
+    if _checksum(meta_bytes, payload) != checksum:
+        raise CorruptChunk("checksum mismatch")
+    try:
+        meta = _decoder.decode(meta_bytes)
+    except msgspec.DecodeError as exc:
+        raise CorruptChunk(f"bad metadata record: {exc}") from exc
+    if len(meta.tokens) != 4 * meta.num_tokens:
+        raise CorruptChunk(f"metadata holds {len(meta.tokens) // 4} token ids for {meta.num_tokens} tokens")
+    _check_meta(meta, spec, out, expect)
+    if meta.codec != "raw":
+        get_codec(meta.codec).decode(memoryview(bytes(payload)), meta.codec_params, spec, out)
     return meta

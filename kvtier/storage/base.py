@@ -29,8 +29,26 @@ class Tier(ABC):
     @abstractmethod
     def put(self, key: ChunkKey, frame: bytes) -> None: ...
 
+    def put_parts(self, key: ChunkKey, parts: Sequence[bytes | memoryview]) -> None:
+        """``put(key, b"".join(parts))``; a tier that can write the parts without joining overrides it.
+        The parts may be views of memory the caller reuses once this returns."""
+        self.put(key, b"".join(parts))
+
     @abstractmethod
     def get(self, key: ChunkKey) -> bytes | None: ...
+
+    def get_into(self, key: ChunkKey, payload: memoryview) -> bytes | memoryview | None:
+        """Zero-copy read: place the stored payload of ``key`` straight into ``payload`` (which must be
+        exactly its size) and return the frame's head (fixed header + metadata), unverified (see
+        :func:`kvtier.wire.unpack_head_into`). ``None`` when the key is missing, the sizes differ or the
+        tier cannot read into caller memory; the caller then falls back to ``get_view``. Default: None."""
+        return None
+
+    def get_view(self, key: ChunkKey) -> bytes | memoryview | None:
+        """``get(key)`` for a caller that decodes the frame at once and keeps no reference to it: the
+        result may live in a buffer the tier reuses on this thread's next ``get_view`` (saves an
+        allocation per read). Default: ``get``."""
+        return self.get(key)
 
     @abstractmethod
     def exists(self, keys: Sequence[ChunkKey]) -> list[bool]: ...

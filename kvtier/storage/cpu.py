@@ -7,8 +7,10 @@ entry is never evicted; when every slot is busy a store is refused and counted, 
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
@@ -18,6 +20,13 @@ from kvtier.keys import Chunk, ChunkKey
 from kvtier.layout import KVSpec
 from kvtier.memory import Arena
 from kvtier.storage.policy import make_policy
+
+log = logging.getLogger(__name__)
+
+# ``listener(kind, key)`` with kind "admit" (a key was indexed) or "evict" (a key left the index, by
+# eviction, remove or clear). Called with the tier's lock held: it must be quick, must not block and
+# must not call back into the tier. An exception from a listener is logged and ignored.
+Listener = Callable[[str, ChunkKey], None]
 
 
 @dataclass
@@ -43,6 +52,14 @@ class CpuTier:
         self._index: dict[ChunkKey, Entry] = {}
         self._lock = threading.RLock()
         self.counters: Counter[str] = Counter()
+        self.listeners: list[Listener] = []
+
+    def _emit(self, kind: str, key: ChunkKey) -> None:
+        for listener in self.listeners:
+            try:
+                listener(kind, key)
+            except Exception:  # a listener (metrics, cluster agent) must never break the tier
+                log.exception("cpu tier listener failed")
 
     # ---- queries -------------------------------------------------------------------------------
     def _verified(self, chunk: Chunk, tokens: np.ndarray) -> Entry | None:
@@ -85,6 +102,16 @@ class CpuTier:
             self._policy.touch(chunk.key)
             return entry.slot
 
+    def acquire_key(self, key: ChunkKey) -> tuple[int, Entry] | None:
+        """Reference the slot of ``key`` without token verification (for serving the chunk to a peer,
+        which verifies the frame itself); the caller must :meth:`release` the slot."""
+        with self._lock:
+            entry = self._index.get(key)
+            if entry is None:
+                return None
+            self.arena.ref(entry.slot)
+            return entry.slot, entry
+
     def release(self, slot: int) -> None:
         self.arena.unref(slot)
 
@@ -106,6 +133,7 @@ class CpuTier:
                     return None
                 slot = self._index.pop(victim).slot  # reuse the victim's slot directly
                 self.counters["evictions"] += 1
+                self._emit("evict", victim)
             self.arena.ref(slot)
             return slot
 
@@ -121,6 +149,7 @@ class CpuTier:
                 return False
             self._index[chunk.key] = Entry(slot, chunk.parent, tokens[chunk.start : chunk.end].tobytes())
             self._policy.insert(chunk.key)
+            self._emit("admit", chunk.key)
             return True
 
     def abort(self, slot: int) -> None:
@@ -155,6 +184,7 @@ class CpuTier:
             del self._index[key]
             self._policy.remove(key)
             self.arena.free(entry.slot)
+            self._emit("evict", key)
             return True
 
     def clear(self) -> int:

@@ -13,6 +13,7 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -20,6 +21,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -68,6 +70,10 @@ class StorageManager:
         self.spec = spec
         self.slots = [TierSlot(tier, codec) for tier, codec in tiers]
         self.counters: Counter[str] = Counter()
+        # ``observer(tier_name, op, seconds, ok)`` after every tier call (metrics); must not raise
+        self.observers: list[Callable[[str, str, float, bool], None]] = []
+        # a tier with ``read_only = True`` (e.g. the P2P tier) is only read: write-back skips it
+        self._writable = any(not getattr(tier, "read_only", False) for tier, _codec in tiers)
         self._base_backoff = base_backoff_s
         self._max_backoff = max_backoff_s
         self._queue: queue.Queue[_Write | None] = queue.Queue(maxsize=queue_depth)
@@ -81,12 +87,20 @@ class StorageManager:
         return bool(self.slots)
 
     # ---- health ----------------------------------------------------------------------------------
+    def _observe(self, slot: TierSlot, op: str, start: float, ok: bool) -> None:
+        for observer in self.observers:
+            try:
+                observer(slot.tier.name, op, time.perf_counter() - start, ok)
+            except Exception:
+                log.debug("storage observer failed", exc_info=True)
+
     def _call(self, slot: TierSlot, op: str, fn: Callable[[], object]) -> object:
         """Run ``fn`` against ``slot``; on failure mark it unhealthy and raise TierUnavailable."""
         start = time.perf_counter()
         try:
             result = fn()
         except TierUnavailable as exc:
+            self._observe(slot, op, start, False)
             slot.failures += 1
             delay = min(self._max_backoff, self._base_backoff * 2 ** (slot.failures - 1))
             slot.retry_at = time.monotonic() + delay
@@ -94,6 +108,7 @@ class StorageManager:
             log.warning("tier %s unavailable during %s (%s); retry in %.1fs", slot.tier.name, op, exc, delay)
             raise
         except Exception as exc:  # a tier bug must not reach the engine
+            self._observe(slot, op, start, False)
             slot.counters["errors"] += 1
             log.exception("tier %s failed during %s", slot.tier.name, op)
             raise TierUnavailable(str(exc)) from exc
@@ -102,6 +117,7 @@ class StorageManager:
             slot.counters["reconnects"] += 1
         slot.failures = 0
         slot.counters[f"{op}_seconds_total_us"] += int((time.perf_counter() - start) * 1e6)
+        self._observe(slot, op, start, True)
         return result
 
     def healthy(self) -> dict[str, bool]:
@@ -121,7 +137,7 @@ class StorageManager:
             if not todo or not slot.usable(now):
                 continue
             try:
-                found = self._call(slot, "exists", lambda s=slot, t=todo: s.tier.exists([keys[j] for j in t]))
+                found = self._call(slot, "exists", partial(slot.tier.exists, [keys[j] for j in todo]))
             except TierUnavailable:
                 continue
             for j, hit in zip(todo, found):  # type: ignore[call-overload]
@@ -139,8 +155,10 @@ class StorageManager:
         slot = self.slots[tier_index]
         if not slot.usable(time.monotonic()):
             return False
+        dest = wire.payload_view(out) if slot.codec == "raw" else None  # zero-copy read if the tier can
         try:
-            frame = self._call(slot, "get", lambda: slot.tier.get(chunk.key))
+            head = None if dest is None else self._call(slot, "get", partial(slot.tier.get_into, chunk.key, dest))
+            frame = head if head is not None else self._call(slot, "get", partial(slot.tier.get_view, chunk.key))
         except TierUnavailable:
             slot.counters["misses"] += 1
             return False
@@ -148,7 +166,10 @@ class StorageManager:
             slot.counters["misses"] += 1
             return False
         try:
-            meta = wire.unpack_into(frame, self.spec, out, expect=chunk.key)  # type: ignore[arg-type]
+            if head is not None:
+                meta = wire.unpack_head_into(head, self.spec, out, expect=chunk.key)  # type: ignore[arg-type]
+            else:
+                meta = wire.unpack_into(frame, self.spec, out, expect=chunk.key)  # type: ignore[arg-type]
             if meta.parent != chunk.parent or not np.array_equal(
                 meta.token_array(), tokens[chunk.start : chunk.end]
             ):
@@ -157,24 +178,22 @@ class StorageManager:
         except (CorruptChunk, LayoutError) as exc:
             slot.counters["corrupt"] += 1
             log.warning("discarding damaged chunk %s from tier %s: %s", chunk.key.hex(), slot.tier.name, exc)
-            try:
+            with contextlib.suppress(KvtierError):
                 slot.tier.discard(chunk.key)
-            except KvtierError:
-                pass
             return False
         except KvtierError as exc:  # e.g. unknown codec in the header
             slot.counters["corrupt"] += 1
             log.warning("cannot decode chunk %s from tier %s: %s", chunk.key.hex(), slot.tier.name, exc)
             return False
         slot.counters["hits"] += 1
-        slot.counters["bytes_read"] += len(frame)  # type: ignore[arg-type]
+        slot.counters["bytes_read"] += len(frame) + (dest.nbytes if head is not None and dest else 0)  # type: ignore[arg-type]
         return True
 
     # ---- writes ----------------------------------------------------------------------------------
     def write_back(self, chunk: Chunk, tokens: np.ndarray, data: torch.Tensor, done: Callable[[], None]) -> bool:
         """Queue ``data`` (a canonical chunk view) for every tier; ``done()`` runs when it is no longer
         needed, also when the write is dropped. Returns False if dropped."""
-        if not self.slots:
+        if not self._writable:
             done()
             return False
         try:
@@ -198,20 +217,22 @@ class StorageManager:
                 self._queue.task_done()
 
     def _write(self, item: _Write) -> None:
-        frames: dict[str, bytes] = {}
+        frames: dict[str, tuple[bytes, bytes | memoryview]] = {}
         now = time.monotonic()
         for slot in self.slots:
+            if getattr(slot.tier, "read_only", False):
+                continue
             if not slot.usable(now):
                 slot.counters["writes_skipped_unhealthy"] += 1
                 continue
             try:
                 frame = frames.get(slot.codec)
-                if frame is None:
-                    frame = wire.pack(item.chunk, item.tokens, item.data, self.spec, slot.codec)
+                if frame is None:  # (head, payload): tiers write them without joining (put_parts)
+                    frame = wire.pack_parts(item.chunk, item.tokens, item.data, self.spec, slot.codec)
                     frames[slot.codec] = frame
-                self._call(slot, "put", lambda s=slot, f=frame: s.tier.put(item.chunk.key, f))
+                self._call(slot, "put", partial(slot.tier.put_parts, item.chunk.key, frame))
                 slot.counters["writes"] += 1
-                slot.counters["bytes_written"] += len(frame)
+                slot.counters["bytes_written"] += sum(memoryview(p).nbytes for p in frame)
             except TierUnavailable:
                 slot.counters["writes_failed"] += 1
             except KvtierError as exc:
@@ -231,23 +252,19 @@ class StorageManager:
     def delete(self, chunk: Chunk) -> int:
         removed = 0
         for slot in self.slots:
-            try:
-                removed += bool(self._call(slot, "delete", lambda s=slot: s.tier.delete(chunk.key)))
-            except TierUnavailable:
-                pass
+            with contextlib.suppress(TierUnavailable):
+                removed += bool(self._call(slot, "delete", partial(slot.tier.delete, chunk.key)))
         return removed
 
     def clear(self) -> int:
         total = 0
         for slot in self.slots:
-            try:
+            with contextlib.suppress(TierUnavailable):
                 total += int(self._call(slot, "clear", slot.tier.clear))  # type: ignore[call-overload]
-            except TierUnavailable:
-                pass
         return total
 
     def stats(self) -> dict[str, dict[str, int | float]]:
-        out: dict[str, dict[str, int | float]] = {"manager": dict(self.counters)}
+        out: dict[str, dict[str, int | float]] = {"manager": {**self.counters, "queue_depth": self._queue.qsize()}}
         for slot in self.slots:
             numbers: dict[str, int | float] = dict(slot.counters)
             numbers["healthy"] = int(slot.failures == 0)
@@ -264,10 +281,8 @@ class StorageManager:
         if self._worker is not None:
             if not self.flush(timeout_s):
                 lost = self._queue.qsize()
-            try:
+            with contextlib.suppress(queue.Full):
                 self._queue.put(None, timeout=1.0)
-            except queue.Full:
-                pass
             self._worker.join(timeout=max(1.0, timeout_s))
             self._worker = None
         for slot in self.slots:

@@ -1,0 +1,608 @@
+"""The worker side of the cluster: runs beside one :class:`~kvtier.engine.CacheEngine`.
+
+It registers the engine with the controller (model, KV spec fingerprint, namespace root, P2P address,
+codecs, a snapshot of its CPU keys), heartbeats, pushes the CPU tier's admit/evict events in batches,
+long-polls for commands (clear, pin, unpin, fetch, remove, compress, health) and runs them, and serves
+the engine's chunks to peers (:class:`~kvtier.cluster.p2p.PeerServer`). Its
+:class:`~kvtier.cluster.p2p.PeerTier` lets the engine fetch from peers.
+
+Invariants:
+- The engine never waits for the controller: CPU events go into a bounded queue (a callback that only
+  appends); when it overflows, or the controller reports a sequence gap, or the session is lost, the
+  agent sends a full snapshot instead, so the controller's view converges to the truth.
+- An event batch is retried unchanged (same ``seq``) until acknowledged, so a lost reply never causes a
+  gap or a double apply.
+- A controller outage only delays reports (exponential backoff up to 2 s); the agent re-registers on
+  its own when the controller forgets its session (restart, expiry).
+- Commands run on a small thread pool, so a long move never stops heartbeats. A fetched chunk enters
+  the CPU tier only after its frame's checksum, key, KV spec, parent and token ids were verified.
+- The agent never takes its own lock while calling into the CPU tier (the tier calls the agent's
+  listener with the tier's lock held), so there is no lock-order inversion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import logging
+import socket
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import blake3
+import httpx
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from kvtier import wire
+from kvtier.cluster import schema as S
+from kvtier.cluster.p2p import PeerServer, PeerTier
+from kvtier.codec.base import codec_names, get_codec
+from kvtier.errors import ConfigError, KvtierError, TierUnavailable
+from kvtier.keys import KEY_BYTES, Chunk, ChunkKey
+from kvtier.server.client import RemoteTier
+from kvtier.storage.base import Tier
+
+if TYPE_CHECKING:
+    from kvtier.config import KvtierConfig
+    from kvtier.engine import CacheEngine
+    from kvtier.layout import KVSpec
+    from kvtier.storage.manager import TierSlot
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+FETCH_BATCH = 32  # chunks per pipelined GET batch during a move
+MAX_TIMED_PINS = 4096
+
+
+class AgentConfig(BaseModel):
+    """Settings of one agent."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    controller_url: str = Field("http://127.0.0.1:9000", description="Base URL of the controller.")
+    instance_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")
+    token: str = Field("", description="Bearer token of the controller; also guards the P2P server.")
+    p2p: bool = Field(True, description="Serve chunks to peers and fetch missing chunks from them.")
+    p2p_host: str = Field("127.0.0.1", description="Bind address of the P2P server.")
+    p2p_port: int = Field(0, ge=0, le=65535, description="P2P server port (0: a free one).")
+    advertise_host: str = Field("", description="Address peers dial (default p2p_host; required for 0.0.0.0).")
+    request_timeout_s: float = Field(2.0, gt=0, description="Timeout of one controller request.")
+    peer_timeout_s: float = Field(1.0, gt=0, description="Timeout of one peer request.")
+    locate_timeout_s: float = Field(0.5, gt=0, description="Timeout of asking the controller who holds chunks "
+                                                           "(on the engine's lookup path).")
+    flush_interval_s: float = Field(0.05, gt=0, description="Longest time an event waits before it is sent.")
+    poll_wait_s: float = Field(5.0, gt=0, le=30, description="Long-poll duration for commands.")
+    event_queue: int = Field(1 << 16, ge=16, description="Events buffered before the agent falls back to a snapshot.")
+    batch_max: int = Field(4096, ge=1, le=S.MAX_KEYS, description="Events per batch.")
+    command_threads: int = Field(2, ge=1, le=16, description="Commands run at once.")
+    replace: bool = Field(False, description="Take over the instance id from a live session.")
+
+
+class _SessionLost(Exception):
+    """The controller does not know our session (restart or expiry): register again."""
+
+
+class _ControllerError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"controller answered {status}: {message}")
+        self.status = status
+
+
+def _batched(items: Sequence[T], n: int) -> Iterator[Sequence[T]]:
+    for i in range(0, len(items), n):
+        yield items[i : i + n]
+
+
+def _coalesce(events: Sequence[tuple[str, bytes]]) -> list[dict[str, Any]]:
+    """Runs of same-kind events -> ``Event`` dicts, order kept."""
+    out: list[dict[str, Any]] = []
+    for kind, key in events:
+        if out and out[-1]["kind"] == kind and len(out[-1]["keys"]) < S.MAX_KEYS:
+            out[-1]["keys"].append(key.hex())
+        else:
+            out.append({"kind": kind, "tier": "cpu", "keys": [key.hex()]})
+    return out
+
+
+class Agent:
+    """See the module docstring. Create, pass :meth:`tiers` to the engine, then :meth:`start`."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.engine: CacheEngine | None = None
+        self.peer_tier = PeerTier(self.locate, config.token, config.peer_timeout_s) if config.p2p else None
+        self.peer_server: PeerServer | None = None
+        self.address = ""
+        headers = {"Authorization": f"Bearer {config.token}"} if config.token else {}
+        nodelay = httpx.HTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
+        self._http = httpx.Client(base_url=config.controller_url, headers=headers, timeout=config.request_timeout_s,
+                                  transport=nodelay)
+        self._lock = threading.Lock()
+        self._events: deque[tuple[str, bytes]] = deque()
+        self._overflow = False
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._registered = threading.Event()
+        self._session: str | None = None
+        self._seq = 0
+        self._inflight: dict[str, Any] | None = None
+        self._heartbeat_s = 1.0
+        self._pins: list[tuple[float, int, list[int]]] = []
+        self._pin_counter = 0
+        self._threads: list[threading.Thread] = []
+        self._executor = ThreadPoolExecutor(config.command_threads, thread_name_prefix="kvtier-agent-cmd")
+        self.counters: Counter[str] = Counter()
+
+    # ---- wiring ----------------------------------------------------------------------------------
+    def tiers(self) -> list[tuple[Tier, str]]:
+        """The lower tiers the engine must be built with (the P2P tier, if enabled), last in order."""
+        return [(self.peer_tier, "raw")] if self.peer_tier is not None else []
+
+    def start(self, engine: CacheEngine) -> None:
+        """Serve peers, hook the CPU tier and start reporting; returns at once (registration is async)."""
+        if self.engine is not None:
+            raise RuntimeError("agent already started")
+        self.engine = engine
+        if self.peer_tier is not None:
+            if not any(slot.tier is self.peer_tier for slot in engine.storage.slots):
+                log.warning("engine was built without agent.tiers(): it will serve peers but not fetch from them")
+            host = self.config.advertise_host or self.config.p2p_host
+            if host in ("0.0.0.0", "::", ""):
+                raise ConfigError("p2p_host is a wildcard address: set advertise_host to the address peers dial")
+            self.peer_server = PeerServer(engine.cpu, self.config.p2p_host, self.config.p2p_port, self.config.token)
+            port = self.peer_server.start()
+            self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        engine.cpu.listeners.append(self._on_cpu)
+        for name, target in (("report", self._report_loop), ("poll", self._poll_loop)):
+            thread = threading.Thread(target=target, name=f"kvtier-agent-{name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def wait_registered(self, timeout_s: float) -> bool:
+        return self._registered.wait(timeout_s)
+
+    def stop(self) -> None:
+        """Deregister (best effort), stop threads and the peer server. Call before ``engine.close()``."""
+        self._stop.set()
+        self._wake.set()
+        if self.engine is not None and self._on_cpu in self.engine.cpu.listeners:
+            self.engine.cpu.listeners.remove(self._on_cpu)
+        session = self._session
+        if session is not None:
+            try:
+                self._post("/v1/worker/deregister", {"session": session}, timeout=1.0)
+            except Exception:
+                log.debug("deregistration failed", exc_info=True)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        for thread in self._threads:
+            thread.join(timeout=1.0)
+        if self.peer_server is not None:
+            self.peer_server.stop()
+        self._http.close()
+
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self.counters[name] += n
+
+    def _need_engine(self) -> CacheEngine:
+        if self.engine is None:
+            raise RuntimeError("agent not started")
+        return self.engine
+
+    # ---- controller client -----------------------------------------------------------------------
+    def _post(self, path: str, body: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+        limit = timeout if timeout is not None else self.config.request_timeout_s
+        resp = self._http.post(path, json=body, timeout=limit)
+        if resp.status_code == 404 and "session" in body and path != "/v1/worker/register":
+            raise _SessionLost(path)
+        if resp.status_code >= 400:
+            try:
+                detail = str(resp.json().get("detail", resp.text))
+            except ValueError:
+                detail = resp.text
+            raise _ControllerError(resp.status_code, detail[:500])
+        result: dict[str, Any] = resp.json()
+        return result
+
+    def _lose_session(self, session: str) -> None:
+        with self._lock:
+            if self._session == session:
+                self._session = None
+                self._registered.clear()
+                self.counters["sessions_lost"] += 1
+
+    def locate(self, keys: list[ChunkKey]) -> list[list[str]]:
+        """Peer addresses holding each key (the :class:`PeerTier`'s locator)."""
+        session = self._session
+        if session is None:
+            return [[] for _ in keys]
+        out: list[list[str]] = []
+        for batch in _batched(keys, S.MAX_KEYS):
+            try:
+                resp = self._post("/v1/worker/locate", {"session": session, "keys": [k.hex() for k in batch]},
+                                  timeout=self.config.locate_timeout_s)
+            except _SessionLost:
+                self._lose_session(session)
+                return [[] for _ in keys]
+            except (httpx.HTTPError, _ControllerError) as exc:
+                raise TierUnavailable(f"controller {self.config.controller_url}: {exc}") from exc
+            out.extend([h["address"] for h in holders] for holders in resp["holders"])
+        return out
+
+    # ---- events ----------------------------------------------------------------------------------
+    def _on_cpu(self, kind: str, key: ChunkKey) -> None:
+        """CPU-tier listener (called with the tier's lock held): append, never block."""
+        with self._lock:
+            if self._overflow:
+                return
+            if len(self._events) >= self.config.event_queue:
+                self._overflow = True
+                self._events.clear()
+                self.counters["event_overflows"] += 1
+                return
+            self._events.append((kind, key))
+            full = len(self._events) >= self.config.batch_max
+        if full:
+            self._wake.set()
+
+    def _snapshot(self) -> dict[str, list[str]]:
+        """Clear the queue, then read the CPU keys (events queued after the clear are replayed on top)."""
+        with self._lock:
+            self._events.clear()
+            self._overflow = False
+        keys = self._need_engine().cpu.keys()
+        return {"cpu": [k.hex() for k in keys]}
+
+    def _register(self) -> None:
+        engine = self._need_engine()
+        tiers = self._snapshot()
+        body = S.RegisterRequest(
+            instance_id=self.config.instance_id, model=engine.namespace.model, spec=engine.spec.fingerprint(),
+            root=engine.namespace.root().hex(), chunk_tokens=engine.spec.chunk_tokens,
+            partial=engine.chunker.partial, p2p_address=self.address, codecs=codec_names(), tiers=tiers,
+            replace=self.config.replace,
+        )
+        try:
+            resp = S.RegisterResponse.model_validate(self._post("/v1/worker/register", body.model_dump()))
+        except BaseException:
+            with self._lock:
+                self._overflow = True  # the snapshot was not delivered: take a new one next time
+            raise
+        with self._lock:
+            self._session, self._seq, self._inflight = resp.session, 0, None
+            self._heartbeat_s = resp.heartbeat_s
+        self._count("registrations")
+        self._registered.set()
+        log.info("registered with %s as %s", self.config.controller_url, self.config.instance_id)
+
+    def _flush(self, session: str) -> bool:
+        """Send queued events (or a snapshot); True if anything was sent."""
+        if self._inflight is None:
+            with self._lock:
+                overflow = self._overflow
+                taken = [] if overflow else [self._events.popleft()
+                                             for _ in range(min(len(self._events), self.config.batch_max))]
+            if overflow:
+                tiers = self._snapshot()
+                try:
+                    self._post("/v1/worker/snapshot", {"session": session, "seq": self._seq + 1, "tiers": tiers})
+                except BaseException:
+                    with self._lock:
+                        self._overflow = True
+                    raise
+                self._seq += 1
+                self._count("snapshots")
+                return True
+            if not taken:
+                return False
+            self._inflight = {"session": session, "seq": self._seq + 1, "events": _coalesce(taken)}
+        try:
+            self._post("/v1/worker/events", self._inflight)
+        except _ControllerError as exc:
+            if exc.status != 409:
+                raise
+            with self._lock:  # sequence gap: resynchronise with a snapshot
+                self._overflow = True
+            self._inflight = None
+            return self._flush(session)
+        self._seq = self._inflight["seq"]
+        self._count("events_sent", sum(len(e["keys"]) for e in self._inflight["events"]))
+        self._inflight = None
+        return True
+
+    def _report_loop(self) -> None:
+        backoff = 0.05
+        last_contact = 0.0
+        while not self._stop.is_set():
+            session = self._session
+            try:
+                if session is None:
+                    self._register()
+                else:
+                    self._expire_pins()
+                    if self._flush(session):
+                        last_contact = time.monotonic()
+                    elif time.monotonic() - last_contact >= self._heartbeat_s:
+                        self._post("/v1/worker/heartbeat", {"session": session})
+                        last_contact = time.monotonic()
+                backoff = 0.05
+            except _SessionLost:
+                self._lose_session(session or "")
+                continue
+            except (httpx.HTTPError, _ControllerError) as exc:
+                self._count("controller_errors")
+                log.warning("controller %s: %s (retry in %.2fs)", self.config.controller_url, exc, backoff)
+                self._stop.wait(backoff)
+                backoff = min(2.0, backoff * 2)
+                continue
+            except Exception:
+                log.exception("agent report loop error")
+                self._stop.wait(backoff)
+                continue
+            self._wake.wait(self.config.flush_interval_s)
+            self._wake.clear()
+
+    # ---- commands --------------------------------------------------------------------------------
+    def _poll_loop(self) -> None:
+        backoff = 0.05
+        wait = self.config.poll_wait_s
+        while not self._stop.is_set():
+            if not self._registered.wait(0.2):
+                continue
+            session = self._session
+            if session is None:
+                continue
+            try:
+                resp = self._post("/v1/worker/poll", {"session": session, "wait_s": wait},
+                                  timeout=wait + self.config.request_timeout_s)
+                backoff = 0.05
+            except _SessionLost:
+                self._lose_session(session)
+                continue
+            except Exception as exc:
+                if self._stop.is_set():
+                    return
+                log.debug("poll failed: %s", exc)
+                self._stop.wait(backoff)
+                backoff = min(2.0, backoff * 2)
+                continue
+            for command in resp.get("commands", []):
+                self._executor.submit(self._run_command, session, command)
+
+    def _run_command(self, session: str, command: dict[str, Any]) -> None:
+        kind = command.get("kind", "")
+        handler = getattr(self, f"_cmd_{kind}", None)
+        ok, result, error = False, {}, ""
+        try:
+            if handler is None:
+                raise KvtierError(f"unknown command {kind!r}")
+            result = handler(command.get("args") or {})
+            ok = True
+        except Exception as exc:
+            log.warning("command %s failed: %s", kind, exc)
+            error = f"{type(exc).__name__}: {exc}"
+        self._count(f"commands_{'ok' if ok else 'failed'}")
+        try:
+            self._post("/v1/worker/result", {"session": session, "command_id": command.get("id", ""), "ok": ok,
+                                             "result": result, "error": error[:4000]})
+        except Exception as exc:
+            log.warning("could not report the result of %s: %s", kind, exc)
+
+    def _cmd_health(self, args: dict[str, Any]) -> dict[str, Any]:
+        engine = self._need_engine()
+        return {"storage": engine.storage.healthy(), "cpu_chunks": len(engine.cpu),
+                "cpu_used_bytes": engine.cpu.used_bytes, "cpu_capacity_bytes": engine.cpu.arena.capacity_bytes,
+                "events_queued": len(self._events)}
+
+    def _cmd_clear(self, args: dict[str, Any]) -> dict[str, Any]:
+        engine = self._need_engine()
+        removed = engine.cpu.clear() if args.get("tier") == "cpu" else engine.clear()
+        return {"removed": removed}
+
+    def _cmd_pin(self, args: dict[str, Any]) -> dict[str, Any]:
+        engine = self._need_engine()
+        tokens = list(args["token_ids"])
+        ttl = args.get("ttl_s")
+        if ttl:
+            with self._lock:
+                if len(self._pins) >= MAX_TIMED_PINS:
+                    raise KvtierError(f"{len(self._pins)} timed pins are active; unpin some first")
+        pinned = engine.pin(tokens)
+        if ttl and pinned:
+            with self._lock:
+                self._pin_counter += 1
+                heapq.heappush(self._pins, (time.monotonic() + float(ttl), self._pin_counter, tokens))
+        return {"pinned_tokens": pinned}
+
+    def _cmd_unpin(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {"unpinned_tokens": self._need_engine().unpin(list(args["token_ids"]))}
+
+    def _expire_pins(self) -> None:
+        now = time.monotonic()
+        due: list[list[int]] = []
+        with self._lock:
+            while self._pins and self._pins[0][0] <= now:
+                due.append(heapq.heappop(self._pins)[2])
+        for tokens in due:
+            self._need_engine().unpin(tokens)
+            self._count("pins_expired")
+
+    def _cmd_remove(self, args: dict[str, Any]) -> dict[str, Any]:
+        engine = self._need_engine()
+        removed = 0
+        for key in (bytes.fromhex(k) for k in args.get("keys", [])):
+            removed += int(engine.cpu.remove(key))
+            engine.storage.delete(Chunk(0, 0, 0, key, key))  # lower tiers use only the key
+        return {"removed": removed}
+
+    def _peer(self, address: str) -> RemoteTier:
+        if self.peer_tier is not None:
+            return self.peer_tier.client(address)
+        from kvtier.cluster.p2p import split_address
+
+        host, port = split_address(address)
+        return RemoteTier(host, port, self.config.token, self.config.peer_timeout_s, pool_size=1, retries=1)
+
+    def _admit(self, frame: bytes, chunk: Chunk, tokens: np.ndarray) -> str:
+        """Verify ``frame`` against ``chunk`` and put it in the CPU tier; return what happened."""
+        engine = self._need_engine()
+        cpu = engine.cpu
+        if cpu.contains(chunk, tokens):
+            return "present"
+        slot = cpu.reserve()
+        if slot is None:
+            return "full"
+        try:
+            meta = wire.unpack_into(frame, engine.spec, cpu.arena.view(slot, chunk.num_tokens), expect=chunk.key)
+            if meta.parent != chunk.parent or meta.tokens != tokens[chunk.start : chunk.end].tobytes():
+                cpu.abort(slot)
+                return "mismatch"
+        except KvtierError:
+            cpu.abort(slot)
+            return "corrupt"
+        except BaseException:
+            cpu.abort(slot)
+            raise
+        return "fetched" if cpu.commit(chunk, tokens, slot) else "present"
+
+    def _cmd_fetch(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Pull chunks from peer ``args["peer"]``: a prompt's (``token_ids``) or listed ``keys``."""
+        engine = self._need_engine()
+        peer = self._peer(str(args["peer"]))
+        outcome: Counter[str] = Counter()
+        held: list[str] = []
+        tokens_fetched = 0
+        items: list[tuple[Chunk, np.ndarray | None]]
+        if args.get("token_ids") is not None:
+            arr, chunks = engine.chunker.chunks(args["token_ids"])
+            items = [(c, arr) for c in chunks]
+        else:
+            items = [(Chunk(0, 0, 0, bytes.fromhex(k), b""), None) for k in args.get("keys", [])]
+        for batch in _batched(items, FETCH_BATCH):
+            frames = peer.get_many([c.key for c, _ in batch])
+            for (chunk, known), frame in zip(batch, frames):
+                if frame is None:
+                    outcome["missing"] += 1
+                    continue
+                if known is not None:
+                    arr = known
+                else:  # only the key is known: the frame must prove it (key = H(parent || tokens))
+                    try:
+                        meta, _payload = wire.unpack_meta(frame)
+                    except KvtierError:
+                        outcome["corrupt"] += 1
+                        continue
+                    if blake3.blake3(meta.parent + meta.tokens).digest(length=KEY_BYTES) != chunk.key:
+                        outcome["mismatch"] += 1
+                        continue
+                    arr = meta.token_array()
+                    chunk = Chunk(0, 0, meta.num_tokens, chunk.key, meta.parent)
+                what = self._admit(frame, chunk, arr)
+                outcome[what] += 1
+                if what in ("fetched", "present"):
+                    held.append(chunk.key.hex())
+                    tokens_fetched += chunk.num_tokens if what == "fetched" else 0
+        return {"chunks": outcome["fetched"], "tokens": tokens_fetched, "already_present": outcome["present"],
+                "missing": outcome["missing"], "rejected": outcome["corrupt"] + outcome["mismatch"],
+                "full": outcome["full"], "keys": held}
+
+    def _cmd_compress(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Re-encode chunks with ``args["codec"]`` into every writable lower tier of the engine."""
+        engine = self._need_engine()
+        codec = str(args["codec"])
+        get_codec(codec)
+        targets = [s for s in engine.storage.slots if not getattr(s.tier, "read_only", False)]
+        if not targets:
+            raise KvtierError("this instance has no serialized tier (disk, server, redis, fs) to re-encode into")
+        if args.get("token_ids") is not None:
+            arr, chunks = engine.chunker.chunks(args["token_ids"])
+            items = [(c, arr) for c in chunks]
+        else:
+            items = []
+            resident = engine.cpu.keys()
+            for key in resident:
+                got = engine.cpu.acquire_key(key)
+                if got is None:
+                    continue
+                slot, entry = got
+                engine.cpu.release(slot)
+                items.append((Chunk(0, 0, entry.num_tokens, key, entry.parent), np.frombuffer(entry.tokens, "<u4")))
+        raw = encoded = done = missing = failed = 0
+        for chunk, arr in items:
+            frame = self._encode(engine, chunk, arr, codec, targets)
+            if frame is None:
+                missing += 1
+                continue
+            done += 1
+            raw += chunk.num_tokens * engine.spec.bytes_per_token
+            encoded += len(frame)
+            for target in targets:
+                try:
+                    target.tier.put(chunk.key, frame)
+                except TierUnavailable:
+                    failed += 1
+        return {"chunks": done, "missing": missing, "raw_bytes": raw, "encoded_bytes": encoded,
+                "ratio": round(raw / encoded, 4) if encoded else 0.0, "codec": codec,
+                "tiers": [s.tier.name for s in targets], "tier_writes_failed": failed}
+
+    @staticmethod
+    def _encode(engine: CacheEngine, chunk: Chunk, tokens: np.ndarray, codec: str,
+                targets: list[TierSlot]) -> bytes | None:
+        """``chunk`` encoded with ``codec``: from the CPU tier if there, else decoded from a lower tier."""
+        slot = engine.cpu.acquire(chunk, tokens)
+        if slot is not None:
+            try:
+                return wire.pack(chunk, tokens, engine.cpu.arena.view(slot, chunk.num_tokens), engine.spec, codec)
+            finally:
+                engine.cpu.release(slot)
+        scratch = torch.empty(engine.spec.chunk_shape(chunk.num_tokens), dtype=engine.spec.torch_dtype)
+        for target in targets:
+            try:
+                frame = target.tier.get(chunk.key)
+                if frame is None:
+                    continue
+                meta = wire.unpack_into(frame, engine.spec, scratch, expect=chunk.key)
+            except KvtierError:
+                continue
+            if meta.parent == chunk.parent and meta.tokens == tokens[chunk.start : chunk.end].tobytes():
+                return wire.pack(chunk, tokens, scratch, engine.spec, codec)
+        return None
+
+    # ---- numbers ---------------------------------------------------------------------------------
+    def stats(self) -> dict[str, dict[str, int | float]]:
+        """``{"agent": ..., "p2p_server": ...}`` (a metrics source, see :class:`kvtier.metrics.EngineMetrics`)."""
+        with self._lock:
+            agent: dict[str, int | float] = dict(self.counters)
+            agent["events_queued"] = len(self._events)
+            agent["timed_pins"] = len(self._pins)
+        agent["registered"] = int(self._registered.is_set())
+        out = {"agent": agent}
+        if self.peer_server is not None:
+            out["p2p_server"] = self.peer_server.stats()
+        return out
+
+
+def start_engine(spec: KVSpec, model: str, agent_config: AgentConfig,
+                 config: KvtierConfig | None = None) -> tuple[CacheEngine, Agent]:
+    """Build a :class:`CacheEngine` whose lower tiers end with the P2P tier, and start its agent."""
+    from kvtier.config import load_config
+    from kvtier.engine import CacheEngine
+    from kvtier.storage.factory import build_tiers
+
+    cfg = config or load_config()
+    if spec.chunk_tokens != cfg.chunk_tokens:
+        spec = dataclasses.replace(spec, chunk_tokens=cfg.chunk_tokens)
+    agent = Agent(agent_config)
+    engine = CacheEngine(spec, model, cfg, tiers=[*build_tiers(cfg, spec), *agent.tiers()])
+    try:
+        agent.start(engine)
+    except BaseException:
+        engine.close()
+        raise
+    return engine, agent

@@ -1,0 +1,595 @@
+"""Local disk tier: one self-describing wire frame per file, published atomically.
+
+Layout under ``path``::
+
+    .lock                       flock held while a DiskTier has the directory open
+    <hh>/<hex>.kvt              the frame of key <hex> (hh = its first two hex digits)
+    <hh>/.<hex>.<pid>.<n>.tmp   a write in progress (removed at start: a crash left it)
+    quarantine/<hex>.<ns>.kvt   frames that failed verification, kept for inspection
+
+Invariants:
+- A ``.kvt`` file only ever appears by ``rename`` of a fully written (and, with ``fsync``, synced) temp
+  file, and the directory entry is synced before ``put`` returns, so after a crash every file is either
+  absent or complete; ``put`` that returned is durable.
+- The in-memory index (key -> file size) is rebuilt at start from the file heads
+  (:func:`kvtier.wire.peek_meta`); a file whose head is unreadable, names another key or whose size
+  disagrees with its header is quarantined instead of indexed.
+- The sum of indexed sizes plus writes in flight never exceeds ``capacity_bytes``: space is reserved
+  (evicting by policy) before a write starts and given back if the write fails.
+- A failed write removes its temp file and leaves every indexed file untouched. A full filesystem
+  (``ENOSPC``/``EDQUOT``) is counted and the write dropped (writes pause for ``FULL_PAUSE_S``) without
+  raising, so reads keep being served; any other I/O error raises ``TierUnavailable``.
+- Reads never see a partial file: ``get`` returns fresh bytes, ``get_view`` a per-thread reused buffer,
+  ``get_into`` puts the payload straight into the caller's memory (zero copy). A file whose size
+  disagrees with the index is quarantined. After ``exists``, reading a chunk asks the kernel to start
+  reading the next one listed (``POSIX_FADV_WILLNEED``, one chunk ahead).
+- One process owns a directory at a time (``flock`` on ``.lock``); several processes sharing one
+  directory use :class:`kvtier.storage.fs.FsTier` instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import itertools
+import logging
+import os
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import IO
+
+from kvtier import wire
+from kvtier.errors import CorruptChunk, TierUnavailable
+from kvtier.keys import KEY_BYTES, ChunkKey
+from kvtier.storage.base import Tier
+from kvtier.storage.policy import make_policy
+
+log = logging.getLogger(__name__)
+
+SUFFIX = ".kvt"
+TEMP_SUFFIX = ".tmp"
+QUARANTINE = "quarantine"
+Buffer = bytes | bytearray | memoryview
+Progress = Callable[[int, int], None]
+HEAD_GUESS = 4096  # first read of get_into: fixed header + metadata (~1.1 KiB for 256 tokens)
+FULL_PAUSE_S = 1.0  # after ENOSPC, puts are dropped (counted) this long without touching the disk
+
+
+# ---- file helpers shared with FsTier and ``kvtier inspect`` -------------------------------------------
+def chunk_path(root: Path, key: ChunkKey) -> Path:
+    text = key.hex()
+    return root / text[:2] / f"{text}{SUFFIX}"
+
+
+def key_of(name: str) -> ChunkKey | None:
+    """The key a published file name stands for, or ``None`` if it is not one."""
+    stem, dot, ext = name.partition(".")
+    if not dot or "." + ext != SUFFIX or len(stem) != 2 * KEY_BYTES:
+        return None
+    try:
+        return bytes.fromhex(stem)
+    except ValueError:
+        return None
+
+
+def iter_files(root: Path) -> Iterator[os.DirEntry[str]]:
+    """Every entry in the fan-out subdirectories of ``root`` (published and temp files)."""
+    try:
+        subdirs = [e for e in os.scandir(root) if len(e.name) == 2 and e.is_dir(follow_symlinks=False)]
+    except FileNotFoundError:
+        return
+    for sub in sorted(subdirs, key=lambda e: e.name):
+        try:
+            with os.scandir(sub.path) as it:
+                yield from it
+        except FileNotFoundError:
+            continue
+
+
+def read_head(fd: int) -> tuple[wire.ChunkMeta, int]:
+    """Metadata and announced frame length of an open frame file, from its head only (usually one
+    read); :class:`CorruptChunk` if the head is unreadable."""
+    head = os.pread(fd, HEAD_GUESS, 0)
+    meta_len, payload_len, _checksum = wire.read_header(head)
+    if len(head) < wire.HEADER_BYTES + meta_len:
+        head += os.pread(fd, wire.HEADER_BYTES + meta_len - len(head), len(head))
+    return wire.peek_meta(head), wire.HEADER_BYTES + meta_len + payload_len
+
+
+def frame_length(head: Buffer) -> int:
+    """Total frame length announced by a frame's fixed header."""
+    meta_len, payload_len, _checksum = wire.read_header(head)
+    return wire.HEADER_BYTES + meta_len + payload_len
+
+
+def write_all(fd: int, parts: Sequence[Buffer]) -> int:
+    """Write every byte of ``parts`` with ``writev`` (no join), retrying short writes."""
+    views = [memoryview(p).cast("B") for p in parts if len(p)]
+    total = 0
+    while views:
+        n = os.writev(fd, views)
+        total += n
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if n:
+            views[0] = views[0][n:]
+    return total
+
+
+def read_exact(fd: int, size: int, into: memoryview | None = None) -> bytes | memoryview | None:
+    """Read ``size`` bytes from the start of ``fd`` into fresh bytes, or into ``into[:size]`` if given;
+    ``None`` if the file is shorter."""
+    if into is None:
+        data = os.pread(fd, size, 0)
+        if len(data) == size:
+            return data
+        into = memoryview(bytearray(size))
+        into[: len(data)] = data
+        got = len(data)
+    else:
+        into = into[:size]
+        got = 0
+    while got < size:
+        n = os.preadv(fd, [into[got:]], got)
+        if n == 0:
+            return None
+        got += n
+    return into
+
+
+def read_frame_into(fd: int, size: int, payload: memoryview) -> bytes | None:
+    """Read the open frame file ``fd`` (expected ``size`` bytes) as head + payload, the payload straight
+    into ``payload``; return the head (header + metadata, unverified), or ``None`` if the file is not
+    ``size`` bytes, its header is unreadable or its payload is not ``len(payload)`` bytes."""
+    head = os.pread(fd, HEAD_GUESS, 0)
+    try:
+        meta_len, payload_len, _checksum = wire.read_header(head)
+    except CorruptChunk:
+        return None
+    head_len = wire.HEADER_BYTES + meta_len
+    if payload_len != payload.nbytes or size != head_len + payload_len or os.fstat(fd).st_size != size:
+        return None
+    if len(head) < head_len:
+        head += os.pread(fd, head_len - len(head), len(head))
+    got = 0
+    while got < payload_len:
+        n = os.preadv(fd, [payload[got:]], head_len + got)
+        if n == 0:
+            return None
+        got += n
+    return head[:head_len]
+
+
+class ReadBuffers(threading.local):
+    """A reusable read buffer per thread, for ``get_view``: no allocation (and no page faults on fresh
+    memory, which cost more than the copy itself) per read. Grows to the largest frame read."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray(0)
+
+    def take(self, size: int) -> memoryview:
+        if len(self.buffer) < size:  # a new buffer: a view a caller still holds keeps the old one alive
+            self.buffer = bytearray(-(-size // (1 << 20)) * (1 << 20))
+        return memoryview(self.buffer)[:size]
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_temp_ids = itertools.count()
+
+
+def temp_path(final: Path) -> Path:
+    """A temp name next to ``final``, unique within this host (pid + counter)."""
+    return final.with_name(f".{final.stem}.{os.getpid()}.{next(_temp_ids)}{TEMP_SUFFIX}")
+
+
+def publish(final: Path, parts: Sequence[Buffer], *, fsync: bool, tmp: Path | None = None) -> int:
+    """Write ``parts`` to a fresh temp file beside ``final`` (``tmp``, default :func:`temp_path`), sync
+    it, rename it over ``final``. Does not sync the directory.
+
+    Returns the bytes written. On any error the temp file is gone and ``final`` is as it was.
+    """
+    tmp = tmp or temp_path(final)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            size = write_all(fd, parts)
+            if fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, final)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return size
+
+
+# ---- the tier ----------------------------------------------------------------------------------------
+class DiskTier(Tier):
+    """Local-disk tier with a byte cap; thread-safe (one lock for the index, file I/O outside it)."""
+
+    name = "disk"
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        capacity_bytes: int,
+        policy: str = "lru",
+        fsync: bool = True,
+        *,
+        progress: Progress | None = None,
+        quarantine_keep: int = 64,
+        readahead: bool = True,
+    ) -> None:
+        self.root = Path(path).expanduser()
+        self.capacity_bytes = int(capacity_bytes)
+        self.fsync = fsync
+        self.quarantine_keep = quarantine_keep
+        self.readahead = readahead
+        self._buffers = ReadBuffers()
+        self._next = threading.local()  # per thread: key -> the key its last exists() listed after it
+        self._policy = make_policy(policy)
+        self._index: dict[ChunkKey, int] = {}
+        self._used = 0  # bytes of indexed files
+        self._pending = 0  # bytes reserved by writes in flight
+        self._full_until = 0.0  # monotonic time until which writes are dropped after ENOSPC
+        self._lock = threading.Lock()
+        self._made: set[str] = set()
+        self.counters: Counter[str] = Counter()
+        try:
+            (self.root / QUARANTINE).mkdir(parents=True, exist_ok=True)
+            self._lockfile: IO[bytes] | None = open(self.root / ".lock", "a+b")  # noqa: SIM115
+        except OSError as exc:
+            raise TierUnavailable(f"cannot open disk tier directory {self.root}: {exc}") from exc
+        try:
+            fcntl.flock(self._lockfile.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            self._lockfile.close()
+            raise TierUnavailable(
+                f"disk tier directory {self.root} is locked by another DiskTier ({self.root / '.lock'}); "
+                "use the fs tier to share a directory between processes"
+            ) from exc
+        self._rebuild(progress)
+
+    # ---- start-up --------------------------------------------------------------------------------
+    def _rebuild(self, progress: Progress | None) -> None:
+        start = time.perf_counter()
+        self.counters["quarantined"] = sum(1 for _ in os.scandir(self.root / QUARANTINE))
+        entries = list(iter_files(self.root))
+        total = len(entries)
+        if total > 10_000:
+            log.info("disk tier %s: scanning %d files", self.root, total)
+        found: list[tuple[int, ChunkKey, int]] = []
+        for i, entry in enumerate(entries):
+            if progress is not None and i % 256 == 0:
+                progress(i, total)
+            if entry.name.endswith(TEMP_SUFFIX):
+                self._unlink(Path(entry.path))
+                self.counters["stale_temp_removed"] += 1
+                continue
+            key = key_of(entry.name)
+            if key is None:
+                continue
+            checked = self._check_file(Path(entry.path), key)
+            if checked is not None:
+                found.append((checked[1], key, checked[0]))
+        for _mtime, key, size in sorted(found):  # oldest first, so LRU/FIFO evict them first
+            self._index[key] = size
+            self._policy.insert(key)
+            self._used += size
+        if progress is not None:
+            progress(total, total)
+        log.info(
+            "disk tier %s: %d chunks, %d bytes indexed in %.2fs",
+            self.root, len(self._index), self._used, time.perf_counter() - start,
+        )
+
+    def _check_file(self, path: Path, key: ChunkKey) -> tuple[int, int] | None:
+        """``(size, mtime_ns)`` of a published file whose head is sound; quarantine it otherwise."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        try:
+            st = os.fstat(fd)
+            meta, expected = read_head(fd)
+        except (CorruptChunk, OSError) as exc:
+            reason = str(exc)
+        else:
+            if meta.key != key:
+                reason = f"file holds key {meta.key.hex()}"
+            elif st.st_size != expected:
+                reason = f"file is {st.st_size} bytes, header says {expected}"
+            else:
+                return st.st_size, st.st_mtime_ns
+        finally:
+            os.close(fd)
+        log.warning("disk tier %s: quarantining %s at start: %s", self.root, path.name, reason)
+        self._quarantine_file(path, key)
+        return None
+
+    # ---- helpers ---------------------------------------------------------------------------------
+    @staticmethod
+    def _unlink(path: Path) -> bool:
+        try:
+            os.unlink(path)
+            return True
+        except FileNotFoundError:
+            return False
+
+    def _subdir(self, key: ChunkKey) -> Path:
+        sub = key.hex()[:2]
+        path = self.root / sub
+        if sub not in self._made:
+            if not path.is_dir():
+                path.mkdir(exist_ok=True)
+                if self.fsync:
+                    fsync_dir(self.root)
+            self._made.add(sub)
+        return path
+
+    def _drop(self, key: ChunkKey) -> int:
+        """Forget ``key`` (lock held); return the bytes it held."""
+        size = self._index.pop(key, 0)
+        self._used -= size
+        return size
+
+    def _reserve(self, size: int) -> bool:
+        """Make room for ``size`` more bytes, evicting by policy (lock held)."""
+        victims: list[ChunkKey] = []
+        while self._used + self._pending + size > self.capacity_bytes:
+            victim = self._policy.victim(lambda _k: True)
+            if victim is None:
+                break
+            self._drop(victim)  # type: ignore[arg-type]
+            victims.append(victim)  # type: ignore[arg-type]
+        for victim in victims:  # unlinked under the lock so a concurrent put of the key cannot be lost
+            self._unlink(chunk_path(self.root, victim))
+        self.counters["evictions"] += len(victims)
+        if self._used + self._pending + size > self.capacity_bytes:
+            return False
+        self._pending += size
+        return True
+
+    def _quarantine_file(self, path: Path, key: ChunkKey) -> bool:
+        target = self.root / QUARANTINE / f"{key.hex()}.{time.time_ns()}{SUFFIX}"
+        try:
+            os.rename(path, target)
+        except FileNotFoundError:
+            return False
+        except OSError:
+            return self._unlink(path)
+        self.counters["quarantined"] += 1
+        self._trim_quarantine()
+        return True
+
+    def _trim_quarantine(self) -> None:
+        """Keep only the ``quarantine_keep`` most recently quarantined files."""
+        try:
+            files = list(os.scandir(self.root / QUARANTINE))
+        except OSError:
+            return
+        if len(files) <= self.quarantine_keep:
+            return
+
+        def when(entry: os.DirEntry[str]) -> int:
+            part = entry.name.split(".")
+            return int(part[1]) if len(part) == 3 and part[1].isdigit() else 0
+
+        files.sort(key=when)
+        for entry in files[: len(files) - self.quarantine_keep]:
+            self._unlink(Path(entry.path))
+
+    # ---- Tier ------------------------------------------------------------------------------------
+    def put(self, key: ChunkKey, frame: bytes) -> None:
+        self.put_parts(key, (frame,))
+
+    def put_parts(self, key: ChunkKey, parts: Sequence[Buffer]) -> None:
+        size = sum(memoryview(p).nbytes for p in parts)
+        with self._lock:
+            if time.monotonic() < self._full_until:
+                self.counters["dropped_disk_full"] += 1
+                return
+            if not self._reserve(size):
+                self.counters["dropped_no_space"] += 1
+                return
+        final = chunk_path(self.root, key)
+        try:
+            try:
+                self._subdir(key)
+                publish(final, parts, fsync=self.fsync)
+            except FileNotFoundError:  # the fan-out directory was removed under us: recreate it once
+                self._made.discard(final.parent.name)
+                self._subdir(key)
+                publish(final, parts, fsync=self.fsync)
+        except OSError as exc:
+            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            with self._lock:
+                self._pending -= size
+                self.counters["write_errors"] += 1
+                if full:  # a capacity condition, not an outage: reads go on, writes pause briefly
+                    self.counters["enospc"] += 1
+                    self._full_until = time.monotonic() + FULL_PAUSE_S
+            if full:
+                log.warning("disk tier %s: filesystem full, dropping writes for %.1fs", self.root, FULL_PAUSE_S)
+                return
+            raise TierUnavailable(f"disk tier {self.root}: cannot write chunk {key.hex()}: {exc}") from exc
+        with self._lock:
+            self._pending -= size
+            self._drop(key)
+            self._index[key] = size
+            self._used += size
+            self._policy.remove(key)
+            self._policy.insert(key)
+            self.counters["puts"] += 1
+        if self.fsync:
+            try:
+                fsync_dir(final.parent)
+            except OSError as exc:
+                with self._lock:
+                    self.counters["write_errors"] += 1
+                raise TierUnavailable(f"disk tier {self.root}: cannot sync directory: {exc}") from exc
+
+    def get(self, key: ChunkKey) -> bytes | None:
+        data = self._read(key, None)
+        return None if data is None else bytes(data)  # already bytes unless a short read was repaired
+
+    def get_view(self, key: ChunkKey) -> bytes | memoryview | None:
+        data = self._read(key, self._buffers.take)
+        if data is not None:
+            self._read_ahead(key)
+        return data
+
+    def get_into(self, key: ChunkKey, payload: memoryview) -> bytes | None:
+        with self._lock:
+            size = self._index.get(key)
+            if size is None:
+                return None
+            self._policy.touch(key)
+        try:
+            fd = os.open(chunk_path(self.root, key), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None  # get_view sorts out what happened
+        try:
+            head = read_frame_into(fd, size, payload)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        if head is None:
+            return None
+        self._read_ahead(key)
+        with self._lock:
+            self.counters["gets"] += 1
+            self.counters["gets_zero_copy"] += 1
+        return head
+
+    def _read_ahead(self, key: ChunkKey) -> None:
+        """If ``key`` was in this thread's last ``exists`` answer, ask the kernel to start reading the
+        chunk listed after it (``POSIX_FADV_WILLNEED``): a retrieve reads them in that order, and the
+        disk can work while the caller verifies and copies this one. One chunk ahead at most."""
+        nxt = getattr(self._next, "map", {}).get(key)
+        if nxt is None:
+            return
+        with contextlib.suppress(OSError):
+            fd = os.open(chunk_path(self.root, nxt), os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
+
+    def _read(self, key: ChunkKey, buffer: Callable[[int], memoryview] | None) -> bytes | memoryview | None:
+        with self._lock:
+            size = self._index.get(key)
+            if size is None:
+                return None
+            self._policy.touch(key)
+        path = chunk_path(self.root, key)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:  # evicted or deleted meanwhile
+            self._forget_if(key, size)
+            return None
+        except OSError as exc:
+            raise TierUnavailable(f"disk tier {self.root}: cannot open {path.name}: {exc}") from exc
+        try:
+            actual = os.fstat(fd).st_size
+            data = None
+            if actual == size:
+                data = read_exact(fd, size, None if buffer is None else buffer(size))
+        except OSError as exc:
+            raise TierUnavailable(f"disk tier {self.root}: cannot read {path.name}: {exc}") from exc
+        finally:
+            os.close(fd)
+        if data is None:
+            with self._lock:
+                if self._index.get(key) != size:  # replaced meanwhile: the new file is someone else's
+                    return None
+            log.warning("disk tier %s: %s is %d bytes, expected %d", self.root, path.name, actual, size)
+            self.discard(key)
+            return None
+        with self._lock:
+            self.counters["gets"] += 1
+        return data
+
+    def _forget_if(self, key: ChunkKey, size: int) -> None:
+        with self._lock:
+            if self._index.get(key) == size and not chunk_path(self.root, key).exists():
+                self._drop(key)
+                self._policy.remove(key)
+
+    def exists(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        with self._lock:
+            found = [k in self._index for k in keys]
+        if self.readahead:  # a retrieve reads the present ones next, in this order (see _read_ahead)
+            present = [k for k, f in zip(keys, found) if f]
+            self._next.map = dict(itertools.pairwise(present))
+        return found
+
+    def delete(self, key: ChunkKey) -> bool:
+        with self._lock:
+            if key not in self._index:
+                return False
+            self._drop(key)
+            self._policy.remove(key)
+            return self._unlink(chunk_path(self.root, key))
+
+    def discard(self, key: ChunkKey) -> None:
+        with self._lock:
+            self._drop(key)
+            self._policy.remove(key)
+            self._quarantine_file(chunk_path(self.root, key), key)
+
+    def clear(self) -> int:
+        with self._lock:
+            keys = list(self._index)
+            for key in keys:
+                self._drop(key)
+                self._policy.remove(key)
+                self._unlink(chunk_path(self.root, key))
+            return len(keys)
+
+    def close(self) -> None:
+        if self._lockfile is not None:
+            self._lockfile.close()  # releases the flock
+            self._lockfile = None
+
+    # ---- introspection ---------------------------------------------------------------------------
+    def keys(self) -> list[ChunkKey]:
+        """Indexed keys, least recently inserted first."""
+        with self._lock:
+            return list(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes of the indexed files (what counts against ``capacity_bytes``)."""
+        return self._used
+
+    def stats(self) -> dict[str, int | float]:
+        with self._lock:
+            out: dict[str, int | float] = {
+                "chunks": len(self._index),
+                "bytes": self._used,
+                "capacity_bytes": self.capacity_bytes,
+            }
+            for name in ("quarantined", "evictions", "write_errors", "enospc", "dropped_no_space",
+                         "dropped_disk_full"):
+                out[name] = self.counters[name]
+            out.update({k: v for k, v in self.counters.items() if k not in out})
+        return out
