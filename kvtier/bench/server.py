@@ -1,0 +1,227 @@
+"""``kvtier bench server``: RemoteTier put/get GB/s against a real ``kvtier server`` ÷ raw loopback TCP.
+
+Measured in one run, interleaved so machine noise hits both sides alike:
+
+- ceiling: a plain-socket sink process on loopback; "put" streams the same frames to it back to back
+  (it ``recv_into``\\ s a preallocated buffer, one ack at the end); "get" has it stream them back into a
+  preallocated buffer. No framing, no checksum, no per-frame round trip: the best a TCP protocol can do.
+- ours: :class:`~kvtier.server.client.RemoteTier` ``put`` / ``get`` (one round trip per frame, the
+  server verifies each PUT's xxh3 checksum; the client returns fresh ``bytes``), and the pipelined
+  ``put_many`` / ``get_many``.
+
+Frames are real wire frames of random bf16 KV (SmolLM2-135M geometry, raw codec).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import typer
+
+OPS = ("put", "get", "put_many", "get_many")
+
+# The ceiling's other end: ``P<n>`` receives n frames and acks; ``G<n>`` sends n frames.
+_SINK = r"""
+import socket, struct, sys
+size = int(sys.argv[1])
+ls = socket.socket(); ls.bind(("127.0.0.1", 0)); ls.listen(1)
+print(ls.getsockname()[1], flush=True)
+conn, _ = ls.accept()
+conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+buf = bytearray(size); view = memoryview(buf); frame = bytes(size)
+cmd = bytearray(5)
+def exact(v):
+    while len(v):
+        n = conn.recv_into(v)
+        if n == 0:
+            sys.exit(0)
+        v = v[n:]
+while True:
+    exact(memoryview(cmd))
+    n = struct.unpack_from("<I", cmd, 1)[0]
+    if cmd[0] == ord("P"):
+        for _ in range(n):
+            exact(view)
+        conn.sendall(b"k")
+    else:
+        for _ in range(n):
+            conn.sendall(frame)
+"""
+
+
+@contextlib.contextmanager
+def _process(args: list[str], pattern: Callable[[str], int | None]) -> Iterator[int]:
+    """Start ``args``; yield the port parsed from its first matching stdout line; terminate it."""
+    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True)
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 60
+        port = None
+        while port is None:
+            line = proc.stdout.readline()
+            if not line or time.monotonic() > deadline:
+                raise RuntimeError(f"{args[:4]} did not start")
+            port = pattern(line)
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _server_port(line: str) -> int | None:
+    if "listening on" not in line:
+        return None
+    return int(line.split("listening on", 1)[1].split()[0].rsplit(":", 1)[1])
+
+
+def _exact(sock: socket.socket, view: memoryview) -> None:
+    while len(view):
+        n = sock.recv_into(view)
+        if n == 0:
+            raise ConnectionError("sink closed")
+        view = view[n:]
+
+
+def run(chunk_tokens: int = 256, chunks: int = 16, repeat: int = 5, out_dir: str = "results") -> dict[str, Any]:
+    import struct
+
+    import numpy as np
+    import torch
+
+    from kvtier import wire
+    from kvtier.bench.common import Timing, bar_plot, ratio, write_results
+    from kvtier.keys import Chunker, Namespace
+    from kvtier.layout import KVSpec
+    from kvtier.server.client import RemoteTier
+
+    spec = KVSpec(num_layers=30, num_kv_heads=3, head_dim=64, dtype="bfloat16", chunk_tokens=chunk_tokens)
+    tokens = np.arange(chunks * chunk_tokens, dtype=np.uint32)
+    _arr, chunk_list = Chunker(Namespace("bench-server", spec)).chunks(tokens)
+    kv = torch.randn(spec.chunk_shape(chunk_tokens)).to(spec.torch_dtype)
+    frames = [wire.pack(c, tokens, kv, spec) for c in chunk_list]
+    keys = [c.key for c in chunk_list]
+    size = len(frames[0])
+    if any(len(f) != size for f in frames):
+        raise RuntimeError("frames differ in size")
+    nbytes = size * len(frames)
+    gb = nbytes / 1e9
+    capacity = 4 * nbytes + (64 << 20)
+    server_cmd = [sys.executable, "-m", "kvtier.server", "--port", "0", "--capacity", str(capacity),
+                  "--log-level", "warning"]
+    sink_cmd = [sys.executable, "-c", _SINK, str(size)]
+
+    with _process(server_cmd, _server_port) as port, _process(sink_cmd, lambda s: int(s)) as sink_port:
+        tier = RemoteTier("127.0.0.1", port, timeout_s=30.0, pool_size=1)
+        raw = socket.create_connection(("127.0.0.1", sink_port))
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        into = memoryview(bytearray(size))
+        ack = memoryview(bytearray(1))
+
+        def raw_put() -> None:
+            raw.sendall(b"P" + struct.pack("<I", len(frames)))
+            for f in frames:
+                raw.sendall(f)
+            _exact(raw, ack)
+
+        def raw_get() -> None:
+            raw.sendall(b"G" + struct.pack("<I", len(frames)))
+            for _ in frames:
+                _exact(raw, into)
+
+        def ours_put() -> None:
+            for k, f in zip(keys, frames, strict=True):
+                tier.put(k, f)
+
+        def ours_get() -> None:
+            for k in keys:
+                if tier.get(k) is None:
+                    raise RuntimeError("server lost a frame during the benchmark")
+
+        def ours_put_many() -> None:
+            if tier.put_many(zip(keys, frames, strict=True)) != len(frames):
+                raise RuntimeError("server refused frames during the benchmark")
+
+        def ours_get_many() -> None:  # consume each frame as it arrives, like the manager decoding it
+            if tier.get_each(keys, lambda _i, _frame: None) != len(keys):
+                raise RuntimeError("server lost a frame during the benchmark")
+
+        pairs: dict[str, tuple[Callable[[], None], Callable[[], None]]] = {
+            "put": (raw_put, ours_put), "get": (raw_get, ours_get),
+            "put_many": (raw_put, ours_put_many), "get_many": (raw_get, ours_get_many),
+        }
+        runs: dict[str, tuple[list[float], list[float]]] = {op: ([], []) for op in OPS}
+        for i in range(repeat + 1):  # run 0 warms up; the two sides alternate order every run
+            for op, (base_fn, ours_fn) in pairs.items():
+                order = [(0, base_fn), (1, ours_fn)] if i % 2 == 0 else [(1, ours_fn), (0, base_fn)]
+                for side, fn in order:
+                    start = time.perf_counter()
+                    fn()
+                    if i:
+                        runs[op][side].append(time.perf_counter() - start)
+        if tier.get_many(keys) != frames:
+            raise RuntimeError("RemoteTier.get returned different bytes than were stored")
+        server_stats = tier.server_stats()
+        tier.close()
+        raw.close()
+
+    result: dict[str, Any] = {
+        "chunk_tokens": chunk_tokens, "chunks": chunks, "bytes": nbytes, "frame_bytes": size, "repeat": repeat,
+        "server_rss_bytes": server_stats.get("rss_bytes"), "cpus": os.cpu_count(),
+        "ceiling": "raw loopback TCP stream of the same bytes (plain sockets, recv_into, no framing)",
+    }
+    timings: dict[str, tuple[Timing, Timing]] = {}
+    for op in OPS:
+        base, ours = Timing(runs[op][0]), Timing(runs[op][1])
+        timings[op] = (base, ours)
+        result[op] = {
+            "raw_tcp": {**base.summary(), "GBps": base.rate(gb)},
+            "remote_tier": {**ours.summary(), "GBps": ours.rate(gb)},
+            "ratio_vs_raw_tcp": ratio(ours, base),
+        }
+    write_results("bench_server", result, out_dir)
+    series: dict[str, list[float]] = {}
+    errors: dict[str, tuple[list[float], list[float]]] = {}
+    for side, label in ((0, "raw loopback TCP"), (1, "RemoteTier + kvtier server")):
+        rates = [timings[op][side].rate(gb) for op in OPS]
+        series[label] = [r["median"] for r in rates]
+        errors[label] = ([r["min"] for r in rates], [r["max"] for r in rates])
+    bar_plot(f"{out_dir}/bench_server.png",
+             f"Cache server vs raw TCP, {chunks} frames of {size / 2**20:.2f} MiB", list(OPS), series,
+             "GB/s (median, min/max whiskers)", errors=errors)
+    return result
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("server")
+    def server_cmd(
+        chunk_tokens: int = typer.Option(256, help="Tokens per chunk (SmolLM2-shaped bf16 KV)."),
+        chunks: int = typer.Option(16, help="Frames moved per timed run."),
+        repeat: int = typer.Option(5, min=3, help="Timed runs (min/median/max reported)."),
+        out: str = typer.Option("results", help="Output directory."),
+    ) -> None:
+        """RemoteTier put/get GB/s through a real `kvtier server` ÷ raw loopback TCP of the same bytes."""
+        from rich.console import Console
+        from rich.table import Table
+
+        r = run(chunk_tokens, chunks, repeat, out)
+        table = Table(title=f"kvtier server vs raw TCP ({r['chunks']} x {r['frame_bytes'] / 2**20:.2f} MiB)")
+        for col in ("op", "raw TCP GB/s (med)", "RemoteTier GB/s min", "med", "max", "÷ raw (med)", "worst"):
+            table.add_column(col)
+        for op in OPS:
+            base, ours = r[op]["raw_tcp"]["GBps"], r[op]["remote_tier"]["GBps"]
+            q = r[op]["ratio_vs_raw_tcp"]
+            table.add_row(op, f"{base['median']:.2f}", f"{ours['min']:.2f}", f"{ours['median']:.2f}",
+                          f"{ours['max']:.2f}", f"{q['median']:.2f}x", f"{q['worst']:.2f}x")
+        Console().print(table)

@@ -1,0 +1,220 @@
+"""The cache server's request/response framing (``KVS1``), shared by server and client.
+
+Every message, in both directions, is a fixed 24-byte little-endian header followed by ``body_len``
+bytes::
+
+    offset size  field
+    0      4     magic b"KVS1"
+    4      1     version (1)
+    5      1     opcode (:class:`Op`); a response repeats the opcode of its request
+    6      1     status (:class:`Status`; 0 in requests)
+    7      1     flags (:data:`FLAG_MORE` on a truncated LIST reply; 0 otherwise)
+    8      4     request id, chosen by the client and echoed in the response
+    12     4     key count
+    16     8     body length
+
+Bodies (keys are always :data:`KEY_BYTES` raw bytes, packed back to back):
+
+============  ==========================================  ==============================================
+opcode        request body                                 OK response body
+============  ==========================================  ==============================================
+HELLO         msgpack :class:`Hello`                       msgpack :class:`ServerInfo`
+PING          empty                                        empty
+PUT           1 key, then the wire frame (opaque)          empty
+GET           1 key                                        the wire frame (NOT_FOUND: empty)
+EXISTS        N keys                                       N bytes, 1 = present
+DELETE        N keys                                       N bytes, 1 = was present
+LIST          msgpack :class:`ListRequest` (may be empty)  key count N, N keys (sorted, after the cursor)
+STATS         empty                                        msgpack ``dict[str, int | float]``
+CLEAR         empty                                        msgpack ``{"removed": n}``
+============  ==========================================  ==============================================
+
+A non-OK response carries a UTF-8 explanation as its body. Invariants: a receiver validates the header
+(magic, version, opcode, key count vs. body length, body length vs. its limit) *before* reading the
+body; responses on one connection come in request order, so a client may pipeline many requests and
+match replies by id. No pickle: structured bodies are msgspec records, chunk frames are opaque bytes.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+
+import msgspec
+import xxhash
+
+from kvtier.errors import CorruptChunk, ProtocolError
+
+MAGIC = b"KVS1"
+VERSION = 1
+HEADER = struct.Struct("<4sBBBBIIQ")
+HEADER_BYTES = HEADER.size  # 24
+KEY_BYTES = 16  # == kvtier.keys.KEY_BYTES (checked by a test; importing kvtier.keys would pull in torch)
+FLAG_MORE = 0x01
+MAX_ERROR_BYTES = 1024
+PRE_AUTH_MAX_BODY = 4096  # largest body accepted before a connection has authenticated
+MAX_KEYS = 65536  # keys in one EXISTS / DELETE request (bounds the work one message can ask for)
+
+
+class Op(enum.IntEnum):
+    HELLO = 1
+    PING = 2
+    PUT = 3
+    GET = 4
+    EXISTS = 5
+    DELETE = 6
+    LIST = 7
+    STATS = 8
+    CLEAR = 9
+
+
+class Status(enum.IntEnum):
+    OK = 0
+    NOT_FOUND = 1
+    BAD_REQUEST = 2  # malformed message: the server closes the connection after replying
+    AUTH_REQUIRED = 3
+    AUTH_FAILED = 4
+    TOO_LARGE = 5  # body above the message limit; the body is not read and the connection is closed
+    CORRUPT = 6  # PUT frame failed verification; nothing stored
+    BUSY = 7  # connection limit reached
+    SHUTTING_DOWN = 8
+    SERVER_ERROR = 9
+    REFUSED = 10  # PUT not stored (frame larger than the store, or the persistence tier failed)
+
+
+#: Statuses after which the server closes the connection.
+CLOSING = frozenset({Status.BAD_REQUEST, Status.AUTH_REQUIRED, Status.AUTH_FAILED, Status.TOO_LARGE,
+                     Status.BUSY, Status.SHUTTING_DOWN, Status.SERVER_ERROR})
+_OPS = frozenset(int(op) for op in Op)
+
+
+class Hello(msgspec.Struct, frozen=True):
+    """First request of a connection; required when the server has a token."""
+
+    token: str = ""
+    client: str = ""
+
+
+class ServerInfo(msgspec.Struct, frozen=True):
+    version: int
+    auth_required: bool
+    max_message_bytes: int
+    capacity_bytes: int
+    persistent: bool
+
+
+class ListRequest(msgspec.Struct, frozen=True):
+    """Keys strictly greater than ``after`` (byte order), at most ``limit`` of them."""
+
+    after: bytes = b""
+    limit: int = 65536
+
+
+class Header(msgspec.Struct, frozen=True, array_like=True):
+    """A decoded message header (see the module docstring)."""
+
+    opcode: int
+    status: int
+    flags: int
+    request_id: int
+    key_count: int
+    body_len: int
+
+
+def pack_header(opcode: int, request_id: int, *, status: int = 0, flags: int = 0, key_count: int = 0,
+                body_len: int = 0) -> bytes:
+    return HEADER.pack(MAGIC, VERSION, opcode, status, flags, request_id & 0xFFFFFFFF, key_count, body_len)
+
+
+def unpack_header(data: bytes | bytearray | memoryview) -> Header:
+    """Validate magic, version and opcode; raise :class:`ProtocolError` naming what was wrong."""
+    if len(data) != HEADER_BYTES:
+        raise ProtocolError(f"header is {len(data)} bytes, expected {HEADER_BYTES}")
+    magic, version, opcode, status, flags, rid, count, body_len = HEADER.unpack(data)
+    if magic != MAGIC:
+        raise ProtocolError(f"bad magic {bytes(magic)!r}, expected {MAGIC!r}")
+    if version != VERSION:
+        raise ProtocolError(f"unsupported protocol version {version}, expected {VERSION}")
+    if opcode not in _OPS:
+        raise ProtocolError(f"unknown opcode {opcode}")
+    return Header(opcode, status, flags, rid, count, body_len)
+
+
+def check_request_shape(h: Header) -> None:
+    """Check key count against body length for each opcode (before the body is read)."""
+    op = h.opcode
+    if op in (Op.PING, Op.STATS, Op.CLEAR):
+        if h.key_count or h.body_len:
+            raise ProtocolError(f"{Op(op).name} takes no keys and no body, got {h.key_count} keys, "
+                                f"{h.body_len} bytes")
+    elif op == Op.PUT:
+        if h.key_count != 1 or h.body_len <= KEY_BYTES:
+            raise ProtocolError(f"PUT takes 1 key and a frame, got {h.key_count} keys, {h.body_len} bytes")
+    elif op in (Op.GET, Op.EXISTS, Op.DELETE):
+        if op == Op.GET and h.key_count != 1:
+            raise ProtocolError(f"GET takes 1 key, got {h.key_count}")
+        if not 0 < h.key_count <= MAX_KEYS or h.body_len != h.key_count * KEY_BYTES:
+            raise ProtocolError(f"{Op(op).name} with {h.key_count} keys needs a body of "
+                                f"{h.key_count * KEY_BYTES} bytes, got {h.body_len}")
+    elif op in (Op.HELLO, Op.LIST) and h.key_count:
+        raise ProtocolError(f"{Op(op).name} takes no keys, got {h.key_count}")
+
+
+def split_keys(body: bytes | bytearray | memoryview, count: int) -> list[bytes]:
+    view = memoryview(body)
+    if len(view) != count * KEY_BYTES:
+        raise ProtocolError(f"{count} keys need {count * KEY_BYTES} bytes, got {len(view)}")
+    return [bytes(view[i : i + KEY_BYTES]) for i in range(0, len(view), KEY_BYTES)]
+
+
+def join_keys(keys: list[bytes] | tuple[bytes, ...]) -> bytes:
+    for key in keys:
+        if len(key) != KEY_BYTES:
+            raise ProtocolError(f"key of {len(key)} bytes, expected {KEY_BYTES}")
+    return b"".join(keys)
+
+
+def error_body(message: str) -> bytes:
+    return message.encode("utf-8", "replace")[:MAX_ERROR_BYTES]
+
+
+# ---- chunk frames (kvtier.wire), checked without importing torch -----------------------------------
+# Mirrors kvtier.wire's fixed header; tests assert the two agree.
+WIRE_MAGIC = b"KVT1"
+WIRE_VERSION = 1
+WIRE_HEADER = struct.Struct("<4sHHIQQ")
+WIRE_MAX_META = 1 << 22
+
+
+class _FrameKey(msgspec.Struct):
+    """The only metadata field the server reads (the rest of :class:`kvtier.wire.ChunkMeta` is ignored)."""
+
+    key: bytes
+
+
+_frame_key = msgspec.msgpack.Decoder(_FrameKey)
+
+
+def verify_frame(frame: bytes | bytearray | memoryview, key: bytes) -> None:
+    """Check a wire frame's header, lengths, xxh3-64 checksum and that its metadata names ``key``.
+
+    Raise :class:`CorruptChunk` otherwise. Costs one xxh3 pass over the frame (tens of GB/s).
+    """
+    view = memoryview(frame)
+    if len(view) < WIRE_HEADER.size:
+        raise CorruptChunk(f"frame of {len(view)} bytes is shorter than the {WIRE_HEADER.size}-byte header")
+    magic, version, _flags, meta_len, payload_len, checksum = WIRE_HEADER.unpack_from(view, 0)
+    if magic != WIRE_MAGIC or version != WIRE_VERSION:
+        raise CorruptChunk(f"not a kvtier chunk frame (magic {bytes(magic)!r}, version {version})")
+    if meta_len > WIRE_MAX_META or WIRE_HEADER.size + meta_len + payload_len != len(view):
+        raise CorruptChunk(f"frame is {len(view)} bytes, header says "
+                           f"{WIRE_HEADER.size} + {meta_len} + {payload_len}")
+    body = view[WIRE_HEADER.size :]
+    if xxhash.xxh3_64_intdigest(body) != checksum:
+        raise CorruptChunk("checksum mismatch")
+    try:
+        meta = _frame_key.decode(body[:meta_len])
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise CorruptChunk(f"bad metadata record: {exc}") from exc
+    if meta.key != key:
+        raise CorruptChunk(f"frame holds key {meta.key.hex()}, request names {key.hex()}")

@@ -1,0 +1,188 @@
+"""Helpers for the cache-server tests: a real ``kvtier server`` subprocess and real wire frames."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import torch
+
+from kvtier import wire
+from kvtier.keys import Chunker, Namespace
+from kvtier.layout import KVSpec
+from kvtier.server import protocol as P
+
+SPEC = KVSpec(num_layers=4, num_kv_heads=2, head_dim=8, dtype="float32", chunk_tokens=16)
+
+
+class ServerProcess:
+    """``python -m kvtier.server`` (the ``kvtier server`` command) on loopback; restartable on the same
+    port. Settings not exposed as options go through ``KVTIER_SERVER__*`` environment variables."""
+
+    def __init__(self, workdir: Path, *, host: str = "127.0.0.1", token: str = "", capacity: str = "64MiB",
+                 persist: Path | None = None, env: dict[str, str] | None = None,
+                 command: list[str] | None = None) -> None:
+        self.workdir = workdir
+        self.host = host
+        self.token = token
+        self.capacity = capacity
+        self.persist = persist
+        self.env = env or {}
+        self.command = command or [sys.executable, "-m", "kvtier.server"]
+        self.port = 0
+        self.proc: subprocess.Popen[str] | None = None
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.log = workdir / "server.log"
+        self.starts = 0
+
+    def args(self) -> list[str]:
+        args = [*self.command, "--host", self.host, "--port", str(self.port), "--capacity", self.capacity,
+                "--log-level", "warning"]
+        if self.persist is not None:
+            args += ["--persist", str(self.persist)]
+        return args
+
+    def spawn(self) -> subprocess.Popen[str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("KVTIER_")}
+        env.update(self.env)
+        if self.token:
+            env["KVTIER_SERVER__TOKEN"] = self.token
+        self.starts += 1
+        errlog = open(self.log, "a")  # noqa: SIM115 - the child owns it
+        proc = subprocess.Popen(self.args(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errlog,
+                                text=True, env=env)
+        errlog.close()
+        self.lines = queue.Queue()
+        lines = self.lines
+
+        def pump() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                lines.put(line)
+            lines.put("")
+
+        threading.Thread(target=pump, daemon=True).start()
+        return proc
+
+    def start(self, timeout_s: float = 60.0) -> ServerProcess:
+        self.proc = self.spawn()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                self.kill()
+                raise RuntimeError(f"server did not start in {timeout_s}s; log:\n{self.log.read_text()}") from None
+            if not line:
+                self.proc.wait()
+                raise RuntimeError(f"server exited with {self.proc.returncode}; log:\n{self.log.read_text()}")
+            if "listening on" in line:
+                self.port = int(line.split("listening on", 1)[1].split()[0].rsplit(":", 1)[1])
+                return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def rss(self) -> int:
+        return psutil.Process(self.pid).memory_info().rss
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def terminate(self, timeout_s: float = 30.0) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout_s)
+
+    def connect(self, timeout_s: float = 5.0) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=timeout_s)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+
+
+def make_frames(n: int, spec: KVSpec = SPEC, seed: int = 0, model: str = "test") -> list[tuple[bytes, bytes]]:
+    """``n`` distinct ``(key, frame)`` pairs of real wire frames."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens = np.arange(seed * 1_000_000, seed * 1_000_000 + n * spec.chunk_tokens, dtype=np.uint32)
+    _arr, chunks = Chunker(Namespace(model, spec)).chunks(tokens)
+    out = []
+    for c in chunks:
+        kv = torch.randn(spec.chunk_shape(c.num_tokens), generator=gen).to(spec.torch_dtype)
+        out.append((c.key, wire.pack(c, tokens, kv, spec)))
+    return out
+
+
+# ---- raw protocol client (for pipelining and malformed-input tests) -----------------------------------
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    out = bytearray()
+    while len(out) < n:
+        piece = sock.recv(n - len(out))
+        if not piece:
+            raise ConnectionError(f"closed after {len(out)} of {n} bytes")
+        out += piece
+    return bytes(out)
+
+
+def read_reply(sock: socket.socket) -> tuple[P.Header, bytes]:
+    h = P.unpack_header(recv_exact(sock, P.HEADER_BYTES))
+    return h, recv_exact(sock, h.body_len)
+
+
+def request(opcode: int, rid: int, body: bytes = b"", key_count: int = 0) -> bytes:
+    return P.pack_header(opcode, rid, key_count=key_count, body_len=len(body)) + body
+
+
+def hello(token: str = "", rid: int = 1) -> bytes:
+    import msgspec
+
+    return request(P.Op.HELLO, rid, msgspec.msgpack.encode(P.Hello(token=token, client="test")))
+
+
+def read_until_closed(sock: socket.socket, timeout_s: float) -> bytes:
+    """Everything the server sends until it closes; raise TimeoutError if it does not within ``timeout_s``."""
+    sock.settimeout(timeout_s)
+    out = bytearray()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            piece = sock.recv(65536)
+        except ConnectionResetError:
+            return bytes(out)
+        if not piece:
+            return bytes(out)
+        out += piece
+        if time.monotonic() > deadline:
+            raise TimeoutError("server kept the connection open")
+
+
+def stats_of(server: ServerProcess, token: str = "") -> dict[str, Any]:
+    from kvtier.server.client import RemoteTier
+
+    tier = RemoteTier("127.0.0.1", server.port, token or server.token, timeout_s=5.0, pool_size=1)
+    try:
+        return tier.server_stats()
+    finally:
+        tier.close()

@@ -1,0 +1,124 @@
+"""Unit tests of the server protocol, store and client pieces (no processes)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from server_support import make_frames
+
+from kvtier import keys, wire
+from kvtier.errors import ConfigError, CorruptChunk, ProtocolError, TierUnavailable
+from kvtier.server import protocol as P
+from kvtier.server.app import check_bind, is_loopback
+from kvtier.server.client import CircuitBreaker, RemoteTier
+from kvtier.server.store import ENTRY_OVERHEAD, MemoryStore
+
+
+def test_frame_constants_mirror_wire_format() -> None:
+    assert P.WIRE_MAGIC == wire.MAGIC
+    assert P.WIRE_VERSION == wire.VERSION
+    assert P.WIRE_HEADER.format == wire.HEADER.format
+    assert P.WIRE_MAX_META == wire.MAX_META_BYTES
+    assert P.KEY_BYTES == keys.KEY_BYTES
+
+
+def test_verify_frame_accepts_real_frames_and_rejects_damage() -> None:
+    (key, frame), (other, _f) = make_frames(2)
+    P.verify_frame(frame, key)
+    P.verify_frame(memoryview(frame), key)
+    flipped = bytearray(frame)
+    flipped[len(frame) // 2] ^= 0x40
+    for bad, k in ((bytes(flipped), key), (frame[:-1], key), (frame + b"x", key), (frame, other),
+                   (b"", key), (b"KVT1" + bytes(40), key)):
+        with pytest.raises(CorruptChunk):
+            P.verify_frame(bad, k)
+
+
+def test_header_validation() -> None:
+    raw = P.pack_header(P.Op.GET, 7, key_count=1, body_len=16)
+    h = P.unpack_header(raw)
+    assert (h.opcode, h.request_id, h.key_count, h.body_len) == (P.Op.GET, 7, 1, 16)
+    for bad in (b"XXXX" + raw[4:], raw[:4] + b"\x02" + raw[5:], raw[:5] + b"\x63" + raw[6:], raw[:-1]):
+        with pytest.raises(ProtocolError):
+            P.unpack_header(bad)
+    P.check_request_shape(h)
+    for op, count, body in ((P.Op.GET, 2, 32), (P.Op.EXISTS, 2, 31), (P.Op.PUT, 1, 16), (P.Op.PING, 0, 1),
+                            (P.Op.HELLO, 1, 0), (P.Op.DELETE, 0, 0)):
+        with pytest.raises(ProtocolError):
+            P.check_request_shape(P.unpack_header(P.pack_header(op, 1, key_count=count, body_len=body)))
+
+
+def test_memory_store_never_exceeds_capacity() -> None:
+    store = MemoryStore(10_000, "lru")
+    for i in range(100):
+        assert store.put(i.to_bytes(16, "little"), bytes(1000 + i))
+        assert store.used_bytes <= store.capacity_bytes
+    assert 0 < len(store) <= 10_000 // (1000 + ENTRY_OVERHEAD)
+    assert store.get((99).to_bytes(16, "little")) is not None  # most recent survives
+    assert store.get((0).to_bytes(16, "little")) is None  # oldest evicted
+    assert not store.put(b"x" * 16, bytes(20_000))  # can never fit
+    assert store.counters["evictions"] > 0
+    n = len(store)
+    assert store.clear() == n
+    assert store.used_bytes == 0 and len(store) == 0
+
+
+def test_bind_rules() -> None:
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("")
+    check_bind("127.0.0.1", "")
+    check_bind("0.0.0.0", "secret")
+    with pytest.raises(ConfigError, match=r"server\.token"):
+        check_bind("0.0.0.0", "")
+
+
+def test_circuit_breaker_opens_and_probes() -> None:
+    b = CircuitBreaker(cooldown_s=0.05, max_cooldown_s=0.2)
+    b.before()
+    b.failure()
+    with pytest.raises(TierUnavailable):
+        b.before()
+    time.sleep(0.06)
+    b.before()  # this caller probes
+    assert b.probing
+    with pytest.raises(TierUnavailable):
+        b.before()  # others still fail fast while the probe runs
+    b.failure()
+    assert b.open_until - time.monotonic() > 0.05  # doubled
+    time.sleep(0.11)
+    b.before()
+    b.success()
+    b.before()
+    assert not b.probing and b.failures == 0
+
+
+def test_remote_tier_without_server_is_a_fast_failure() -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once closed
+    tier = RemoteTier("127.0.0.1", port, timeout_s=1.0)
+    start = time.perf_counter()
+    for _ in range(50):
+        with pytest.raises(TierUnavailable):
+            tier.get(b"k" * 16)
+        with pytest.raises(TierUnavailable):
+            tier.exists([b"k" * 16])
+    assert time.perf_counter() - start < 2.0
+    assert tier.stats()["breaker_open"] == 1
+
+
+def test_factory_builds_remote_tier_from_config() -> None:
+    from server_support import SPEC
+
+    from kvtier.config import load_config
+    from kvtier.storage.factory import build_tiers
+
+    cfg = load_config(environ={}, overrides={"remote": {"enabled": True, "port": 7999, "token": "t", "retries": 1,
+                                                        "pool_size": 3}})
+    (tier, codec), = build_tiers(cfg, SPEC)
+    assert isinstance(tier, RemoteTier) and codec == "raw"
+    assert (tier.host, tier.port, tier.token, tier.retries) == ("127.0.0.1", 7999, "t", 1)
+    tier.close()
