@@ -1,0 +1,128 @@
+"""``kvtier bench ttft``: time to first token, full prefill vs a kvtier CPU-tier hit, embedded model.
+
+For each context length ``n`` the first ``n`` tokens of the shipped document are stored once; then each
+run times (a) a full prefill of ``context + suffix`` without kvtier and (b) the same prompt with the
+context taken from kvtier's CPU tier (only the suffix is computed). Every run uses a different
+``suffix_tokens``-token suffix, so a run never hits what the previous one stored. The reported ratio is
+TTFT(full) / TTFT(hit): ``median`` = median full / median hit, ``min`` = fastest full / slowest hit
+(worst case), ``max`` = slowest full / fastest hit (best case). Runs of (a) and (b) alternate so load
+drift on a shared machine hits both alike.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import typer
+
+
+def run_ttft(contexts: list[int], dtype: str = "bfloat16", runs: int = 3, suffix_tokens: int = 32,
+             out_dir: Path | str = "results", *, progress: bool = True,
+             model_dir: Path | None = None) -> dict[str, Any]:
+    """Run the benchmark; write ``bench_ttft.json`` and ``.png`` under ``out_dir``; return the record."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from rich.progress import Progress
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kvtier.bench.common import Timing, bar_plot, ratio, write_results
+    from kvtier.config import load_config
+    from kvtier.data import load_document
+    from kvtier.engine import CacheEngine
+    from kvtier.integrations.hf import HFCachedLM, kv_spec_for
+    from kvtier.layout import dtype_from_name
+    from kvtier.models import EMBEDDED_MODEL_ID, ensure_embedded_model
+
+    folder = model_dir or ensure_embedded_model()
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype_from_name(dtype))
+    doc = list(tokenizer(load_document(), add_special_tokens=False)["input_ids"])
+    total_runs = runs + 1  # one warm-up
+    if max(contexts) + total_runs * suffix_tokens > len(doc):
+        raise typer.BadParameter(f"the document has {len(doc)} tokens; contexts up to "
+                                 f"{len(doc) - total_runs * suffix_tokens} fit")
+    suffixes = [doc[len(doc) - (i + 1) * suffix_tokens: len(doc) - i * suffix_tokens] for i in range(total_runs)]
+    chunk = load_config().chunk_tokens
+    spec = kv_spec_for(model, chunk)
+    slots = sum(n // chunk + 1 for n in contexts) + 2 * total_runs * len(contexts) + 2
+    config = load_config(overrides={"cpu": {"capacity": slots * spec.chunk_bytes}})
+    engine = CacheEngine(spec, EMBEDDED_MODEL_ID, config)
+    lm = HFCachedLM(model, tokenizer, engine)
+
+    results: list[dict[str, Any]] = []
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task("ttft", total=len(contexts) * (1 + 2 * total_runs))
+        for n in contexts:
+            context = doc[:n]
+            lm.generate(context, 1, use_kvtier=True)  # store the context (also warms the kernels)
+            bar.advance(task)
+            full: list[float] = []
+            hit: list[float] = []
+            same = True
+            hits: set[int] = set()
+            for i, suffix in enumerate(suffixes):
+                a = lm.generate(context + suffix, 1, use_kvtier=False)
+                bar.advance(task)
+                b = lm.generate(context + suffix, 1, use_kvtier=True)
+                bar.advance(task)
+                same &= a.tokens == b.tokens
+                hits.add(b.hit_tokens)
+                if i > 0:  # run 0 is the warm-up
+                    full.append(a.ttft_s)
+                    hit.append(b.ttft_s)
+            tf, th = Timing(full), Timing(hit)
+            r = ratio(th, tf)
+            results.append({
+                "context_tokens": n,
+                "prompt_tokens": n + suffix_tokens,
+                "hit_tokens": sorted(hits),
+                "full": tf.summary(),
+                "hit": th.summary(),
+                "ratio": {"min": r["worst"], "median": r["median"], "max": r["best"]},
+                "first_token_identical": same,
+            })
+    engine.close()
+    record: dict[str, Any] = {"model": EMBEDDED_MODEL_ID, "dtype": dtype, "runs": runs,
+                              "suffix_tokens": suffix_tokens, "chunk_tokens": chunk, "contexts": results}
+    write_results("bench_ttft", record, out_dir)
+    labels = [f"{r['context_tokens']} tok\n{r['ratio']['median']:.0f}×" for r in results]
+    series = {"full prefill": [r["full"]["median_s"] for r in results],
+              "kvtier hit": [r["hit"]["median_s"] for r in results]}
+    errors = {"full prefill": ([r["full"]["min_s"] for r in results], [r["full"]["max_s"] for r in results]),
+              "kvtier hit": ([r["hit"]["min_s"] for r in results], [r["hit"]["max_s"] for r in results])}
+    bar_plot(Path(out_dir) / "bench_ttft.png", f"TTFT, {suffix_tokens}-token suffix ({dtype})", labels,
+             series, "seconds (median, min-max)", errors)
+    return record
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("ttft")
+    def ttft(
+        contexts: str = typer.Option("1024,2048,4096,8192", help="Comma-separated context lengths (tokens)."),
+        dtype: str = typer.Option("bfloat16", help="Model dtype: bfloat16 or float32."),
+        runs: int = typer.Option(3, min=1, help="Timed runs per context (after one warm-up)."),
+        suffix_tokens: int = typer.Option(32, min=1, help="New tokens after the cached context."),
+        out: str = typer.Option("results", help="Output directory."),
+        threads: int = typer.Option(0, min=0, help="torch CPU threads (0 = torch default)."),
+    ) -> None:
+        """TTFT of a full prefill vs a kvtier CPU hit on the embedded model; goal ≥ 20× at 4K bf16."""
+        from rich.console import Console
+        from rich.table import Table
+
+        if dtype not in ("bfloat16", "float32"):
+            raise typer.BadParameter("dtype must be bfloat16 or float32", param_hint="--dtype")
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        lengths = [int(c) for c in contexts.split(",") if c.strip()]
+        record = run_ttft(lengths, dtype, runs, suffix_tokens, out)
+        table = Table(title=f"TTFT full prefill vs kvtier hit ({dtype}, {runs} runs)")
+        for name in ("context", "full median", "hit median", "ratio min", "ratio median", "ratio max", "same"):
+            table.add_column(name, justify="right")
+        for r in record["contexts"]:
+            table.add_row(str(r["context_tokens"]), f"{r['full']['median_s']:.3f} s", f"{r['hit']['median_s']:.3f} s",
+                          f"{r['ratio']['min']:.1f}×", f"{r['ratio']['median']:.1f}×", f"{r['ratio']['max']:.1f}×",
+                          "yes" if r["first_token_identical"] else "[red]NO[/red]")
+        Console().print(table)
