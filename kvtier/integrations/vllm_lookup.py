@@ -78,7 +78,7 @@ class LookupServer:
             while not self._closed:
                 try:
                     data = conn.recv_bytes(1 << 26)
-                except (EOFError, OSError):
+                except Exception:  # EOF, a reset, or close() pulled the handle from under us
                     return
                 try:
                     hit = int(self._lookup(np.frombuffer(data, dtype="<u4")))
@@ -87,7 +87,7 @@ class LookupServer:
                     hit = 0
                 try:
                     conn.send_bytes(_HIT.pack(hit))
-                except OSError:
+                except Exception:
                     return
 
     def close(self) -> None:
