@@ -291,7 +291,8 @@ def markdown_table(record: dict[str, Any]) -> str:
     lines = ["| codec | ratio vs bf16 | bits/value | encode MB/s | decode MB/s | ppl increase | top-1 agree "
              "| greedy same | answers ok | max abs err |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in record["rows"]:
-        lines.append(f"| `{r['codec']}` | {r['ratio']:.2f} | {r['bits_per_value']:.2f} | {r['encode_MBps']:.0f} | "
+        enc = "view" if r["codec"] == "raw" else f"{r['encode_MBps']:.0f}"  # raw encode returns a view
+        lines.append(f"| `{r['codec']}` | {r['ratio']:.2f} | {r['bits_per_value']:.2f} | {enc} | "
                      f"{r['decode_MBps']:.0f} | {r['ppl_increase_pct']:+.2f}% | {r['top1_agreement']:.3f} | "
                      f"{r['greedy_agreement']:.2f} | {r['answers_correct']:.2f} | {r['max_abs_err']:.3g} |")
     return "\n".join(lines)
@@ -310,6 +311,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Compression ratio, single-core speed and quality of every codec on real SmolLM2 KV."""
         from rich.console import Console
+        from rich.markup import escape
         from rich.table import Table
 
         labels = tuple(c.strip() for c in codecs.split(",") if c.strip())
@@ -320,8 +322,10 @@ def register(app: typer.Typer) -> None:
                     "answers ok", "max err"):
             table.add_column(col, justify="left" if col == "codec" else "right", no_wrap=True)
         for r in record["rows"]:
-            table.add_row(r["codec"], f"{r['ratio']:.2f}", f"{r['bits_per_value']:.2f}", f"{r['encode_MBps']:.0f}",
-                          f"{r['decode_MBps']:.0f}", f"{r['ppl_increase_pct']:+.2f}", f"{r['top1_agreement']:.3f}",
+            table.add_row(escape(r["codec"]), f"{r['ratio']:.2f}", f"{r['bits_per_value']:.2f}",
+                          "view" if r["codec"] == "raw" else f"{r['encode_MBps']:.0f}", f"{r['decode_MBps']:.0f}",
+                          f"{r['ppl_increase_pct']:+.2f}",
+                          f"{r['top1_agreement']:.3f}",
                           f"{r['greedy_agreement']:.2f}", f"{r['answers_correct']:.2f}", f"{r['max_abs_err']:.3g}")
         console = Console(width=max(Console().width, 132))
         console.print(table)
