@@ -80,6 +80,12 @@ def _process(args: list[str], pattern: Callable[[str], int | None]) -> Iterator[
             proc.wait()
 
 
+def kvtier_server(capacity: int) -> contextlib.AbstractContextManager[int]:
+    """A throwaway ``kvtier server`` on a free loopback port holding ``capacity`` bytes; yields the port."""
+    return _process([sys.executable, "-m", "kvtier.server", "--port", "0", "--capacity", str(capacity),
+                     "--log-level", "warning"], _server_port)
+
+
 def _server_port(line: str) -> int | None:
     if "listening on" not in line:
         return None
