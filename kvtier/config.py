@@ -135,7 +135,10 @@ class BlendConfig(_Section):
     """CacheBlend (:mod:`kvtier.blend`): reuse separately cached segments anywhere, recompute a few tokens."""
 
     separator: str = Field("\n\n", description="Text whose token run separates segments ('' = no splitting).")
-    recompute_ratio: float = Field(0.15, ge=0.0, le=1.0, description="Fraction of reused tokens recomputed.")
+    recompute_ratio: float = Field(
+        0.15, ge=0.0, le=1.0,
+        description="Fraction of reused segment tokens recomputed (separators, query, last token: always fresh).",
+    )
     check_layer: int = Field(1, ge=0, description="Layer where fresh and reused KV are compared (all tokens below).")
     metric: Literal["key", "value"] = Field("key", description="Which of K or V the deviation is measured on.")
     min_segment_tokens: int = Field(1, ge=1, description="Shorter segments are computed fresh, never cached.")
