@@ -107,6 +107,19 @@ def read_header(frame: bytes | bytearray | memoryview) -> tuple[int, int, int]:
     return meta_len, payload_len, checksum
 
 
+def _verified_meta(meta_bytes: memoryview, payload: bytes | memoryview, checksum: int) -> ChunkMeta:
+    """Check ``checksum`` over metadata + payload, then decode and sanity-check the metadata record."""
+    if _checksum(meta_bytes, payload) != checksum:
+        raise CorruptChunk("checksum mismatch")
+    try:
+        meta = _decoder.decode(meta_bytes)
+    except msgspec.DecodeError as exc:
+        raise CorruptChunk(f"bad metadata record: {exc}") from exc
+    if len(meta.tokens) != 4 * meta.num_tokens:
+        raise CorruptChunk(f"metadata holds {len(meta.tokens) // 4} token ids for {meta.num_tokens} tokens")
+    return meta
+
+
 def unpack_meta(frame: bytes | bytearray | memoryview) -> tuple[ChunkMeta, memoryview]:
     """Verify ``frame`` completely and return its metadata and payload view."""
     view = memoryview(frame).cast("B")
@@ -116,14 +129,7 @@ def unpack_meta(frame: bytes | bytearray | memoryview) -> tuple[ChunkMeta, memor
         raise CorruptChunk(f"frame is {len(view)} bytes, header says {total}")
     meta_bytes = view[HEADER_BYTES : HEADER_BYTES + meta_len]
     payload = view[HEADER_BYTES + meta_len :]
-    if _checksum(meta_bytes, payload) != checksum:
-        raise CorruptChunk("checksum mismatch")
-    try:
-        meta = _decoder.decode(meta_bytes)
-    except msgspec.DecodeError as exc:
-        raise CorruptChunk(f"bad metadata record: {exc}") from exc
-    if len(meta.tokens) != 4 * meta.num_tokens:
-        raise CorruptChunk(f"metadata holds {len(meta.tokens) // 4} token ids for {meta.num_tokens} tokens")
+    meta = _verified_meta(meta_bytes, payload, checksum)
     return meta, payload
 
 
@@ -191,14 +197,7 @@ def unpack_head_into(
             f"{HEADER_BYTES + meta_len} and {payload_len}"
         )
     meta_bytes = view[HEADER_BYTES:]
-    if _checksum(meta_bytes, payload) != checksum:
-        raise CorruptChunk("checksum mismatch")
-    try:
-        meta = _decoder.decode(meta_bytes)
-    except msgspec.DecodeError as exc:
-        raise CorruptChunk(f"bad metadata record: {exc}") from exc
-    if len(meta.tokens) != 4 * meta.num_tokens:
-        raise CorruptChunk(f"metadata holds {len(meta.tokens) // 4} token ids for {meta.num_tokens} tokens")
+    meta = _verified_meta(meta_bytes, payload, checksum)
     _check_meta(meta, spec, out, expect)
     if meta.codec != "raw":
         get_codec(meta.codec).decode(memoryview(bytes(payload)), meta.codec_params, spec, out)
