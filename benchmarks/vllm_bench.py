@@ -22,7 +22,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from kvtier.bench.common import bar_plot, write_results
+from kvtier.bench.common import bar_plot, stop_process, write_results
 from kvtier.integrations.vllm_cli import server_command, server_env
 
 MODEL_NAME = "bench-model"
@@ -86,11 +86,7 @@ def run_config(name: str, kvtier: bool, prefix_caching: bool, docs: list[str], a
         warm = [ttft(port, d + "\nQuestion: how many words are there?\nAnswer:", args.output_len) for d in docs]
         query = [ttft(port, d + "\nQuestion: which word comes last?\nAnswer:", args.output_len) for d in docs]
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc, 30)
         log.close()
     result: dict[str, Any] = {
         "warmup_ttft_s": [w[0] for w in warm], "query_ttft_s": [q[0] for q in query],

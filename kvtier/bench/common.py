@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -64,6 +65,16 @@ def ratio(ours: Timing, ceiling: Timing) -> dict[str, float]:
         "worst": ceiling.min / ours.max,
         "best": ceiling.max / ours.min,
     }
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout_s: float = 15.0) -> None:
+    """Terminate a helper process a benchmark started; kill it if it ignores SIGTERM for ``timeout_s``."""
+    proc.terminate()
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def machine() -> dict[str, Any]:

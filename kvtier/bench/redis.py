@@ -23,6 +23,8 @@ from typing import Any
 
 import typer
 
+from kvtier.bench.common import stop_process
+
 OPS = ("put", "put_parts", "get")
 
 
@@ -56,8 +58,7 @@ def redis_server(binary: str) -> Iterator[int]:
         probe.close()
         yield port
     finally:
-        proc.terminate()
-        proc.wait(10)
+        stop_process(proc, 10)
         shutil.rmtree(workdir, ignore_errors=True)
 
 

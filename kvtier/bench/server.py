@@ -25,6 +25,8 @@ from typing import Any
 
 import typer
 
+from kvtier.bench.common import stop_process
+
 OPS = ("put", "get", "put_many", "get_many")
 
 # The ceiling's other end: ``P<n>`` receives n frames and acks; ``G<n>`` sends n frames.
@@ -72,12 +74,7 @@ def _process(args: list[str], pattern: Callable[[str], int | None]) -> Iterator[
             port = pattern(line)
         yield port
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 def kvtier_server(capacity: int) -> contextlib.AbstractContextManager[int]:
