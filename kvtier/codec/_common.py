@@ -125,3 +125,16 @@ def frombuffer(data: memoryview | bytes, dtype: torch.dtype, count: int) -> torc
     with warnings.catch_warnings():  # torch warns that the buffer is read-only; we only read it
         warnings.simplefilter("ignore", UserWarning)
         return torch.frombuffer(data, dtype=dtype)
+
+
+def store_planes(out: torch.Tensor, x: torch.Tensor) -> None:
+    """Write float32 reconstruction ``x`` into ``out`` (engine dtype), clamped to ``out``'s finite range.
+
+    The original values were finite in ``out``'s dtype, so clamping never moves a value away from them:
+    error bounds still hold, and a value near the top of fp16's range can no longer round to inf.
+    """
+    if out.dtype != x.dtype and out.dtype.is_floating_point:
+        limit = torch.finfo(out.dtype).max
+        x = x.clamp(-limit, limit)
+    out.copy_(x.view(out.shape))
+

@@ -58,6 +58,7 @@ from kvtier.codec._common import (
     geometry,
     pack_sections,
     param,
+    store_planes,
     unpack_sections,
 )
 from kvtier.codec.base import Codec, Params, register_codec
@@ -225,7 +226,7 @@ class CacheGenCodec(Codec):
             planes[plane, :, channel] += own[plane, :, channel]
         x[:, :, ::every] = anchors
         if not direct:
-            out.copy_(x.view(out.shape))
+            store_planes(out, x)
 
     def _zstd_decode(self, coded: memoryview, S: int, T: int) -> np.ndarray:
         """Symbol rows ``[S, T]`` (uint8, or uint16 when the widest group needs it) from zstd."""

@@ -34,6 +34,7 @@ from kvtier.codec._common import (
     geometry,
     pack_sections,
     param,
+    store_planes,
     unpack_sections,
 )
 from kvtier.codec.base import Codec, Params, register_codec
@@ -53,10 +54,6 @@ def _planes(chunk: torch.Tensor) -> torch.Tensor:
     """``[L, 2, T, C]`` float32 copy of a canonical chunk."""
     L, _, T, H, D = chunk.shape
     return chunk.reshape(L, 2, T, H * D).float()
-
-
-def _store(out: torch.Tensor, x: torch.Tensor) -> None:
-    out.copy_(x.view(out.shape))
 
 
 _bytes = as_bytes
@@ -109,7 +106,7 @@ class Int8Codec(Codec):
         x = torch.empty(L, 2, tokens, C)
         torch.mul(q[:, 0], k_scale.view(shapes[0]), out=x[:, 0])
         torch.mul(q[:, 1], v_scale.view(shapes[1]), out=x[:, 1])
-        _store(out, x)
+        store_planes(out, x)
 
     def error_bound(self, chunk: torch.Tensor) -> torch.Tensor:
         """Elementwise bound on ``|x - x̂|`` before the cast to the engine dtype (shape of ``chunk``)."""
@@ -149,7 +146,7 @@ class Fp8Codec(Codec):
         x = q.view(L, 2, tokens, C).float()
         if not bool(torch.isfinite(x).all()):  # e4m3fn has NaN codes; the encoder never writes them
             raise CorruptChunk("fp8 payload holds NaN codes")
-        _store(out, x.mul_(s))
+        store_planes(out, x.mul_(s))
 
     def error_bound(self, chunk: torch.Tensor) -> torch.Tensor:
         x = _planes(chunk)
@@ -267,7 +264,7 @@ class KiviCodec(Codec):
                 raise CorruptChunk("kivi scales are not finite")
             n = sizes[dim - 1]
             torch.add(_expand(mn, dim, group, n), q[:, i] * _expand(sc, dim, group, n), out=x[:, i])
-        _store(out, x)
+        store_planes(out, x)
 
     def error_bound(self, chunk: torch.Tensor) -> torch.Tensor:
         x = _planes(chunk)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from codec_support import ALL, DTYPES, assert_within_bound, roundtrip, spec_for
+from codec_support import ALL, DTYPES, LOSSY, assert_within_bound, roundtrip, spec_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -49,3 +49,16 @@ def test_random_spec_mismatch_is_a_layout_error(name: str, case: tuple, layers: 
     with pytest.raises(LayoutError):
         ALL[name].decode(memoryview(bytes(payload)), params, other,
                          torch.empty(other.chunk_shape(chunk.shape[2]), dtype=chunk.dtype))
+
+
+@pytest.mark.parametrize("name", list(LOSSY))
+def test_fp16_values_near_its_limit_decode_finite(name: str) -> None:
+    """Reconstructions within the error bound of values near fp16's max must not round to inf."""
+    spec = spec_for("float16", layers=2, heads=1, dim=4, chunk=64)
+    g = torch.Generator().manual_seed(7)
+    x = (torch.rand(spec.chunk_shape(33), generator=g) * 2 - 1) * 1e3
+    x[..., 0] = torch.where(x[..., 0] > 0, 65000.0, -65000.0)
+    chunk = x.to(torch.float16)
+    out = roundtrip(LOSSY[name], chunk, spec)
+    assert bool(torch.isfinite(out).all()), f"{name} decoded non-finite values"
+    assert_within_bound(LOSSY[name], chunk, out)
