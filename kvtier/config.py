@@ -147,6 +147,20 @@ class BlendConfig(_Section):
     )
 
 
+class ClusterConfig(_Section):
+    """Joining a controller (``kvtier controller``): the engine reports its chunks, takes commands and,
+    with ``p2p``, serves chunks to peers and fetches missing ones from them."""
+
+    enabled: bool = Field(False, description="Register this engine with a controller.")
+    controller_url: str = Field("http://127.0.0.1:9000", description="Base URL of the controller.")
+    instance_id: str = Field("", description="Name of this engine in the cluster ('' = host:pid).")
+    token: str = Field("", description="Controller bearer token (default: $KVTIER_CONTROLLER_TOKEN).")
+    p2p: bool = Field(True, description="Serve chunks to peers and fetch missing chunks from them.")
+    p2p_host: str = Field("127.0.0.1", description="Bind address of the P2P server.")
+    p2p_port: int = Field(0, ge=0, le=65535, description="P2P server port (0: a free one).")
+    advertise_host: str = Field("", description="Address peers dial (default p2p_host; required for 0.0.0.0).")
+
+
 class KvtierConfig(_Section):
     """Everything kvtier can be told. Section classes document their own keys."""
 
@@ -161,6 +175,7 @@ class KvtierConfig(_Section):
     fs: FsConfig = Field(default_factory=FsConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
     blend: BlendConfig = Field(default_factory=BlendConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
 
 def _section_fields(model: type[BaseModel]) -> list[str]:

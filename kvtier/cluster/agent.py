@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import logging
+import os
 import socket
 import threading
 import time
@@ -49,7 +50,7 @@ from kvtier.server.client import RemoteTier
 from kvtier.storage.base import Tier
 
 if TYPE_CHECKING:
-    from kvtier.config import KvtierConfig
+    from kvtier.config import ClusterConfig, KvtierConfig
     from kvtier.engine import CacheEngine
     from kvtier.layout import KVSpec
     from kvtier.storage.manager import TierSlot
@@ -586,6 +587,22 @@ class Agent:
         if self.peer_server is not None:
             out["p2p_server"] = self.peer_server.stats()
         return out
+
+
+def agent_config_from(cluster: ClusterConfig, **overrides: Any) -> AgentConfig:
+    """The :class:`AgentConfig` of a config file's ``cluster:`` section; an empty ``instance_id`` becomes
+    ``host:pid`` and an empty token falls back to ``$KVTIER_CONTROLLER_TOKEN``."""
+    fields: dict[str, Any] = {
+        "controller_url": cluster.controller_url,
+        "instance_id": cluster.instance_id or f"{socket.gethostname()}:{os.getpid()}",
+        "token": cluster.token or os.environ.get("KVTIER_CONTROLLER_TOKEN", ""),
+        "p2p": cluster.p2p,
+        "p2p_host": cluster.p2p_host,
+        "p2p_port": cluster.p2p_port,
+        "advertise_host": cluster.advertise_host,
+    }
+    fields.update(overrides)
+    return AgentConfig(**fields)
 
 
 def start_engine(spec: KVSpec, model: str, agent_config: AgentConfig,
