@@ -3,11 +3,16 @@
 Chunks are ``[0, C)``, ``[C, 2C)``, ... with ``C = chunk_tokens``. The key of chunk ``i`` is
 
     k_0     = BLAKE3(namespace)[:16]
-    k_{i+1} = BLAKE3(k_i || uint32-le(tokens of chunk i))[:16]
+    k_{i+1} = XXH3-128(k_i || uint32-le(tokens of chunk i))
 
 so it depends on the namespace (model id, KV spec, codec, tenant salt) and on every token up to the
 chunk's end, including the chunk's exact length. Nothing here depends on the process (no ``hash()``,
 no seed): every process on every machine computes the same keys.
+
+Why XXH3-128 for the chain: a 32K-token prompt has 128 chunks, and a per-chunk BLAKE3 call costs ~3 us
+here (0.4 ms per lookup) against ~0.35 us for XXH3-128. The chain needs a stable 128-bit hash, not
+collision resistance: a colliding key can never deliver foreign KV, because every hit is verified
+against the stored tokens and parent key (below); an adversarial collision can at worst cause a miss.
 
 Partial last chunk: a trailing chunk shorter than ``C`` gets a key of its own like any other (its
 length is part of the hashed bytes). A longer prompt that extends the same text computes a different,
@@ -29,6 +34,7 @@ from typing import NamedTuple
 import blake3
 import numpy as np
 import torch
+import xxhash
 
 from kvtier.layout import KVSpec
 
@@ -61,6 +67,15 @@ def _digest(data: bytes | memoryview) -> bytes:
     return blake3.blake3(data).digest(length=KEY_BYTES)
 
 
+_xxh3_128 = xxhash.xxh3_128_digest
+
+
+def chain_key(parent: ChunkKey, token_bytes: bytes) -> ChunkKey:
+    """``k_{i+1}`` from ``k_i`` and the uint32-le bytes of chunk ``i``'s tokens: the one definition of
+    the chain, shared by engines, the controller and peers."""
+    return _xxh3_128(parent + token_bytes)
+
+
 @dataclass(frozen=True)
 class Namespace:
     """What separates caches that must never exchange chunks."""
@@ -72,7 +87,7 @@ class Namespace:
 
     def root(self) -> ChunkKey:
         """``k_0``: the parent key of the first chunk."""
-        text = "\x1f".join(("kvtier/v1", self.model, self.spec.fingerprint(), self.codec, self.tenant))
+        text = "\x1f".join(("kvtier/v2", self.model, self.spec.fingerprint(), self.codec, self.tenant))
         return _digest(text.encode())
 
 
@@ -107,17 +122,22 @@ class Chunker:
         ``limit`` stops after that many chunks (lookups use it to avoid hashing what cannot hit).
         """
         arr = as_token_array(tokens)
-        data = arr.tobytes()
+        data = memoryview(arr.tobytes())
         c = self.chunk_tokens
         n = len(arr)
         stop = n if self.partial else n - n % c
+        count = -(-stop // c)
+        if limit is not None:
+            count = min(count, max(limit, 0))
         out: list[Chunk] = []
+        append = out.append
         parent = self._root
-        for number, start in enumerate(range(0, stop, c)):
-            if limit is not None and number >= limit:
-                break
-            end = min(start + c, n)
-            key = blake3.blake3(parent + data[start * 4 : end * 4]).digest(length=KEY_BYTES)
-            out.append(Chunk(number, start, end, key, parent))
+        digest = _xxh3_128
+        make = Chunk
+        for number in range(count):  # the hot loop of every lookup: keep it to one hash and one tuple
+            start = number * c
+            end = start + c if start + c < n else n
+            key = digest(parent + data[start * 4 : end * 4])
+            append(make(number, start, end, key, parent))
             parent = key
         return arr, out

@@ -79,17 +79,7 @@ def test_forced_hash_collision_is_a_miss(monkeypatch) -> None:
     """With every key forced equal, different tokens must never be returned as a hit."""
     import kvtier.keys as keys_mod
 
-    class ConstantHasher:
-        def __init__(self, data: bytes = b"") -> None:
-            pass
-
-        def update(self, data) -> None:
-            pass
-
-        def digest(self, length: int = 16) -> bytes:
-            return b"\x00" * length
-
-    monkeypatch.setattr(keys_mod.blake3, "blake3", ConstantHasher)
+    monkeypatch.setattr(keys_mod, "_xxh3_128", lambda data: b"\x00" * 16)
     engine = CacheEngine(SPEC, "m", load_config(overrides={"chunk_tokens": 16, "cpu": {"capacity": "1MiB"}}))
     kv = torch.randn(SPEC.num_layers, 2, 16, SPEC.num_kv_heads, SPEC.head_dim)
     assert engine.store(list(range(16)), kv) == 16
@@ -101,3 +91,22 @@ def test_forced_hash_collision_is_a_miss(monkeypatch) -> None:
     assert torch.count_nonzero(out) == 0
     assert engine.stats()["cpu"]["collisions"] >= 2
     engine.close()
+
+
+def test_chain_definition_is_xxh3_128_over_parent_and_tokens() -> None:
+    """The documented chain, recomputed here with xxhash directly (catches a silent scheme change)."""
+    import blake3
+    import xxhash
+
+    ns = Namespace("m", KVSpec(num_layers=2, num_kv_heads=1, head_dim=4, dtype="float32", chunk_tokens=4))
+    text = "\x1f".join(("kvtier/v2", "m", ns.spec.fingerprint(), "raw", ""))
+    root = blake3.blake3(text.encode()).digest(length=16)
+    assert ns.root() == root
+    tokens = np.arange(10, dtype="<u4")
+    _arr, chunks = Chunker(ns).chunks(tokens)
+    parent = root
+    for chunk in chunks:
+        expected = xxhash.xxh3_128_digest(parent + tokens[chunk.start : chunk.end].tobytes())
+        assert chunk.parent == parent and chunk.key == expected
+        parent = expected
+    assert [c.end for c in chunks] == [4, 8, 10]

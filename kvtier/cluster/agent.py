@@ -34,7 +34,6 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import blake3
 import httpx
 import numpy as np
 import torch
@@ -45,7 +44,7 @@ from kvtier.cluster import schema as S
 from kvtier.cluster.p2p import PeerServer, PeerTier
 from kvtier.codec.base import codec_names, get_codec
 from kvtier.errors import ConfigError, KvtierError, TierUnavailable
-from kvtier.keys import KEY_BYTES, Chunk, ChunkKey
+from kvtier.keys import Chunk, ChunkKey, chain_key
 from kvtier.server.client import RemoteTier
 from kvtier.storage.base import Tier
 
@@ -499,7 +498,7 @@ class Agent:
                     except KvtierError:
                         outcome["corrupt"] += 1
                         continue
-                    if blake3.blake3(meta.parent + meta.tokens).digest(length=KEY_BYTES) != chunk.key:
+                    if chain_key(meta.parent, bytes(meta.tokens)) != chunk.key:
                         outcome["mismatch"] += 1
                         continue
                     arr = meta.token_array()

@@ -20,15 +20,14 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
-import blake3
 import numpy as np
 
-KEY_BYTES = 16  # == kvtier.keys.KEY_BYTES
+from kvtier.keys import chain_key
 
 
 def chain_keys(root: bytes, tokens: np.ndarray, chunk_tokens: int, partial: bool = True) -> list[tuple[int, bytes]]:
     """``(end, key)`` of each chunk of ``tokens`` (uint32 array) for a namespace whose first parent is
-    ``root``: ``k_{i+1} = BLAKE3(k_i || uint32-le(tokens of chunk i))[:16]``."""
+    ``root``: the same chain as :class:`kvtier.keys.Chunker`."""
     data = np.ascontiguousarray(tokens, dtype="<u4").tobytes()
     n = len(data) // 4
     stop = n if partial else n - n % chunk_tokens
@@ -36,7 +35,7 @@ def chain_keys(root: bytes, tokens: np.ndarray, chunk_tokens: int, partial: bool
     parent = root
     for start in range(0, stop, chunk_tokens):
         end = min(start + chunk_tokens, n)
-        parent = blake3.blake3(parent + data[start * 4 : end * 4]).digest(length=KEY_BYTES)
+        parent = chain_key(parent, data[start * 4 : end * 4])
         out.append((end, parent))
     return out
 

@@ -77,10 +77,15 @@ class CpuTier:
 
     def leading_hits(self, chunks: list[Chunk], tokens: np.ndarray) -> int:
         """How many of ``chunks``, from the first, are present and verified (one lock round)."""
+        data = tokens.tobytes()  # one copy; slicing bytes is ~2x cheaper than slicing the array per chunk
         with self._lock:
-            verified = self._verified
+            get = self._index.get
             for count, chunk in enumerate(chunks):
-                if verified(chunk, tokens) is None:
+                entry = get(chunk.key)
+                if entry is None:
+                    return count
+                if entry.parent != chunk.parent or entry.tokens != data[chunk.start * 4 : chunk.end * 4]:
+                    self.counters["collisions"] += 1
                     return count
             return len(chunks)
 
