@@ -30,7 +30,7 @@ import torch
 
 from kvtier.config import KvtierConfig, load_config
 from kvtier.keys import Chunk, Chunker, Namespace, Tokens
-from kvtier.layout import KVLike, KVSpec, check_kv, copy_in, copy_out
+from kvtier.layout import KVLike, KVSpec, check_kv, copy_in, copy_in_run, copy_out, copy_out_run
 from kvtier.storage.base import Tier
 from kvtier.storage.cpu import CpuTier
 from kvtier.storage.manager import StorageManager
@@ -109,7 +109,7 @@ class CacheEngine:
             return 0
         check_kv(self.spec, kv, chunks[-1].end)
         cached = 0
-        stored = 0
+        plan: list[tuple[Chunk, int]] = []  # chunks to copy, each with its reserved (referenced) slot
         for chunk in chunks:
             if chunk.end <= skip_tokens or self.cpu.contains(chunk, arr):
                 cached = chunk.end
@@ -117,16 +117,19 @@ class CacheEngine:
             slot = self.cpu.reserve()
             if slot is None:
                 break
-            view = self.cpu.arena.view(slot, chunk.num_tokens)
-            try:
-                copy_in(view, kv, chunk.start, chunk.end)
-            except BaseException:
+            plan.append((chunk, slot))
+            cached = chunk.end
+        try:
+            self._move(plan, kv, into_arena=True)
+        except BaseException:
+            for _chunk, slot in plan:
                 self.cpu.abort(slot)
-                raise
+            raise
+        stored = 0
+        for chunk, slot in plan:
             if self.cpu.commit(chunk, arr, slot):
                 stored += chunk.num_tokens
                 self._write_back(chunk, arr)
-            cached = chunk.end
         self._count(stores=1, stored_tokens=stored, store_refused_tokens=len(arr) - cached)
         self._observe("store", start)
         return cached
@@ -139,6 +142,26 @@ class CacheEngine:
             return
         view = self.cpu.arena.view(slot, chunk.num_tokens)
         self.storage.write_back(chunk, arr, view, lambda: self.cpu.release(slot))
+
+    def _move(self, plan: Sequence[tuple[Chunk, int]], kv: KVLike, *, into_arena: bool) -> None:
+        """Copy each planned chunk between its arena slot and ``kv``; full chunks in consecutive slots
+        move as one run (one ``copy_`` instead of one per chunk)."""
+        c = self.spec.chunk_tokens
+        i = 0
+        while i < len(plan):
+            chunk, slot = plan[i]
+            count = 1
+            if chunk.num_tokens == c:
+                while (i + count < len(plan) and plan[i + count][1] == slot + count
+                       and plan[i + count][0].num_tokens == c and plan[i + count][0].start == chunk.start + count * c):
+                    count += 1
+            if count == 1:
+                view = self.cpu.arena.view(slot, chunk.num_tokens)
+                (copy_in if into_arena else copy_out)(view, kv, chunk.start, chunk.end)
+            else:
+                run = self.cpu.arena.buffer[slot : slot + count]
+                (copy_in_run if into_arena else copy_out_run)(run, kv, chunk.start)
+            i += count
 
     # ---- retrieve --------------------------------------------------------------------------------
     def _acquire_all(self, tokens: Tokens) -> tuple[np.ndarray, list[Chunk], list[int]]:
@@ -172,8 +195,7 @@ class CacheEngine:
         try:
             if chunks:
                 check_kv(self.spec, into, chunks[-1].end)
-            for chunk, slot in zip(chunks, slots):
-                copy_out(self.cpu.arena.view(slot, chunk.num_tokens), into, chunk.start, chunk.end)
+            self._move(list(zip(chunks, slots)), into, into_arena=False)
         finally:
             for slot in slots:
                 self.cpu.release(slot)

@@ -152,6 +152,32 @@ def copy_in(chunk: torch.Tensor, kv: KVLike, start: int, end: int) -> None:
         chunk[layer, 1, :n].copy_(v[start:end])
 
 
+def _run_view(kv: torch.Tensor, start: int, count: int, chunk_tokens: int) -> torch.Tensor:
+    """Positions ``[start, start + count * chunk_tokens)`` of ``kv`` seen as ``[count, L, 2, C, H, D]``."""
+    return kv[:, :, start : start + count * chunk_tokens].unflatten(2, (count, chunk_tokens)).permute(2, 0, 1, 3, 4, 5)
+
+
+def copy_in_run(run: torch.Tensor, kv: KVLike, start: int) -> None:
+    """Copy ``run.shape[0]`` full chunks of ``kv`` from position ``start`` into ``run`` (consecutive
+    arena slots, ``[k, L, 2, C, H, D]``): one ``copy_`` for the whole run when ``kv`` is one tensor."""
+    count, c = int(run.shape[0]), int(run.shape[3])
+    if isinstance(kv, torch.Tensor):
+        run.copy_(_run_view(kv, start, count, c))
+        return
+    for i in range(count):
+        copy_in(run[i], kv, start + i * c, start + (i + 1) * c)
+
+
+def copy_out_run(run: torch.Tensor, kv: KVLike, start: int) -> None:
+    """Inverse of :func:`copy_in_run`."""
+    count, c = int(run.shape[0]), int(run.shape[3])
+    if isinstance(kv, torch.Tensor):
+        _run_view(kv, start, count, c).copy_(run)
+        return
+    for i in range(count):
+        copy_out(run[i], kv, start + i * c, start + (i + 1) * c)
+
+
 def copy_out(chunk: torch.Tensor, kv: KVLike, start: int, end: int) -> None:
     """Copy canonical ``chunk[:, :, :end-start]`` into positions ``[start, end)`` of ``kv``."""
     n = end - start
