@@ -1,0 +1,231 @@
+"""``kvtier serve-sglang``: SGLang's server with kvtier as its HiCache L3 storage backend.
+
+Importable without SGLang (the CLI registers it everywhere); SGLang is only needed when the command
+runs. The pure functions here (:func:`backend_extra_config`, :func:`sglang_server_command`,
+:func:`sglang_server_env`) are what ``kvtier serve --engine sglang``, the tests and the benchmark use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from kvtier.errors import ConfigError
+
+BACKEND_NAME = "kvtier"
+MODULE_PATH = "kvtier.integrations.sglang"
+CLASS_NAME = "KvtierStorage"
+
+
+def backend_extra_config(config: str | None = None, overrides: dict[str, Any] | None = None,
+                         model_id: str | None = None, prefetch_threshold: int | None = None) -> dict[str, Any]:
+    """The ``--hicache-storage-backend-extra-config`` mapping that loads kvtier (``dynamic`` backend,
+    zero-copy v1 interface). ``prefetch_threshold``: SGLang's minimum storage hit in tokens (its
+    default is 256)."""
+    extra: dict[str, Any] = {"backend_name": BACKEND_NAME, "module_path": MODULE_PATH,
+                             "class_name": CLASS_NAME, "interface_v1": 1}
+    if config:
+        extra["kvtier_config"] = str(Path(config).expanduser().resolve())
+    if overrides:
+        extra["kvtier"] = overrides
+    if model_id:
+        extra["kvtier_model_id"] = model_id
+    if prefetch_threshold is not None:
+        extra["prefetch_threshold"] = prefetch_threshold
+    return extra
+
+
+def _default_device() -> str:
+    try:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except ImportError:
+        return "cpu"
+
+
+def sglang_server_command(
+    model: str | None = None,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 30000,
+    config: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    served_model_name: str | None = None,
+    device: str | None = None,
+    page_size: int = 16,
+    max_total_tokens: int | None = 32768,
+    hicache_size_gb: int = 1,
+    prefetch_threshold: int | None = None,
+    kvtier: bool = True,
+    extra_args: list[str] | None = None,
+) -> list[str]:
+    """The argv that starts SGLang (``python -m sglang.launch_server`` of this interpreter).
+
+    ``kvtier=True``: hierarchical cache on, kvtier as its storage backend, host layout
+    ``layer_first`` with the ``direct`` copy (the combination that also runs on CPU).
+    ``kvtier=False``: plain SGLang without the hierarchical cache, same settings otherwise (the
+    baseline of tests and benchmarks). Defaults: the embedded SmolLM2, loopback only.
+    """
+    if model is None:
+        from kvtier.models import EMBEDDED_MODEL_ID, ensure_embedded_model
+
+        model = str(ensure_embedded_model())
+        served_model_name = served_model_name or EMBEDDED_MODEL_ID
+    argv = [
+        sys.executable, "-m", "sglang.launch_server",
+        "--model-path", model,
+        "--host", host,
+        "--port", str(port),
+        "--device", device or _default_device(),
+        "--page-size", str(page_size),
+        "--enable-cache-report",
+    ]
+    if max_total_tokens:
+        argv += ["--max-total-tokens", str(max_total_tokens)]
+    if served_model_name:
+        argv += ["--served-model-name", served_model_name]
+    if kvtier:
+        extra = backend_extra_config(config, overrides, served_model_name, prefetch_threshold)
+        argv += [
+            "--enable-hierarchical-cache",
+            "--hicache-mem-layout", "layer_first",
+            "--hicache-io-backend", "direct",
+            "--hicache-size", str(hicache_size_gb),
+            "--hicache-storage-backend", "dynamic",
+            "--hicache-storage-backend-extra-config", json.dumps(extra),
+        ]
+    return argv + list(extra_args or [])
+
+
+def sglang_server_env(base: dict[str, str] | None = None, device: str | None = None) -> dict[str, str]:
+    """Environment for the server: offline hub; on CPU ``SGLANG_USE_CPU_ENGINE=1`` (SGLang's CPU model
+    path) and torch threads = CPUs unless set."""
+    env = dict(os.environ if base is None else base)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    if (device or _default_device()) == "cpu":
+        env.setdefault("SGLANG_USE_CPU_ENGINE", "1")
+        env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    return env
+
+
+def wait_ready(url: str, proc: subprocess.Popen[Any], timeout_s: float = 300.0) -> None:
+    """Block until ``url/health`` answers 200; raise if the server exits or ``timeout_s`` passes."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"SGLang exited with {proc.returncode} before it was ready")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as reply:
+                if reply.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(1.0)
+    raise TimeoutError(f"SGLang at {url} was not ready after {timeout_s:.0f} s")
+
+
+@contextlib.contextmanager
+def running_server(argv: list[str], log_path: Path | str, env: dict[str, str] | None = None,
+                   timeout_s: float = 300.0) -> Iterator[str]:
+    """Run the server of ``argv`` (from :func:`sglang_server_command`) for a script or test; yield its
+    base URL once healthy; stop it (SIGTERM, then SIGKILL) on exit. Output goes to ``log_path``."""
+    port = argv[argv.index("--port") + 1]
+    url = f"http://127.0.0.1:{port}"
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(argv, env=env or sglang_server_env(), stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            wait_ready(url, proc, timeout_s)
+            yield url
+        finally:
+            _stop_group(proc)
+
+
+def _stop_group(proc: subprocess.Popen[Any], timeout_s: float = 30.0) -> None:
+    """Stop the server, then whatever is left of its process group (SGLang's scheduler and
+    detokenizer are its children; the server stops them itself on SIGTERM)."""
+    import signal
+
+    from kvtier.bench.common import stop_process
+
+    stop_process(proc, timeout_s)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def generate(url: str, input_ids: list[int], max_new_tokens: int = 16, timeout_s: float = 600.0) -> dict[str, Any]:
+    """One greedy ``/generate`` call; returns SGLang's reply (``text``, ``meta_info`` with
+    ``cached_tokens_details`` when the server runs with ``--enable-cache-report``)."""
+    body = json.dumps({"input_ids": input_ids,
+                       "sampling_params": {"temperature": 0, "max_new_tokens": max_new_tokens}}).encode()
+    request = urllib.request.Request(f"{url}/generate", data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout_s) as reply:
+        result: dict[str, Any] = json.loads(reply.read())
+    return result
+
+
+def flush_cache(url: str, timeout_s: float = 120.0) -> None:
+    """Empty SGLang's device and host caches (``/flush_cache``); kvtier's tiers keep their pages.
+
+    SGLang refuses (HTTP 400) while requests or cache write-backs are in flight: wait and retry until
+    it flushes or ``timeout_s`` passes."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        request = urllib.request.Request(f"{url}/flush_cache?timeout=10", method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=60):
+                return
+        except urllib.error.HTTPError as exc:
+            if exc.code != 400 or time.monotonic() > deadline:
+                raise
+        time.sleep(0.5)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command(
+        "serve-sglang",
+        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    )
+    def serve_sglang(
+        ctx: typer.Context,
+        model: str = typer.Option(None, "--model", "-m", help="HF model directory (default: the embedded SmolLM2)."),
+        host: str = typer.Option("127.0.0.1", help="Bind address (loopback by default)."),
+        port: int = typer.Option(30000, help="HTTP port."),
+        config: str = typer.Option(None, "--config", "-c", help="kvtier YAML config (default: $KVTIER_CONFIG)."),
+        served_model_name: str = typer.Option(None, help="Name clients use; also the model part of kvtier keys."),
+        device: str = typer.Option(None, help="SGLang --device (default: cuda if available, else cpu)."),
+        page_size: int = typer.Option(16, help="SGLang --page-size (tokens per page = per kvtier object)."),
+        max_total_tokens: int = typer.Option(32768, help="SGLang --max-total-tokens (0: SGLang's default)."),
+        no_kvtier: bool = typer.Option(False, "--no-kvtier", help="Plain SGLang (baseline), same settings."),
+        dry_run: bool = typer.Option(False, help="Print the command instead of running it."),
+    ) -> None:
+        """Start SGLang's server with kvtier as its HiCache storage backend (extra arguments go to SGLang)."""
+        if importlib.util.find_spec("sglang") is None and not dry_run:
+            raise ConfigError("SGLang is not installed in this environment (on a CPU-only machine see "
+                              "scripts/install-sglang.sh and docs/sglang.md)")
+        if config:
+            from kvtier.config import load_config
+
+            load_config(config)  # fail here, with kvtier's message, rather than inside SGLang's start-up
+        argv = sglang_server_command(model, host=host, port=port, config=config,
+                                     served_model_name=served_model_name, device=device, page_size=page_size,
+                                     max_total_tokens=max_total_tokens or None, kvtier=not no_kvtier,
+                                     extra_args=list(ctx.args))
+        if dry_run:
+            typer.echo(shlex.join(argv))
+            return
+        os.execve(argv[0], argv, sglang_server_env(device=device))  # signals go straight to the server

@@ -1,0 +1,143 @@
+"""kvtier as SGLang's HiCache storage, on a real SGLang server (CPU test setup, see docs/sglang.md).
+
+Three server starts (about 45 s each on 2 cores) share one prompt of about 600 tokens:
+
+1. SGLang without the hierarchical cache: the reference greedy text.
+2. SGLang + kvtier (disk tier in a temp dir): a cold request (kvtier miss), then ``/flush_cache`` (SGLang
+   keeps nothing of its own) and the same request again: a kvtier hit, reported by SGLang's own
+   ``cached_tokens_details``.
+3. After server 2 exited, one stored page file gets a flipped byte; a fresh server on the same disk
+   tier hits every page before the damaged one and recomputes from there.
+
+All three texts must be identical. Needs the SGLang test venv: ``scripts/install-sglang.sh``.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("sglang")
+
+from kvtier.integrations.sglang import PageKeys, namespace_model
+from kvtier.integrations.sglang_cli import (
+    flush_cache,
+    generate,
+    running_server,
+    sglang_server_command,
+)
+from kvtier.keys import Namespace
+from kvtier.layout import KVSpec
+from kvtier.models import EMBEDDED_MODEL_ID, ensure_embedded_model
+
+pytestmark = pytest.mark.slow
+
+PAGE = 16
+PROMPT_TOKENS = 600
+NEW_TOKENS = 24
+DAMAGED_PAGE = 10
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _storage_tokens(reply: dict[str, Any]) -> int:
+    details = reply["meta_info"].get("cached_tokens_details") or {}
+    return int(details.get("storage", 0))
+
+
+def _disk_files(disk: Path) -> list[Path]:
+    return [p for p in disk.glob("??/*.kvt")]
+
+
+def _wait_stored(disk: Path, pages: int, timeout_s: float = 60.0) -> None:
+    """SGLang backs pages up to storage on its own thread after the request: wait for the files."""
+    deadline = time.monotonic() + timeout_s
+    while len(_disk_files(disk)) < pages and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert len(_disk_files(disk)) >= pages, f"only {len(_disk_files(disk))} of {pages} pages reached the disk tier"
+
+
+@pytest.fixture(scope="module")
+def prompt() -> list[int]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(ensure_embedded_model()))
+    text = (Path(__file__).parents[2] / "kvtier" / "data" / "longdoc.txt").read_text()
+    ids = list(tokenizer(text)["input_ids"][:PROMPT_TOKENS])
+    assert len(ids) == PROMPT_TOKENS
+    return ids
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("sglang")
+    (root / "kvtier.yaml").write_text(f"disk:\n  enabled: true\n  path: {root / 'disk'}\n  fsync: false\n")
+    return root
+
+
+def _command(workdir: Path, kvtier: bool) -> list[str]:
+    return sglang_server_command(port=_free_port(), config=str(workdir / "kvtier.yaml"), kvtier=kvtier,
+                                 prefetch_threshold=PAGE)
+
+
+@pytest.fixture(scope="module")
+def baseline(prompt: list[int], workdir: Path) -> str:
+    with running_server(_command(workdir, kvtier=False), workdir / "baseline.log") as url:
+        return str(generate(url, prompt, NEW_TOKENS)["text"])
+
+
+@pytest.fixture(scope="module")
+def first_server(prompt: list[int], workdir: Path) -> dict[str, dict[str, Any]]:
+    with running_server(_command(workdir, kvtier=True), workdir / "server1.log") as url:
+        miss = generate(url, prompt, NEW_TOKENS)
+        _wait_stored(workdir / "disk", PROMPT_TOKENS // PAGE)
+        flush_cache(url)
+        hit = generate(url, prompt, NEW_TOKENS)
+    return {"miss": miss, "hit": hit}
+
+
+def _page_key_file(prompt: list[int], disk: Path, page: int) -> Path:
+    """The disk file of page ``page`` of ``prompt``, with SGLang's own page hashes."""
+    from sglang.srt.mem_cache.utils import get_hash_str
+
+    config = json.loads((ensure_embedded_model() / "config.json").read_text())
+    spec = KVSpec(config["num_hidden_layers"], config["num_key_value_heads"], config["head_dim"], "bfloat16", PAGE)
+    keys = PageKeys(Namespace(namespace_model(EMBEDDED_MODEL_ID), spec))
+    hashes = get_hash_str(prompt[: (page + 1) * PAGE], None, page_size=PAGE)
+    key = keys.key(hashes[page]).hex()
+    return disk / key[:2] / f"{key}.kvt"
+
+
+def test_greedy_text_identical_on_kvtier_miss_and_hit(baseline: str, first_server: dict[str, dict[str, Any]]) -> None:
+    miss, hit = first_server["miss"], first_server["hit"]
+    assert _storage_tokens(miss) == 0
+    assert miss["text"] == baseline
+    assert hit["text"] == baseline
+    # SGLang's own report: after /flush_cache, the prefix came from the storage backend (kvtier)
+    details = hit["meta_info"]["cached_tokens_details"]
+    assert details["storage_backend"] == "KvtierStorage"
+    assert details["device"] == 0 and details["host"] == 0
+    assert _storage_tokens(hit) == PAGE * (PROMPT_TOKENS // PAGE)
+
+
+def test_restarted_server_hits_kvtier_and_a_damaged_page_is_a_miss(
+    prompt: list[int], workdir: Path, baseline: str, first_server: dict[str, dict[str, Any]]
+) -> None:
+    damaged = _page_key_file(prompt, workdir / "disk", DAMAGED_PAGE)
+    data = bytearray(damaged.read_bytes())
+    data[-7] ^= 0xFF  # one payload byte: the header still parses, the checksum does not match
+    damaged.write_bytes(bytes(data))
+    with running_server(_command(workdir, kvtier=True), workdir / "server2.log") as url:
+        reply = generate(url, prompt, NEW_TOKENS)
+    assert reply["text"] == baseline
+    assert _storage_tokens(reply) == PAGE * DAMAGED_PAGE  # every page before the damaged one
+    assert list((workdir / "disk" / "quarantine").glob(f"{damaged.stem}.*"))

@@ -1,0 +1,52 @@
+"""``kvtier serve-sglang`` and its pure command builders (no SGLang needed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from kvtier.cli import app
+from kvtier.integrations.sglang_cli import backend_extra_config, sglang_server_command, sglang_server_env
+
+
+def _arg(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+def test_command_loads_kvtier_through_the_dynamic_backend(tmp_path: Path) -> None:
+    cfg = tmp_path / "kv.yaml"
+    argv = sglang_server_command("/models/m", port=31000, config=str(cfg), overrides={"tenant": "a"},
+                                 served_model_name="m", device="cpu", prefetch_threshold=16)
+    assert argv[1:3] == ["-m", "sglang.launch_server"]
+    assert _arg(argv, "--model-path") == "/models/m" and _arg(argv, "--host") == "127.0.0.1"
+    assert _arg(argv, "--page-size") == "16" and "--enable-hierarchical-cache" in argv
+    assert _arg(argv, "--hicache-mem-layout") == "layer_first" and _arg(argv, "--hicache-io-backend") == "direct"
+    assert _arg(argv, "--hicache-storage-backend") == "dynamic"
+    extra = json.loads(_arg(argv, "--hicache-storage-backend-extra-config"))
+    assert extra == backend_extra_config(str(cfg), {"tenant": "a"}, "m", 16)
+    assert extra["module_path"] == "kvtier.integrations.sglang" and extra["class_name"] == "KvtierStorage"
+    assert extra["interface_v1"] == 1 and extra["kvtier_config"] == str(cfg.resolve())
+
+
+def test_baseline_has_no_hierarchical_cache_and_extra_args_pass_through() -> None:
+    argv = sglang_server_command("/models/m", device="cpu", kvtier=False, extra_args=["--log-level", "debug"])
+    assert not any(a.startswith("--hicache") or a == "--enable-hierarchical-cache" for a in argv)
+    assert argv[-2:] == ["--log-level", "debug"]
+
+
+def test_env_selects_the_cpu_engine_and_keeps_what_is_set() -> None:
+    env = sglang_server_env({"OMP_NUM_THREADS": "1"}, device="cpu")
+    assert env["SGLANG_USE_CPU_ENGINE"] == "1" and env["OMP_NUM_THREADS"] == "1" and env["HF_HUB_OFFLINE"] == "1"
+    assert "SGLANG_USE_CPU_ENGINE" not in sglang_server_env({}, device="cuda")
+
+
+def test_cli_dry_run(tmp_path: Path) -> None:
+    cfg = tmp_path / "kv.yaml"
+    cfg.write_text("disk:\n  enabled: true\n")
+    result = CliRunner().invoke(app, ["serve-sglang", "--model", "/models/m", "--config", str(cfg), "--device",
+                                      "cpu", "--dry-run", "--", "--log-level", "debug"])
+    assert result.exit_code == 0, result.output
+    assert "sglang.launch_server" in result.output and "KvtierStorage" in result.output
+    assert result.output.strip().endswith("--log-level debug")
