@@ -29,6 +29,7 @@ COMMAND_MODULES = (
     "kvtier.integrations.vllm_cli",
     "kvtier.integrations.sglang_cli",
     "kvtier.cluster.cli",
+    "kvtier.router.cli",
 )
 BENCH_MODULES = (
     "kvtier.bench.ttft",

@@ -1,0 +1,409 @@
+"""The HTTP side of ``kvtier router``: OpenAI-compatible routes proxied to the chosen backend.
+
+Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (routed), ``GET /v1/models`` (any healthy
+backend), ``GET /health`` (public: 200 while some backend is in rotation, else 503), ``GET /metrics``.
+
+Invariants:
+- Binds 127.0.0.1 by default; a non-loopback address needs a token, and with a token every route but
+  ``/health`` needs ``Authorization: Bearer <token>`` (what OpenAI clients send as their API key). The
+  router's token is never forwarded; backends get ``backend_token`` if one is set.
+- Request bodies above ``max_body_bytes`` get 413 before they are buffered; above ``max_concurrent``
+  requests in flight, new ones get 429 at once. Both bound the router's memory and upstream fan-out.
+- A request body is forwarded byte for byte; a response is relayed chunk by chunk as the backend sends
+  it (Server-Sent Events stay live). Whatever ends a relay (the end, an upstream error, the client
+  disconnecting) closes the upstream response, which cancels the request in the engine, and frees the
+  backend's in-flight slot exactly once.
+- A transport failure before the response starts (refused, reset, connect timeout) takes the backend out
+  of rotation with backoff and the request goes to another backend; with none left the answer is 502
+  (backends failed now) or 503 (none in rotation), never a hang. Upstream HTTP errors are relayed as is.
+- Disaggregated mode (prefill backends given): the prompt first goes to the least-loaded prefiller with
+  ``max_tokens=1``, not streamed; then the original request goes to a decoder chosen by the policy. A
+  failed prefill is counted and skipped: the decoder then computes the prefill itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.types import Receive, Scope, Send
+
+from kvtier.errors import ConfigError
+from kvtier.router.kv import KvKnowledge
+from kvtier.router.metrics import RouterMetrics
+from kvtier.router.policy import POLICIES, Backend, Chooser, PolicyName, Pool
+from kvtier.router.prefix import PrefixTable
+from kvtier.router.tokens import PromptTokens
+
+log = logging.getLogger(__name__)
+
+_PASS_HEADERS = ("content-type", "x-request-id")
+
+
+@dataclass(frozen=True)
+class RouterSettings:
+    """Everything ``kvtier router`` can be told (CLI options map 1:1). Backends are ``(url, instance_id)``;
+    in disaggregated mode ``backends`` are the decoders and ``prefill`` the prefillers."""
+
+    backends: tuple[tuple[str, str], ...]
+    prefill: tuple[tuple[str, str], ...] = ()
+    host: str = "127.0.0.1"
+    port: int = 8080
+    token: str = ""
+    backend_token: str = ""
+    policy: PolicyName = "kv"
+    controller_url: str = ""
+    controller_token: str = ""
+    lookup_timeout_s: float = 0.25
+    controller_backoff_s: float = 5.0
+    tokenizer: str = ""
+    kv_model: str = ""  # model id instances report to the controller ('' = the request's "model")
+    chunk_tokens: int = 256
+    table_keys: int = 1 << 18
+    max_body_bytes: int = 16 << 20
+    max_concurrent: int = 256
+    connect_timeout_s: float = 2.0
+    read_timeout_s: float = 600.0
+    backoff_s: float = 1.0
+    max_backoff_s: float = 30.0
+
+    def check(self) -> None:
+        """Raise :class:`ConfigError` on unsafe or inconsistent settings."""
+        from kvtier.server.app import is_loopback
+
+        if not self.token and not is_loopback(self.host):
+            raise ConfigError(f"router host {self.host!r} is not a loopback address; set a token (--token or "
+                              "KVTIER_ROUTER_TOKEN) so clients must authenticate, or bind 127.0.0.1")
+        if not self.backends:
+            raise ConfigError("the router needs at least one --backend (a decoder in disaggregated mode)")
+        for url, _instance in (*self.backends, *self.prefill):
+            if not url.startswith(("http://", "https://")):
+                raise ConfigError(f"backend URL {url!r} must start with http:// or https://")
+        urls = [url for url, _ in (*self.backends, *self.prefill)]
+        if len(set(urls)) != len(urls):
+            raise ConfigError(f"a backend URL is given twice: {urls}")
+        if self.policy not in POLICIES:
+            raise ConfigError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
+        for name in ("lookup_timeout_s", "controller_backoff_s", "chunk_tokens", "table_keys", "max_body_bytes",
+                     "max_concurrent", "connect_timeout_s", "read_timeout_s", "backoff_s", "max_backoff_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"router setting {name} must be positive, got {getattr(self, name)}")
+
+
+def parse_backend(spec: str) -> tuple[str, str]:
+    """``URL`` or ``URL=INSTANCE_ID`` (the id the backend's kvtier registers with the controller)."""
+    url, sep, instance = spec.rpartition("=")
+    if not sep:
+        url, instance = spec, ""
+    if not url or (sep and not instance):
+        raise ConfigError(f"a backend is URL or URL=INSTANCE_ID, got {spec!r}")
+    return url.rstrip("/"), instance
+
+
+class RouterError(Exception):
+    """Answered as an OpenAI-style error ``{"error": {"message", "type", "code"}}`` with ``status``."""
+
+    def __init__(self, status: int, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.retry_after_s = retry_after_s
+
+    def response(self) -> JSONResponse:
+        headers = {"Retry-After": str(max(1, round(self.retry_after_s)))} if self.retry_after_s else None
+        if self.status == 401:
+            headers = {"WWW-Authenticate": "Bearer"}
+        kind = "server_error" if self.status >= 500 else "invalid_request_error"
+        return JSONResponse({"error": {"message": self.message, "type": kind, "code": self.status}},
+                            status_code=self.status, headers=headers)
+
+
+class Relay(StreamingResponse):
+    """Streams ``upstream`` to the client; runs ``on_close`` once however the relay ends."""
+
+    def __init__(self, upstream: httpx.Response, body: AsyncIterator[bytes], headers: dict[str, str],
+                 on_close: Callable[[], None]) -> None:
+        super().__init__(body, status_code=upstream.status_code, headers=headers)
+        self.upstream = upstream
+        self.on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.upstream.aclose()
+            self.on_close()
+
+
+@dataclass
+class _Sent:
+    upstream: httpx.Response
+    backend: Backend
+    started: float
+
+
+class Router:
+    """Pools, policy, prefix knowledge and the forwarding of one request. Runs on one event loop."""
+
+    def __init__(self, settings: RouterSettings) -> None:
+        self.settings = settings
+        s = settings
+        self.decode = Pool([Backend(u, i) for u, i in s.backends], s.backoff_s, s.max_backoff_s)
+        self.prefill = Pool([Backend(u, i) for u, i in s.prefill], s.backoff_s, s.max_backoff_s) if s.prefill else None
+        self.chooser = Chooser(s.policy)
+        self.by_load = Chooser("least_loaded")
+        self.metrics = RouterMetrics({"decode": self.decode, **({"prefill": self.prefill} if self.prefill else {})})
+        self.client = httpx.AsyncClient(
+            timeout=httpx.Timeout(s.read_timeout_s, connect=s.connect_timeout_s, pool=s.connect_timeout_s),
+            limits=httpx.Limits(max_connections=2 * s.max_concurrent, max_keepalive_connections=64))
+        self.tokens = PromptTokens(s.tokenizer)
+        self.kv = KvKnowledge(self.client, PrefixTable(s.chunk_tokens, s.table_keys), self.metrics,
+                              controller_url=s.controller_url, controller_token=s.controller_token,
+                              timeout_s=s.lookup_timeout_s, backoff_s=s.controller_backoff_s)
+        self.active = 0
+        self._upstream_headers = {"Authorization": f"Bearer {s.backend_token}"} if s.backend_token else {}
+
+    # ---- one request -----------------------------------------------------------------------------
+    async def handle(self, route: str, path: str, request: Request) -> Response:
+        if self.active >= self.settings.max_concurrent:
+            self.metrics.rejected.labels("busy").inc()
+            raise RouterError(429, f"the router has {self.active} requests in flight (max_concurrent)", 1.0)
+        self.active += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.active -= 1
+
+        try:
+            raw = await request.body()
+            try:
+                body = json.loads(raw)
+            except ValueError as exc:
+                raise RouterError(400, f"request body is not JSON: {exc}") from None
+            if not isinstance(body, dict):
+                raise RouterError(400, "request body must be a JSON object")
+            tokens = await self._prompt_tokens(route, body)
+            model = self.settings.kv_model or str(body.get("model", ""))
+            if self.prefill is not None:
+                await self._prefill(path, route, body, tokens, model)
+            sent = await self._send(self.decode, "decode", self.chooser, "POST", path, raw, tokens, model)
+            return self._relay(sent, "decode", route, bool(body.get("stream")), release)
+        except BaseException:
+            release()
+            raise
+
+    async def models(self) -> Response:
+        sent = await self._send(self.decode, "decode", self.by_load, "GET", "/v1/models", b"", None, "")
+        return self._relay(sent, "decode", "models", False, lambda: None)
+
+    async def _prompt_tokens(self, route: str, body: dict[str, Any]) -> list[int] | None:
+        if self.chooser.policy != "kv":
+            return None
+        try:
+            return await self.tokens.of(route, body)
+        except Exception as exc:  # a prompt we cannot tokenize is the engine's to refuse, not ours
+            log.debug("cannot tokenize a %s request (%s: %s); routing by load", route, type(exc).__name__, exc)
+            return None
+
+    async def _prefill(self, path: str, route: str, body: dict[str, Any], tokens: list[int] | None,
+                       model: str) -> None:
+        assert self.prefill is not None
+        first = {**body, "max_tokens": 1, "stream": False}
+        first.pop("stream_options", None)
+        if "max_completion_tokens" in first:
+            first["max_completion_tokens"] = 1
+        try:
+            sent = await self._send(self.prefill, "prefill", self.by_load, "POST", path, json.dumps(first).encode(),
+                                    tokens, model)
+        except RouterError as exc:
+            self.metrics.errors.labels("", "prefill_unavailable").inc()
+            log.warning("no prefill (%s); the decoder computes the prompt itself", exc.message)
+            return
+        try:
+            await sent.upstream.aread()
+        except httpx.HTTPError as exc:
+            self.metrics.errors.labels(sent.backend.url, "prefill_read").inc()
+            log.warning("prefill on %s failed while reading (%s)", sent.backend.url, exc)
+        finally:
+            await sent.upstream.aclose()
+            self._finish(sent, "prefill", route)
+        if sent.upstream.status_code != 200:
+            self.metrics.errors.labels(sent.backend.url, "prefill_status").inc()
+            log.warning("prefill on %s answered %d", sent.backend.url, sent.upstream.status_code)
+
+    # ---- forwarding ------------------------------------------------------------------------------
+    async def _send(self, pool: Pool, role: str, chooser: Chooser, method: str, path: str, content: bytes,
+                    tokens: list[int] | None, model: str) -> _Sent:
+        """Start the request on a backend chosen by ``chooser`` (retrying others after transport errors);
+        the caller owns the returned response and must :meth:`_finish` it."""
+        hits, source = None, "controller"
+        if chooser.policy == "kv" and tokens is not None:
+            hits, source = await self.kv.hits(model, tokens, pool)
+        headers = {"content-type": "application/json", **self._upstream_headers}
+        tried: set[str] = set()
+        last = ""
+        while True:
+            candidates = pool.eligible(tried)
+            if not candidates:
+                if tried:
+                    raise RouterError(502, f"every {role} backend failed: {last}")
+                now = time.monotonic()
+                wait = min(b.down_until for b in pool.backends) - now
+                raise RouterError(503, f"no {role} backend is in rotation (all failed recently)", wait)
+            decision = chooser.pick(candidates, hits, source)
+            backend = decision.backend
+            self.metrics.decisions.labels(role, decision.reason).inc()
+            pool.acquire(backend)
+            started = time.perf_counter()
+            try:
+                request = self.client.build_request(method, backend.url + path, content=content or None,
+                                                    headers=headers)
+                upstream = await self.client.send(request, stream=True)
+            except httpx.HTTPError as exc:
+                pool.release(backend)
+                backoff = pool.failed(backend)
+                timed_out = isinstance(exc, httpx.TimeoutException) and not isinstance(exc, httpx.ConnectTimeout)
+                self.metrics.errors.labels(backend.url, "timeout" if timed_out else "connect").inc()
+                log.warning("%s backend %s failed (%s: %s); out of rotation for %.1fs", role, backend.url,
+                            type(exc).__name__, exc, backoff)
+                if timed_out:
+                    raise RouterError(504, f"{role} backend {backend.url} did not answer in time") from None
+                tried.add(backend.url)
+                last = f"{backend.url}: {type(exc).__name__}: {exc}"
+                continue
+            except BaseException:
+                pool.release(backend)
+                raise
+            pool.succeeded(backend)
+            if tokens is not None:
+                self.kv.record(tokens, backend.url)
+                if role == "decode":
+                    self.metrics.prompt_tokens.labels("hit").inc(decision.hit_tokens)
+                    self.metrics.prompt_tokens.labels("miss").inc(max(0, len(tokens) - decision.hit_tokens))
+            if upstream.status_code >= 500:
+                self.metrics.errors.labels(backend.url, "http_5xx").inc()
+            return _Sent(upstream, backend, started)
+
+    def _finish(self, sent: _Sent, role: str, route: str) -> None:
+        pool = self.prefill if role == "prefill" and self.prefill is not None else self.decode
+        pool.release(sent.backend)
+        self.metrics.requests.labels(sent.backend.url, role, route, str(sent.upstream.status_code)).inc()
+        self.metrics.upstream_seconds.labels(sent.backend.url, role).observe(time.perf_counter() - sent.started)
+
+    def _relay(self, sent: _Sent, role: str, route: str, streamed: bool, release: Callable[[], None]) -> Relay:
+        up = sent.upstream
+        url = sent.backend.url
+
+        async def body() -> AsyncIterator[bytes]:
+            first = True
+            try:
+                async for chunk in up.aiter_raw():
+                    if first and streamed:
+                        self.metrics.ttft_seconds.labels(url).observe(time.perf_counter() - sent.started)
+                    first = False
+                    yield chunk
+            except httpx.HTTPError as exc:  # the response is already started: end it short
+                self.metrics.errors.labels(url, "stream").inc()
+                log.warning("%s backend %s broke off a response (%s: %s)", role, url, type(exc).__name__, exc)
+
+        def on_close() -> None:
+            self._finish(sent, role, route)
+            release()
+
+        headers = {k: v for k in _PASS_HEADERS if (v := up.headers.get(k)) is not None}
+        headers["x-kvtier-backend"] = url
+        return Relay(up, body(), headers, on_close)
+
+
+# ---- app -------------------------------------------------------------------------------------------
+def create_app(settings: RouterSettings) -> FastAPI:
+    """The FastAPI app (``app.state.router`` is the :class:`Router`)."""
+    from kvtier.cluster.controller import BodyLimit
+
+    router = Router(settings)
+    bearer = HTTPBearer(auto_error=False, description="The router token (--token).")
+
+    async def require_token(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # noqa: B008
+        if not settings.token:
+            return
+        if creds is None:
+            router.metrics.rejected.labels("auth").inc()
+            raise RouterError(401, "this router requires 'Authorization: Bearer <token>'")
+        if not hmac.compare_digest(creds.credentials.encode(), settings.token.encode()):
+            router.metrics.rejected.labels("auth").inc()
+            raise RouterError(403, "wrong token")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await router.client.aclose()
+
+    app = FastAPI(title="kvtier router", version="1", lifespan=lifespan,
+                  description="KV-aware OpenAI-compatible proxy in front of engine instances.")
+    app.state.router = router
+
+    @app.exception_handler(RouterError)
+    async def router_error(_request: Request, exc: RouterError) -> JSONResponse:
+        return exc.response()
+
+    auth = [Depends(require_token)]
+
+    @app.post("/v1/completions", dependencies=auth, summary="Routed text completion")
+    async def completions(request: Request) -> Response:
+        return await router.handle("completions", "/v1/completions", request)
+
+    @app.post("/v1/chat/completions", dependencies=auth, summary="Routed chat completion")
+    async def chat(request: Request) -> Response:
+        return await router.handle("chat", "/v1/chat/completions", request)
+
+    @app.get("/v1/models", dependencies=auth, summary="Models of a healthy backend")
+    async def models() -> Response:
+        return await router.models()
+
+    @app.get("/health", summary="200 while some backend is in rotation")
+    async def health() -> JSONResponse:
+        live = len(router.decode.eligible())
+        body: dict[str, Any] = {"status": "ok" if live else "unavailable", "backends": len(router.decode.backends),
+                                "healthy": live}
+        if router.prefill is not None:
+            body["prefill_backends"] = len(router.prefill.backends)
+            body["prefill_healthy"] = len(router.prefill.eligible())
+        return JSONResponse(body, status_code=200 if live else 503)
+
+    @app.get("/metrics", dependencies=auth, summary="Prometheus metrics")
+    async def metrics() -> Response:
+        payload, content_type = router.metrics.render()
+        return Response(payload, media_type=content_type)
+
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    return app
+
+
+def serve(settings: RouterSettings, on_ready: Callable[[int], None] | None = None) -> None:
+    """Run the router until SIGINT / SIGTERM (blocking)."""
+    import uvicorn
+
+    from kvtier.cluster.controller import bind
+
+    settings.check()
+    app = create_app(settings)
+    app.state.router.tokens.load()
+    sock = bind(settings.host, settings.port)
+    config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_keep_alive=30,
+                            timeout_graceful_shutdown=5)
+    if on_ready is not None:
+        on_ready(sock.getsockname()[1])
+    uvicorn.Server(config).run(sockets=[sock])
