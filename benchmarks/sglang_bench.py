@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import tempfile
 import time
@@ -29,7 +28,7 @@ from typing import Any
 import torch
 
 from kvtier import wire
-from kvtier.bench.common import Timing, bar_plot, time_runs, write_results
+from kvtier.bench.common import Timing, bar_plot, free_port, time_runs, write_results
 from kvtier.config import load_config
 from kvtier.keys import Chunk
 from kvtier.layout import KVSpec
@@ -139,12 +138,6 @@ def storage_bench(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ---- ttft: SGLang cold vs kvtier hit ---------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _prompts(sizes: list[int], repeat: int) -> dict[int, list[list[int]]]:
     """``repeat`` distinct prompts per size: a different leading line makes every page hash differ."""
     from transformers import AutoTokenizer
@@ -176,7 +169,7 @@ def ttft_bench(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="kvtier-sglang-ttft-", dir=args.disk_dir) as tmp:
         cfg = Path(tmp) / "kvtier.yaml"
         cfg.write_text(f"disk:\n  enabled: true\n  path: {Path(tmp) / 'disk'}\n")
-        argv = sglang_server_command(port=_free_port(), config=str(cfg), prefetch_threshold=PAGE)
+        argv = sglang_server_command(port=free_port(), config=str(cfg), prefetch_threshold=PAGE)
         with running_server(argv, Path(tmp) / "server.log") as url:
             generate(url, [1, 2, 3], 1)  # one-off warm-up
             for size in sizes:

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import platform
+import socket
 import statistics
 import subprocess
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -75,6 +77,30 @@ def stop_process(proc: subprocess.Popen[Any], timeout_s: float = 15.0) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now (the OS may hand it out again once the caller binds nothing)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_healthy(url: str, proc: subprocess.Popen[Any], timeout_s: float = 300.0, what: str = "server") -> None:
+    """Block until ``url/health`` answers 200; raise ``RuntimeError`` if ``proc`` exits first and
+    ``TimeoutError`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode} before it was ready")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as reply:
+                if reply.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(1.0)
+    raise TimeoutError(f"{what} at {url} was not ready after {timeout_s:.0f} s")
 
 
 def machine() -> dict[str, Any]:

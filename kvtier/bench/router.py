@@ -24,7 +24,6 @@ import json
 import os
 import re
 import select
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,14 +35,10 @@ from typing import Any
 
 import httpx
 
+from kvtier.bench.common import free_port, stop_process, wait_healthy
+
 SERVED = "smol"
 TOKEN = "router-bench-token"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Service:
@@ -68,20 +63,12 @@ class Service:
         return self.url
 
     def wait_healthy(self, timeout_s: float = 600.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{self.url} did not become healthy\n{self.log_path.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1.0)
+        try:
+            wait_healthy(self.url, self.proc, timeout_s)
+        except (RuntimeError, TimeoutError) as exc:
+            raise RuntimeError(f"{exc}\n{self.log_path.read_text()[-4000:]}") from exc
 
     def stop(self) -> None:
-        from kvtier.bench.common import stop_process
-
         if self.proc.poll() is None:
             stop_process(self.proc, 30)
         self._log.close()

@@ -122,34 +122,20 @@ def sglang_server_env(base: dict[str, str] | None = None, device: str | None = N
     return env
 
 
-def wait_ready(url: str, proc: subprocess.Popen[Any], timeout_s: float = 300.0) -> None:
-    """Block until ``url/health`` answers 200; raise if the server exits or ``timeout_s`` passes."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"SGLang exited with {proc.returncode} before it was ready")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as reply:
-                if reply.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(1.0)
-    raise TimeoutError(f"SGLang at {url} was not ready after {timeout_s:.0f} s")
-
-
 @contextlib.contextmanager
 def running_server(argv: list[str], log_path: Path | str, env: dict[str, str] | None = None,
                    timeout_s: float = 300.0) -> Iterator[str]:
     """Run the server of ``argv`` (from :func:`sglang_server_command`) for a script or test; yield its
     base URL once healthy; stop it (SIGTERM, then SIGKILL) on exit. Output goes to ``log_path``."""
+    from kvtier.bench.common import wait_healthy
+
     port = argv[argv.index("--port") + 1]
     url = f"http://127.0.0.1:{port}"
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(argv, env=env or sglang_server_env(), stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         try:
-            wait_ready(url, proc, timeout_s)
+            wait_healthy(url, proc, timeout_s, what="SGLang")
             yield url
         finally:
             _stop_group(proc)

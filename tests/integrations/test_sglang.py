@@ -15,7 +15,6 @@ All three texts must be identical. Needs the SGLang test venv: ``scripts/install
 from __future__ import annotations
 
 import json
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import pytest
 
 pytest.importorskip("sglang")
 
+from kvtier.bench.common import free_port
 from kvtier.integrations.sglang import PageKeys, namespace_model
 from kvtier.integrations.sglang_cli import (
     flush_cache,
@@ -41,12 +41,6 @@ PAGE = 16
 PROMPT_TOKENS = 600
 NEW_TOKENS = 24
 DAMAGED_PAGE = 10
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _storage_tokens(reply: dict[str, Any]) -> int:
@@ -85,7 +79,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _command(workdir: Path, kvtier: bool) -> list[str]:
-    return sglang_server_command(port=_free_port(), config=str(workdir / "kvtier.yaml"), kvtier=kvtier,
+    return sglang_server_command(port=free_port(), config=str(workdir / "kvtier.yaml"), kvtier=kvtier,
                                  prefetch_threshold=PAGE)
 
 
