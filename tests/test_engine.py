@@ -60,7 +60,7 @@ def test_prefix_semantics_and_partial_chunk() -> None:
     assert torch.equal(out[:, :, :32], kv[:, :, :32])
     assert torch.count_nonzero(out[:, :, 32:]) == 0  # nothing beyond the hit was written
     assert e.lookup(tokens[:20]) == 16
-    assert e.lookup([5] + tokens[1:]) == 0
+    assert e.lookup([5, *tokens[1:]]) == 0
 
 
 def test_partial_chunks_off() -> None:

@@ -181,6 +181,27 @@ def flush_cache(url: str, timeout_s: float = 120.0) -> None:
         time.sleep(0.5)
 
 
+def launch(model: str | None, *, host: str, port: int, config: str | None, served_model_name: str | None,
+           device: str | None = None, page_size: int = 16, max_total_tokens: int | None = 32768,
+           kvtier: bool = True, dry_run: bool = False, extra_args: list[str] | None = None) -> None:
+    """Check the config, then replace this process with SGLang's server (or print its command line).
+    Shared by ``kvtier serve-sglang`` and ``kvtier serve --engine sglang``."""
+    if importlib.util.find_spec("sglang") is None and not dry_run:
+        raise ConfigError("SGLang is not installed in this environment (on a CPU-only machine see "
+                          "scripts/install-sglang.sh and docs/sglang.md)")
+    if config:
+        from kvtier.config import load_config
+
+        load_config(config)  # fail here, with kvtier's message, rather than inside SGLang's start-up
+    argv = sglang_server_command(model, host=host, port=port, config=config, served_model_name=served_model_name,
+                                 device=device, page_size=page_size, max_total_tokens=max_total_tokens,
+                                 kvtier=kvtier, extra_args=extra_args)
+    if dry_run:
+        typer.echo(shlex.join(argv))
+        return
+    os.execve(argv[0], argv, sglang_server_env(device=device))  # signals go straight to the server
+
+
 def register(app: typer.Typer) -> None:
     @app.command(
         "serve-sglang",
@@ -200,18 +221,6 @@ def register(app: typer.Typer) -> None:
         dry_run: bool = typer.Option(False, help="Print the command instead of running it."),
     ) -> None:
         """Start SGLang's server with kvtier as its HiCache storage backend (extra arguments go to SGLang)."""
-        if importlib.util.find_spec("sglang") is None and not dry_run:
-            raise ConfigError("SGLang is not installed in this environment (on a CPU-only machine see "
-                              "scripts/install-sglang.sh and docs/sglang.md)")
-        if config:
-            from kvtier.config import load_config
-
-            load_config(config)  # fail here, with kvtier's message, rather than inside SGLang's start-up
-        argv = sglang_server_command(model, host=host, port=port, config=config,
-                                     served_model_name=served_model_name, device=device, page_size=page_size,
-                                     max_total_tokens=max_total_tokens or None, kvtier=not no_kvtier,
-                                     extra_args=list(ctx.args))
-        if dry_run:
-            typer.echo(shlex.join(argv))
-            return
-        os.execve(argv[0], argv, sglang_server_env(device=device))  # signals go straight to the server
+        launch(model, host=host, port=port, config=config, served_model_name=served_model_name, device=device,
+               page_size=page_size, max_total_tokens=max_total_tokens or None, kvtier=not no_kvtier,
+               dry_run=dry_run, extra_args=list(ctx.args))

@@ -9,8 +9,10 @@ Enable it with ``--kv-transfer-config`` (or ``LLM(kv_transfer_config=...)``), se
 
 Extra config keys (all optional): ``kvtier_config`` (YAML file; default ``$KVTIER_CONFIG``), ``kvtier``
 (a mapping of config overrides), ``kvtier_model_id`` (the model part of every key; default the served
-model name), ``kvtier_layout`` (force a layout of :mod:`kvtier.integrations.vllm_layout`). ``KVTIER_*``
-environment variables apply as everywhere else.
+model name), ``kvtier_layout`` (force a layout of :mod:`kvtier.integrations.vllm_layout`),
+``kvtier_flush_timeout_s`` (how long a ``kv_producer`` waits per step for its lower-tier writes; default
+10). ``KVTIER_*`` environment variables apply as everywhere else. ``chunk_tokens``, unless set, follows
+vLLM's block size (:func:`_chunk_default`).
 
 How it works:
 
@@ -35,6 +37,16 @@ How it works:
   ends with an error): never wrong output. Nothing is saved for a request in the step its load failed.
 - Preemption, abort, finish: the request's plan is dropped; a resumed request is looked up again.
   Blocks are never held past ``request_finished`` (saves complete inside ``wait_for_save``).
+- Roles (``kv_role``): ``kv_both`` loads and saves; ``kv_consumer`` (a decode instance) loads, never
+  saves; ``kv_producer`` (a prefill instance) saves, never loads, and after every step that stored
+  something waits (at most ``kvtier_flush_timeout_s``; a timeout is counted and logged) until the
+  engine's write-back to its lower tiers is done, so by the time vLLM reports a request finished its KV
+  can be read from the shared tiers (cache server, Redis, shared fs) by a decoder.
+- Cluster: with ``cluster.enabled`` the engine is built by :func:`kvtier.cluster.agent.start_engine`:
+  its agent registers with the controller, reports the CPU tier's admits and evicts and adds the P2P
+  tier. Only a process that owns a worker-side engine runs an agent (the scheduler of a separate worker
+  process has no engine). The agent never blocks the engine: an unreachable controller only delays its
+  reports (it retries with backoff). Agents stop with their engine (:func:`reset_engines`, exit).
 """
 
 from __future__ import annotations
@@ -58,7 +70,7 @@ from kvtier.config import KvtierConfig, load_config
 from kvtier.engine import CacheEngine
 from kvtier.errors import ConfigError, KvtierError, LayoutError
 from kvtier.integrations import vllm_layout, vllm_lookup
-from kvtier.integrations.vllm_cli import CONNECTOR_NAME, MODULE_PATH, kv_transfer_config
+from kvtier.integrations.vllm_cli import CONNECTOR_NAME, KV_ROLES, MODULE_PATH, kv_transfer_config
 from kvtier.integrations.vllm_plan import LoadReq, Planner, SaveReq
 from kvtier.layout import KVSpec, dtype_name
 
@@ -70,16 +82,19 @@ if TYPE_CHECKING:
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.request import Request
 
+    from kvtier.cluster.agent import Agent
+
 log = logging.getLogger(__name__)
 __all__ = ["CONNECTOR_NAME", "MODULE_PATH", "KvtierConnector", "kv_transfer_config", "reset_engines", "shared_engine"]
 
-EXTRA_KEYS = ("kvtier_config", "kvtier", "kvtier_model_id", "kvtier_layout")
+EXTRA_KEYS = ("kvtier_config", "kvtier", "kvtier_model_id", "kvtier_layout", "kvtier_flush_timeout_s")
 
 
 # ---- one engine per process ------------------------------------------------------------------------
 @dataclass
 class _Shared:
     engine: CacheEngine
+    agent: Agent | None = None  # the cluster agent reporting this engine (``cluster.enabled``)
     usable: bool = True  # False once a worker found the engine's KV cache unusable (layout, spec)
 
 
@@ -87,25 +102,38 @@ _ENGINES: dict[tuple[str, KVSpec, str], _Shared] = {}
 _ENGINES_LOCK = threading.Lock()
 
 
-def shared_engine(spec: KVSpec, model: str, config: KvtierConfig) -> _Shared:
+def shared_engine(spec: KVSpec, model: str, config: KvtierConfig, instance_id: str = "") -> _Shared:
     """The process-wide engine for ``(model, spec, config)``, created on first use; it lives until the
-    process exits (pending lower-tier writes are flushed then)."""
+    process exits (pending lower-tier writes are flushed then). With ``config.cluster.enabled`` it is
+    started with a cluster agent (``instance_id`` overrides the config's); a controller that is down
+    does not stop it from starting."""
     key = (model, spec, config.model_dump_json())
     with _ENGINES_LOCK:
         shared = _ENGINES.get(key)
         if shared is None:
-            shared = _Shared(CacheEngine(spec, model, config))
+            if config.cluster.enabled:
+                from kvtier.cluster.agent import agent_config_from, start_engine
+
+                overrides = {"instance_id": instance_id} if instance_id else {}
+                engine, agent = start_engine(spec, model, agent_config_from(config.cluster, **overrides), config)
+                shared = _Shared(engine, agent)
+                log.info("kvtier agent %s reports to %s", agent.config.instance_id, agent.config.controller_url)
+            else:
+                shared = _Shared(CacheEngine(spec, model, config))
             _ENGINES[key] = shared
             log.info("kvtier engine for %s (%s) created", model, spec.fingerprint())
         return shared
 
 
 def reset_engines() -> None:
-    """Close and forget every process-wide engine (tests; a later connector starts empty)."""
+    """Stop every cluster agent, then close and forget every process-wide engine (tests; a later
+    connector starts empty)."""
     with _ENGINES_LOCK:
         engines = list(_ENGINES.values())
         _ENGINES.clear()
     for shared in engines:
+        if shared.agent is not None:
+            shared.agent.stop()
         shared.engine.close()
 
 
@@ -128,15 +156,36 @@ def _spec_from_vllm(vllm_config: VllmConfig, chunk_tokens: int) -> KVSpec:
     )
 
 
+def _rank_suffix(vllm_config: VllmConfig) -> str:
+    """``""`` on a single rank; else what tells this rank's keys (and cluster instance) apart."""
+    parallel = vllm_config.parallel_config
+    if parallel.tensor_parallel_size == 1 and parallel.pipeline_parallel_size == 1:
+        return ""
+    rank = getattr(parallel, "rank", 0)
+    return f"|tp{parallel.tensor_parallel_size}|pp{parallel.pipeline_parallel_size}|rank{rank}"
+
+
 def _model_id(vllm_config: VllmConfig, extra: dict[str, Any]) -> str:
     model = str(extra.get("kvtier_model_id") or vllm_config.model_config.served_model_name
                 or vllm_config.model_config.model)
-    parallel = vllm_config.parallel_config
-    if parallel.tensor_parallel_size > 1 or parallel.pipeline_parallel_size > 1:
-        # every rank holds other heads / layers under the same tokens: keep their keys apart
-        rank = getattr(parallel, "rank", 0)
-        model += f"|tp{parallel.tensor_parallel_size}|pp{parallel.pipeline_parallel_size}|rank{rank}"
-    return model
+    # every rank holds other heads / layers under the same tokens: keep their keys apart
+    return model + _rank_suffix(vllm_config)
+
+
+MIN_DEFAULT_CHUNK = 128
+
+
+def _chunk_default(config: KvtierConfig, block_size: int) -> KvtierConfig:
+    """``config`` with ``chunk_tokens``, unless it was set (file, env, overrides), replaced by the
+    smallest multiple of vLLM's block size that is at least :data:`MIN_DEFAULT_CHUNK` (128 on CPU,
+    where the block is 128). Hits end at a chunk boundary, so a chunk as small as vLLM's own unit keeps
+    what is recomputed after a shared prefix as short as vLLM's prefix cache would (measured on the
+    tests' NOVEL prompt, 499 tokens shared: 384 hit with 128-token chunks, 256 with 256), while the
+    floor keeps per-chunk costs (keys, frames, tier round trips) bounded for small GPU blocks."""
+    if "chunk_tokens" in config.model_fields_set or block_size <= 0:
+        return config
+    chunk = -(-MIN_DEFAULT_CHUNK // block_size) * block_size
+    return config.model_copy(update={"chunk_tokens": chunk})
 
 
 # ---- metadata (scheduler -> worker, once per step) -------------------------------------------------
@@ -165,7 +214,15 @@ class KvtierConnector(KVConnectorBase_V1):
         overrides = extra.get("kvtier") or {}
         if not isinstance(overrides, dict):
             raise ConfigError(f"kv_connector_extra_config.kvtier must be a mapping, got {overrides!r}")
-        self.config = load_config(extra.get("kvtier_config"), overrides=overrides)
+        self.block_size = int(vllm_config.cache_config.block_size or 0)
+        self.config = _chunk_default(load_config(extra.get("kvtier_config"), overrides=overrides), self.block_size)
+        self.kv_role = str(transfer.kv_role or "kv_both")
+        if self.kv_role not in KV_ROLES:
+            raise ConfigError(f"kvtier supports kv_role {KV_ROLES}, got {self.kv_role!r}")
+        timeout = extra.get("kvtier_flush_timeout_s", 10.0)
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout < 0:
+            raise ConfigError(f"kvtier_flush_timeout_s must be a number of seconds >= 0, got {timeout!r}")
+        self._flush_timeout_s = float(timeout)
         self.spec = _spec_from_vllm(vllm_config, self.config.chunk_tokens)
         self.model_id = _model_id(vllm_config, extra)
         backend = vllm_config.parallel_config.distributed_executor_backend
@@ -184,11 +241,13 @@ class KvtierConnector(KVConnectorBase_V1):
             self._lookup_client = vllm_lookup.LookupClient(self._lookup_path, self._authkey)
             lookup: Callable[[list[int]], int] = self._lookup_client.lookup
         else:
-            self._shared = shared_engine(self.spec, self.model_id, self.config)
+            instance = self.config.cluster.instance_id
+            instance += (re.sub(r"[^A-Za-z0-9._:-]", "-", _rank_suffix(vllm_config)) if instance else "")
+            self._shared = shared_engine(self.spec, self.model_id, self.config, instance)
             self.engine = self._shared.engine
             lookup = self.engine.lookup
-        self._planner = Planner(lookup, self.config.chunk_tokens, self.config.save_partial_chunks)
-        self.block_size = int(vllm_config.cache_config.block_size)
+        self._planner = Planner(lookup, self.config.chunk_tokens, self.config.save_partial_chunks,
+                                store=self.kv_role != "kv_consumer")
         self._forced_layout: str | None = extra.get("kvtier_layout")
         self._layout = self._forced_layout or ""
         if kv_cache_config is not None and len(kv_cache_config.kv_cache_groups) > 1:
@@ -212,10 +271,20 @@ class KvtierConnector(KVConnectorBase_V1):
     def usable(self) -> bool:
         return self._shared.usable if self._shared is not None else True
 
+    @property
+    def agent(self) -> Agent | None:
+        """The cluster agent of this process's engine (None: no cluster, or the scheduler side of a
+        separate worker process)."""
+        return self._shared.agent if self._shared is not None else None
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        return False  # a cache: a dropped save is a later miss, and saves never outlive wait_for_save
+
     def _disable(self) -> None:
         if self._shared is not None:
             self._shared.usable = False
-        self._planner = Planner(lambda _tokens: 0, self.config.chunk_tokens)  # no more hits from here
+        self._planner = Planner(lambda _tokens: 0, self.config.chunk_tokens, store=False)  # kvtier is off
 
     def _count(self, name: str, amount: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + amount
@@ -232,7 +301,7 @@ class KvtierConnector(KVConnectorBase_V1):
         )
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
-        if not self.usable or self._bypass(request):
+        if not self.usable or self._bypass(request) or self.kv_role == "kv_producer":
             return 0, False
         try:
             need = self._planner.lookup(request, num_computed_tokens)
@@ -396,16 +465,31 @@ class KvtierConnector(KVConnectorBase_V1):
         if not isinstance(meta, KvtierMetadata) or not self._layers or not self.usable:
             return
         step_errors = self._step_errors
+        saved = False
         for save in meta.saves:
             if save.req_id in self._failed_loads or step_errors.intersection(save.block_ids):
                 continue  # this step attended to unloaded KV: nothing it computed may be stored
             try:
                 self._save(save)
+                saved = True
             except Exception:
                 log.exception("kvtier save for %s failed; continuing without it", save.req_id)
                 self._count("save_failures")
         self._failed_loads.clear()
         self._step_errors = set()
+        if saved and self.kv_role == "kv_producer":
+            self._flush_lower_tiers()
+
+    def _flush_lower_tiers(self) -> None:
+        """Wait (bounded) until the engine's write-back queue is empty: what this step stored is then
+        in every lower tier that accepted it."""
+        assert self.engine is not None  # worker side
+        if self.engine.storage.flush(self._flush_timeout_s):
+            self._count("producer_flushes")
+        else:
+            self._count("producer_flush_timeouts")
+            log.warning("kvtier producer: lower-tier writes not done after %.1fs; a decoder may miss them",
+                        self._flush_timeout_s)
 
     def _save(self, save: SaveReq) -> None:
         n = len(save.tokens)

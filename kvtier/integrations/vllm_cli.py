@@ -21,15 +21,20 @@ from kvtier.errors import ConfigError
 
 CONNECTOR_NAME = "KvtierConnector"
 MODULE_PATH = "kvtier.integrations.vllm"
+KV_ROLES = ("kv_both", "kv_producer", "kv_consumer")
 
 
-def kv_transfer_config(extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def kv_transfer_config(extra: dict[str, Any] | None = None, kv_role: str = "kv_both") -> dict[str, Any]:
     """The ``--kv-transfer-config`` mapping that plugs kvtier into vLLM; failed kvtier loads are
-    recomputed (vLLM's default policy would fail the request instead)."""
+    recomputed (vLLM's default policy would fail the request instead). ``kv_role``: ``kv_both``,
+    ``kv_producer`` (prefill instance: saves, never loads) or ``kv_consumer`` (decode instance: loads,
+    never saves)."""
+    if kv_role not in KV_ROLES:
+        raise ConfigError(f"kv_role must be one of {KV_ROLES}, got {kv_role!r}")
     return {
         "kv_connector": CONNECTOR_NAME,
         "kv_connector_module_path": MODULE_PATH,
-        "kv_role": "kv_both",
+        "kv_role": kv_role,
         "kv_load_failure_policy": "recompute",
         "kv_connector_extra_config": dict(extra or {}),
     }
@@ -57,6 +62,7 @@ def server_command(
     served_model_name: str | None = None,
     prefix_caching: bool = False,
     kvtier: bool = True,
+    kv_role: str = "kv_both",
     extra_args: list[str] | None = None,
 ) -> list[str]:
     """The argv that starts the server. ``kvtier=False`` gives plain vLLM with the same settings (the
@@ -86,7 +92,7 @@ def server_command(
             extra["kvtier"] = overrides
         if served_model_name:
             extra["kvtier_model_id"] = served_model_name
-        argv += ["--kv-transfer-config", json.dumps(kv_transfer_config(extra))]
+        argv += ["--kv-transfer-config", json.dumps(kv_transfer_config(extra, kv_role))]
     return argv + extra_args
 
 
@@ -116,9 +122,21 @@ def register(app: typer.Typer) -> None:
         served_model_name: str = typer.Option(None, help="Name clients use; also the model part of kvtier keys."),
         prefix_caching: bool = typer.Option(False, help="Also enable vLLM's own prefix cache."),
         no_kvtier: bool = typer.Option(False, "--no-kvtier", help="Plain vLLM (baseline), same settings."),
+        kv_role: str = typer.Option("kv_both", help="kv_both, kv_producer (prefill instance: saves, never "
+                                                    "loads) or kv_consumer (decode instance: loads, never saves)."),
         dry_run: bool = typer.Option(False, help="Print the command instead of running it."),
+        engine: str = typer.Option("vllm", help="vllm, or sglang (same as `kvtier serve-sglang` with its "
+                                                "defaults; the vLLM-only options do not apply)."),
     ) -> None:
         """Start vLLM's OpenAI-compatible server with kvtier as its KV connector (extra arguments go to vLLM)."""
+        if engine == "sglang":
+            from kvtier.integrations.sglang_cli import launch
+
+            launch(model, host=host, port=port, config=config, served_model_name=served_model_name,
+                   kvtier=not no_kvtier, dry_run=dry_run, extra_args=list(ctx.args))
+            return
+        if engine != "vllm":
+            raise ConfigError(f"--engine {engine!r} is not known; choose 'vllm' or 'sglang'")
         if importlib.util.find_spec("vllm") is None and not dry_run:
             raise ConfigError("vLLM is not installed in this environment: run scripts/install-vllm.sh "
                               "(or pip install 'kvtier[vllm]') and use that environment's kvtier")
@@ -128,7 +146,8 @@ def register(app: typer.Typer) -> None:
             load_config(config)  # fail here, with kvtier's message, rather than inside vLLM's start-up
         argv = server_command(model, host=host, port=port, config=config, dtype=dtype,
                               max_model_len=max_model_len, served_model_name=served_model_name,
-                              prefix_caching=prefix_caching, kvtier=not no_kvtier, extra_args=list(ctx.args))
+                              prefix_caching=prefix_caching, kvtier=not no_kvtier, kv_role=kv_role,
+                              extra_args=list(ctx.args))
         if dry_run:
             typer.echo(shlex.join(argv))
             return

@@ -22,6 +22,7 @@ Rules (C = chunk_tokens):
 - If vLLM's computed count goes backwards (it recomputes after a failed load), the known-cached prefix
   drops to that point, so the recomputed chunks are stored again.
 - Preempted, finished or aborted requests are forgotten; a resumed request is looked up afresh.
+- ``store=False`` (vLLM's ``kv_consumer`` role) plans loads only, never a store.
 """
 
 from __future__ import annotations
@@ -85,10 +86,12 @@ class _Tracker:
 class Planner:
     """Per-request load/store plans. Not thread-safe: vLLM's scheduler calls it from one thread."""
 
-    def __init__(self, lookup: Callable[[list[int]], int], chunk_tokens: int, save_partial: bool = True) -> None:
+    def __init__(self, lookup: Callable[[list[int]], int], chunk_tokens: int, save_partial: bool = True,
+                 store: bool = True) -> None:
         self._lookup = lookup
         self.chunk = chunk_tokens
         self.save_partial = save_partial
+        self.store = store
         self._trackers: dict[str, _Tracker] = {}
         self._hits: dict[str, int] = {}
 
@@ -150,7 +153,7 @@ class Planner:
             prompt = int(request.num_prompt_tokens)
             limit = min(after, prompt)
             end = prompt if limit == prompt and self.save_partial else limit - limit % c
-            if end > tracker.saved:
+            if self.store and end > tracker.saved:
                 blocks = blocks if blocks is not None else block_ids(req_id)
                 if blocks is not None:
                     skip = tracker.saved - tracker.saved % c

@@ -50,3 +50,15 @@ def test_cli_dry_run(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "sglang.launch_server" in result.output and "KvtierStorage" in result.output
     assert result.output.strip().endswith("--log-level debug")
+
+
+def test_serve_engine_sglang_is_serve_sglang(tmp_path: Path) -> None:
+    cfg = tmp_path / "kv.yaml"
+    cfg.write_text("disk:\n  enabled: true\n")
+    args = ["--model", "/models/m", "--config", str(cfg), "--port", "30002", "--dry-run"]
+    via_serve = CliRunner().invoke(app, ["serve", "--engine", "sglang", *args])
+    direct = CliRunner().invoke(app, ["serve-sglang", *args])
+    assert via_serve.exit_code == 0 and direct.exit_code == 0, via_serve.output + direct.output
+    assert via_serve.output == direct.output and "KvtierStorage" in direct.output
+    bad = CliRunner().invoke(app, ["serve", "--engine", "tgi", "--dry-run"])
+    assert bad.exit_code != 0 and "'vllm' or 'sglang'" in str(bad.exception)

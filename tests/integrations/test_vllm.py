@@ -8,123 +8,45 @@ in the venv built by ``scripts/install-vllm.sh``.
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import json
 import os
 import subprocess
-import sys
-import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import vllm_support
+from vllm_support import (
+    CHUNK,
+    CONTROLLER_TOKEN,
+    MAX_TOKENS,
+    NOVEL,
+    PROMPTS,
+    _close,
+    _connector,
+    _doc,
+    _generate,
+    _kvtier_extra,
+    _make_llm,
+    _metric,
+    _run_process,
+    cache_server,
+    controller,
+    controller_call,
+    free_port,
+)
 
 pytest.importorskip("vllm")
 
+vllm_env = vllm_support.vllm_env  # module-scoped fixtures, found by pytest under these names
+reference = vllm_support.reference
+
 pytestmark = pytest.mark.slow
-
-CHUNK = 256
-MAX_TOKENS = 8
-ENV = {
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "HF_HUB_OFFLINE": "1",
-    "VLLM_NO_USAGE_STATS": "1",
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-    "TOKENIZERS_PARALLELISM": "false",
-}
-
-
-def _doc(seed: int, words: int) -> str:
-    names = ["river", "stone", "cloud", "maple", "copper", "lantern", "harbor", "violet", "meadow", "falcon"]
-    return " ".join(f"{names[(seed * 7 + i * 3) % len(names)]}{(seed * 31 + i) % 53}" for i in range(words))
-
-
-# ~700, ~450, ~300 tokens, one shorter than a chunk, and one sharing the first prompt's first chunks
-PROMPTS = [
-    _doc(1, 240) + "\nQuestion: which word comes first?",
-    _doc(2, 150) + "\nSummarize the list.",
-    _doc(3, 100) + "\nWhat is the last word?",
-    "Write one sentence about the sea.",
-    _doc(1, 240)[:1200] + " and then something else entirely. Continue the list.",
-]
-# never stored before it is asked: hits exactly the whole chunks it shares with PROMPTS[0]
-NOVEL = _doc(1, 240)[:1500] + " is where the list stops. Count the words."
-
-
-@pytest.fixture(scope="module")
-def vllm_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    root = tmp_path_factory.mktemp("vllm")
-    env = dict(ENV, VLLM_CACHE_ROOT=str(root / "cache"))
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    yield env
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
-def _kvtier_extra(**overrides: Any) -> dict[str, Any]:
-    cfg: dict[str, Any] = {"chunk_tokens": CHUNK, "cpu": {"capacity": "256MiB"}}
-    cfg.update(overrides)
-    return {"kvtier": cfg}
-
-
-def _make_llm(model_dir: Path, extra: dict[str, Any] | None, **kw: Any) -> Any:
-    from vllm import LLM
-    from vllm.config import KVTransferConfig
-
-    from kvtier.integrations.vllm import kv_transfer_config
-
-    args: dict[str, Any] = dict(model=str(model_dir), dtype="float32", max_model_len=2048, enforce_eager=True,
-                                distributed_executor_backend="uni", disable_log_stats=False, seed=0)
-    args.update(kw)
-    if extra is not None:
-        args["kv_transfer_config"] = KVTransferConfig(**kv_transfer_config(extra))
-    return LLM(**args)
-
-
-def _close(llm: Any) -> None:
-    with contextlib.suppress(Exception):
-        llm.llm_engine.engine_core.shutdown()
-    del llm
-    gc.collect()
-
-
-def _generate(llm: Any, prompts: list[Any], max_tokens: int = MAX_TOKENS) -> list[tuple[str, int, int]]:
-    """(text, prompt tokens, num_cached_tokens) per prompt, greedy."""
-    from vllm import SamplingParams
-
-    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens), use_tqdm=False)
-    return [(o.outputs[0].text, len(o.prompt_token_ids), int(o.num_cached_tokens or 0)) for o in outs]
-
-
-def _metric(llm: Any, name: str) -> float:
-    return sum(float(getattr(m, "value", 0) or 0) for m in llm.get_metrics() if m.name == name)
-
-
-def _connector() -> Any:
-    from vllm.distributed.kv_transfer import get_kv_transfer_group
-
-    return get_kv_transfer_group()
-
 
 PREEMPT_LEN = 126  # just under one 128-token block: every request needs a second block while decoding
 PREEMPT_TOKENS = 16
 PREEMPT_CHUNK = 64
-
-
-@pytest.fixture(scope="module")
-def reference(vllm_env: dict[str, str], model_dir: Path) -> list[str]:
-    """vLLM alone (no connector, no prefix caching)."""
-    llm = _make_llm(model_dir, None, enable_prefix_caching=False)
-    try:
-        return [text for text, _n, _c in _generate(llm, [*PROMPTS, NOVEL])]
-    finally:
-        _close(llm)
 
 
 @pytest.fixture(scope="module")
@@ -261,34 +183,6 @@ def test_preemption_resumes_from_kvtier(
     assert all(c == n - 1 for _t, n, c in second)
 
 
-RESTART_SCRIPT = textwrap.dedent(
-    """
-    import json, sys
-    from vllm import LLM, SamplingParams
-    from vllm.config import KVTransferConfig
-    from kvtier.integrations.vllm import kv_transfer_config, reset_engines
-    args = json.loads(sys.argv[1])
-    llm = LLM(model=args["model"], dtype="float32", max_model_len=2048, enforce_eager=True,
-              distributed_executor_backend="uni", enable_prefix_caching=False, seed=0,
-              kv_transfer_config=KVTransferConfig(**kv_transfer_config(args["extra"])))
-    outs = llm.generate(args["prompts"], SamplingParams(temperature=0.0, max_tokens=args["max_tokens"]),
-                        use_tqdm=False)
-    result = [[o.outputs[0].text, len(o.prompt_token_ids), int(o.num_cached_tokens or 0)] for o in outs]
-    reset_engines()  # flush the disk tier before exiting
-    print("RESULT " + json.dumps(result), flush=True)
-    """
-)
-
-
-def _run_process(args: dict[str, Any], env: dict[str, str]) -> list[list[Any]]:
-    proc = subprocess.run([sys.executable, "-c", RESTART_SCRIPT, json.dumps(args)], env={**os.environ, **env},
-                          capture_output=True, text=True, timeout=400)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
-    result: list[list[Any]] = json.loads(lines[-1][len("RESULT "):])
-    return result
-
-
 def test_restart_serves_from_disk(
     vllm_env: dict[str, str], model_dir: Path, reference: list[str], tmp_path: Path
 ) -> None:
@@ -296,9 +190,9 @@ def test_restart_serves_from_disk(
     extra = _kvtier_extra(disk={"enabled": True, "path": str(tmp_path / "disk"), "capacity": "1GiB",
                                 "fsync": False})
     args = {"model": str(model_dir), "extra": extra, "prompts": PROMPTS[:3], "max_tokens": MAX_TOKENS}
-    first = _run_process(args, vllm_env)
+    first, _ = _run_process(args, vllm_env)
     assert any((tmp_path / "disk").rglob("*.kvt"))
-    second = _run_process(args, vllm_env)
+    second, _ = _run_process(args, vllm_env)
     assert [r[0] for r in first] == reference[:3]
     assert [r[0] for r in second] == reference[:3]
     assert all(r[2] == 0 for r in first)
@@ -319,22 +213,23 @@ def test_openai_server_reports_kvtier_hits(
     vllm_env: dict[str, str], model_dir: Path, reference: list[str], tmp_path: Path
 ) -> None:
     """``kvtier serve``'s command: a real OpenAI-compatible server; the second identical request is
-    served from kvtier, as vLLM's own /metrics counter of external prefix-cache hits shows."""
-    import socket
+    served from kvtier, as vLLM's own /metrics counter of external prefix-cache hits shows. The server
+    joins a real ``kvtier controller``: exactly one instance registers (the worker process that owns
+    the engine, not the scheduler process) and the controller knows what it cached."""
     import time
     import urllib.request
 
     from kvtier.integrations.vllm_cli import server_command, server_env
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    argv = server_command(str(model_dir), port=port, overrides=_kvtier_extra()["kvtier"], served_model_name="smol",
+    port, ctl_port = free_port(), free_port()
+    overrides = _kvtier_extra(cluster={"enabled": True, "controller_url": f"http://127.0.0.1:{ctl_port}",
+                                       "instance_id": "serve-a", "token": CONTROLLER_TOKEN})["kvtier"]
+    argv = server_command(str(model_dir), port=port, overrides=overrides, served_model_name="smol",
                           extra_args=["--enforce-eager", "--seed", "0"])
     env = server_env({k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"})
     env["VLLM_CPU_KVCACHE_SPACE"] = "1"
     log = tmp_path / "server.log"
-    with open(log, "wb") as out:
+    with controller(ctl_port, tmp_path / "controller.log", {"smol": model_dir}) as url, open(log, "wb") as out:
         proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + 400
@@ -350,6 +245,12 @@ def test_openai_server_reports_kvtier_hits(
             second = _post(port, "/v1/completions", body)["choices"][0]["text"]
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
                 metrics = resp.read().decode()
+            deadline = time.monotonic() + 30
+            while (found := controller_call(url, "/lookup", {"model": "smol", "text": PROMPTS[0]}))[0] != 200 \
+                    or "serve-a" not in found[1]["instances"]:
+                assert time.monotonic() < deadline, found
+                time.sleep(0.2)
+            instances = controller_call(url, "/instances")[1]["instances"]
         finally:
             proc.terminate()
             try:
@@ -360,17 +261,52 @@ def test_openai_server_reports_kvtier_hits(
                if line.startswith("vllm:external_prefix_cache_hits_total"))
     assert first == second == reference[0]
     assert hits >= 600  # PROMPTS[0] is ~680 tokens: all but the last come from kvtier the second time
+    assert [i["instance_id"] for i in instances] == ["serve-a"]
+    assert found[1]["num_tokens"] == found[1]["instances"]["serve-a"]["hit_tokens"] > 600
 
 
-def test_shared_fs_tier_between_instances(
-    vllm_env: dict[str, str], model_dir: Path, reference: list[str], tmp_path: Path
+@pytest.fixture
+def shared_tier(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """kvtier overrides of one shared lower tier: a shared-filesystem folder, a real ``kvtier server``
+    process or a real ``redis-server`` process, each on loopback."""
+    kind = request.param
+    if kind == "fs":
+        yield {"fs": {"enabled": True, "path": str(tmp_path / "shared"), "fsync": False}}
+    elif kind == "server":
+        with cache_server(tmp_path) as server:
+            yield {"remote": {"enabled": True, "port": server.port, "timeout_s": 10.0}}
+    else:
+        pytest.importorskip("redis")  # scripts/install-vllm.sh does not install the redis extra
+        from redis_support import RedisServer, redis_server_binary
+
+        if redis_server_binary() is None:
+            pytest.skip("redis-server is not installed")
+        with RedisServer() as server:
+            yield {"redis": {"enabled": True, "url": server.url, "timeout_s": 10.0}}
+
+
+@pytest.mark.parametrize("shared_tier", ["fs", "server", "redis"], indirect=True)
+def test_shared_tier_between_instances(
+    vllm_env: dict[str, str], model_dir: Path, reference: list[str], shared_tier: dict[str, Any]
 ) -> None:
-    """Instance A stores into a shared-filesystem tier; instance B (another process, its own empty CPU
-    tier, no disk tier) hits on what A stored."""
-    extra = _kvtier_extra(fs={"enabled": True, "path": str(tmp_path / "shared"), "fsync": False})
-    args = {"model": str(model_dir), "extra": extra, "prompts": PROMPTS[1:3], "max_tokens": MAX_TOKENS}
-    a = _run_process(args, vllm_env)
-    b = _run_process(args, vllm_env)
+    """Instance A stores into a shared lower tier; instance B (another process, its own empty CPU tier,
+    no disk tier) hits on what A stored, with vLLM's output unchanged."""
+    args = {"model": str(model_dir), "extra": _kvtier_extra(**shared_tier), "prompts": PROMPTS[1:3],
+            "max_tokens": MAX_TOKENS}
+    a, _ = _run_process(args, vllm_env)
+    b, _ = _run_process(args, vllm_env)
     assert [r[0] for r in a] == [r[0] for r in b] == reference[1:3]
     assert all(r[2] == 0 for r in a)
     assert all(r[2] == r[1] - 1 for r in b)
+
+
+def test_chunk_tokens_default_follows_vllm_block_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvtier.config import load_config
+    from kvtier.integrations.vllm import _chunk_default
+
+    monkeypatch.delenv("KVTIER_CHUNK_TOKENS", raising=False)
+    unset = load_config(overrides={"cpu": {"capacity": "64MiB"}})
+    assert [_chunk_default(unset, b).chunk_tokens for b in (128, 16, 48)] == [128, 128, 144]
+    assert _chunk_default(load_config(overrides={"chunk_tokens": 256}), 128).chunk_tokens == 256
+    monkeypatch.setenv("KVTIER_CHUNK_TOKENS", "64")
+    assert _chunk_default(load_config(), 128).chunk_tokens == 64  # set through the environment

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from kvtier.cli import app
+from kvtier.errors import ConfigError
 from kvtier.integrations.vllm_cli import kv_transfer_config, server_command, server_env
 
 
@@ -51,3 +53,13 @@ def test_cli_dry_run(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "vllm.entrypoints.openai.api_server" in result.output and "--port 9001" in result.output
     assert result.output.strip().endswith("--max-num-batched-tokens 512")
+
+
+def test_kv_role_reaches_the_transfer_config() -> None:
+    argv = server_command("/models/x", kv_role="kv_producer")
+    assert json.loads(_arg(argv, "--kv-transfer-config"))["kv_role"] == "kv_producer"
+    result = CliRunner().invoke(app, ["serve", "--model", "/m", "--kv-role", "kv_consumer", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert '"kv_role": "kv_consumer"' in result.output
+    with pytest.raises(ConfigError, match="kv_role"):
+        kv_transfer_config(kv_role="kv_decoder")

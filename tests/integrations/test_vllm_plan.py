@@ -151,3 +151,15 @@ def test_inconsistent_grant_still_emits_a_failing_load() -> None:
     req.num_computed_tokens = 36  # more than kvtier ever had
     plan = _step(p, req, 4)
     assert [(ld.tokens, ld.start, ld.end) for ld in plan.loads] == [([], 4, 36)]
+
+
+def test_consumer_loads_but_never_stores() -> None:
+    req = FakeRequest("a", list(range(40)), 40)
+    p = Planner(lambda tokens: min(32, len(tokens)), C, store=False)
+    assert p.lookup(req, 0) == 32
+    p.allocated(req, 32)
+    req.num_computed_tokens = 32
+    plan = _step(p, req, 8)
+    assert [(ld.start, ld.end) for ld in plan.loads] == [(0, 32)]
+    assert plan.saves == []  # the prompt's last 8 tokens were computed here, yet nothing is stored
+    assert _step(p, req, 1).saves == []

@@ -68,5 +68,5 @@ def test_busy_keys_are_skipped_and_remove_forgets(name: str) -> None:
 
 
 def test_unknown_policy() -> None:
-    with pytest.raises(ConfigError, match="'mru'.*fifo"):
+    with pytest.raises(ConfigError, match=r"'mru'.*fifo"):
         make_policy("mru")
