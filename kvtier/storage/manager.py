@@ -151,7 +151,8 @@ class StorageManager:
         return out
 
     def load(self, tier_index: int, chunk: Chunk, tokens: np.ndarray, out: torch.Tensor) -> bool:
-        """Fetch ``chunk`` from one tier and decode it into ``out``; False on miss or damage."""
+        """Fetch ``chunk`` from one tier and decode it into ``out``; False on miss or damage (``tokens``:
+        the uint32-le ids the caller keyed, from :func:`kvtier.keys.as_token_array`)."""
         slot = self.slots[tier_index]
         if not slot.usable(time.monotonic()):
             return False
@@ -170,9 +171,8 @@ class StorageManager:
                 meta = wire.unpack_head_into(head, self.spec, out, expect=chunk.key)  # type: ignore[arg-type]
             else:
                 meta = wire.unpack_into(frame, self.spec, out, expect=chunk.key)  # type: ignore[arg-type]
-            if meta.parent != chunk.parent or not np.array_equal(
-                meta.token_array(), tokens[chunk.start : chunk.end]
-            ):
+            # ``tokens`` is uint32-le (``as_token_array``): one bytes compare, like the CPU tier's
+            if meta.parent != chunk.parent or meta.tokens != tokens[chunk.start : chunk.end].tobytes():
                 slot.counters["collisions"] += 1
                 return False
         except (CorruptChunk, LayoutError) as exc:

@@ -177,3 +177,19 @@ def test_factory_builds_disk_and_fs_in_order(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="codec"):
         build_tiers(load_config(environ={}, overrides={"disk": {"enabled": True, "codec": "nope",
                                                                 "path": str(tmp_path / "x")}}), SPEC)
+
+
+def test_lower_tier_frame_of_other_tokens_is_a_counted_miss(engine: CacheEngine, monkeypatch) -> None:
+    """With every key forced equal, a disk frame stored for other tokens must not be returned."""
+    import kvtier.keys as keys_mod
+
+    monkeypatch.setattr(keys_mod, "_xxh3_128", lambda data: b"\x00" * 16)
+    kv = kv_for(16)
+    assert engine.store(list(range(16)), kv) == 16
+    assert engine.storage.flush(10)
+    engine.cpu.clear()
+    out = torch.zeros_like(kv)
+    assert engine.retrieve(list(range(1, 17)), out) == 0
+    assert torch.count_nonzero(out) == 0
+    assert disk_stats(engine)["collisions"] >= 1
+    assert engine.retrieve(list(range(16)), out) == 16 and torch.equal(out, kv)
