@@ -33,12 +33,13 @@ CONTROLLER_TOKEN = "vllm-cluster-token"
 
 
 @contextlib.contextmanager
-def controller(port: int, log: Path, tokenizers: dict[str, Path] | None = None) -> Iterator[str]:
+def controller(port: int, log: Path, tokenizers: dict[str, Path] | None = None,
+               heartbeat_ttl: float = 5.0) -> Iterator[str]:
     """A real ``kvtier controller`` process on ``port`` (token :data:`CONTROLLER_TOKEN`); yields its URL."""
     import re
     import select
 
-    cmd = [sys.executable, "-m", "kvtier.cli", "controller", "--port", str(port), "--heartbeat-ttl", "5",
+    cmd = [sys.executable, "-m", "kvtier.cli", "controller", "--port", str(port), "--heartbeat-ttl", str(heartbeat_ttl),
            "--heartbeat", "0.25", "--log-level", "warning"]
     for model, path in (tokenizers or {}).items():
         cmd += ["--tokenizer", f"{model}={path}"]
