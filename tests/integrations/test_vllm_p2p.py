@@ -166,11 +166,13 @@ def test_peer_fetch_then_dead_peer_recomputes(vllm_env: dict[str, str], model_di
         return {"model": str(model_dir), "extra": extra}
 
     with contextlib.ExitStack() as stack:
+        # one start at a time: two vLLM engines initialising at once on 2 cores (each binding its OpenMP
+        # threads to every core) once stalled B's start past the timeout in CI
         a = Instance("A", args("A"), vllm_env, tmp_path / "a.log")
         stack.callback(a.close)
+        a.ready()
         b = Instance("B", args("B"), vllm_env, tmp_path / "b.log")
         stack.callback(b.close)
-        a.ready()
         b_ready = b.ready()
         assert b_ready["cpu"]["chunks"] == 0 and "p2p" in b_ready  # empty CPU tier, P2P is its only lower tier
         _wait_until(lambda: _live(cluster) == {"A", "B"}, 60, "both instances registered")
