@@ -219,6 +219,7 @@ def test_openai_server_reports_kvtier_hits(
     import time
     import urllib.request
 
+    from kvtier.bench.common import stop_process
     from kvtier.integrations.vllm_cli import server_command, server_env
 
     port, ctl_port = free_port(), free_port()
@@ -252,11 +253,7 @@ def test_openai_server_reports_kvtier_hits(
                 time.sleep(0.2)
             instances = controller_call(url, "/instances")[1]["instances"]
         finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_process(proc, 30)
     hits = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
                if line.startswith("vllm:external_prefix_cache_hits_total"))
     assert first == second == reference[0]

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from kvtier.bench.common import free_port  # noqa: F401 - re-exported to the vLLM test modules
+from kvtier.bench.common import free_port, stop_process  # noqa: F401 - free_port re-exported to the vLLM tests
 
 CHUNK = 256
 MAX_TOKENS = 8
@@ -53,11 +53,7 @@ def controller(port: int, log: Path, tokenizers: dict[str, Path] | None = None,
         assert re.search(rf"http://[\d.]+:{port}", line), f"controller did not start: {line!r} {log.read_text()}"
         yield f"http://127.0.0.1:{port}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc, 10)
 
 
 def controller_call(url: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
