@@ -29,12 +29,12 @@ from typing import Any
 
 import torch
 
-from kvtier.frames import pack_parts, unpack_into
-from kvtier.record import token_record
 from kvtier.bench.common import Timing, bar_plot, free_port, time_runs, write_results
 from kvtier.config import load_config
+from kvtier.frames import pack_parts, unpack_into
 from kvtier.keys import Chunk
 from kvtier.layout import KVSpec
+from kvtier.record import token_record
 from kvtier.storage.base import Tier
 from kvtier.storage.factory import build_tiers
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 from codec_support import ALL, LOSSY, assert_within_bound, kv_like, spec_for
 
-from kvtier.frames import pack, unpack_into
-from kvtier.record import token_record
 from kvtier.errors import CorruptChunk, LayoutError
+from kvtier.frames import pack, unpack_into
 from kvtier.keys import Chunker, Namespace
+from kvtier.record import token_record
 
 REGISTERED = ["raw", "zstd", "lz4", "int8", "fp8", "kivi", "cachegen", "cachegen-ans"]
 

@@ -18,9 +18,9 @@ import psutil
 import torch
 
 from kvtier.frames import pack
-from kvtier.record import token_record
 from kvtier.keys import Chunker, Namespace
 from kvtier.layout import KVSpec
+from kvtier.record import token_record
 from kvtier.server import protocol as P
 
 SPEC = KVSpec(num_layers=4, num_kv_heads=2, head_dim=8, dtype="float32", chunk_tokens=16)

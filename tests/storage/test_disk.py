@@ -19,11 +19,11 @@ import pytest
 import torch
 
 from kvtier import wire
-from kvtier.frames import pack, payload_view, unpack_head_into, unpack_into
-from kvtier.record import token_record
 from kvtier.errors import CorruptChunk, TierUnavailable
+from kvtier.frames import pack, payload_view, unpack_head_into, unpack_into
 from kvtier.keys import Chunk, Chunker, Namespace
 from kvtier.layout import KVSpec
+from kvtier.record import token_record
 from kvtier.storage.disk import QUARANTINE, DiskTier, chunk_path
 
 SPEC = KVSpec(num_layers=2, num_kv_heads=2, head_dim=8, dtype="float32", chunk_tokens=16)

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from kvtier.frames import pack, unpack_into
-from kvtier.record import token_record
+from kvtier.frames import pack
 from kvtier.keys import Chunk, Chunker, Namespace
 from kvtier.layout import KVSpec
+from kvtier.record import token_record
 from kvtier.storage.disk import QUARANTINE, chunk_path
 from kvtier.storage.fs import FsTier
 
