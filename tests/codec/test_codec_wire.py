@@ -87,3 +87,20 @@ def test_version_1_frames_and_bad_flags_are_corrupt() -> None:
     flagged[6] = 1  # claims a MAC but names no key
     with pytest.raises(CorruptChunk, match="flags"):
         unpack_into(bytes(flagged), spec, torch.zeros_like(kv))
+
+
+def test_a_version_1_file_in_a_disk_tier_is_quarantined_at_start(tmp_path) -> None:
+    from kvtier.storage.disk import DiskTier, chunk_path
+
+    frame, _kv, chunk = frame_for("raw")
+    old = bytearray(frame)
+    old[4:6] = (1).to_bytes(2, "little")
+    path = chunk_path(tmp_path, chunk.key)  # type: ignore[attr-defined]
+    path.parent.mkdir(parents=True)
+    path.write_bytes(bytes(old))
+    tier = DiskTier(tmp_path, 1 << 20)
+    try:
+        assert tier.exists([chunk.key]) == [False]  # type: ignore[attr-defined]
+        assert tier.stats()["quarantined"] == 1 and not path.exists()
+    finally:
+        tier.close()
