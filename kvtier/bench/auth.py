@@ -8,8 +8,8 @@ Two parts, both measured in the same run:
   ceiling: a plain copy of the same bytes;
 - paths with ``auth.secret`` ÷ the same path without, engines alike otherwise, interleaved so drift
   hits both (each run's two timings form a pair; the median of the pair ratios is the headline
-  number): CPU tier -> disk (store + write-back flush; fsync off, so the MAC's share is the largest
-  it can be) and disk -> CPU (retrieve into an empty CPU tier), and the same two against a kvtier
+  number): CPU tier -> disk (store + write-back flush; fsync as configured, ``--no-fsync`` gives the
+  MAC its largest share) and disk -> CPU (retrieve into an empty CPU tier), and the same two against a kvtier
   cache-server process on loopback. The goal is >= 0.9x. Each path also gets the ratio predicted from
   its no-auth rate and the measured MAC rate (``1 / (1 + path GB/s / MAC GB/s)``), a cross-check that
   survives a noisy machine better than the ratio of two noisy timings.
@@ -73,7 +73,7 @@ def _server(capacity: int) -> tuple[subprocess.Popen[str], int]:
     raise RuntimeError("kvtier server did not start")
 
 
-def _paths(tokens: int, repeat: int) -> dict[str, Any]:
+def _paths(tokens: int, repeat: int, fsync: bool) -> dict[str, Any]:
     import numpy as np
     import torch
 
@@ -94,7 +94,7 @@ def _paths(tokens: int, repeat: int) -> dict[str, Any]:
     try:
         with tempfile.TemporaryDirectory(prefix="kvtier-bench-auth-") as tmp:
             for path_name, tier in (("disk", lambda side: {"disk": {"enabled": True, "path": f"{tmp}/{side}",
-                                                                      "fsync": False, "capacity": 4 * capacity}}),
+                                                                      "fsync": fsync, "capacity": 4 * capacity}}),
                                     ("remote", lambda _side: {"remote": {"enabled": True, "port": port,
                                                                            "timeout_s": 30.0}})):
                 engines = {}
@@ -142,7 +142,7 @@ def _paths(tokens: int, repeat: int) -> dict[str, Any]:
     return result
 
 
-def run(tokens: int = 8192, repeat: int = 5, out_dir: str = "results") -> dict[str, Any]:
+def run(tokens: int = 8192, repeat: int = 5, out_dir: str = "results", fsync: bool = True) -> dict[str, Any]:
     from kvtier.bench.common import bar_plot, write_results
     from kvtier.layout import KVSpec
 
@@ -151,8 +151,8 @@ def run(tokens: int = 8192, repeat: int = 5, out_dir: str = "results") -> dict[s
     result: dict[str, Any] = {
         "tokens": tokens, "chunk_bytes": spec.chunk_bytes, "repeat": repeat, "cpus": os.cpu_count(),
         "primitives_one_chunk": _primitives(payload, max(repeat, 10)),
-        "paths": _paths(tokens, repeat),
-        "conditions": "disk fsync off; server on loopback; shared 2-core machine unless stated",
+        "paths": _paths(tokens, repeat, fsync),
+        "conditions": f"disk fsync {'on' if fsync else 'off'}; server on loopback; shared 2-core machine",
     }
     mac_gbps = result["primitives_one_chunk"]["blake3 keyed, 1 thread (used)"]["GBps"]["median"]
     for entry in result["paths"].values():  # what the MAC alone should cost: noise-free cross-check
@@ -180,12 +180,13 @@ def register(app: typer.Typer) -> None:
         tokens: int = typer.Option(8192, help="Tokens of SmolLM2-shaped bf16 KV per path run."),
         repeat: int = typer.Option(5, help="Timed runs (min/median/max reported)."),
         out: str = typer.Option("results", help="Output directory."),
+        fsync: bool = typer.Option(True, "--fsync/--no-fsync", help="Disk tier fsync (config default: on)."),
     ) -> None:
         """Frame MAC (and AEAD) cost: primitives per chunk, and paths with auth ÷ without."""
         from rich.console import Console
         from rich.table import Table
 
-        r = run(tokens, repeat, out)
+        r = run(tokens, repeat, out, fsync)
         console = Console()
         table = Table(title=f"Primitives over one chunk ({r['chunk_bytes'] / 1e6:.1f} MB)")
         for col in ("primitive", "GB/s min", "GB/s median", "GB/s max", "÷ copy (median)"):
