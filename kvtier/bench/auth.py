@@ -158,14 +158,16 @@ def run(tokens: int = 8192, repeat: int = 5, out_dir: str = "results", fsync: bo
     for entry in result["paths"].values():  # what the MAC alone should cost: noise-free cross-check
         if isinstance(entry, dict):
             entry["ratio_predicted_from_mac_rate"] = 1 / (1 + entry["plain"]["GBps"]["median"] / mac_gbps)
-    write_results("bench_auth", result, out_dir)
+    name = "bench_auth" if fsync else "bench_auth_nofsync"
+    write_results(name, result, out_dir)
     prims = result["primitives_one_chunk"]
-    bar_plot(f"{out_dir}/bench_auth_primitives.png", "One 256-token SmolLM2 bf16 chunk (5.9 MB)", list(prims),
+    bar_plot(f"{out_dir}/{name}_primitives.png", "One 256-token SmolLM2 bf16 chunk (5.9 MB)", list(prims),
              {"GB/s (median)": [p["GBps"]["median"] for p in prims.values()]}, "GB/s",
              errors={"GB/s (median)": ([p["GBps"]["min"] for p in prims.values()],
                                        [p["GBps"]["max"] for p in prims.values()])})
     paths = {k: v for k, v in result["paths"].items() if isinstance(v, dict)}
-    bar_plot(f"{out_dir}/bench_auth.png", f"{tokens} tokens bf16: with auth ÷ without (goal >= 0.9)", list(paths),
+    bar_plot(f"{out_dir}/{name}.png", f"{tokens} tokens bf16, fsync {'on' if fsync else 'off'}: auth ÷ no auth",
+             list(paths),
              {"measured (median of pairs)": [p["ratio_per_pair"]["median"] for p in paths.values()],
               "predicted from MAC rate": [p["ratio_predicted_from_mac_rate"] for p in paths.values()]},
              "× of no-auth",
