@@ -161,14 +161,21 @@ class ClusterConfig(_Section):
     advertise_host: str = Field("", description="Address peers dial (default p2p_host; required for 0.0.0.0).")
 
 
+def _comma_list(value: Any) -> Any:
+    """A ``KVTIER_*`` value arrives as one string: ``"a,b"`` -> ``("a", "b")``."""
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    return value
+
+
 class AuthConfig(_Section):
     """Authenticated chunks (:mod:`kvtier.frame_auth`): a per-tenant secret that MACs every frame this
     process writes to a lower tier and is required on every frame it reads from one."""
 
     secret: str = Field("", description="Tenant secret (>= 16 bytes; '' = frames carry only a checksum).")
     secret_file: str = Field("", description="File holding the tenant secret (instead of auth.secret).")
-    previous_secrets: tuple[str, ...] = Field(
-        (), description="Retired secrets still accepted for reading (key rotation)."
+    previous_secrets: Annotated[tuple[str, ...], BeforeValidator(_comma_list)] = Field(
+        (), description="Retired secrets still accepted for reading (key rotation; comma-separated in env)."
     )
 
     def __repr__(self) -> str:  # never print secrets
