@@ -171,7 +171,8 @@ def ttft_bench(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="kvtier-sglang-ttft-", dir=args.disk_dir) as tmp:
         cfg = Path(tmp) / "kvtier.yaml"
         cfg.write_text(f"disk:\n  enabled: true\n  path: {Path(tmp) / 'disk'}\n")
-        argv = sglang_server_command(port=free_port(), config=str(cfg), prefetch_threshold=PAGE)
+        argv = sglang_server_command(port=free_port(), config=str(cfg), prefetch_threshold=PAGE,
+                                     cpu_test_rig=True)
         with running_server(argv, Path(tmp) / "server.log") as url:
             generate(url, [1, 2, 3], 1)  # one-off warm-up
             for size in sizes:

@@ -80,7 +80,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _command(workdir: Path, kvtier: bool) -> list[str]:
     return sglang_server_command(port=free_port(), config=str(workdir / "kvtier.yaml"), kvtier=kvtier,
-                                 prefetch_threshold=PAGE)
+                                 prefetch_threshold=PAGE, cpu_test_rig=True, extra_args=["--enable-metrics"])
 
 
 @pytest.fixture(scope="module")
