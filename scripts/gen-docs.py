@@ -11,7 +11,7 @@ import inspect
 import sys
 from pathlib import Path
 
-from kvtier.config import config_reference
+from kvtier.config import RESERVED_ENV, config_reference
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
@@ -39,9 +39,8 @@ Sources, later ones win: defaults < the YAML file (`--config`, or `$KVTIER_CONFI
 
 - Environment: `KVTIER_<KEY>` sets a top-level key, `KVTIER_<SECTION>__<KEY>` a key of a section
   (`KVTIER_DISK__ENABLED=true`, `KVTIER_CPU__CAPACITY=8GiB`); values are parsed as YAML scalars.
-- Names read elsewhere and therefore not config keys: `KVTIER_CONFIG`, `KVTIER_HOME` (model cache),
-  `KVTIER_CONTROLLER_TOKEN`, `KVTIER_SKIP_VLLM`, `KVTIER_SKIP_SGLANG`. Any other `KVTIER_*` name that is
-  not a key stops the process with an error naming the nearest valid key; so does an unknown key in the
+- Names read elsewhere and therefore not config keys: {reserved}. Any other `KVTIER_*` name that is not
+  a key stops the process with an error naming the nearest valid key; so does an unknown key in the
   file, and a bad value names the key, the value and what is allowed.
 - Sizes accept `1073741824`, `"512MiB"`, `"2GB"`, `"1.5 GiB"`.
 - Keys shared by every process that must hit each other's chunks: the model id, `chunk_tokens`, the
@@ -114,7 +113,8 @@ def _document(module_name: str, names: tuple[str, ...]) -> list[str]:
                 for mname, method in methods:
                     target = method.fget if isinstance(method, property) else method
                     summary = _first_paragraph(getattr(target, "__doc__", None)).replace("|", "\\|")
-                    out.append(f"| `{mname}{_signature(target)}` | {summary} |".replace("`|", "`\\|"))
+                    signature = _signature(target).replace("|", "\\|")  # a table cell: escape union pipes
+                    out.append(f"| `{mname}{signature}` | {summary} |")
                 out.append("")
         else:
             out += [f"### `{name}{_signature(obj)}`", "", _full(obj.__doc__), ""]
@@ -127,7 +127,8 @@ def render() -> dict[Path, str]:
     for module_name, names in API:
         api += _document(module_name, names)
     return {
-        DOCS / "configuration.md": CONFIG_HEAD + config_reference() + "\n",
+        DOCS / "configuration.md": CONFIG_HEAD.format(reserved=", ".join(f"`{n}`" for n in sorted(RESERVED_ENV)))
+        + config_reference() + "\n",
         DOCS / "api.md": API_HEAD + "\n".join(api).rstrip() + "\n",
     }
 
