@@ -260,6 +260,7 @@ class KvtierConnector(KVConnectorBase_V1):
         # worker side
         self._layer_names: list[str] = []
         self._layers: list[torch.Tensor] = []
+        self._stacked: torch.Tensor | None = None  # all layers as one view, when vLLM allocated them so
         self._staging: torch.Tensor | None = None
         self._load_errors: set[int] = set()
         self._failed_loads: set[str] = set()
@@ -350,6 +351,7 @@ class KvtierConnector(KVConnectorBase_V1):
         names = sorted(kv_caches, key=index)
         self._layer_names = names
         self._layers = [kv_caches[n] for n in names]
+        self._stacked = vllm_layout.stack_layers(self._layers)
         try:
             self._layout = self._forced_layout or self._detect_layout(self._layers[0])
             self._check_layers()
@@ -361,8 +363,9 @@ class KvtierConnector(KVConnectorBase_V1):
             engine = self.engine
             assert engine is not None
             self._lookup_server = vllm_lookup.LookupServer(self._lookup_path, engine.lookup, self._authkey)
-        log.info("kvtier: %d layers, layout %s, block size %d, chunk %d tokens",
-                 len(self._layers), self._layout, self.block_size, self.config.chunk_tokens)
+        log.info("kvtier: %d layers (%s), layout %s, block size %d, chunk %d tokens", len(self._layers),
+                 "one buffer" if self._stacked is not None else "separate buffers", self._layout,
+                 self.block_size, self.config.chunk_tokens)
 
     @staticmethod
     def _worker_rank() -> int:
@@ -446,9 +449,8 @@ class KvtierConnector(KVConnectorBase_V1):
         end = min(hit, load.end)
         if end <= load.start:
             return 0
-        slots = vllm_layout.slot_mapping(load.block_ids, self.block_size, load.start, end)
-        vllm_layout.scatter_layers(self._layout, self._layers, slots, self.spec.head_dim,
-                                   staging[:, :, load.start : end])
+        vllm_layout.scatter_span(self._layout, self._layers, load.block_ids, load.start, end,
+                                 staging[:, :, load.start : end], self.spec.head_dim, self._stacked)
         self._count("loaded_tokens", end - load.start)
         return end
 
@@ -495,8 +497,8 @@ class KvtierConnector(KVConnectorBase_V1):
         n = len(save.tokens)
         skip = min(save.skip, n)
         staging = self._stage(n)
-        slots = vllm_layout.slot_mapping(save.block_ids, self.block_size, skip, n)
-        vllm_layout.gather_layers(self._layout, self._layers, slots, self.spec.head_dim, staging[:, :, skip:n])
+        vllm_layout.gather_span(self._layout, self._layers, save.block_ids, skip, n, staging[:, :, skip:n],
+                                self.spec.head_dim, self._stacked)
         assert self.engine is not None  # worker side
         cached = self.engine.store(save.tokens, staging, skip_tokens=skip)
         self._count("saved_tokens", max(cached - skip, 0))

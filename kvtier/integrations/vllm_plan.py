@@ -11,6 +11,8 @@ Rules (C = chunk_tokens):
 
 - Hit = the kvtier lookup of all the request's tokens (whole chunks, or the whole sequence when its
   partial last chunk is stored), capped at ``num_tokens - 1``: vLLM computes the last token itself.
+  vLLM asks again every step a request waits for admission; the lookup runs once per request and
+  token count (a hit gone stale meanwhile is a failed load, recomputed like any other).
   External tokens = hit − what vLLM already has (its block-aligned local prefix-cache hit).
 - A load covers ``[local, local + external)`` and is emitted once, in the request's first scheduled
   step after admission; it carries the token ids of the whole stored prefix so the stored chunks (a
@@ -93,21 +95,26 @@ class Planner:
         self.save_partial = save_partial
         self.store = store
         self._trackers: dict[str, _Tracker] = {}
-        self._hits: dict[str, int] = {}
+        self._hits: dict[str, tuple[int, int]] = {}  # request -> (num_tokens looked up, hit)
 
     def __len__(self) -> int:
         return len(self._trackers)
 
     def lookup(self, request: RequestLike, num_computed_tokens: int) -> int:
         """External tokens kvtier can supply beyond vLLM's ``num_computed_tokens`` (0 if none)."""
-        hit = self._lookup(list(request.all_token_ids))
-        self._hits[request.request_id] = hit
+        num_tokens = int(request.num_tokens)
+        known = self._hits.get(request.request_id)
+        if known is not None and known[0] == num_tokens:
+            hit = known[1]
+        else:
+            hit = self._lookup(list(request.all_token_ids))
+            self._hits[request.request_id] = (num_tokens, hit)
         need = min(hit, request.num_tokens - 1) - num_computed_tokens
         return max(need, 0)
 
     def allocated(self, request: RequestLike, num_external_tokens: int) -> None:
         """vLLM admitted ``request`` and will load ``num_external_tokens`` external tokens."""
-        hit = self._hits.pop(request.request_id, 0)
+        hit = self._hits.pop(request.request_id, (0, 0))[1]
         if num_external_tokens > hit:
             raise ValueError(f"vLLM granted {num_external_tokens} external tokens, kvtier had {hit}")
         self._trackers[request.request_id] = _Tracker(request, hit, num_external_tokens,

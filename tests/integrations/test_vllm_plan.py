@@ -163,3 +163,23 @@ def test_consumer_loads_but_never_stores() -> None:
     assert [(ld.start, ld.end) for ld in plan.loads] == [(0, 32)]
     assert plan.saves == []  # the prompt's last 8 tokens were computed here, yet nothing is stored
     assert _step(p, req, 1).saves == []
+
+
+def test_lookup_runs_once_per_request_while_it_waits() -> None:
+    """vLLM asks again every step a request waits for admission: one kvtier round trip is enough."""
+    calls: list[int] = []
+
+    def lookup(tokens: list[int]) -> int:
+        calls.append(len(tokens))
+        return 32
+
+    p = Planner(lookup, C)
+    req = FakeRequest("a", list(range(40)), 40)
+    assert [p.lookup(req, 0) for _ in range(5)] == [32] * 5
+    assert calls == [40]
+    req.all_token_ids.append(7)  # the request changed: ask again
+    assert p.lookup(req, 0) == 32 and calls == [40, 41]
+    p.allocated(req, 32)
+    p.forget("a")  # preempted or finished: a resumed request is looked up afresh
+    p.lookup(req, 0)
+    assert calls == [40, 41, 41]
