@@ -55,6 +55,7 @@ import atexit
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -69,13 +70,20 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from kvtier.config import KvtierConfig, load_config
 from kvtier.engine import CacheEngine
 from kvtier.errors import ConfigError, KvtierError, LayoutError
-from kvtier.integrations import vllm_layout, vllm_lookup
+from kvtier.integrations import vllm_layout, vllm_lookup, vllm_stats
 from kvtier.integrations.vllm_cli import CONNECTOR_NAME, KV_ROLES, MODULE_PATH, kv_transfer_config
 from kvtier.integrations.vllm_plan import LoadReq, Planner, SaveReq
 from kvtier.layout import KVSpec, dtype_name
+from kvtier.metrics import configure_logging
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
+        KVConnectorPromMetrics,
+        KVConnectorStats,
+        PromMetric,
+        PromMetricT,
+    )
     from vllm.forward_context import ForwardContext
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
@@ -205,6 +213,8 @@ class KvtierConnector(KVConnectorBase_V1):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
+        configure_logging(logging.getLogger("vllm"))  # kvtier's lines go where vLLM's go, at its level
+
         self._cache_hit_source = CacheHitSource.HOST
         transfer = vllm_config.kv_transfer_config
         extra: dict[str, Any] = dict(transfer.kv_connector_extra_config or {})
@@ -266,6 +276,7 @@ class KvtierConnector(KVConnectorBase_V1):
         self._failed_loads: set[str] = set()
         self._step_errors: set[int] = set()
         self.counters: dict[str, int] = {}
+        self._stats = vllm_stats.StatsTracker()
         self.max_model_len = int(vllm_config.model_config.max_model_len)
 
     @property
@@ -422,12 +433,14 @@ class KvtierConnector(KVConnectorBase_V1):
             return
         for load in meta.loads:
             loaded = 0
+            began = time.perf_counter()
             try:
                 if self._layers and self.usable:
                     loaded = self._load(load)
             except Exception:
                 log.exception("kvtier load for %s failed; vLLM will recompute", load.req_id)
                 loaded = 0
+            self._stats.time("load", time.perf_counter() - began)
             if loaded < load.end:
                 bs = self.block_size
                 first = max(loaded, load.start) // bs
@@ -471,12 +484,14 @@ class KvtierConnector(KVConnectorBase_V1):
         for save in meta.saves:
             if save.req_id in self._failed_loads or step_errors.intersection(save.block_ids):
                 continue  # this step attended to unloaded KV: nothing it computed may be stored
+            began = time.perf_counter()
             try:
                 self._save(save)
                 saved = True
             except Exception:
                 log.exception("kvtier save for %s failed; continuing without it", save.req_id)
                 self._count("save_failures")
+            self._stats.time("save", time.perf_counter() - began)
         self._failed_loads.clear()
         self._step_errors = set()
         if saved and self.kv_role == "kv_producer":
@@ -505,6 +520,24 @@ class KvtierConnector(KVConnectorBase_V1):
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         return None, None
+
+    # ==== metrics (see kvtier.integrations.vllm_stats) =================================================
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        if self.engine is None or not self._layers:  # scheduler side, or a worker without KV caches
+            return None
+        counters, gauges = vllm_stats.engine_samples(self.engine.stats(), self.counters,
+                                                       self.spec.bytes_per_token)
+        return self._stats.take(counters, gauges)
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
+        return vllm_stats.KvtierConnectorStats(data=dict(data) if data else {})
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config: VllmConfig, metric_types: dict[type[PromMetric], type[PromMetricT]],
+                           labelnames: list[str], per_engine_labelvalues: dict[int, list[object]],
+                           ) -> KVConnectorPromMetrics | None:
+        return vllm_stats.KvtierPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
