@@ -110,7 +110,7 @@ class KvtierConnectorStats(KVConnectorStats):
             self.reset()
 
     def reset(self) -> None:
-        self.data = {"counters": {}, "gauges": {}, "seconds": {}}
+        self.data: dict[str, Any] = {"counters": {}, "gauges": {}, "seconds": {}}
 
     def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
         """Sum counters, keep the latest gauges (summed over workers would double a shared engine's
