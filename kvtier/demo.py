@@ -178,21 +178,22 @@ def run_demo(context_tokens: int = 3072, questions: int = 4, dtype: str = "auto"
     return record
 
 
-def answer_table(record: dict[str, Any], width: int = 120) -> Any:
-    """Return a rich Table of ``record`` no wider than ``width`` (above ~90 columns) with one line per
-    question: an answer is cut to its first line and to the width left, ending in "…" when cut (the
-    full text stays in the JSON)."""
+def answer_table(record: dict[str, Any], width: int = 100) -> Any:
+    """Return a rich Table of ``record`` with one line per question, no wider than ``width`` columns
+    (at least 80): an answer is cut to its first line and to the room left, ending in "…" when cut
+    (the full text stays in the JSON)."""
     from rich.table import Table
 
-    table = Table(title=f"kvtier demo: {record['context_tokens']}-token document, {record['dtype']}")
-    for name in ("#", "KV from", "TTFT base", "TTFT kvtier", "hit", "speedup", "same", "answer (kvtier)"):
+    table = Table(title=f"kvtier demo: {record['context_tokens']}-token document, {record['dtype']}, TTFT in s",
+                  caption="KV from: cpu = kvtier's CPU tier; disk = a fresh engine (as after a restart)")
+    for name in ("#", "KV from", "no cache", "kvtier", "hit", "speedup", "same", "answer (kvtier)"):
         table.add_column(name, no_wrap=True)
-    room = max(12, width - 82)
+    room = max(16, width - 63)  # what the other columns, paddings and borders leave
     for i, r in enumerate(record["questions"], 1):
-        answer = r["answer_kvtier"].split("\n")[0]
-        if len(answer) > room or "\n" in r["answer_kvtier"]:
-            answer = answer[:room - 1] + "…"
-        table.add_row(str(i), r["source"], f"{r['ttft_nocache_s']:.2f} s", f"{r['ttft_kvtier_s']:.2f} s",
+        answer = r["answer_kvtier"].strip().split("\n")[0]
+        if len(answer) > room or "\n" in r["answer_kvtier"].strip():
+            answer = answer[: room - 1].rstrip() + "…"
+        table.add_row(str(i), r["source"].split()[0], f"{r['ttft_nocache_s']:.2f}", f"{r['ttft_kvtier_s']:.2f}",
                       str(r["hit_tokens"]), f"{r['speedup']:.1f}×", "yes" if r["identical"] else "[red]NO[/red]",
                       answer)
     return table
