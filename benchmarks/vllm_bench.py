@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import statistics
 import subprocess
 import tempfile
@@ -79,13 +80,17 @@ def serve(name: str, kvtier: bool, prefix_caching: bool, args: argparse.Namespac
     argv = server_command(args.model, port=port, overrides=overrides, max_model_len=args.max_model_len,
                           served_model_name=MODEL_NAME, prefix_caching=prefix_caching, kvtier=kvtier)
     log = open(workdir / f"{name}.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(argv, env=server_env(), stdout=log, stderr=subprocess.STDOUT)
+    # its own process group: vLLM's engine-core and worker processes go with it, even when the server
+    # is stopped before it finished starting (they outlived it then)
+    proc = subprocess.Popen(argv, env=server_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_healthy(f"http://127.0.0.1:{port}", proc, args.start_timeout)
         ttft(port, "Hello", 2)  # first request pays one-off warm-up costs
         yield port
     finally:
         stop_process(proc, 30)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         log.close()
 
 
@@ -242,7 +247,7 @@ def main() -> None:
     p.add_argument("--cpu-capacity", default="2GiB")
     p.add_argument("--chunk-tokens", type=int, default=128,
                    help="kvtier chunk size; 128 = vLLM's CPU block size, so hits end where vLLM's own would")
-    p.add_argument("--start-timeout", type=float, default=300)
+    p.add_argument("--start-timeout", type=float, default=600)
     p.add_argument("--out", default="results")
     p.add_argument("--configs", default="vllm,vllm+prefix,kvtier",
                    help="comma list of: " + ", ".join(CONFIGS))

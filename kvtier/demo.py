@@ -24,8 +24,13 @@ _MARK = "\x00DOCUMENT\x00"
 _INTRO = "Read the document below, then answer the question that follows it in a few words.\n\n"
 
 
-# CPU feature flags (Linux /proc/cpuinfo names) that give bfloat16 matmuls native hardware support.
-NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
+# CPU feature flags (Linux /proc/cpuinfo names) of native bf16 matrix units, where bf16 pays off.
+BF16_MATRIX_FLAGS = ("amx_bf16",)
+# native bf16 dot products only. Measured on an AMD EPYC with avx512_bf16 (2 threads, 3K tokens): bf16
+# prefill 1.3x faster than float32, but greedy output already changes between a full prefill and a
+# prefill split at the last token, with no cache involved (1-token and batched bf16 kernels round
+# differently); float32 gave identical output both ways. The demo checks identical output, so float32.
+BF16_DOT_FLAGS = ("avx512_bf16", "bf16")
 
 
 def cpu_flags() -> set[str]:
@@ -49,14 +54,19 @@ def cpu_flags() -> set[str]:
 
 def choose_dtype(requested: str, flags: Iterable[str]) -> tuple[str, str]:
     """Return ``(dtype, reason)`` for the model. ``requested`` is ``auto``, ``bfloat16`` or ``float32``;
-    anything but ``auto`` is returned as is. ``auto`` picks bfloat16 only when ``flags`` show native
-    bf16 support (bf16 without it runs several times slower than float32 on CPU)."""
+    anything but ``auto`` is returned as is. ``auto`` picks bfloat16 only when ``flags`` show a bf16
+    matrix unit (AMX); float32 otherwise: without native bf16 it is several times faster, and with bf16
+    dot products only (AVX512-BF16) it is a little slower but keeps greedy output independent of how
+    the prompt is split (see :data:`BF16_DOT_FLAGS`)."""
     if requested != "auto":
         return requested, "set by --dtype"
-    native = sorted(set(flags) & set(NATIVE_BF16_FLAGS))
-    if native:
-        return "bfloat16", f"CPU has native bf16 ({', '.join(native)})"
-    return "float32", f"CPU lacks native bf16 ({' / '.join(NATIVE_BF16_FLAGS[:2])}): float32 is faster"
+    flags = set(flags)
+    if matrix := sorted(flags & set(BF16_MATRIX_FLAGS)):
+        return "bfloat16", f"CPU has a bf16 matrix unit ({', '.join(matrix)})"
+    if dot := sorted(flags & set(BF16_DOT_FLAGS)):
+        return "float32", (f"CPU has bf16 dot products only ({', '.join(dot)}): bf16 is barely faster there and its "
+                           "rounding makes greedy output depend on how the prompt is split")
+    return "float32", "CPU lacks native bf16 (AVX512-BF16 / AMX): float32 is several times faster"
 
 
 def build_prompts(tokenizer: Any, document: str, questions: list[str], context_tokens: int,

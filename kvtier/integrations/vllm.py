@@ -11,8 +11,9 @@ Extra config keys (all optional): ``kvtier_config`` (YAML file; default ``$KVTIE
 (a mapping of config overrides), ``kvtier_model_id`` (the model part of every key; default the served
 model name), ``kvtier_layout`` (force a layout of :mod:`kvtier.integrations.vllm_layout`),
 ``kvtier_flush_timeout_s`` (how long a ``kv_producer`` waits per step for its lower-tier writes; default
-10). ``KVTIER_*`` environment variables apply as everywhere else. ``chunk_tokens``, unless set, follows
-vLLM's block size (:func:`_chunk_default`).
+10), ``kvtier_load_async`` (load off the critical path, default false; see below). ``KVTIER_*``
+environment variables apply as everywhere else. ``chunk_tokens``, unless set, follows vLLM's block
+size (:func:`_chunk_default`).
 
 How it works:
 
@@ -26,7 +27,10 @@ How it works:
   whole prompt when its partial last chunk is stored), capped at ``num_tokens - 1`` because vLLM must
   compute the last token; not rounded to vLLM's block size (vLLM accepts any count and the slot
   mapping addresses single tokens, so any chunk size works; a multiple of the block size is fastest).
-  Loading is synchronous (before the step's forward pass): on CPU there is no copy engine to overlap.
+  Loading is synchronous (before the step's forward pass) unless ``kvtier_load_async``: then vLLM
+  admits the request without scheduling it, a loader thread in the worker fills its blocks while other
+  requests keep running, and ``get_finished`` reports it done; vLLM schedules it in the next step. A
+  request aborted meanwhile keeps its blocks until the load is done (``request_finished``).
 - Saving: after each step, the prompt's whole chunks computed so far (chunked prefill stores them as
   they complete), the partial last chunk at the end of prefill, never decode tokens; copied out of the
   paged cache in ``wait_for_save``. Requests with a cache salt, a LoRA adapter, multimodal inputs or
@@ -57,6 +61,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -95,7 +100,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 __all__ = ["CONNECTOR_NAME", "MODULE_PATH", "KvtierConnector", "kv_transfer_config", "reset_engines", "shared_engine"]
 
-EXTRA_KEYS = ("kvtier_config", "kvtier", "kvtier_model_id", "kvtier_layout", "kvtier_flush_timeout_s")
+EXTRA_KEYS = ("kvtier_config", "kvtier", "kvtier_model_id", "kvtier_layout", "kvtier_flush_timeout_s",
+              "kvtier_load_async")
 
 
 # ---- one engine per process ------------------------------------------------------------------------
@@ -233,6 +239,9 @@ class KvtierConnector(KVConnectorBase_V1):
         if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout < 0:
             raise ConfigError(f"kvtier_flush_timeout_s must be a number of seconds >= 0, got {timeout!r}")
         self._flush_timeout_s = float(timeout)
+        load_async = extra.get("kvtier_load_async", False)
+        if not isinstance(load_async, bool):
+            raise ConfigError(f"kvtier_load_async must be true or false, got {load_async!r}")
         self.spec = _spec_from_vllm(vllm_config, self.config.chunk_tokens)
         self.model_id = _model_id(vllm_config, extra)
         backend = vllm_config.parallel_config.distributed_executor_backend
@@ -257,7 +266,7 @@ class KvtierConnector(KVConnectorBase_V1):
             self.engine = self._shared.engine
             lookup = self.engine.lookup
         self._planner = Planner(lookup, self.config.chunk_tokens, self.config.save_partial_chunks,
-                                store=self.kv_role != "kv_consumer")
+                                store=self.kv_role != "kv_consumer", load_async=load_async)
         self._forced_layout: str | None = extra.get("kvtier_layout")
         self._layout = self._forced_layout or ""
         if kv_cache_config is not None and len(kv_cache_config.kv_cache_groups) > 1:
@@ -271,11 +280,14 @@ class KvtierConnector(KVConnectorBase_V1):
         self._layer_names: list[str] = []
         self._layers: list[torch.Tensor] = []
         self._stacked: torch.Tensor | None = None  # all layers as one view, when vLLM allocated them so
-        self._staging: torch.Tensor | None = None
+        self._staging: dict[str, torch.Tensor] = {}
         self._load_errors: set[int] = set()
         self._failed_loads: set[str] = set()
         self._step_errors: set[int] = set()
         self.counters: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._loader: ThreadPoolExecutor | None = None  # asynchronous loads, one at a time
+        self._loading: dict[str, Future[None]] = {}  # request -> its asynchronous load
         self._stats = vllm_stats.StatsTracker()
         self.max_model_len = int(vllm_config.model_config.max_model_len)
 
@@ -299,7 +311,8 @@ class KvtierConnector(KVConnectorBase_V1):
         self._planner = Planner(lambda _tokens: 0, self.config.chunk_tokens, store=False)  # kvtier is off
 
     def _count(self, name: str, amount: int = 1) -> None:
-        self.counters[name] = self.counters.get(name, 0) + amount
+        with self._lock:  # the asynchronous loader counts too
+            self.counters[name] = self.counters.get(name, 0) + amount
 
     # ==== scheduler side ===============================================================================
     @staticmethod
@@ -320,7 +333,7 @@ class KvtierConnector(KVConnectorBase_V1):
         except Exception:  # a lookup must never break scheduling
             log.exception("kvtier lookup failed; treating it as a miss")
             return 0, False
-        return need, False  # synchronous load (nothing to overlap with on CPU)
+        return need, self._planner.load_async and need > 0
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         if self._bypass(request) or not self.usable:
@@ -346,7 +359,12 @@ class KvtierConnector(KVConnectorBase_V1):
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._planner.forget(request.request_id)
-        return False, None  # saves finish inside wait_for_save: the blocks can be freed now
+        # saves finish inside wait_for_save: the blocks can be freed now, unless an asynchronous load is
+        # still writing into them (aborted while waiting); the worker's "finished receiving" frees them
+        return request.request_id in self._planner.loading, None
+
+    def update_connector_output(self, connector_output: Any) -> None:
+        self._planner.loaded(connector_output.finished_recving or ())
 
     # ==== worker side ==================================================================================
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -416,14 +434,16 @@ class KvtierConnector(KVConnectorBase_V1):
         ):
             raise LayoutError("the CPU kernel's block layout differs from kvtier's 'cpu' adapter")
 
-    def _stage(self, tokens: int) -> torch.Tensor:
-        """A canonical ``[layers, 2, tokens, heads, dim]`` view of the reusable staging buffer."""
-        if self._staging is None or self._staging.shape[2] < tokens:
+    def _stage(self, tokens: int, user: str = "step") -> torch.Tensor:
+        """A canonical ``[layers, 2, tokens, heads, dim]`` view of a reusable staging buffer: one for
+        the step's own loads and saves (``"step"``), one for the asynchronous loader (``"async"``)."""
+        staging = self._staging.get(user)
+        if staging is None or staging.shape[2] < tokens:
             chunk = self.config.chunk_tokens
             size = max(tokens, min(self.max_model_len, 4 * chunk))
             size = -(-size // chunk) * chunk
-            self._staging = torch.empty(self.spec.chunk_shape(size), dtype=self.spec.torch_dtype)
-        return self._staging[:, :, :tokens]
+            staging = self._staging[user] = torch.empty(self.spec.chunk_shape(size), dtype=self.spec.torch_dtype)
+        return staging[:, :, :tokens]
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         if not self.has_connector_metadata():
@@ -432,32 +452,44 @@ class KvtierConnector(KVConnectorBase_V1):
         if not isinstance(meta, KvtierMetadata):
             return
         for load in meta.loads:
+            if load.is_async:
+                if self._loader is None:
+                    self._loader = ThreadPoolExecutor(1, thread_name_prefix="kvtier-load")
+                self._loading[load.req_id] = self._loader.submit(self._run_load, load, "async")
+            else:
+                self._run_load(load, "step")
+
+    def _run_load(self, load: LoadReq, staging: str) -> None:
+        """Load, time and, when fewer tokens than promised arrived, report the blocks for recompute."""
+        loaded = 0
+        began = time.perf_counter()
+        try:
+            if self._layers and self.usable:
+                loaded = self._load(load, staging)
+        except Exception:
+            log.exception("kvtier load for %s failed; vLLM will recompute", load.req_id)
             loaded = 0
-            began = time.perf_counter()
-            try:
-                if self._layers and self.usable:
-                    loaded = self._load(load)
-            except Exception:
-                log.exception("kvtier load for %s failed; vLLM will recompute", load.req_id)
-                loaded = 0
-            self._stats.time("load", time.perf_counter() - began)
-            if loaded < load.end:
-                bs = self.block_size
-                first = max(loaded, load.start) // bs
-                last = -(-load.end // bs)
-                self._load_errors.update(load.block_ids[first:last])
+        self._stats.time("load", time.perf_counter() - began)
+        if loaded >= load.end:
+            return
+        bs = self.block_size
+        first = max(loaded, load.start) // bs
+        last = -(-load.end // bs)
+        with self._lock:
+            self._load_errors.update(load.block_ids[first:last])
+            if not load.is_async:  # this step attends to them: nothing it computes may be stored
                 self._step_errors.update(load.block_ids[first:last])
                 self._failed_loads.add(load.req_id)
-                self._count("load_failures")
-                self._count("load_failed_tokens", load.end - max(loaded, load.start))
-                log.warning("kvtier: request %s loaded %d of %d tokens; reporting %d blocks for recompute",
-                            load.req_id, max(loaded - load.start, 0), load.end - load.start, last - first)
+        self._count("load_failures")
+        self._count("load_failed_tokens", load.end - max(loaded, load.start))
+        log.warning("kvtier: request %s loaded %d of %d tokens; reporting %d blocks for recompute",
+                    load.req_id, max(loaded - load.start, 0), load.end - load.start, last - first)
 
-    def _load(self, load: LoadReq) -> int:
+    def _load(self, load: LoadReq, user: str = "step") -> int:
         """Copy ``[start, end)`` of the cached prefix into vLLM's blocks; return the end of what was
         actually written (``end`` on success)."""
         assert self.engine is not None  # worker side
-        staging = self._stage(len(load.tokens))
+        staging = self._stage(len(load.tokens), user)
         hit = self.engine.retrieve(load.tokens, staging)
         end = min(hit, load.end)
         if end <= load.start:
@@ -544,6 +576,8 @@ class KvtierConnector(KVConnectorBase_V1):
         return errors
 
     def shutdown(self) -> None:
+        if self._loader is not None:
+            self._loader.shutdown(wait=True)
         if self._lookup_server is not None:
             self._lookup_server.close()
         if self._lookup_client is not None:

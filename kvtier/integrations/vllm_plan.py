@@ -25,6 +25,12 @@ Rules (C = chunk_tokens):
   drops to that point, so the recomputed chunks are stored again.
 - Preempted, finished or aborted requests are forgotten; a resumed request is looked up afresh.
 - ``store=False`` (vLLM's ``kv_consumer`` role) plans loads only, never a store.
+- Asynchronous loads (``load_async=True``): vLLM admits the request but does not schedule it until the
+  worker reports the load finished, so the load is emitted in the step of admission (``is_async``),
+  not in the first scheduled step. Until that report (:meth:`Planner.loaded`) the request is
+  ``loading``: if it finishes meanwhile (abort), vLLM must keep its blocks, which the worker is still
+  writing (``request_finished`` then delays freeing; the worker's "finished receiving" report frees
+  them).
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ class LoadReq:
     start: int
     end: int
     block_ids: list[int]
+    is_async: bool = False  # load off the critical path; the worker reports it in get_finished
 
 
 @dataclass
@@ -83,17 +90,20 @@ class _Tracker:
     saved: int  # prompt tokens known to be in kvtier
     admitted: bool = False  # its first step has been planned
     last_end: int = 0  # tokens computed at the end of the last planned step
+    load_async: bool = False  # the load is emitted at admission, not in the first scheduled step
 
 
 class Planner:
     """Per-request load/store plans. Not thread-safe: vLLM's scheduler calls it from one thread."""
 
     def __init__(self, lookup: Callable[[list[int]], int], chunk_tokens: int, save_partial: bool = True,
-                 store: bool = True) -> None:
+                 store: bool = True, load_async: bool = False) -> None:
         self._lookup = lookup
         self.chunk = chunk_tokens
         self.save_partial = save_partial
         self.store = store
+        self.load_async = load_async
+        self.loading: set[str] = set()  # asynchronous loads emitted and not yet reported finished
         self._trackers: dict[str, _Tracker] = {}
         self._hits: dict[str, tuple[int, int]] = {}  # request -> (num_tokens looked up, hit)
 
@@ -118,11 +128,33 @@ class Planner:
         if num_external_tokens > hit:
             raise ValueError(f"vLLM granted {num_external_tokens} external tokens, kvtier had {hit}")
         self._trackers[request.request_id] = _Tracker(request, hit, num_external_tokens,
-                                                      saved=min(hit, request.num_prompt_tokens))
+                                                      saved=min(hit, request.num_prompt_tokens),
+                                                      load_async=self.load_async and num_external_tokens > 0)
 
     def forget(self, req_id: str) -> None:
         self._trackers.pop(req_id, None)
         self._hits.pop(req_id, None)
+
+    def loaded(self, req_ids: Iterable[str]) -> None:
+        """The worker reported these asynchronous loads finished (successfully or not)."""
+        self.loading.difference_update(req_ids)
+
+    def _load(self, tracker: _Tracker, req_id: str, block_ids: Callable[[str], list[int] | None],
+              is_async: bool) -> LoadReq:
+        """The load of a just-admitted request (vLLM already counts its external tokens as computed)."""
+        request = tracker.request
+        before = int(request.num_computed_tokens)
+        start = before - tracker.load
+        blocks = block_ids(req_id) or []
+        tokens = list(request.all_token_ids[: tracker.hit])
+        if not 0 <= start < before <= tracker.hit:
+            # cannot happen with vLLM 0.32; if it does, an empty load makes the worker report the blocks
+            # as failed so vLLM recomputes them (vLLM already counts them computed)
+            tokens, start = [], max(start, 0)
+        tracker.load = 0
+        if is_async:
+            self.loading.add(req_id)
+        return LoadReq(req_id, tokens, start, before, blocks, is_async)
 
     def plan(self, num_scheduled_tokens: Mapping[str, int], finished: Iterable[str],
              preempted: Iterable[str], block_ids: Callable[[str], list[int] | None]) -> StepPlan:
@@ -134,6 +166,9 @@ class Planner:
             if tracker is not None and tracker.admitted:  # not one re-admitted in this very step
                 self.forget(req_id)
         step = StepPlan()
+        for req_id, tracker in self._trackers.items():
+            if tracker.load_async and tracker.load > 0:  # admitted this step, waits for its KV
+                step.loads.append(self._load(tracker, req_id, block_ids, is_async=True))
         c = self.chunk
         for req_id, scheduled in num_scheduled_tokens.items():
             tracker = self._trackers.get(req_id)
@@ -149,14 +184,9 @@ class Planner:
             if not tracker.admitted:
                 tracker.admitted = True
                 if tracker.load > 0:
-                    start = before - tracker.load  # vLLM counts the external tokens as computed
-                    blocks = block_ids(req_id) or []
-                    tokens = list(request.all_token_ids[: tracker.hit])
-                    if not 0 <= start < before <= tracker.hit:
-                        # cannot happen with vLLM 0.32; if it does, an empty load makes the worker report
-                        # the blocks as failed so vLLM recomputes them (vLLM already counts them computed)
-                        tokens, start = [], max(start, 0)
-                    step.loads.append(LoadReq(req_id, tokens, start, before, blocks))
+                    load = self._load(tracker, req_id, block_ids, is_async=False)
+                    blocks = load.block_ids
+                    step.loads.append(load)
             prompt = int(request.num_prompt_tokens)
             limit = min(after, prompt)
             end = prompt if limit == prompt and self.save_partial else limit - limit % c

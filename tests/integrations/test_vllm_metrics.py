@@ -4,8 +4,10 @@ with a hand-written ``--kv-transfer-config``), not ``kvtier serve``. Skipped wit
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -94,7 +96,7 @@ def test_stock_vllm_server_exports_kvtier_metrics(vllm_env: dict[str, str], mode
     env.update(VLLM_CPU_KVCACHE_SPACE="1", OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "2"))
     log = tmp_path / "server.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             deadline = time.monotonic() + 400
             while True:
@@ -122,6 +124,8 @@ def test_stock_vllm_server_exports_kvtier_metrics(vllm_env: dict[str, str], mode
                 time.sleep(1)
         finally:
             stop_process(proc, 30)
+            with contextlib.suppress(ProcessLookupError):  # vLLM's engine-core and worker processes too
+                os.killpg(proc.pid, signal.SIGKILL)
     hit = _samples(metrics, "kvtier_lookup_tokens_total")
     assert hit.get('{engine="0",model_name="smol",result="hit"}', 0) >= 600, hit  # PROMPTS[0] is ~680 tokens
     assert loaded.get('{engine="0",model_name="smol",op="load"}', 0) >= 600, loaded

@@ -183,3 +183,33 @@ def test_lookup_runs_once_per_request_while_it_waits() -> None:
     p.forget("a")  # preempted or finished: a resumed request is looked up afresh
     p.lookup(req, 0)
     assert calls == [40, 41, 41]
+
+
+def test_async_load_is_emitted_at_admission_and_tracked_until_reported() -> None:
+    """With load_async vLLM admits the request without scheduling it: the load goes out in that very
+    step, the first scheduled step loads nothing, and the request counts as loading until the worker
+    reports it (so an abort meanwhile must keep its blocks)."""
+    req = FakeRequest("a", list(range(50)), 50)
+    p = Planner(lambda tokens: min(48, len(tokens)), C, load_async=True)
+    assert p.lookup(req, 0) == 48
+    p.allocated(req, 48)
+    req.num_computed_tokens = 48  # vLLM counts the external tokens as computed at admission
+    plan = p.plan({}, (), (), lambda _id: req.blocks)  # admitted, not scheduled: waits for its KV
+    assert [(ld.start, ld.end, ld.is_async) for ld in plan.loads] == [(0, 48, True)]
+    assert p.loading == {"a"}
+    assert p.plan({}, (), (), lambda _id: req.blocks).loads == []  # emitted once
+    p.loaded({"a"})
+    assert p.loading == set()
+    plan = _step(p, req, 2)  # now scheduled: computes the rest, stores the partial last chunk
+    assert plan.loads == [] and [(s.skip, len(s.tokens)) for s in plan.saves] == [(48, 50)]
+
+
+def test_sync_loads_unchanged_when_async_is_off() -> None:
+    req = FakeRequest("a", list(range(40)), 40)
+    p = _planner(stored=32)
+    p.lookup(req, 0)
+    p.allocated(req, 32)
+    assert p.plan({}, (), (), lambda _id: req.blocks).loads == []  # nothing before it is scheduled
+    req.num_computed_tokens = 32
+    assert [(ld.start, ld.end, ld.is_async) for ld in _step(p, req, 8).loads] == [(0, 32, False)]
+    assert p.loading == set()
