@@ -456,6 +456,7 @@ class KvtierConnector(KVConnectorBase_V1):
                 if self._loader is None:
                     self._loader = ThreadPoolExecutor(1, thread_name_prefix="kvtier-load")
                 self._loading[load.req_id] = self._loader.submit(self._run_load, load, "async")
+                self._count("async_loads")
             else:
                 self._run_load(load, "step")
 
