@@ -30,7 +30,8 @@ Rules (C = chunk_tokens):
   not in the first scheduled step. Until that report (:meth:`Planner.loaded`) the request is
   ``loading``: if it finishes meanwhile (abort), vLLM must keep its blocks, which the worker is still
   writing (``request_finished`` then delays freeing; the worker's "finished receiving" report frees
-  them).
+  them). When such a load fails outright vLLM frees the blocks and admits the request again: kvtier
+  then reports no hit for it, so it is recomputed instead of failing the same load in a loop.
 """
 
 from __future__ import annotations
@@ -112,6 +113,9 @@ class Planner:
 
     def lookup(self, request: RequestLike, num_computed_tokens: int) -> int:
         """External tokens kvtier can supply beyond vLLM's ``num_computed_tokens`` (0 if none)."""
+        tracker = self._trackers.get(request.request_id)
+        if tracker is not None and tracker.load_async:
+            return 0  # vLLM retries a request whose asynchronous load failed: recompute, do not loop
         num_tokens = int(request.num_tokens)
         known = self._hits.get(request.request_id)
         if known is not None and known[0] == num_tokens:

@@ -213,3 +213,22 @@ def test_sync_loads_unchanged_when_async_is_off() -> None:
     req.num_computed_tokens = 32
     assert [(ld.start, ld.end, ld.is_async) for ld in _step(p, req, 8).loads] == [(0, 32, False)]
     assert p.loading == set()
+
+
+def test_failed_async_load_is_not_offered_again() -> None:
+    """vLLM frees the blocks of a request whose asynchronous load failed outright and admits it again:
+    offering the same hit would fail the same way forever, so the retry recomputes."""
+    req = FakeRequest("a", list(range(50)), 50)
+    p = Planner(lambda tokens: min(48, len(tokens)), C, load_async=True)
+    p.lookup(req, 0)
+    p.allocated(req, 48)
+    req.num_computed_tokens = 48
+    p.plan({}, (), (), lambda _id: req.blocks)
+    p.loaded({"a"})  # reported finished, its blocks reported invalid: vLLM resets and retries
+    req.num_computed_tokens = 0
+    assert p.lookup(req, 0) == 0
+    p.allocated(req, 0)
+    plan = _step(p, req, 50)
+    assert plan.loads == [] and [(s.skip, len(s.tokens)) for s in plan.saves] == [(0, 50)]
+    p.forget("a")  # a preempted or new request is looked up afresh
+    assert p.lookup(req, 0) == 48
