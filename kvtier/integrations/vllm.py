@@ -564,7 +564,7 @@ class KvtierConnector(KVConnectorBase_V1):
 
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
-        return vllm_stats.KvtierConnectorStats(data=dict(data) if data else {})
+        return vllm_stats.KvtierConnectorStats.from_data(data)
 
     @classmethod
     def build_prom_metrics(cls, vllm_config: VllmConfig, metric_types: dict[type[PromMetric], type[PromMetricT]],

@@ -112,9 +112,17 @@ class KvtierConnectorStats(KVConnectorStats):
     def reset(self) -> None:
         self.data: dict[str, Any] = {"counters": {}, "gauges": {}, "seconds": {}}
 
+    @classmethod
+    def from_data(cls, data: Mapping[str, Any] | None) -> KvtierConnectorStats:
+        """Rebuild from a shipped ``data`` payload, sharing no mutable part with it (vLLM hands the same
+        payload to its log and Prometheus loggers; aggregating must not change what the other sees)."""
+        data = data or {}
+        return cls(data={"counters": dict(data.get("counters") or {}), "gauges": dict(data.get("gauges") or {}),
+                         "seconds": {op: list(v) for op, v in (data.get("seconds") or {}).items()}})
+
     def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
-        """Sum counters, keep the latest gauges (summed over workers would double a shared engine's
-        numbers; each rank has its own engine, so the last one is one rank's view), join latencies."""
+        """Sum counters, keep the latest gauges (one rank's view: a gauge summed over steps means
+        nothing), join latencies."""
         data: dict[str, Any] = other.data or {}
         counters = self.data.setdefault("counters", {})
         for name, value in (data.get("counters") or {}).items():
