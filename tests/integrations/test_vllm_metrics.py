@@ -82,7 +82,7 @@ def test_stock_vllm_server_exports_kvtier_metrics(vllm_env: dict[str, str], mode
     """Stock vLLM with the connector: after a hit, vLLM's /metrics holds kvtier's counters (hits, bytes,
     latency) under vLLM's own labels, no label collides with Prometheus target labels, and kvtier's
     INFO lines appear in vLLM's log (kvtier follows the engine's log level)."""
-    from kvtier.bench.common import stop_process
+    from kvtier.bench.common import stop_process, wait_healthy
 
     port = free_port()
     transfer = {"kv_connector": "KvtierConnector", "kv_connector_module_path": "kvtier.integrations.vllm",
@@ -98,14 +98,7 @@ def test_stock_vllm_server_exports_kvtier_metrics(vllm_env: dict[str, str], mode
     with open(log, "wb") as out:
         proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            deadline = time.monotonic() + 400
-            while True:
-                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
-                try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                        break
-                except OSError:
-                    time.sleep(1)
+            wait_healthy(f"http://127.0.0.1:{port}", proc, 600)
             body = json.dumps({"model": "smol", "prompt": PROMPTS[0], "max_tokens": MAX_TOKENS,
                                "temperature": 0}).encode()
             for _ in range(2):  # a miss that stores, then a hit
