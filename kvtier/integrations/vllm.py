@@ -334,7 +334,9 @@ class KvtierConnector(KVConnectorBase_V1):
         except Exception:  # a lookup must never break scheduling
             log.exception("kvtier lookup failed; treating it as a miss")
             return 0, False
-        return need, self._planner.load_async and need > 0
+        load_async = self._planner.load_async and need > 0
+        log.debug("kvtier: request %s: %d external tokens (async %s)", request.request_id, need, load_async)
+        return need, load_async
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         if self._bypass(request) or not self.usable:
@@ -458,6 +460,7 @@ class KvtierConnector(KVConnectorBase_V1):
                     self._loader = ThreadPoolExecutor(1, thread_name_prefix="kvtier-load")
                 self._loading[load.req_id] = self._loader.submit(self._run_load, load, "async")
                 self._count("async_loads")
+                log.debug("kvtier: asynchronous load of %s [%d, %d) started", load.req_id, load.start, load.end)
             else:
                 self._run_load(load, "step")
 
