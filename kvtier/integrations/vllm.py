@@ -338,6 +338,12 @@ class KvtierConnector(KVConnectorBase_V1):
         log.debug("kvtier: request %s: %d external tokens (async %s)", request.request_id, need, load_async)
         return need, load_async
 
+    def get_loaded_kv_cache_group_ids(self, request: Request) -> tuple[int, ...]:
+        """kvtier writes the request's own blocks (whether or not vLLM's prefix cache is on): vLLM must
+        not zero them after a load."""
+        groups = self._kv_cache_config.kv_cache_groups if self._kv_cache_config is not None else [None]
+        return tuple(range(len(groups)))
+
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         if self._bypass(request) or not self.usable:
             self._planner.forget(request.request_id)
