@@ -162,6 +162,7 @@ def test_logging_follows_the_engine_unless_overridden(kvtier_logger, monkeypatch
         assert kvtier_logger.handlers.count(handler) == 1
         monkeypatch.setenv("KVTIER_LOG_LEVEL", "warning")
         assert configure_logging(engine) == logging.WARNING
+        assert load_config().chunk_tokens > 0  # not mistaken for a config key
         assert logging.getLogger("kvtier.engine").getEffectiveLevel() == logging.WARNING
         monkeypatch.setenv("KVTIER_LOG_LEVEL", "loud")
         with pytest.raises(ConfigError, match="KVTIER_LOG_LEVEL='loud'"):
