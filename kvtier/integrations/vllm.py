@@ -562,7 +562,14 @@ class KvtierConnector(KVConnectorBase_V1):
         self._count("saved_tokens", max(cached - skip, 0))
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        return None, None
+        """Asynchronous loads done (well or not: a failure's blocks are in this step's load errors,
+        reported in the same pass, as vLLM requires)."""
+        done = {req_id for req_id, future in self._loading.items() if future.done()}
+        for req_id in done:
+            del self._loading[req_id]
+        if done:
+            log.debug("kvtier: asynchronous loads done: %s", sorted(done))
+        return None, (done or None)
 
     # ==== metrics (see kvtier.integrations.vllm_stats) =================================================
     def get_kv_connector_stats(self) -> KVConnectorStats | None:
@@ -583,7 +590,8 @@ class KvtierConnector(KVConnectorBase_V1):
         return vllm_stats.KvtierPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
-        errors, self._load_errors = self._load_errors, set()
+        with self._lock:
+            errors, self._load_errors = self._load_errors, set()
         return errors
 
     def shutdown(self) -> None:
