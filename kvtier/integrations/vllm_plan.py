@@ -113,10 +113,14 @@ class Planner:
 
     def lookup(self, request: RequestLike, num_computed_tokens: int) -> int:
         """External tokens kvtier can supply beyond vLLM's ``num_computed_tokens`` (0 if none)."""
+        num_tokens = int(request.num_tokens)
         tracker = self._trackers.get(request.request_id)
         if tracker is not None and tracker.load_async:
-            return 0  # vLLM retries a request whose asynchronous load failed: recompute, do not loop
-        num_tokens = int(request.num_tokens)
+            # vLLM retries a request whose asynchronous load failed outright: recompute (and store
+            # again) rather than fail the same load in a loop
+            del self._trackers[request.request_id]
+            self._hits[request.request_id] = (num_tokens, 0)
+            return 0
         known = self._hits.get(request.request_id)
         if known is not None and known[0] == num_tokens:
             hit = known[1]
@@ -128,6 +132,10 @@ class Planner:
 
     def allocated(self, request: RequestLike, num_external_tokens: int) -> None:
         """vLLM admitted ``request`` and will load ``num_external_tokens`` external tokens."""
+        prior = self._trackers.get(request.request_id)
+        if prior is not None and prior.load_async and num_external_tokens == 0:
+            prior.load_async = False  # scheduled now that its asynchronous load is done: nothing changes
+            return
         hit = self._hits.pop(request.request_id, (0, 0))[1]
         if num_external_tokens > hit:
             raise ValueError(f"vLLM granted {num_external_tokens} external tokens, kvtier had {hit}")

@@ -200,7 +200,8 @@ def test_async_load_is_emitted_at_admission_and_tracked_until_reported() -> None
     assert p.plan({}, (), (), lambda _id: req.blocks).loads == []  # emitted once
     p.loaded({"a"})
     assert p.loading == set()
-    plan = _step(p, req, 2)  # now scheduled: computes the rest, stores the partial last chunk
+    p.allocated(req, 0)  # vLLM schedules it now (and says so with no external tokens)
+    plan = _step(p, req, 2)  # computes the rest, stores only the partial last chunk
     assert plan.loads == [] and [(s.skip, len(s.tokens)) for s in plan.saves] == [(48, 50)]
 
 
