@@ -25,6 +25,7 @@ reports nothing (with an in-process worker it shares the engine, which would cou
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -157,18 +158,21 @@ class StatsTracker:
     def __init__(self) -> None:
         self._last: dict[str, float] = {}
         self._seconds: dict[str, list[float]] = {}
+        self._lock = threading.Lock()  # the asynchronous loader times its loads from its own thread
 
     def time(self, op: str, seconds: float) -> None:
-        self._seconds.setdefault(op, []).append(seconds)
+        with self._lock:
+            self._seconds.setdefault(op, []).append(seconds)
 
     def take(self, counters: Mapping[str, float], gauges: Mapping[str, float]) -> KvtierConnectorStats | None:
         """The increments since the last call (None when nothing changed)."""
         delta = {name: value - self._last.get(name, 0.0) for name, value in counters.items()
                  if value != self._last.get(name, 0.0)}
         self._last.update(counters)
-        if not delta and not self._seconds:
+        with self._lock:
+            seconds, self._seconds = self._seconds, {}
+        if not delta and not seconds:
             return None
-        seconds, self._seconds = self._seconds, {}
         return KvtierConnectorStats(data={"counters": delta, "gauges": dict(gauges), "seconds": seconds})
 
 
