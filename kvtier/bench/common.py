@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import json
 import platform
-import socket
 import statistics
-import subprocess
 import time
-import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+# the process helpers live in kvtier.procs; re-exported for the benchmarks and integrations that import them here
+from kvtier.procs import free_port as free_port
+from kvtier.procs import stop_process as stop_process
+from kvtier.procs import wait_healthy as wait_healthy
 
 
 @dataclass(frozen=True)
@@ -67,40 +69,6 @@ def ratio(ours: Timing, ceiling: Timing) -> dict[str, float]:
         "worst": ceiling.min / ours.max,
         "best": ceiling.max / ours.min,
     }
-
-
-def stop_process(proc: subprocess.Popen[Any], timeout_s: float = 15.0) -> None:
-    """Terminate a helper process a benchmark started; kill it if it ignores SIGTERM for ``timeout_s``."""
-    proc.terminate()
-    try:
-        proc.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-def free_port() -> int:
-    """A TCP port free on loopback now (the OS may hand it out again once the caller binds nothing)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_healthy(url: str, proc: subprocess.Popen[Any], timeout_s: float = 300.0, what: str = "server") -> None:
-    """Block until ``url/health`` answers 200; raise ``RuntimeError`` if ``proc`` exits first and
-    ``TimeoutError`` after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode} before it was ready")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as reply:
-                if reply.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(1.0)
-    raise TimeoutError(f"{what} at {url} was not ready after {timeout_s:.0f} s")
 
 
 def machine() -> dict[str, Any]:
