@@ -56,7 +56,7 @@ INSTANCE_SCRIPT = textwrap.dedent(
         return out
 
     def reply(tag, body):
-        protocol.write(tag + " " + json.dumps(body, default=str) + "\n")
+        protocol.write(tag + " " + json.dumps(body, default=str) + "\\n")
         protocol.flush()
 
     reply("READY", stats())
