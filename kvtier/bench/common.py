@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 # the process helpers live in kvtier.procs; re-exported for the benchmarks and integrations that import them here
+from kvtier.extras import require
 from kvtier.procs import free_port as free_port
 from kvtier.procs import stop_process as stop_process
 from kvtier.procs import wait_healthy as wait_healthy
@@ -95,14 +96,17 @@ def write_results(name: str, data: dict[str, Any], out_dir: Path | str = "result
     return path
 
 
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the non-interactive Agg backend (the ``bench`` extra installs matplotlib)."""
+    matplotlib = require("matplotlib", "bench")
+    matplotlib.use("Agg")
+    return require("matplotlib.pyplot", "bench")
+
+
 def bar_plot(path: Path | str, title: str, labels: list[str], series: dict[str, list[float]],
              ylabel: str, errors: dict[str, tuple[list[float], list[float]]] | None = None) -> Path:
     """Grouped bar chart; ``errors[name] = (low, high)`` absolute values drawn as min/max whiskers."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(labels) * max(1, len(series))), 4))
     width = 0.8 / max(1, len(series))
     for i, (name, values) in enumerate(series.items()):
