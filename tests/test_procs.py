@@ -51,7 +51,9 @@ def test_fd_channel_keeps_protocol_apart_from_logs(tmp_path: Path) -> None:
         """
         import logging, sys
         from kvtier.procs import protocol_stream
+        from kvtier.config import load_config
         logging.basicConfig(stream=sys.stdout, level=logging.INFO)
+        load_config()  # KVTIER_PROTOCOL_FD in the environment is not taken for a config key
         out = protocol_stream()
         logging.info("READY lookalike from the engine's logger")
         print("engine chatter on stdout", flush=True)
