@@ -40,6 +40,8 @@ BENCH_MODULES = (
     "kvtier.bench.redis",
     "kvtier.bench.codecs",
     "kvtier.bench.blend",
+    "kvtier.bench.auth",
+    "kvtier.bench.startup",
 )
 
 
@@ -57,9 +59,9 @@ def installed_version() -> str:
     try:
         return version("kvtier")
     except PackageNotFoundError:
-        from kvtier import __version__
+        import kvtier
 
-        return __version__
+        return kvtier.__version__
 
 
 @app.callback()
