@@ -8,8 +8,8 @@
 #   scripts/lock.sh --reuse [RIG ...]   freeze the repository's own .venv / .venv-vllm / .venv-sglang instead
 #                                       (e.g. after a green `KVTIER_UNLOCKED=1 ./scripts/test.sh`)
 #
-# Editable installs (kvtier, the SGLang CPU test plugin) and direct-URL installs (not reproducible from an
-# index) are left out of a lock; the local CPU torch appears as torch==2.13.0+cpu (requirements/torch-cpu.txt).
+# kvtier itself and editable installs (the SGLang CPU test plugin) are left out of a lock; every other package
+# is pinned by version (also one installed from a file URL); the local CPU torch appears as torch==2.13.0+cpu.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 reuse=0
@@ -36,13 +36,23 @@ for rig in "${rigs[@]}"; do
         echo "[lock] building $rig unlocked in $venv"
         KVTIER_UNLOCKED=1 KVTIER_WHEEL="" "$ROOT/scripts/install-$rig.sh" "$venv"
     fi
-    frozen="$("$venv/bin/python" -m pip freeze --all --exclude-editable)"
-    skipped="$(grep ' @ ' <<<"$frozen" || true)"
-    [ -z "$skipped" ] || echo "[lock] $rig: left out (direct URL): ${skipped//$'\n'/, }" >&2
     {
         echo "# Lock of the $rig test rig (pip constraints), written by scripts/lock.sh on $(date -u +%F); do not edit."
         echo "# $("$venv/bin/python" --version)"
-        grep -v ' @ ' <<<"$frozen"
+        "$venv/bin/python" - <<'PY'
+import json
+from importlib.metadata import distributions
+
+# name==version of every distribution but kvtier and editable installs (a direct-URL install is pinned by
+# version too: its URL is not reproducible, the version is resolved from the index on the next install)
+rows = {}
+for dist in distributions():
+    name, url = dist.metadata["Name"], dist.read_text("direct_url.json")
+    if name.lower() == "kvtier" or (url and json.loads(url).get("dir_info", {}).get("editable")):
+        continue
+    rows[name.lower()] = f"{name}=={dist.version}"
+print("\n".join(rows[key] for key in sorted(rows)))
+PY
     } > "$ROOT/requirements/$rig.txt"
     echo "[lock] requirements/$rig.txt: $(grep -vc '^#' "$ROOT/requirements/$rig.txt") packages"
 done
