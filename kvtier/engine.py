@@ -31,6 +31,7 @@ import torch
 from kvtier.config import KvtierConfig, load_config
 from kvtier.keys import Chunk, Chunker, Namespace, Tokens
 from kvtier.layout import KVLike, KVSpec, check_kv, copy_in, copy_in_run, copy_out, copy_out_run
+from kvtier.namespace_probe import NamespaceProbe
 from kvtier.storage.base import Tier
 from kvtier.storage.cpu import CpuTier
 from kvtier.storage.manager import StorageManager
@@ -61,6 +62,7 @@ class CacheEngine:
 
             tiers = build_tiers(self.config, spec)
         self.storage = StorageManager(spec, tiers, queue_depth=self.config.store_queue)
+        self.probe = NamespaceProbe(self.namespace, self.storage)  # namespace misses are counted, not silent
         self.counters: Counter[str] = Counter()
         # ``observer(op, seconds)`` after every lookup / store / retrieve (metrics); must not raise
         self.observers: list[Callable[[str, float], None]] = []
@@ -93,6 +95,8 @@ class CacheEngine:
         start = time.perf_counter()
         _arr, chunks, where = self._present(tokens)
         hit = chunks[len(where) - 1].end if where else 0
+        if hit == 0:
+            self.probe.on_miss(_arr)
         self._count(lookups=1, lookup_tokens=len(_arr), lookup_hit_tokens=hit)
         self._observe("lookup", start)
         return hit
@@ -130,6 +134,8 @@ class CacheEngine:
             if self.cpu.commit(chunk, arr, slot):
                 stored += chunk.num_tokens
                 self._write_back(chunk, arr)
+                if chunk.number == 0:
+                    self.probe.on_store(arr)
         self._count(stores=1, stored_tokens=stored, store_refused_tokens=len(arr) - cached)
         self._observe("store", start)
         return cached
@@ -270,6 +276,7 @@ class CacheEngine:
             used_bytes=self.cpu.used_bytes,
             capacity_bytes=self.cpu.arena.capacity_bytes,
         )
+        engine.update(self.probe.counters)
         return {"engine": engine, "cpu": cpu, **self.storage.stats()}
 
     def close(self, timeout_s: float = 30.0) -> int:
@@ -278,6 +285,7 @@ class CacheEngine:
             return 0
         self._closed = True
         self._prefetcher.shutdown(wait=True)
+        self.probe.flush(min(timeout_s, 5.0))
         lost = self.storage.close(timeout_s)
         if lost:
             log.warning("kvtier closed with %d chunk writes not flushed", lost)

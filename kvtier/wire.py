@@ -70,13 +70,17 @@ def pack(chunk: Chunk, tokens: np.ndarray, kv: torch.Tensor, spec: KVSpec, codec
 
 
 def pack_parts(
-    chunk: Chunk, tokens: np.ndarray, kv: torch.Tensor, spec: KVSpec, codec: str = "raw"
+    chunk: Chunk, tokens: np.ndarray, kv: torch.Tensor, spec: KVSpec, codec: str = "raw",
+    extra_params: dict[str, Any] | None = None,
 ) -> tuple[bytes, bytes | memoryview]:
     """Like :func:`pack` but without joining: ``(header + metadata, payload)``, whose concatenation is
     the frame. The payload may be a view of ``kv``'s memory (raw codec), valid while ``kv`` is unchanged;
-    writers pass both parts to ``writev``/``sendmsg`` and save one copy of the payload."""
+    writers pass both parts to ``writev``/``sendmsg`` and save one copy of the payload. ``extra_params``
+    are merged into the metadata's ``codec_params`` (e.g. the namespace of a probe marker)."""
     encoder = get_codec(codec)
     payload, params = encoder.encode(kv, spec)
+    if extra_params:
+        params = {**params, **extra_params}
     meta = _encoder.encode(
         ChunkMeta(
             key=chunk.key,
