@@ -65,6 +65,8 @@ class CacheEngine:
         self.probe = NamespaceProbe(self.namespace, self.storage)  # namespace misses are counted, not silent
         self.counters: Counter[str] = Counter()
         # ``observer(op, seconds)`` after every lookup / store / retrieve (metrics); must not raise
+        # ``chunk_listener(tokens, chunks)`` before chunks of ``tokens`` enter the CPU tier (KV events)
+        self.chunk_listeners: list[Callable[[np.ndarray, list[Chunk]], None]] = []
         self.observers: list[Callable[[str, float], None]] = []
         self._lock = threading.Lock()
         self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-prefetch")
@@ -129,6 +131,8 @@ class CacheEngine:
             for _chunk, slot in plan:
                 self.cpu.abort(slot)
             raise
+        for listener in self.chunk_listeners:
+            listener(arr, [chunk for chunk, _slot in plan])
         stored = 0
         for chunk, slot in plan:
             if self.cpu.commit(chunk, arr, slot):
@@ -190,6 +194,8 @@ class CacheEngine:
             self.cpu.abort(slot)
             return None
         self._count(promoted_chunks=1)
+        for listener in self.chunk_listeners:
+            listener(arr, [chunk])
         if not self.cpu.commit(chunk, arr, slot):  # someone else promoted it meanwhile
             return self.cpu.acquire(chunk, arr)
         return self.cpu.acquire(chunk, arr)

@@ -87,7 +87,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 __all__ = ["CONNECTOR_NAME", "MODULE_PATH", "KvtierConnector", "kv_transfer_config", "reset_engines", "shared_engine"]
 
-EXTRA_KEYS = ("kvtier_config", "kvtier", "kvtier_model_id", "kvtier_layout", "kvtier_flush_timeout_s")
+EXTRA_KEYS = ("kvtier_config", "kvtier", "kvtier_model_id", "kvtier_layout", "kvtier_flush_timeout_s", "kvtier_events")
 
 
 # ---- one engine per process ------------------------------------------------------------------------
@@ -96,6 +96,7 @@ class _Shared:
     engine: CacheEngine
     agent: Agent | None = None  # the cluster agent reporting this engine (``cluster.enabled``)
     usable: bool = True  # False once a worker found the engine's KV cache unusable (layout, spec)
+    events: Any = None  # the engine's kvtier.events.EventBridge (``kvtier_events``), closed with it
 
 
 _ENGINES: dict[tuple[str, KVSpec, str], _Shared] = {}
@@ -134,6 +135,8 @@ def reset_engines() -> None:
     for shared in engines:
         if shared.agent is not None:
             shared.agent.stop()
+        if shared.events is not None:
+            shared.events.close()
         shared.engine.close()
 
 
@@ -246,6 +249,12 @@ class KvtierConnector(KVConnectorBase_V1):
             self._shared = shared_engine(self.spec, self.model_id, self.config, instance)
             self.engine = self._shared.engine
             lookup = self.engine.lookup
+            # ---- KV events in vLLM's format (kvtier.integrations.vllm_events) ----
+            if extra.get("kvtier_events") is not None:
+                from kvtier.integrations.vllm_events import ensure_events
+
+                ensure_events(self._shared, vllm_config, extra["kvtier_events"])
+            # ---- end KV events ----
         self._planner = Planner(lookup, self.config.chunk_tokens, self.config.save_partial_chunks,
                                 store=self.kv_role != "kv_consumer")
         self._forced_layout: str | None = extra.get("kvtier_layout")

@@ -72,6 +72,8 @@ class StorageManager:
         self.counters: Counter[str] = Counter()
         # ``observer(tier_name, op, seconds, ok)`` after every tier call (metrics); must not raise
         self.observers: list[Callable[[str, str, float, bool], None]] = []
+        # ``put_listener(tier_name, key)`` after a chunk was written to a tier (KV events); must not raise
+        self.put_listeners: list[Callable[[str, bytes], None]] = []
         # a tier with ``read_only = True`` (e.g. the P2P tier) is only read: write-back skips it
         self._writable = any(not getattr(tier, "read_only", False) for tier, _codec in tiers)
         self._base_backoff = base_backoff_s
@@ -233,11 +235,19 @@ class StorageManager:
                 self._call(slot, "put", partial(slot.tier.put_parts, item.chunk.key, frame))
                 slot.counters["writes"] += 1
                 slot.counters["bytes_written"] += sum(memoryview(p).nbytes for p in frame)
+                self._notify_put(slot.tier.name, item.chunk.key)
             except TierUnavailable:
                 slot.counters["writes_failed"] += 1
             except KvtierError as exc:
                 slot.counters["writes_failed"] += 1
                 log.warning("cannot encode chunk for tier %s: %s", slot.tier.name, exc)
+
+    def _notify_put(self, tier: str, key: bytes) -> None:
+        for listener in self.put_listeners:
+            try:
+                listener(tier, key)
+            except Exception:
+                log.exception("put listener failed")
 
     def flush(self, timeout_s: float = 30.0) -> bool:
         """Wait until queued writes are done; False if ``timeout_s`` passed first."""
