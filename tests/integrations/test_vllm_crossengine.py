@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import vllm_support
-from vllm_support import CHUNK, _close, _doc, _generate, _make_llm, _run_process
+from vllm_support import CHUNK, _close, _generate, _make_llm, _run_process
 
 pytest.importorskip("vllm")
 
@@ -81,17 +81,22 @@ def _disk(path: Path, chunk: int = CHUNK) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def prompts(model_dir: Path) -> dict[str, list[list[int]]]:
-    """Two prompts for each direction, >= 1K tokens each (token ids: both engines see the same)."""
+    """Two prompts for each direction, >= 1K tokens each: slices of the bundled document plus a
+    question, as token ids (both engines see exactly the same tokens)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    from kvtier.data import load_document
 
-    def ids(seed: int) -> list[int]:
-        out = tok.encode(_doc(seed, 900) + "\nWhich word comes last?")[:PROMPT_TOKENS]
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    doc = tok.encode(load_document())
+    question = tok.encode("\n\nQuestion: What is this passage mostly about?\nAnswer:")
+
+    def ids(start: int) -> list[int]:
+        out = doc[start : start + PROMPT_TOKENS - len(question)] + question
         assert len(out) == PROMPT_TOKENS
         return out
 
-    return {"hf_to_vllm": [ids(41), ids(42)], "vllm_to_hf": [ids(43), ids(44)]}
+    return {"hf_to_vllm": [ids(0), ids(2000)], "vllm_to_hf": [ids(4000), ids(6000)]}
 
 
 @pytest.fixture(scope="module")
