@@ -42,7 +42,7 @@ def _tier_configs(work: Path) -> Iterator[dict[str, dict[str, Any]]]:
 
             m = stack.enter_context(MooncakeMaster(work / "mooncake.log"))
             found["mooncake"] = {"mooncake": {"enabled": True, "master": m.master, "metadata_server": m.metadata_server,
-                                              "segment": "1GiB", "buffer": "256MiB"}}
+                                              "segment": "2GiB", "buffer": "256MiB"}}
         except RuntimeError as exc:
             typer.echo(f"mooncake skipped: {exc}", err=True)
         port = stack.enter_context(kvtier_server(2 << 30))
@@ -78,9 +78,9 @@ def _measure(overrides: dict[str, Any], tokens: int, chunk: int, repeat: int) ->
         base = 1_000_000 * (state["round"] + 1)
         return list(range(base, base + tokens))
 
-    def fresh() -> None:
+    def fresh() -> None:  # new token ids; drop the previous round everywhere (bounded memory)
         state["round"] += 1
-        engine.cpu.clear()
+        engine.clear()
 
     def write() -> None:
         assert engine.store(ids(), kv) == tokens
