@@ -11,7 +11,8 @@ Extra config keys (all optional): ``kvtier_config`` (YAML file; default ``$KVTIE
 (a mapping of config overrides), ``kvtier_model_id`` (the model part of every key; default the served
 model name), ``kvtier_layout`` (force a layout of :mod:`kvtier.integrations.vllm_layout`),
 ``kvtier_flush_timeout_s`` (how long a ``kv_producer`` waits per step for its lower-tier writes; default
-10). ``KVTIER_*`` environment variables apply as everywhere else. ``chunk_tokens``, unless set, follows
+10), ``kvtier_events`` (publish vLLM KV events for kvtier's tiers, :mod:`kvtier.integrations.vllm_events`).
+``KVTIER_*`` environment variables apply as everywhere else. ``chunk_tokens``, unless set, follows
 vLLM's block size (:func:`_chunk_default`).
 
 How it works:
