@@ -33,6 +33,7 @@ import xxhash
 from kvtier import wire
 from kvtier.errors import KvtierError
 from kvtier.keys import Chunk, ChunkKey, Namespace
+from kvtier.queues import wait_done
 from kvtier.storage.manager import StorageManager
 
 log = logging.getLogger(__name__)
@@ -126,12 +127,7 @@ class NamespaceProbe:
 
     def flush(self, timeout_s: float = 5.0) -> bool:
         """Wait (bounded) until queued markers are written; False on timeout."""
-        deadline = time.monotonic() + timeout_s
-        while self._queue.unfinished_tasks:
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.005)
-        return True
+        return wait_done(self._queue, timeout_s)
 
     def on_miss(self, tokens: np.ndarray) -> bool:
         """A lookup of ``tokens`` hit nothing: True (and counted, logged) when a lower tier holds a

@@ -29,6 +29,7 @@ import msgspec
 
 from kvtier.errors import ConfigError
 from kvtier.events.schema import Event, KVEventBatch
+from kvtier.queues import wait_done
 
 log = logging.getLogger(__name__)
 
@@ -131,12 +132,7 @@ class ZmqPublisher:
 
     def flush(self, timeout_s: float = 5.0) -> bool:
         """Wait (bounded) until every queued batch was sent."""
-        deadline = time.monotonic() + timeout_s
-        while self._queue.unfinished_tasks:
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.005)
-        return True
+        return wait_done(self._queue, timeout_s)
 
     def _close_sockets(self) -> None:
         for sock in (self._pub, self._replay):

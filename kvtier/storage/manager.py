@@ -30,6 +30,7 @@ from kvtier import wire
 from kvtier.errors import CorruptChunk, KvtierError, LayoutError, TierUnavailable
 from kvtier.keys import Chunk
 from kvtier.layout import KVSpec
+from kvtier.queues import wait_done
 from kvtier.storage.base import Tier
 
 log = logging.getLogger(__name__)
@@ -251,12 +252,7 @@ class StorageManager:
 
     def flush(self, timeout_s: float = 30.0) -> bool:
         """Wait until queued writes are done; False if ``timeout_s`` passed first."""
-        deadline = time.monotonic() + timeout_s
-        while self._queue.unfinished_tasks:
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.005)
-        return True
+        return wait_done(self._queue, timeout_s)
 
     # ---- management ------------------------------------------------------------------------------
     def delete(self, chunk: Chunk) -> int:

@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import pytest
 import torch
 
@@ -25,55 +24,20 @@ from kvtier.engine import CacheEngine  # noqa: E402
 from kvtier.errors import ConfigError  # noqa: E402
 from kvtier.events.bridge import EventsConfig, start_events  # noqa: E402
 from kvtier.events.hashing import DEFAULT_SEED, BlockHasher  # noqa: E402
-from kvtier.events.publisher import END_SEQ, ZmqPublisher  # noqa: E402
+from kvtier.events.publisher import ZmqPublisher  # noqa: E402
 from kvtier.events.schema import BlockRemoved, BlockStored, KVEventBatch  # noqa: E402
+from kvtier.events.subscriber import Subscriber  # noqa: E402
 from kvtier.layout import KVSpec  # noqa: E402
 from kvtier.storage.disk import DiskTier  # noqa: E402
 
 BLOCK = 16
 SPEC = KVSpec(num_layers=2, num_kv_heads=2, head_dim=8, dtype="float32", chunk_tokens=2 * BLOCK)
-DECODE = msgspec.msgpack.Decoder(KVEventBatch)
 
 
 def free_endpoint() -> str:
     from kvtier.bench.common import free_port
 
     return f"tcp://127.0.0.1:{free_port()}"
-
-
-class Subscriber:
-    """A consumer written against vLLM's documented stream: SUB for live batches, DEALER for replay."""
-
-    def __init__(self, endpoint: str, replay: str | None, topic: str = "kvtier") -> None:
-        self.ctx = zmq.Context.instance()
-        self.sub = self.ctx.socket(zmq.SUB)
-        self.sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
-        self.sub.connect(endpoint)
-        self.replay = replay
-
-    def recv(self, timeout_ms: int = 5000) -> tuple[int, KVEventBatch]:
-        assert self.sub.poll(timeout_ms), "no batch arrived"
-        _topic, seq, payload = self.sub.recv_multipart()
-        return int.from_bytes(seq, "big"), DECODE.decode(payload)
-
-    def replay_from(self, start: int) -> list[tuple[int, KVEventBatch]]:
-        assert self.replay is not None
-        req = self.ctx.socket(zmq.DEALER)
-        req.connect(self.replay)
-        req.send_multipart((b"", start.to_bytes(8, "big")))
-        out = []
-        try:
-            while True:
-                assert req.poll(5000), "replay did not answer"
-                _empty, _topic, seq, payload = req.recv_multipart()
-                if seq == END_SEQ:
-                    return out
-                out.append((int.from_bytes(seq, "big"), DECODE.decode(payload)))
-        finally:
-            req.close(linger=0)
-
-    def close(self) -> None:
-        self.sub.close(linger=0)
 
 
 def test_hasher_is_vllms_sha256_chain() -> None:
@@ -107,13 +71,14 @@ def test_publish_and_replay_after_missed_batches() -> None:
         for batch in events[:3]:  # published before anyone listens: missed by the subscriber
             pub.publish(batch)
         assert pub.flush()
-        sub = Subscriber(pub.endpoint, pub.replay_endpoint)
+        sub = Subscriber(pub.endpoint, pub.replay_endpoint, "kvtier")
         try:
             seen: list[tuple[int, KVEventBatch]] = []
             for _ in range(50):  # SUB joins asynchronously: publish until one arrives
                 pub.publish(events[3])
-                if sub.sub.poll(100):
-                    seen.append(sub.recv())
+                got = sub.recv(100)
+                if got is not None:
+                    seen.append(got)
                     break
             assert seen and seen[0][0] >= 3  # a gap: 0..2 were missed
             replayed = sub.replay_from(0)
@@ -133,7 +98,7 @@ def published(tmp_path: Path) -> Iterator[tuple[CacheEngine, Subscriber, BlockHa
     engine = CacheEngine(SPEC, "m", cfg, tiers=[(DiskTier(tmp_path / "d", 1 << 30), "raw")])
     hasher = BlockHasher("sha256", BLOCK, int_hashes=True)
     bridge = start_events(engine, EventsConfig(endpoint=free_endpoint(), replay_endpoint=free_endpoint()), hasher)
-    sub = Subscriber(bridge.publisher.endpoint, bridge.publisher.replay_endpoint)
+    sub = Subscriber(bridge.publisher.endpoint, bridge.publisher.replay_endpoint, "kvtier")
     try:
         yield engine, sub, hasher
     finally:

@@ -16,6 +16,8 @@ import pytest
 import vllm_support
 from vllm_support import CHUNK, PROMPTS, _close, _generate, _kvtier_extra, _make_llm, free_port
 
+from kvtier.events.subscriber import Subscriber
+
 pytest.importorskip("vllm")
 zmq = pytest.importorskip("zmq")
 
@@ -23,48 +25,11 @@ vllm_env = vllm_support.vllm_env
 
 pytestmark = pytest.mark.slow
 
-END_SEQ = (-1).to_bytes(8, "big", signed=True)
+def subscriber(endpoint: str, replay: str, topic: str) -> Subscriber:
+    """A subscriber decoding with vLLM's own ``KVEventBatch`` (the schema external routers use)."""
+    from vllm.distributed.kv_events import KVEventBatch
 
-
-class Subscriber:
-    """What an external KV-aware router does: SUB to a publisher, DEALER for replay, vLLM's decoder."""
-
-    def __init__(self, endpoint: str, replay: str | None, topic: str) -> None:
-        import msgspec
-        from vllm.distributed.kv_events import KVEventBatch
-
-        self.decoder = msgspec.msgpack.Decoder(type=KVEventBatch)
-        self.ctx = zmq.Context.instance()
-        self.sub = self.ctx.socket(zmq.SUB)
-        self.sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
-        self.sub.connect(endpoint)
-        self.replay = replay
-
-    def drain(self, idle_ms: int = 1500) -> list[tuple[int, Any]]:
-        out = []
-        while self.sub.poll(idle_ms):
-            _topic, seq, payload = self.sub.recv_multipart()
-            out.append((int.from_bytes(seq, "big"), self.decoder.decode(payload)))
-        return out
-
-    def replay_from(self, start: int) -> list[tuple[int, Any]]:
-        assert self.replay is not None
-        req = self.ctx.socket(zmq.DEALER)
-        req.connect(self.replay)
-        req.send_multipart((b"", start.to_bytes(8, "big")))
-        out = []
-        try:
-            while True:
-                assert req.poll(10_000), "replay did not answer"
-                _empty, _topic, seq, payload = req.recv_multipart()
-                if seq == END_SEQ:
-                    return out
-                out.append((int.from_bytes(seq, "big"), self.decoder.decode(payload)))
-        finally:
-            req.close(linger=0)
-
-    def close(self) -> None:
-        self.sub.close(linger=0)
+    return Subscriber(endpoint, replay, topic, batch_type=KVEventBatch)
 
 
 def _stored(batches: list[tuple[int, Any]], medium: str | None = None) -> list[Any]:
@@ -88,11 +53,11 @@ def streams(vllm_env: dict[str, str], model_dir: Path) -> dict[str, Any]:
     events = KVEventsConfig(enable_kv_cache_events=True, publisher="zmq", endpoint=url["vllm"],
                             replay_endpoint=url["vllm_replay"], topic="vllm")
     llm = _make_llm(model_dir, extra, enable_prefix_caching=True, kv_events_config=events)
-    vllm_sub = Subscriber(url["vllm"], url["vllm_replay"], "vllm")
+    vllm_sub = subscriber(url["vllm"], url["vllm_replay"], "vllm")
     late: Subscriber | None = None
     try:
         first = _generate(llm, [PROMPTS[0]])
-        late = Subscriber(url["kvtier"], url["kvtier_replay"], "kvtier")  # joins after the first prompt
+        late = subscriber(url["kvtier"], url["kvtier_replay"], "kvtier")  # joins after the first prompt
         late.drain(500)
         second = _generate(llm, [PROMPTS[1]])
         out = {"first": first, "second": second, "vllm": vllm_sub.drain() + vllm_sub.replay_from(0),
