@@ -27,13 +27,13 @@ import time
 from collections import OrderedDict
 
 import numpy as np
-import torch
 import xxhash
 
 from kvtier import wire
 from kvtier.errors import KvtierError
-from kvtier.keys import Chunk, ChunkKey, Namespace
+from kvtier.keys import ChunkKey, Namespace
 from kvtier.queues import wait_done
+from kvtier.record import ChunkRecord, Kind
 from kvtier.storage.manager import StorageManager
 
 log = logging.getLogger(__name__)
@@ -101,11 +101,11 @@ class NamespaceProbe:
             self.counters["namespace_markers_dropped"] += 1
 
     def _marker(self, key: ChunkKey, tokens: np.ndarray) -> list[bytes | memoryview]:
-        spec = self.namespace.spec
-        chunk = Chunk(0, 0, PROBE_TOKENS, key, self.root)
-        empty = torch.empty(spec.chunk_shape(0), dtype=spec.torch_dtype)
-        head, payload = wire.pack_parts(chunk, tokens, empty, spec, "raw", {"namespace": self.description})
-        return [head, payload]
+        """A KV-less frame (signed when the engine has a keyring) carrying this namespace."""
+        record = ChunkRecord(key, self.root, tokens[:PROBE_TOKENS].tobytes(), Kind.TOKENS, PROBE_TOKENS)
+        head = wire.frame_head(record, self.namespace.spec, "raw", {"namespace": self.description}, b"",
+                               self.storage.auth)
+        return [head, b""]
 
     def _drain(self) -> None:
         while True:
@@ -143,10 +143,10 @@ class NamespaceProbe:
                 frame = slot.tier.get(key)
                 if frame is None:
                     continue
-                meta, _payload = wire.unpack_meta(frame)
+                meta, _payload = wire.unpack_meta(frame, self.storage.auth)
             except (KvtierError, OSError):
                 continue
-            if meta.key != key or meta.tokens != tokens[:PROBE_TOKENS].tobytes() or meta.parent == self.root:
+            if meta.key != key or meta.identity != tokens[:PROBE_TOKENS].tobytes() or meta.parent == self.root:
                 continue
             foreign = meta.codec_params.get("namespace")
             if not isinstance(foreign, dict):

@@ -29,7 +29,8 @@ import torch
 
 from kvtier.config import KvtierConfig, load_config
 from kvtier.engine import CacheEngine
-from kvtier.layout import KVSpec, dtype_name
+from kvtier.layout import KVSpec
+from kvtier.tensors import dtype_name
 
 log = logging.getLogger(__name__)
 
