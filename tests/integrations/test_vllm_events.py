@@ -97,3 +97,26 @@ def test_late_subscriber_replays_what_it_missed(streams: dict[str, Any]) -> None
     assert set(live) <= set(replayed)
     assert all(e.medium.startswith("kvtier/") for _s, b in streams["kvtier_replay"] for e in b.events
                if hasattr(e, "medium"))
+
+
+@pytest.mark.parametrize("algo", ["sha256", "sha256_cbor", "xxhash", "xxhash_cbor"])
+def test_hasher_matches_vllms_functions(algo: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every prefix-caching hash algorithm, against vLLM's own hash_block_tokens (no engine needed)."""
+    from vllm.utils.hashing import get_hash_fn_by_name
+    from vllm.v1.core import kv_cache_utils
+
+    from kvtier.events.hashing import BlockHasher
+
+    monkeypatch.setenv("PYTHONHASHSEED", "4242")  # the xxhash algorithms need a shared seed
+    fn = get_hash_fn_by_name(algo)
+    kv_cache_utils.init_none_hash(fn)
+    tokens = list(range(5000, 5000 + 3 * 16 + 5))
+    expected: list[bytes] = []
+    parent = None
+    for start in range(0, 48, 16):
+        parent = kv_cache_utils.hash_block_tokens(fn, parent, tokens[start : start + 16])
+        expected.append(bytes(parent))
+    ours = BlockHasher(algo, 16, int_hashes=False)
+    assert ours.chain(None, tokens) == expected
+    ints = BlockHasher(algo, 16, int_hashes=True)
+    assert [ints.external(h) for h in expected] == [kv_cache_utils.maybe_convert_block_hash(h) for h in expected]
