@@ -13,7 +13,6 @@ torch nor the engine.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -24,6 +23,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.registry import Collector
 
 from kvtier.errors import ConfigError
+from kvtier.net import is_loopback
 
 LATENCY_BUCKETS = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0)
 Stats = Mapping[str, Mapping[str, Any]]
@@ -174,11 +174,7 @@ class EngineMetrics:
 
 
 def check_metrics_host(host: str, allow_remote: bool) -> None:
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = host == "localhost"
-    if not loopback and not allow_remote:
+    if not is_loopback(host) and not allow_remote:
         raise ConfigError(f"metrics host {host!r} is not loopback; the endpoint is unauthenticated: pass "
                           "allow_remote=True (and firewall it) or bind 127.0.0.1")
 

@@ -34,7 +34,8 @@ from kvtier import wire
 from kvtier.config import ServerConfig
 from kvtier.errors import ConfigError, KvtierError, TierUnavailable
 from kvtier.keys import Chunk, ChunkKey
-from kvtier.server.app import CacheServer, is_loopback
+from kvtier.net import is_loopback
+from kvtier.server.app import CacheServer
 from kvtier.server.client import RemoteTier
 from kvtier.server.store import ChunkStore, Frame
 from kvtier.storage.base import Tier
