@@ -33,6 +33,7 @@ def register(app: typer.Typer) -> None:
         command_timeout: float = typer.Option(30.0, help="Seconds a worker gets to answer a command."),
         max_keys_per_instance: int = typer.Option(1 << 20, help="Index cap per instance (keys)."),
         max_keys_total: int = typer.Option(1 << 24, help="Index cap over all instances (keys)."),
+        max_body_bytes: int = typer.Option(64 << 20, help="Largest request body (413 above, before it is read)."),
         tokenizer: list[str] = typer.Option(  # noqa: B008 - typer's idiom
             [], "--tokenizer", help="MODEL=PATH: tokenizer.json, its directory or a locally cached model id for text "
                                     "lookups of MODEL; repeatable. Only these models' text is tokenized."
@@ -59,7 +60,8 @@ def register(app: typer.Typer) -> None:
             worker_token=secret(worker_token, "KVTIER_CONTROLLER_WORKER_TOKEN"),
             read_token=secret(read_token, "KVTIER_CONTROLLER_READ_TOKEN"), ttl_s=ttl, claim_ttl_s=claim_ttl,
             heartbeat_s=heartbeat if heartbeat is not None else ttl / 5, command_timeout_s=command_timeout,
-            max_keys_per_instance=max_keys_per_instance, max_keys_total=max_keys_total, tokenizers=paths,
+            max_keys_per_instance=max_keys_per_instance, max_keys_total=max_keys_total, max_body_bytes=max_body_bytes,
+            tokenizers=paths,
         )
 
         def ready(bound: int) -> None:
