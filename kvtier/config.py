@@ -12,9 +12,9 @@ Invariants:
   :data:`MAX_FILE_BYTES`) or non-UTF-8 files, YAML syntax, a non-mapping document, unknown keys, bad
   values. Nothing else escapes :func:`load_config`.
 - YAML aliases are refused (a config needs none, and they allow exponential "billion laughs" bombs).
-- A secret (a key whose name says token, secret, password, credential or key) is never echoed in an
-  error, and URLs in echoed values lose their ``user:password@`` (:func:`redacted` does the same for
-  showing a whole config).
+- A secret (a key with a ``_``-separated word token, secret, password, passwd or credential, or
+  ending in key / keys) is never echoed in an error, and URLs in echoed values lose their
+  ``user:password@``; :func:`redacted` does the same for showing a whole config.
 """
 
 from __future__ import annotations
@@ -209,7 +209,7 @@ def _model_at(path: tuple[str | int, ...]) -> type[BaseModel]:
 
 
 MAX_FILE_BYTES = 1 << 20
-_SECRET_NAME = re.compile(r"token|secret|password|passwd|credential|(^|_)keys?$", re.IGNORECASE)
+_SECRET_NAME = re.compile(r"(^|_)(token|secret|password|passwd|credentials?)($|_)|(^|_)keys?$", re.IGNORECASE)
 
 
 def _is_secret(name: str | int) -> bool:

@@ -100,10 +100,6 @@ def json_detail(status: int, message: str) -> tuple[bytes, list[tuple[bytes, byt
     return json.dumps({"detail": message}).encode(), []
 
 
-class _TooLarge(Exception):
-    pass
-
-
 class Gate:
     """ASGI middleware: authentication, authorisation and the body cap, decided before the body is read.
 
@@ -136,21 +132,30 @@ class Gate:
             self.on_refusal("body")
             await self._send(send, 413, f"request body exceeds {self.limit} bytes")
             return
-        seen = 0
+        seen, started, refused = 0, False, False
 
         async def limited() -> Any:
-            nonlocal seen
+            # past the cap: answer 413 ourselves, and the application sees a client that went away
+            nonlocal seen, refused
+            if refused:
+                return {"type": "http.disconnect"}
             message = await receive()
             seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise _TooLarge
-            return message
-
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
+            if seen <= self.limit:
+                return message
+            refused = True
             self.on_refusal("body")
-            await self._send(send, 413, f"request body exceeds {self.limit} bytes")
+            if not started:
+                await self._send(send, 413, f"request body exceeds {self.limit} bytes")
+            return {"type": "http.disconnect"}
+
+        async def guarded(message: Any) -> None:
+            nonlocal started
+            if not refused:
+                started = True
+                await send(message)
+
+        await self.app(scope, limited, guarded)
 
     def _authorise(self, scope: dict[str, Any], headers: dict[bytes, bytes]) -> tuple[int, str] | None:
         """None if the request may proceed, else (status, message)."""
