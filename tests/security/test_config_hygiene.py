@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from kvtier.config import load_config, redacted
+from kvtier.config import load_config
 from kvtier.errors import ConfigError
 
 
@@ -42,6 +42,8 @@ def test_secrets_are_never_echoed(tmp_path: Path) -> None:
     assert "server.token" in message and "remote.port" in message and "hunter2" not in message
     bad_section = one_line_error(KVTIER_REDIS__TTL_S="x", KVTIER_REDIS__URL="redis://u:hunter2@h:1/0")
     assert "redis.ttl_s" in bad_section and "hunter2" not in bad_section
+    from kvtier.config import redacted
+
     shown = redacted(load_config(environ={"KVTIER_SERVER__TOKEN": "hunter2",
                                           "KVTIER_REDIS__URL": "redis://u:hunter2@h:1/0"}))
     assert "hunter2" not in repr(shown) and shown["redis"]["url"] == "redis://***@h:1/0"
