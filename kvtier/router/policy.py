@@ -41,7 +41,7 @@ class Backend:
 
     def __post_init__(self) -> None:
         self.label = redact_url(self.url)
-        self.name = self.name or self.instance_id
+        self.name = self.instance_id or self.name
 
     def healthy(self, now: float) -> bool:
         return now >= self.down_until
