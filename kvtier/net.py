@@ -1,4 +1,5 @@
-"""Network helpers shared by every kvtier listener (cache server, controller, router, P2P, metrics).
+"""Network helpers shared by every kvtier listener (cache server, controller, router, P2P, metrics):
+loopback checks, bearer tokens and roles, the ASGI gate, URL redaction, listening sockets and serving.
 
 Invariants:
 - :func:`is_loopback` is true only if *every* address a host name resolves to is a loopback address;
@@ -196,3 +197,16 @@ def bind(host: str, port: int) -> socket.socket:
         sock.close()
         raise ConfigError(f"cannot listen on {host}:{port}: {exc}") from exc
     return sock
+
+
+def serve_http(app: Any, host: str, port: int, on_ready: Callable[[int], None] | None = None) -> None:
+    """Serve the ASGI ``app`` on ``host:port`` with uvicorn until SIGINT / SIGTERM (blocking); ``on_ready``
+    gets the bound port (useful with port 0) once the socket listens."""
+    import uvicorn
+
+    sock = bind(host, port)
+    config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_keep_alive=30,
+                            timeout_graceful_shutdown=5)
+    if on_ready is not None:
+        on_ready(sock.getsockname()[1])
+    uvicorn.Server(config).run(sockets=[sock])

@@ -56,7 +56,7 @@ from fastapi.security import HTTPBearer
 from kvtier.cluster import schema as S
 from kvtier.cluster.index import ChunkIndex, chain_keys
 from kvtier.errors import ConfigError
-from kvtier.net import BearerAuth, Gate, bind, is_loopback, token_matches
+from kvtier.net import BearerAuth, Gate, is_loopback, serve_http, token_matches
 
 log = logging.getLogger(__name__)
 
@@ -698,15 +698,7 @@ def create_app(settings: ControllerSettings) -> Any:
 
 def serve(settings: ControllerSettings, on_ready: Callable[[int], None] | None = None) -> None:
     """Run the controller until SIGINT / SIGTERM (blocking)."""
-    import uvicorn
-
     settings.check()
     if settings.token and not settings.worker_token:
         log.warning("workers present the admin token; give them their own with --worker-token")
-    app = create_app(settings)
-    sock = bind(settings.host, settings.port)
-    config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_keep_alive=30,
-                            timeout_graceful_shutdown=5)
-    if on_ready is not None:
-        on_ready(sock.getsockname()[1])
-    uvicorn.Server(config).run(sockets=[sock])
+    serve_http(create_app(settings), settings.host, settings.port, on_ready)

@@ -46,7 +46,7 @@ from fastapi.security import HTTPBearer
 from starlette.types import Receive, Scope, Send
 
 from kvtier.errors import ConfigError
-from kvtier.net import BearerAuth, Gate, bind, is_loopback, redact_url
+from kvtier.net import BearerAuth, Gate, is_loopback, redact_url, serve_http
 from kvtier.router.kv import KvKnowledge
 from kvtier.router.metrics import RouterMetrics
 from kvtier.router.policy import POLICIES, Backend, Chooser, PolicyName, Pool
@@ -408,14 +408,7 @@ def _openai_error(status: int, message: str) -> tuple[bytes, list[tuple[bytes, b
 
 def serve(settings: RouterSettings, on_ready: Callable[[int], None] | None = None) -> None:
     """Run the router until SIGINT / SIGTERM (blocking)."""
-    import uvicorn
-
     settings.check()
     app = create_app(settings)
     app.state.router.tokens.load()
-    sock = bind(settings.host, settings.port)
-    config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_keep_alive=30,
-                            timeout_graceful_shutdown=5)
-    if on_ready is not None:
-        on_ready(sock.getsockname()[1])
-    uvicorn.Server(config).run(sockets=[sock])
+    serve_http(app, settings.host, settings.port, on_ready)

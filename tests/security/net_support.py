@@ -14,6 +14,8 @@ from pathlib import Path
 
 import httpx
 
+from kvtier.bench.common import stop_process
+
 sys.path.insert(0, str(Path(__file__).parents[1] / "cluster"))
 from cluster_support import _readline
 
@@ -30,12 +32,7 @@ def kvtier_process(args: list[str], log: Path, env: dict[str, str] | None = None
         assert match, f"{args[0]} did not start: {line!r} {log.read_text()}"
         yield f"http://127.0.0.1:{match.group(1)}", proc.pid
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 10)
 
 
 def peak_rss_bytes(pid: int) -> int:
