@@ -23,6 +23,7 @@ import difflib
 import json
 import os
 import re
+import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
@@ -273,6 +274,14 @@ def _field_at(parts: list[str]) -> FieldInfo | None:
     return found
 
 
+def _structured(ann: Any) -> bool:
+    """Whether a value of type ``ann`` (or of one member of a union) is a list or mapping."""
+    origin = typing.get_origin(ann)
+    if origin in (typing.Union, types.UnionType):
+        return any(_structured(arg) for arg in typing.get_args(ann))
+    return origin in (list, dict, tuple, set, frozenset) or ann in (list, dict, tuple, set, frozenset)
+
+
 def _env_value(name: str, parts: list[str], raw: str) -> Any:
     """``raw`` as the value of the key it names: the string itself, or JSON for lists and mappings."""
     field = _field_at(parts)
@@ -283,7 +292,7 @@ def _env_value(name: str, parts: list[str], raw: str) -> Any:
     if isinstance(ann, type) and issubclass(ann, BaseModel):
         raise ConfigError(f"environment variable {name} names the section {key!r}, not a key: set "
                           f"{name}__<KEY> (keys: {', '.join(_section_fields(ann))})")
-    if typing.get_origin(ann) in (list, dict, tuple, set, frozenset):
+    if _structured(ann):
         try:
             return json.loads(raw)
         except ValueError as exc:
