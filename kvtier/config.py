@@ -12,8 +12,8 @@ Invariants:
   :data:`MAX_FILE_BYTES`) or non-UTF-8 files, YAML syntax, a non-mapping document, unknown keys, bad
   values. Nothing else escapes :func:`load_config`.
 - YAML aliases are refused (a config needs none, and they allow exponential "billion laughs" bombs).
-- A secret (a key with a ``_``-separated word token, secret, password, passwd or credential, or
-  ending in key / keys) is never echoed in an error, and URLs in echoed values lose their
+- A secret (a key with a ``_``-separated word token, secret(s), password(s), passwd or credential(s),
+  or ending in key / keys) is never echoed in an error, and URLs in echoed values lose their
   ``user:password@``; :func:`redacted` does the same for showing a whole config.
 """
 
@@ -176,6 +176,23 @@ class ClusterConfig(_Section):
     advertise_host: str = Field("", description="Address peers dial (default p2p_host; required for 0.0.0.0).")
 
 
+class AuthConfig(_Section):
+    """Authenticated chunks (:mod:`kvtier.frame_auth`): a per-tenant secret that MACs every frame this
+    process writes to a lower tier and is required on every frame it reads from one."""
+
+    secret: str = Field("", description="Tenant secret (>= 16 bytes; '' = frames carry only a checksum).")
+    secret_file: str = Field("", description="File holding the tenant secret (instead of auth.secret).")
+    previous_secrets: tuple[str, ...] = Field(
+        (), description="Retired secrets still accepted for reading (key rotation)."
+    )
+
+    def __repr__(self) -> str:  # never print secrets
+        return f"AuthConfig(secret={'***' if self.secret else ''!r}, secret_file={self.secret_file!r}, " \
+               f"previous_secrets=[{len(self.previous_secrets)} hidden])"
+
+    __str__ = __repr__
+
+
 class KvtierConfig(_Section):
     """Everything kvtier can be told. Section classes document their own keys."""
 
@@ -191,6 +208,7 @@ class KvtierConfig(_Section):
     server: ServerConfig = Field(default_factory=ServerConfig)
     blend: BlendConfig = Field(default_factory=BlendConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
 
 
 def _section_fields(model: type[BaseModel]) -> list[str]:
@@ -210,7 +228,7 @@ def _model_at(path: tuple[str | int, ...]) -> type[BaseModel]:
 
 
 MAX_FILE_BYTES = 1 << 20
-_SECRET_NAME = re.compile(r"(^|_)(token|secret|password|passwd|credentials?)($|_)|(^|_)keys?$", re.IGNORECASE)
+_SECRET_NAME = re.compile(r"(^|_)(token|secrets?|passwords?|passwd|credentials?)($|_)|(^|_)keys?$", re.IGNORECASE)
 
 
 def _is_secret(name: str | int) -> bool:

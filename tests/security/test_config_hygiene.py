@@ -32,6 +32,10 @@ def test_environment_strings_stay_strings() -> None:
                                  "KVTIER_CPU__CAPACITY": "64MiB", "KVTIER_REMOTE__TIMEOUT_S": "0.5"})
     assert typed.disk.enabled is True and typed.chunk_tokens == 128 and typed.cpu.capacity == 64 << 20
     assert typed.remote.timeout_s == 0.5
+    rotated = load_config(environ={"KVTIER_AUTH__PREVIOUS_SECRETS": '["old #1", "older"]'})
+    assert rotated.auth.previous_secrets == ("old #1", "older")  # lists and mappings are JSON
+    assert "must be JSON" in one_line_error(KVTIER_AUTH__PREVIOUS_SECRETS="[hunter2")
+    assert "hunter2" not in one_line_error(KVTIER_AUTH__PREVIOUS_SECRETS="[hunter2")
     assert "names the section 'server'" in one_line_error(KVTIER_SERVER="x")
 
 
@@ -44,7 +48,8 @@ def test_secrets_are_never_echoed(tmp_path: Path) -> None:
     assert "redis.ttl_s" in bad_section and "hunter2" not in bad_section
     from kvtier.config import redacted
 
-    shown = redacted(load_config(environ={"KVTIER_SERVER__TOKEN": "hunter2",
+    shown = redacted(load_config(environ={"KVTIER_SERVER__TOKEN": "hunter2", "KVTIER_AUTH__SECRET": "hunter2" * 3,
+                                          "KVTIER_AUTH__PREVIOUS_SECRETS": '["hunter2"]',
                                           "KVTIER_REDIS__URL": "redis://u:hunter2@h:1/0"}))
     assert "hunter2" not in repr(shown) and shown["redis"]["url"] == "redis://***@h:1/0"
 
