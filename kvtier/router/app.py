@@ -38,6 +38,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 from fastapi import FastAPI, Request, Security
@@ -342,8 +343,10 @@ class Router:
 
 
 def _scrub(text: str, backend: Backend) -> str:
-    """``text`` (e.g. an httpx error) with ``backend``'s URL shown without its credentials."""
-    return text.replace(backend.url, backend.label)
+    """``text`` (e.g. an httpx error quoting a URL) without ``backend``'s credentials, however the URL
+    around them was rewritten."""
+    userinfo = urlsplit(backend.url).netloc.rpartition("@")[0]
+    return text.replace(userinfo + "@", "***@") if userinfo else text
 
 
 # ---- app -------------------------------------------------------------------------------------------
