@@ -273,7 +273,7 @@ def _explain(err: ValidationError) -> ConfigError:
 # KVTIER_* variables that are not config keys (read elsewhere); every other KVTIER_* name must be one.
 RESERVED_ENV = frozenset({"KVTIER_CONFIG", "KVTIER_HOME", "KVTIER_CONTROLLER_TOKEN", "KVTIER_CONTROLLER_WORKER_TOKEN",
                           "KVTIER_CONTROLLER_READ_TOKEN", "KVTIER_ROUTER_TOKEN", "KVTIER_ROUTER_BACKEND_TOKEN",
-                          "KVTIER_SKIP_VLLM", "KVTIER_SKIP_SGLANG"})
+                          "KVTIER_LOG_LEVEL", "KVTIER_SKIP_VLLM", "KVTIER_SKIP_SGLANG"})
 
 
 def _field_at(parts: list[str]) -> FieldInfo | None:

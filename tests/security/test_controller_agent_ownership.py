@@ -40,8 +40,14 @@ def test_agent_keeps_its_id_across_an_expiry() -> None:
         ctl = controller.app.state.controller
         address = ctl.workers["x"].info.p2p_address
         assert impostor(url).status_code == 403
-        ctl.workers["x"].last_seen = time.monotonic() - 60  # as if the agent had been silent: it expires
-        wait_until(lambda: agent.counters["registrations"] == 2, 10, "the agent registered its id again")
+        first = ctl.workers["x"]
+
+        def expired_and_back() -> bool:
+            first.last_seen = time.monotonic() - 60  # as if silent, until the controller's sweeper drops it
+            return agent.counters["registrations"] == 2
+
+        wait_until(expired_and_back, 10, "the agent registered its id again")
+        assert ctl.workers["x"] is not first
         assert ctl.workers["x"].info.p2p_address == address
         assert impostor(url).status_code == 403
     finally:
