@@ -37,6 +37,7 @@ from typing import Any
 import msgspec
 
 from kvtier import wire
+from kvtier.compat import async_timeout
 from kvtier.config import ServerConfig
 from kvtier.errors import ConfigError, CorruptChunk, KvtierError, ProtocolError
 from kvtier.net import is_loopback
@@ -327,7 +328,7 @@ class Connection(asyncio.BufferedProtocol):
         every ``send``, which is quadratic; slices keep it small)."""
         total = sum(len(p) for p in parts)
         if total >= DIRECT_IO and self._thread_socket() is not None:
-            async with asyncio.timeout(timeout_s):
+            async with async_timeout(timeout_s):
                 await self.drain()
             if self.closed:
                 raise _Closed
@@ -339,7 +340,7 @@ class Connection(asyncio.BufferedProtocol):
             for i in range(0, len(view), WRITE_SLICE):
                 self.write(view[i : i + WRITE_SLICE])
                 if self._write_paused:
-                    async with asyncio.timeout(timeout_s):
+                    async with async_timeout(timeout_s):
                         await self.drain()
 
     async def drain(self) -> None:
@@ -446,7 +447,7 @@ class CacheServer:
                 # unauthenticated peers get the short timeout, so idle strangers cannot hold connection slots
                 idle = conn.buffered == 0 and conn.authed
                 timeout = cfg.idle_timeout_s if idle else cfg.read_timeout_s
-                async with asyncio.timeout(timeout):
+                async with async_timeout(timeout):
                     raw = await conn.read_exact(P.HEADER_BYTES)
                 conn.busy = True
                 header = P.unpack_header(raw)
@@ -464,7 +465,7 @@ class CacheServer:
                 conn.busy = False
         except _Closed:
             pass
-        except TimeoutError:
+        except (TimeoutError, asyncio.TimeoutError):  # a socket's own, or async_timeout's (distinct on 3.10)
             self.counters["timeouts"] += 1
         except ProtocolError as exc:
             self.counters["protocol_errors"] += 1
@@ -497,10 +498,10 @@ class CacheServer:
             self.counters["refused_unauthenticated"] += 1
             return self._error(P.Status.AUTH_REQUIRED, "this server requires a token: send HELLO first")
         budget = self.budget
-        async with asyncio.timeout(self.config.read_timeout_s):
+        async with async_timeout(self.config.read_timeout_s):
             await budget.acquire(h.body_len)
         try:
-            async with asyncio.timeout(self.config.read_timeout_s):
+            async with async_timeout(self.config.read_timeout_s):
                 if op == P.Op.PUT:
                     key = await conn.read_exact(P.KEY_BYTES)
                     frame = bytearray(h.body_len - P.KEY_BYTES)
@@ -545,7 +546,7 @@ class CacheServer:
             frame = await self.store.get(bytes(body))
             if frame is None:
                 return P.Status.NOT_FOUND, [], 0, 0, 0
-            async with asyncio.timeout(self.config.read_timeout_s):
+            async with async_timeout(self.config.read_timeout_s):
                 await self.budget.acquire(len(frame))  # released once the kernel took the response
             return ok, [frame], 0, 0, len(frame)
         if op == P.Op.EXISTS:
