@@ -3,10 +3,7 @@ loopback, raw HTTP over a socket (to send what well-behaved clients never send),
 
 from __future__ import annotations
 
-import os
-import re
 import socket
-import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,25 +11,18 @@ from pathlib import Path
 
 import httpx
 
-from kvtier.bench.common import stop_process
-
 sys.path.insert(0, str(Path(__file__).parents[1] / "cluster"))
-from cluster_support import _readline
+from cluster_support import start_kvtier
 
 
 @contextmanager
 def kvtier_process(args: list[str], log: Path, env: dict[str, str] | None = None) -> Iterator[tuple[str, int]]:
     """Run ``kvtier ARGS`` until it prints ``http://HOST:PORT``; yield (base URL, pid); stop it after."""
-    with log.open("w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "kvtier.cli", *args], stdout=subprocess.PIPE, stderr=err,
-                                text=True, env={**os.environ, **(env or {})})
+    child, url = start_kvtier(args, log, env)
     try:
-        line = _readline(proc, 120)
-        match = re.search(r"http://[^:]+:(\d+)", line)
-        assert match, f"{args[0]} did not start: {line!r} {log.read_text()}"
-        yield f"http://127.0.0.1:{match.group(1)}", proc.pid
+        yield url, child.proc.pid
     finally:
-        stop_process(proc, 10)
+        child.stop()
 
 
 def peak_rss_bytes(pid: int) -> int:
