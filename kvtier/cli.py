@@ -13,6 +13,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from kvtier.errors import KvtierError
 
@@ -77,13 +78,13 @@ def _root(
 def config_show(
     file: str = typer.Option(None, "--file", "-f", help="YAML config file (default: $KVTIER_CONFIG)."),
 ) -> None:
-    """Print the effective configuration (defaults < file < KVTIER_* environment)."""
+    """Print the effective configuration (defaults < file < KVTIER_* environment), secrets masked."""
     import yaml
 
-    from kvtier.config import load_config
+    from kvtier.config import load_config, redacted
 
     cfg = load_config(file)
-    typer.echo(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+    typer.echo(yaml.safe_dump(redacted(cfg), sort_keys=False))
 
 
 @config_app.command("reference")
@@ -114,7 +115,8 @@ def main() -> None:
     try:
         app()
     except KvtierError as exc:
-        Console(stderr=True).print(f"[red]error:[/red] {exc}")
+        # the message is plain text (it may quote values such as "[/x]"), never markup
+        Console(stderr=True).print("[red]error:[/red]", escape(str(exc)), soft_wrap=True)
         sys.exit(2)
 
 

@@ -1,16 +1,30 @@
 """Typed configuration: defaults < YAML file < ``KVTIER_*`` environment variables < explicit overrides.
 
 Environment: ``KVTIER_CONFIG`` names a YAML file; ``KVTIER_<KEY>`` sets a top-level key and
-``KVTIER_<SECTION>__<KEY>`` a key of a section (values are parsed as YAML scalars). Every unknown key,
-in the file or the environment, is an error naming the key and the nearest valid one; every bad value is
-an error naming the key, the value and what is allowed.
+``KVTIER_<SECTION>__<KEY>`` a key of a section. An environment value is read as the key's type: a
+string stays exactly the string given (``KVTIER_SERVER__TOKEN='abc #x'`` is ``abc #x``), numbers and
+booleans are converted by the schema, lists and mappings are JSON. Every unknown key, in the file or the
+environment, is an error naming the key and the nearest valid one; every bad value is an error naming
+the key, the value and what is allowed.
+
+Invariants:
+- Every problem is one :class:`ConfigError` with a one-line message: unreadable, oversize (over
+  :data:`MAX_FILE_BYTES`) or non-UTF-8 files, YAML syntax, a non-mapping document, unknown keys, bad
+  values. Nothing else escapes :func:`load_config`.
+- YAML aliases are refused (a config needs none, and they allow exponential "billion laughs" bombs).
+- A secret (a key with a ``_``-separated word token, secret(s), password(s), passwd or credential(s),
+  or ending in key / keys) is never echoed in an error, and URLs in echoed values lose their
+  ``user:password@``; :func:`redacted` does the same for showing a whole config.
 """
 
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import re
+import types
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -20,6 +34,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from pydantic.fields import FieldInfo
 
 from kvtier.errors import ConfigError
+from kvtier.net import redact_url
 
 _UNITS = {
     "": 1, "b": 1,
@@ -237,6 +252,33 @@ def _model_at(path: tuple[str | int, ...]) -> type[BaseModel]:
     return model
 
 
+MAX_FILE_BYTES = 1 << 20
+_SECRET_NAME = re.compile(r"(^|_)(token|secrets?|passwords?|passwd|credentials?)($|_)|(^|_)keys?$", re.IGNORECASE)
+
+
+def _is_secret(name: str | int) -> bool:
+    return isinstance(name, str) and bool(_SECRET_NAME.search(name))
+
+
+def _shown(name: str | int, value: Any) -> Any:
+    """``value`` of key ``name`` as it may appear in an error: secrets masked, URL credentials removed."""
+    if _is_secret(name):
+        return "<redacted>"
+    if isinstance(value, Mapping):
+        return {k: _shown(k, v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_shown(name, v) for v in value]
+    if isinstance(value, str) and "://" in value:
+        return redact_url(value)
+    return value
+
+
+def redacted(cfg: KvtierConfig) -> dict[str, Any]:
+    """The config as a plain mapping with every secret masked (what ``kvtier config show`` prints)."""
+    shown: dict[str, Any] = _shown("", cfg.model_dump())
+    return shown
+
+
 def _explain(err: ValidationError) -> ConfigError:
     lines = []
     for e in err.errors():
@@ -248,14 +290,61 @@ def _explain(err: ValidationError) -> ConfigError:
             hint = f"; did you mean {near[0]!r}?" if near else ""
             lines.append(f"unknown config key {key!r}{hint} valid keys here: {', '.join(valid)}")
         else:
-            lines.append(f"bad value for config key {key!r}: {e.get('input')!r}: {e['msg']}")
-    return ConfigError("; ".join(lines))
+            value = _shown(loc[-1] if loc else "", e.get("input"))
+            lines.append(f"bad value for config key {key!r}: {value!r}: {e['msg']}")
+    return ConfigError("; ".join(line.replace("\n", " ") for line in lines))
 
 
 # KVTIER_* variables that are not config keys (read elsewhere, KVTIER_HF_PYTHON by the cross-engine test);
 # every other KVTIER_* name must be one.
-RESERVED_ENV = frozenset({"KVTIER_CONFIG", "KVTIER_HOME", "KVTIER_CONTROLLER_TOKEN", "KVTIER_LOG_LEVEL",
-                          "KVTIER_SKIP_VLLM", "KVTIER_SKIP_SGLANG", "KVTIER_HF_PYTHON", "KVTIER_PROTOCOL_FD"})
+RESERVED_ENV = frozenset({"KVTIER_CONFIG", "KVTIER_HOME", "KVTIER_CONTROLLER_TOKEN", "KVTIER_CONTROLLER_WORKER_TOKEN",
+                          "KVTIER_CONTROLLER_READ_TOKEN", "KVTIER_ROUTER_TOKEN", "KVTIER_ROUTER_BACKEND_TOKEN",
+                          "KVTIER_LOG_LEVEL", "KVTIER_SKIP_VLLM", "KVTIER_SKIP_SGLANG", "KVTIER_HF_PYTHON",
+                          "KVTIER_PROTOCOL_FD"})
+
+
+def _field_at(parts: list[str]) -> FieldInfo | None:
+    """The schema field a ``KVTIER_A__B`` path names (None: no such key; validation reports it)."""
+    model: type[BaseModel] = KvtierConfig
+    found: FieldInfo | None = None
+    for part in parts:
+        if found is not None:
+            ann = found.annotation
+            if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+                return None
+            model = ann
+        found = model.model_fields.get(part)
+        if found is None:
+            return None
+    return found
+
+
+def _structured(ann: Any) -> bool:
+    """Whether a value of type ``ann`` (or of one member of a union) is a list or mapping."""
+    origin = typing.get_origin(ann)
+    if origin in (typing.Union, types.UnionType):
+        return any(_structured(arg) for arg in typing.get_args(ann))
+    return origin in (list, dict, tuple, set, frozenset) or ann in (list, dict, tuple, set, frozenset)
+
+
+def _env_value(name: str, parts: list[str], raw: str) -> Any:
+    """``raw`` as the value of the key it names: the string itself, or JSON for lists and mappings."""
+    field = _field_at(parts)
+    if field is None:
+        return raw
+    ann = field.annotation
+    key = ".".join(parts)
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        raise ConfigError(f"environment variable {name} names the section {key!r}, not a key: set "
+                          f"{name}__<KEY> (keys: {', '.join(_section_fields(ann))})")
+    if _structured(ann):
+        try:
+            return json.loads(raw)
+        except ValueError as exc:
+            shown = "<redacted>" if _is_secret(parts[-1]) else repr(raw)
+            raise ConfigError(f"environment variable {name} (config key {key!r}) must be JSON, got {shown}: "
+                              f"{exc}") from None
+    return raw
 
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
@@ -264,17 +353,54 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
         if not name.startswith("KVTIER_") or name in RESERVED_ENV:
             continue
         parts = name[len("KVTIER_") :].lower().split("__")
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
         node = out
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"environment variable {name} conflicts with another KVTIER_ variable")
-        node[parts[-1]] = value if not isinstance(value, (dict, list)) else raw
+        node[parts[-1]] = _env_value(name, parts, raw)
     return out
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses aliases."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, f"aliases (*{event.anchor}) are not allowed",
+                                              event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def _read_file(file: str | Path) -> dict[str, Any]:
+    """The mapping in YAML file ``file``; any problem is one ConfigError line."""
+    where = Path(file).expanduser()
+    try:
+        with where.open("rb") as fh:
+            raw = fh.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {file}: {exc.strerror or exc}") from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise ConfigError(f"config file {file} is larger than {MAX_FILE_BYTES} bytes")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {file} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset "
+                          f"{exc.start})") from None
+    try:
+        loaded = yaml.load(text, Loader=_NoAliasLoader)  # a SafeLoader without aliases
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"config file {file} is not valid YAML: {problem}{at}".replace("\n", " ")) from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"config file {file} must hold a mapping, got {type(loaded).__name__}")
+    bad = [k for k in (loaded or {}) if not isinstance(k, str)]
+    if bad:
+        raise ConfigError(f"config file {file}: keys must be strings, got {bad[0]!r}")
+    return loaded or {}
 
 
 def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
@@ -298,15 +424,7 @@ def load_config(
     data: dict[str, Any] = {}
     file = path or env.get("KVTIER_CONFIG")
     if file:
-        try:
-            loaded = yaml.safe_load(Path(file).expanduser().read_text())
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {file}: {exc}") from exc
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {file} is not valid YAML: {exc}") from exc
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file {file} must hold a mapping, got {type(loaded).__name__}")
-        data = loaded or {}
+        data = _read_file(file)
     data = _merge(data, _env_overrides(env))
     data = _merge(data, overrides or {})
     try:

@@ -19,7 +19,6 @@ torch nor the engine.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import re
@@ -32,6 +31,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.registry import Collector
 
 from kvtier.errors import ConfigError
+from kvtier.net import is_loopback
 
 # a kvtier instance id as a label; never ``instance`` or ``job``, which Prometheus sets on every target
 # (a clash renames ours to ``exported_instance``)
@@ -185,11 +185,7 @@ class EngineMetrics:
 
 
 def check_metrics_host(host: str, allow_remote: bool) -> None:
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = host == "localhost"
-    if not loopback and not allow_remote:
+    if not is_loopback(host) and not allow_remote:
         raise ConfigError(f"metrics host {host!r} is not loopback; the endpoint is unauthenticated: pass "
                           "allow_remote=True (and firewall it) or bind 127.0.0.1")
 

@@ -38,7 +38,9 @@ Sources, later ones win: defaults < the YAML file (`--config`, or `$KVTIER_CONFI
 `kvtier` mapping in vLLM's `kv_connector_extra_config` / SGLang's `hicache-storage-backend-extra-config`).
 
 - Environment: `KVTIER_<KEY>` sets a top-level key, `KVTIER_<SECTION>__<KEY>` a key of a section
-  (`KVTIER_DISK__ENABLED=true`, `KVTIER_CPU__CAPACITY=8GiB`); values are parsed as YAML scalars.
+  (`KVTIER_DISK__ENABLED=true`, `KVTIER_CPU__CAPACITY=8GiB`). A value is read as its key's type: a
+  string stays exactly as given (`KVTIER_SERVER__TOKEN='abc #x'` is `abc #x`), numbers, booleans and
+  sizes are converted by the schema, lists are JSON (`KVTIER_AUTH__PREVIOUS_SECRETS='["old"]'`).
 - Names read elsewhere and therefore not config keys: {reserved}. Any other `KVTIER_*` name that is not
   a key stops the process with an error naming the nearest valid key; so does an unknown key in the
   file, and a bad value names the key, the value and what is allowed.

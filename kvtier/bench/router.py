@@ -169,7 +169,7 @@ def multi_round(model_dir: Path, work: Path, users: int, rounds: int, words: int
         for svc in engines.values():
             svc.wait_healthy()
         backends = [a for name, svc in engines.items() for a in ("--backend", f"{svc.url}={name}")]
-        common = ["--port", "0", "--controller", ctl.url, "--tokenizer", str(model_dir)]
+        common = ["--port", "0", "--controller", ctl.url, "--tokenizer", str(model_dir), "--backend-header"]
         routers = {
             "kv": kvtier_service(["router", *common, *backends, "--policy", "kv"], work / "router-kv.log",
                                  {"KVTIER_CONTROLLER_TOKEN": TOKEN}),

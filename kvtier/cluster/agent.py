@@ -131,6 +131,7 @@ class Agent:
         self._stop = threading.Event()
         self._registered = threading.Event()
         self._session: str | None = None
+        self._secret = ""  # proof that our instance id is ours, issued by the controller at first registration
         self._seq = 0
         self._inflight: dict[str, Any] | None = None
         self._heartbeat_s = 1.0
@@ -268,7 +269,7 @@ class Agent:
             instance_id=self.config.instance_id, model=engine.namespace.model, spec=engine.spec.fingerprint(),
             root=engine.namespace.root().hex(), chunk_tokens=engine.spec.chunk_tokens,
             partial=engine.chunker.partial, p2p_address=self.address, codecs=codec_names(), tiers=tiers,
-            replace=self.config.replace,
+            replace=self.config.replace, secret=self._secret,
         )
         try:
             resp = S.RegisterResponse.model_validate(self._post("/v1/worker/register", body.model_dump()))
@@ -278,6 +279,7 @@ class Agent:
             raise
         with self._lock:
             self._session, self._seq, self._inflight = resp.session, 0, None
+            self._secret = resp.secret
             self._heartbeat_s = resp.heartbeat_s
         self._count("registrations")
         self._registered.set()

@@ -5,12 +5,23 @@ admit/evict events and long-poll for commands over ``/v1/worker/*``; operators a
 public routes (OpenAPI at ``/openapi.json``).
 
 Invariants:
-- Binds 127.0.0.1 by default; refuses a non-loopback address without a token. With a token, every
+- Binds 127.0.0.1 by default; refuses a non-loopback address without a token. With tokens, every
   route but ``GET /health``, ``GET /healthz`` and the OpenAPI document needs ``Authorization: Bearer``
-  (compared with :func:`hmac.compare_digest`): reads too, since lookups reveal what prompts are cached.
+  with a token granting the route's role (:mod:`kvtier.net`'s :class:`~kvtier.net.Gate`, which decides
+  from the headers, before the body is read or parsed):
+  ``worker`` (``/v1/worker/*``), ``read`` (lookup, instances, operation status, instance health,
+  metrics: lookups reveal what prompts are cached) and ``admin`` (every mutating route). The admin
+  token grants all three roles, the read token ``read``, the worker token ``worker``.
+- An instance id belongs to whoever registered it first: registration answers a per-instance secret,
+  and registering that id again (``replace`` included) requires it, while the instance lives and for
+  ``claim_ttl_s`` after it expired (a clean deregistration frees the id at once). Heartbeats, events
+  and commands need the session, which only such a registration receives. A controller that restarted
+  adopts the secret the first registration of an id presents.
 - A worker that has not been heard from for ``ttl_s`` is dropped with all its index entries; its
   pending commands fail at once. A new registration under a live instance id is refused (409) unless
   it asks to replace it.
+- Text lookups tokenize only with the tokenizers the operator configured (``tokenizers``): a model
+  name a client sends is never opened as a path.
 - Event batches are applied in ``seq`` order; a gap answers 409 and the worker re-sends a snapshot, so
   the index converges to the workers' true state even after lost messages or a controller restart
   (workers whose session is unknown re-register, with a snapshot).
@@ -27,10 +38,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import secrets
-import socket
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -39,13 +48,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request, Security
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.routing import APIRoute
+from fastapi.security import HTTPBearer
 
 from kvtier.cluster import schema as S
 from kvtier.cluster.index import ChunkIndex, chain_keys
 from kvtier.errors import ConfigError
+from kvtier.net import BearerAuth, Gate, is_loopback, serve_http, token_matches
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +68,11 @@ class ControllerSettings:
 
     host: str = "127.0.0.1"
     port: int = 9000
-    token: str = ""
+    token: str = ""  # admin token: every route
+    worker_token: str = ""  # only the worker channel ('' = workers use the admin token)
+    read_token: str = ""  # only reads: lookup, instances, operation status, metrics
     ttl_s: float = 10.0  # a worker silent this long is dropped
+    claim_ttl_s: float = 60.0  # an expired instance's id stays reserved for its owner this long
     heartbeat_s: float = 2.0  # advised to workers at registration
     command_timeout_s: float = 30.0
     max_instances: int = 1024
@@ -67,23 +81,35 @@ class ControllerSettings:
     max_ops: int = 1024
     max_body_bytes: int = 64 << 20
     command_queue: int = 64
-    tokenizers: dict[str, str] = field(default_factory=dict)  # model -> tokenizer file or directory
+    tokenizers: dict[str, str] = field(default_factory=dict)  # the allow-list: model -> tokenizer path or id
 
     def check(self) -> None:
         """Raise :class:`ConfigError` on unsafe or inconsistent settings."""
-        from kvtier.server.app import is_loopback
-
         if not self.token and not is_loopback(self.host):
             raise ConfigError(
                 f"controller host {self.host!r} is not a loopback address; set a token (--token or "
                 "KVTIER_CONTROLLER_TOKEN) so clients must authenticate, or bind 127.0.0.1"
             )
+        if (self.worker_token or self.read_token) and not self.token:
+            raise ConfigError("a worker or read token is set but no admin token: set --token (or "
+                              "KVTIER_CONTROLLER_TOKEN) too, or every admin route would be open")
+        given = [t for t in (self.token, self.worker_token, self.read_token) if t]
+        if len(set(given)) != len(given):
+            raise ConfigError("the admin, worker and read tokens must differ (equal tokens grant equal rights)")
         if not 0 < self.heartbeat_s < self.ttl_s:
             raise ConfigError(f"heartbeat_s ({self.heartbeat_s}) must be positive and below ttl_s ({self.ttl_s})")
-        for name in ("command_timeout_s", "max_instances", "max_keys_per_instance", "max_keys_total",
+        for name in ("claim_ttl_s", "command_timeout_s", "max_instances", "max_keys_per_instance", "max_keys_total",
                      "max_ops", "max_body_bytes", "command_queue"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"controller setting {name} must be positive, got {getattr(self, name)}")
+
+    def auth(self) -> BearerAuth:
+        """The roles each configured token grants (the admin token grants every role)."""
+        return BearerAuth({self.token: frozenset(ROLES), self.read_token: frozenset({"read"}),
+                           self.worker_token: frozenset({"worker"})})
+
+
+ROLES = ("admin", "read", "worker")
 
 
 class ApiError(Exception):
@@ -110,10 +136,6 @@ class Invalid(ApiError):
 
 class TooBusy(ApiError):
     status = 429
-
-
-class Unauthorized(ApiError):
-    status = 401
 
 
 class Forbidden(ApiError):
@@ -165,16 +187,17 @@ class Op:
 
 
 class Tokenizers:
-    """Tokenizers per model, loaded on first use from ``--tokenizer MODEL=PATH`` or, failing that, from
-    the local Hugging Face cache (``local_files_only``: never the network)."""
+    """Tokenizers per model, only from the operator's allow-list (``--tokenizer MODEL=PATH``: a
+    tokenizer.json, its directory, or a model id in the local Hugging Face cache, never the network),
+    loaded on first use. A model name that is not on the list is refused, never opened."""
 
     def __init__(self, paths: dict[str, str], cap: int = 8) -> None:
         self.paths = dict(paths)
         self.cap = cap
         self._loaded: OrderedDict[str, Callable[[str], list[int]]] = OrderedDict()
 
-    def _load(self, model: str) -> Callable[[str], list[int]]:
-        where = Path(self.paths.get(model, model)).expanduser()
+    def _load(self, source: str) -> Callable[[str], list[int]]:
+        where = Path(source).expanduser()
         file = where if where.is_file() else where / "tokenizer.json"
         from kvtier.extras import require
 
@@ -182,14 +205,18 @@ class Tokenizers:
             tok = require("tokenizers", "router").Tokenizer.from_file(str(file))
             return lambda text: list(tok.encode(text).ids)
         auto = require("transformers", "router").AutoTokenizer
-        hf = auto.from_pretrained(str(where) if where.exists() else model, local_files_only=True)
+        hf = auto.from_pretrained(str(where) if where.exists() else source, local_files_only=True)
         return lambda text: list(hf(text)["input_ids"])
 
     async def encode(self, model: str, text: str) -> list[int]:
         fn = self._loaded.get(model)
         if fn is None:
+            source = self.paths.get(model)
+            if source is None:
+                raise Invalid(f"no tokenizer is configured for model {model!r}; pass token_ids instead, or start "
+                              f"the controller with --tokenizer {model}=PATH")
             try:
-                fn = await asyncio.to_thread(self._load, model)
+                fn = await asyncio.to_thread(self._load, source)
             except Exception as exc:
                 raise Invalid(
                     f"cannot load a tokenizer for model {model!r} ({type(exc).__name__}: {exc}); pass "
@@ -201,6 +228,15 @@ class Tokenizers:
         return await asyncio.to_thread(fn, text)
 
 
+@dataclass
+class Claim:
+    """Ownership of an instance id: the secret issued at its first registration; ``expired_at`` is set
+    once its worker expired (the claim then lasts ``claim_ttl_s`` more)."""
+
+    secret: str
+    expired_at: float | None = None
+
+
 class Controller:
     """Registry, index and operations. Every method runs on the controller's one event loop."""
 
@@ -209,6 +245,7 @@ class Controller:
         self.index = ChunkIndex(settings.max_keys_per_instance, settings.max_keys_total)
         self.workers: dict[str, Worker] = {}  # instance id -> worker
         self.sessions: dict[str, Worker] = {}
+        self.claims: dict[str, Claim] = {}  # instance id -> its owner's secret
         self.ops: OrderedDict[str, Op] = OrderedDict()
         self.tokenizers = Tokenizers(settings.tokenizers)
         self.started = time.monotonic()
@@ -219,6 +256,11 @@ class Controller:
     # ---- registry --------------------------------------------------------------------------------
     def register(self, req: S.RegisterRequest) -> S.RegisterResponse:
         now = time.monotonic()
+        claim = self.claims.get(req.instance_id)
+        if claim is not None and not token_matches(req.secret, claim.secret):
+            self.metrics.count("ownership_refusals")
+            raise Forbidden(f"instance id {req.instance_id!r} belongs to an earlier registration; only the holder of "
+                            "the secret it was issued may register it again (pick another id)")
         old = self.workers.get(req.instance_id)
         if old is not None and not req.replace and now - old.last_seen <= self.settings.ttl_s:
             raise Conflict(f"instance id {req.instance_id!r} is held by a live session (last heard "
@@ -227,16 +269,18 @@ class Controller:
             raise TooBusy(f"the controller already tracks {len(self.workers)} instances (max_instances)")
         if old is not None:
             self._drop(old, "re-registered")
-        worker = Worker(info=req.model_copy(update={"tiers": {}}), session=secrets.token_hex(16),
+        worker = Worker(info=req.model_copy(update={"tiers": {}, "secret": ""}), session=secrets.token_hex(16),
                         root=bytes.fromhex(req.root), registered=now, last_seen=now,
                         queue=asyncio.Queue(self.settings.command_queue))
         self.workers[req.instance_id] = worker
         self.sessions[worker.session] = worker
+        secret = claim.secret if claim is not None else req.secret or secrets.token_hex(32)
+        self.claims[req.instance_id] = Claim(secret)
         self.index.replace(req.instance_id, {t: map(bytes.fromhex, keys) for t, keys in req.tiers.items()})
         self.metrics.count("registrations")
         log.info("instance %s registered (model %s, spec %s, p2p %s)", req.instance_id, req.model, req.spec,
                  req.p2p_address or "off")
-        return S.RegisterResponse(session=worker.session, heartbeat_s=self.settings.heartbeat_s,
+        return S.RegisterResponse(session=worker.session, secret=secret, heartbeat_s=self.settings.heartbeat_s,
                                   ttl_s=self.settings.ttl_s)
 
     def session(self, session: str) -> Worker:
@@ -247,7 +291,9 @@ class Controller:
         return worker
 
     def deregister(self, session: str) -> None:
-        self._drop(self.session(session), "deregistered")
+        worker = self.session(session)
+        self._drop(worker, "deregistered")
+        self.claims.pop(worker.instance_id, None)
 
     def _drop(self, worker: Worker, reason: str) -> None:
         if self.workers.get(worker.instance_id) is worker:
@@ -264,7 +310,20 @@ class Controller:
         for worker in dead:
             self._drop(worker, f"expired (silent for {now - worker.last_seen:.1f}s)")
             self.metrics.count("expirations")
+            claim = self.claims.get(worker.instance_id)
+            if claim is not None:
+                claim.expired_at = now
+        self._expire_claims(now)
         return [w.instance_id for w in dead]
+
+    def _expire_claims(self, now: float) -> None:
+        """Forget claims of instances expired ``claim_ttl_s`` ago, and the oldest beyond ``max_instances``."""
+        stale = sorted((c.expired_at, i) for i, c in self.claims.items()
+                       if c.expired_at is not None and i not in self.workers)
+        excess = len(stale) - self.settings.max_instances
+        for n, (expired_at, instance_id) in enumerate(stale):
+            if n < excess or now - expired_at > self.settings.claim_ttl_s:
+                del self.claims[instance_id]
 
     def instance(self, instance_id: str) -> Worker:
         worker = self.workers.get(instance_id)
@@ -499,56 +558,12 @@ class Controller:
 
 
 # ---- HTTP ------------------------------------------------------------------------------------------
-class BodyLimit:
-    """ASGI middleware: refuse request bodies above ``limit`` bytes with 413 (before they are buffered)."""
-
-    def __init__(self, app: Any, limit: int) -> None:
-        self.app = app
-        self.limit = limit
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
-            await self._refuse(send)
-            return
-        seen = 0
-
-        async def limited() -> Any:
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise ApiError(f"request body exceeds {self.limit} bytes")
-            return message
-
-        try:
-            await self.app(scope, limited, send)
-        except ApiError:
-            await self._refuse(send)
-
-    async def _refuse(self, send: Any) -> None:
-        body = b'{"detail":"request body too large"}'
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
-
-
 def create_app(settings: ControllerSettings) -> Any:
     """The FastAPI app (``app.state.controller`` is the :class:`Controller`)."""
     ctl = Controller(settings)
-    bearer = HTTPBearer(auto_error=False, description="The controller token (--token).")
-
-    async def require_token(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # noqa: B008
-        if not settings.token:
-            return
-        if creds is None:
-            raise Unauthorized("this controller requires 'Authorization: Bearer <token>'")
-        if not hmac.compare_digest(creds.credentials.encode(), settings.token.encode()):
-            ctl.metrics.count("auth_failures")
-            raise Forbidden("wrong token")
+    # Declares the bearer scheme in the OpenAPI document; the check itself is the Gate's, before the body.
+    bearer = [Security(HTTPBearer(auto_error=False, description="A controller token: admin (--token), read "
+                                  "(--read-token) or worker (--worker-token), as the route's role needs."))]
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -564,8 +579,7 @@ def create_app(settings: ControllerSettings) -> Any:
 
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, exc: ApiError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
-        return JSONResponse({"detail": exc.message}, status_code=exc.status, headers=headers)
+        return JSONResponse({"detail": exc.message}, status_code=exc.status)
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
@@ -575,8 +589,9 @@ def create_app(settings: ControllerSettings) -> Any:
         return response
 
     public = APIRouter()
-    api = APIRouter(dependencies=[Depends(require_token)])
-    worker_api = APIRouter(prefix="/v1/worker", tags=["worker channel"], dependencies=[Depends(require_token)])
+    read_api = APIRouter(dependencies=bearer)
+    api = APIRouter(dependencies=bearer)
+    worker_api = APIRouter(prefix="/v1/worker", tags=["worker channel"], dependencies=bearer)
 
     def op_response(op: Op) -> JSONResponse:
         code = 202 if op.status in ("pending", "running") else 200
@@ -592,11 +607,11 @@ def create_app(settings: ControllerSettings) -> Any:
     async def healthz() -> str:
         return "ok"
 
-    @api.get("/instances", response_model=S.InstancesResponse, summary="Live instances")
+    @read_api.get("/instances", response_model=S.InstancesResponse, summary="Live instances")
     async def instances() -> S.InstancesResponse:
         return ctl.instances()
 
-    @api.post("/lookup", response_model=S.LookupResponse, summary="Cached prefix length per instance")
+    @read_api.post("/lookup", response_model=S.LookupResponse, summary="Cached prefix length per instance")
     async def lookup(req: S.LookupRequest) -> S.LookupResponse:
         return await ctl.lookup(req)
 
@@ -620,15 +635,15 @@ def create_app(settings: ControllerSettings) -> Any:
     async def compress(req: S.CompressRequest) -> JSONResponse:
         return op_response(await ctl.compress(req))
 
-    @api.post("/check_finish", response_model=S.OpResponse, summary="Status of an operation")
+    @read_api.post("/check_finish", response_model=S.OpResponse, summary="Status of an operation")
     async def check_finish(req: S.CheckFinishRequest) -> S.OpResponse:
         return ctl.op(req.op_id).view()
 
-    @api.post("/health", response_model=S.InstanceHealth, summary="Ask one instance how it is")
+    @read_api.post("/health", response_model=S.InstanceHealth, summary="Ask one instance how it is")
     async def instance_health(req: S.HealthRequest) -> S.InstanceHealth:
         return await ctl.health(req)
 
-    @api.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
+    @read_api.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
     async def metrics() -> Response:
         body, content_type = ctl.metrics.render()
         return Response(body, media_type=content_type)
@@ -667,36 +682,22 @@ def create_app(settings: ControllerSettings) -> Any:
     async def w_locate(req: S.LocateRequest) -> S.LocateResponse:
         return ctl.locate(req)
 
-    app.include_router(public)
-    app.include_router(api)
-    app.include_router(worker_api)
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    roles: dict[tuple[str, str], str | None] = {}
+    for role, routes in ((None, public), ("read", read_api), ("admin", api), ("worker", worker_api)):
+        app.include_router(routes)
+        roles.update({(method, route.path): role for route in routes.routes if isinstance(route, APIRoute)
+                      for method in route.methods or ()})
+    for route in app.routes:  # the OpenAPI document and its viewers
+        if not isinstance(route, APIRoute):
+            roles.update({(method, getattr(route, "path", "")): None for method in getattr(route, "methods", ())})
+    app.add_middleware(Gate, auth=settings.auth(), roles=roles, limit=settings.max_body_bytes,
+                       on_refusal=lambda reason: ctl.metrics.count(f"refused_{reason}"))
     return app
-
-
-def bind(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on ``host:port`` (port 0 picks a free one)."""
-    family, kind, proto, _name, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind(addr)
-        sock.listen(512)
-    except OSError as exc:
-        sock.close()
-        raise ConfigError(f"cannot listen on {host}:{port}: {exc}") from exc
-    return sock
 
 
 def serve(settings: ControllerSettings, on_ready: Callable[[int], None] | None = None) -> None:
     """Run the controller until SIGINT / SIGTERM (blocking)."""
-    import uvicorn
-
     settings.check()
-    app = create_app(settings)
-    sock = bind(settings.host, settings.port)
-    config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_keep_alive=30,
-                            timeout_graceful_shutdown=5)
-    if on_ready is not None:
-        on_ready(sock.getsockname()[1])
-    uvicorn.Server(config).run(sockets=[sock])
+    if settings.token and not settings.worker_token:
+        log.warning("workers present the admin token; give them their own with --worker-token")
+    serve_http(create_app(settings), settings.host, settings.port, on_ready)

@@ -33,7 +33,8 @@ from kvtier.config import ServerConfig
 from kvtier.errors import ConfigError, KvtierError, TierUnavailable
 from kvtier.frame_auth import FrameKeys
 from kvtier.keys import ChunkKey
-from kvtier.server.app import CacheServer, is_loopback
+from kvtier.net import is_loopback
+from kvtier.server.app import CacheServer
 from kvtier.server.client import RemoteTier
 from kvtier.server.store import ChunkStore, Frame
 from kvtier.storage.base import Tier

@@ -27,6 +27,8 @@ WaitS = Annotated[
     float, Field(ge=0.0, le=60.0, description="Seconds to wait for the operation before answering (0: don't).")
 ]
 Session = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[0-9a-f]+$")]
+Secret = Annotated[str, Field(max_length=128, pattern=r"^([0-9a-f]{32,128})?$",
+                              description="The instance's secret from its first registration ('' = none yet).")]
 _ADDRESS = r"^(|[A-Za-z0-9._-]+:[0-9]{1,5}|\[[0-9A-Fa-f:.]+\]:[0-9]{1,5})$"  # '' or host:port or [v6]:port
 Address = Annotated[str, Field(max_length=262, pattern=_ADDRESS)]
 Snapshot = Annotated[dict[TierName, Annotated[list[KeyHex], Field(max_length=MAX_SNAPSHOT_KEYS)]],
@@ -51,11 +53,14 @@ class RegisterRequest(_Record):
     p2p_address: Address = Field("", description="host:port peers fetch chunks from ('' = none).")
     codecs: Annotated[list[Annotated[str, Field(max_length=64)]], Field(max_length=64)] = []
     tiers: Snapshot = {}
-    replace: bool = Field(False, description="Take over the id even while another session holds it.")
+    replace: bool = Field(False, description="Take over the id even while another session holds it (needs the "
+                                             "id's secret, like every registration of a claimed id).")
+    secret: Secret = ""
 
 
 class RegisterResponse(_Record):
     session: str
+    secret: str = Field(description="Proof of ownership of the instance id: keep it, send it when registering again.")
     heartbeat_s: float
     ttl_s: float
 

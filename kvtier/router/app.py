@@ -5,10 +5,17 @@ backend), ``GET /health`` (public: 200 while some backend is in rotation, else 5
 
 Invariants:
 - Binds 127.0.0.1 by default; a non-loopback address needs a token, and with a token every route but
-  ``/health`` needs ``Authorization: Bearer <token>`` (what OpenAI clients send as their API key). The
-  router's token is never forwarded; backends get ``backend_token`` if one is set.
+  ``/health`` needs ``Authorization: Bearer <token>`` (what OpenAI clients send as their API key),
+  checked before the body is read. The router's token is never forwarded; backends get
+  ``backend_token`` if one is set.
 - Request bodies above ``max_body_bytes`` get 413 before they are buffered; above ``max_concurrent``
   requests in flight, new ones get 429 at once. Both bound the router's memory and upstream fan-out.
+  A body that is not a JSON object (malformed, or nested too deeply to parse) gets 400.
+- Clients never share state through the router: it keeps no cookies (a backend's ``Set-Cookie`` is
+  neither stored nor relayed) and forwards only the body and ``content-type``.
+- Backend URLs, which may carry ``user:password@``, never leave the router: logs, metrics and error
+  bodies show them without credentials, and a response names its backend (``x-kvtier-backend``) only
+  when ``backend_header`` is on, and then only by its opaque name (instance id, else ``decode-N``).
 - A request body is forwarded byte for byte; a response is relayed chunk by chunk as the backend sends
   it (Server-Sent Events stay live). Whatever ends a relay (the end, an upstream error, the client
   disconnecting) closes the upstream response, which cancels the request in the engine, and frees the
@@ -24,21 +31,23 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
-import hmac
+import http.cookiejar
 import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request, Security
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPBearer
 from starlette.types import Receive, Scope, Send
 
 from kvtier.errors import ConfigError
+from kvtier.net import BearerAuth, Gate, is_loopback, redact_url, serve_http
 from kvtier.router.kv import KvKnowledge
 from kvtier.router.metrics import RouterMetrics
 from kvtier.router.policy import POLICIES, Backend, Chooser, PolicyName, Pool
@@ -61,6 +70,7 @@ class RouterSettings:
     port: int = 8080
     token: str = ""
     backend_token: str = ""
+    backend_header: bool = False  # name the chosen backend (opaquely) in x-kvtier-backend
     policy: PolicyName = "kv"
     controller_url: str = ""
     controller_token: str = ""
@@ -79,8 +89,6 @@ class RouterSettings:
 
     def check(self) -> None:
         """Raise :class:`ConfigError` on unsafe or inconsistent settings."""
-        from kvtier.server.app import is_loopback
-
         if not self.token and not is_loopback(self.host):
             raise ConfigError(f"router host {self.host!r} is not a loopback address; set a token (--token or "
                               "KVTIER_ROUTER_TOKEN) so clients must authenticate, or bind 127.0.0.1")
@@ -88,10 +96,10 @@ class RouterSettings:
             raise ConfigError("the router needs at least one --backend (a decoder in disaggregated mode)")
         for url, _instance in (*self.backends, *self.prefill):
             if not url.startswith(("http://", "https://")):
-                raise ConfigError(f"backend URL {url!r} must start with http:// or https://")
+                raise ConfigError(f"backend URL {redact_url(url)!r} must start with http:// or https://")
         urls = [url for url, _ in (*self.backends, *self.prefill)]
         if len(set(urls)) != len(urls):
-            raise ConfigError(f"a backend URL is given twice: {urls}")
+            raise ConfigError(f"a backend URL is given twice: {[redact_url(u) for u in urls]}")
         if self.policy not in POLICIES:
             raise ConfigError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
         for name in ("lookup_timeout_s", "controller_backoff_s", "chunk_tokens", "table_keys", "max_body_bytes",
@@ -106,7 +114,7 @@ def parse_backend(spec: str) -> tuple[str, str]:
     if not sep:
         url, instance = spec, ""
     if not url or (sep and not instance):
-        raise ConfigError(f"a backend is URL or URL=INSTANCE_ID, got {spec!r}")
+        raise ConfigError(f"a backend is URL or URL=INSTANCE_ID, got {redact_url(spec)!r}")
     return url.rstrip("/"), instance
 
 
@@ -158,12 +166,15 @@ class Router:
     def __init__(self, settings: RouterSettings) -> None:
         self.settings = settings
         s = settings
-        self.decode = Pool([Backend(u, i) for u, i in s.backends], s.backoff_s, s.max_backoff_s)
-        self.prefill = Pool([Backend(u, i) for u, i in s.prefill], s.backoff_s, s.max_backoff_s) if s.prefill else None
+        self.decode = Pool([Backend(u, i, f"decode-{n}") for n, (u, i) in enumerate(s.backends)], s.backoff_s,
+                           s.max_backoff_s)
+        self.prefill = Pool([Backend(u, i, f"prefill-{n}") for n, (u, i) in enumerate(s.prefill)], s.backoff_s,
+                            s.max_backoff_s) if s.prefill else None
         self.chooser = Chooser(s.policy)
         self.by_load = Chooser("least_loaded")
         self.metrics = RouterMetrics({"decode": self.decode, **({"prefill": self.prefill} if self.prefill else {})})
         self.client = httpx.AsyncClient(
+            cookies=http.cookiejar.CookieJar(http.cookiejar.DefaultCookiePolicy(allowed_domains=[])),  # keeps none
             timeout=httpx.Timeout(s.read_timeout_s, connect=s.connect_timeout_s, pool=s.connect_timeout_s),
             limits=httpx.Limits(max_connections=2 * s.max_concurrent, max_keepalive_connections=64))
         self.tokens = PromptTokens(s.tokenizer)
@@ -193,6 +204,8 @@ class Router:
                 body = json.loads(raw)
             except ValueError as exc:
                 raise RouterError(400, f"request body is not JSON: {exc}") from None
+            except RecursionError:
+                raise RouterError(400, "request body is not JSON the router accepts: nested too deeply") from None
             if not isinstance(body, dict):
                 raise RouterError(400, "request body must be a JSON object")
             tokens = await self._prompt_tokens(route, body)
@@ -235,14 +248,14 @@ class Router:
         try:
             await sent.upstream.aread()
         except httpx.HTTPError as exc:
-            self.metrics.errors.labels(sent.backend.url, "prefill_read").inc()
-            log.warning("prefill on %s failed while reading (%s)", sent.backend.url, exc)
+            self.metrics.errors.labels(sent.backend.label, "prefill_read").inc()
+            log.warning("prefill on %s failed while reading (%s)", sent.backend.label, _scrub(str(exc), sent.backend))
         finally:
             await sent.upstream.aclose()
             self._finish(sent, "prefill", route)
         if sent.upstream.status_code != 200:
-            self.metrics.errors.labels(sent.backend.url, "prefill_status").inc()
-            log.warning("prefill on %s answered %d", sent.backend.url, sent.upstream.status_code)
+            self.metrics.errors.labels(sent.backend.label, "prefill_status").inc()
+            log.warning("prefill on %s answered %d", sent.backend.label, sent.upstream.status_code)
 
     # ---- forwarding ------------------------------------------------------------------------------
     async def _send(self, pool: Pool, role: str, chooser: Chooser, method: str, path: str, content: bytes,
@@ -276,13 +289,12 @@ class Router:
                 pool.release(backend)
                 backoff = pool.failed(backend)
                 timed_out = isinstance(exc, httpx.TimeoutException) and not isinstance(exc, httpx.ConnectTimeout)
-                self.metrics.errors.labels(backend.url, "timeout" if timed_out else "connect").inc()
-                log.warning("%s backend %s failed (%s: %s); out of rotation for %.1fs", role, backend.url,
-                            type(exc).__name__, exc, backoff)
+                self.metrics.errors.labels(backend.label, "timeout" if timed_out else "connect").inc()
+                last = f"{backend.label}: {type(exc).__name__}: {_scrub(str(exc), backend)}"
+                log.warning("%s backend %s failed; out of rotation for %.1fs", role, last, backoff)
                 if timed_out:
-                    raise RouterError(504, f"{role} backend {backend.url} did not answer in time") from None
+                    raise RouterError(504, f"{role} backend {backend.label} did not answer in time") from None
                 tried.add(backend.url)
-                last = f"{backend.url}: {type(exc).__name__}: {exc}"
                 continue
             except BaseException:
                 pool.release(backend)
@@ -294,57 +306,53 @@ class Router:
                     self.metrics.prompt_tokens.labels("hit").inc(decision.hit_tokens)
                     self.metrics.prompt_tokens.labels("miss").inc(max(0, len(tokens) - decision.hit_tokens))
             if upstream.status_code >= 500:
-                self.metrics.errors.labels(backend.url, "http_5xx").inc()
+                self.metrics.errors.labels(backend.label, "http_5xx").inc()
             return _Sent(upstream, backend, started)
 
     def _finish(self, sent: _Sent, role: str, route: str) -> None:
         pool = self.prefill if role == "prefill" and self.prefill is not None else self.decode
         pool.release(sent.backend)
-        self.metrics.requests.labels(sent.backend.url, role, route, str(sent.upstream.status_code)).inc()
-        self.metrics.upstream_seconds.labels(sent.backend.url, role).observe(time.perf_counter() - sent.started)
+        self.metrics.requests.labels(sent.backend.label, role, route, str(sent.upstream.status_code)).inc()
+        self.metrics.upstream_seconds.labels(sent.backend.label, role).observe(time.perf_counter() - sent.started)
 
     def _relay(self, sent: _Sent, role: str, route: str, streamed: bool, release: Callable[[], None]) -> Relay:
         up = sent.upstream
-        url = sent.backend.url
+        label = sent.backend.label
 
         async def body() -> AsyncIterator[bytes]:
             first = True
             try:
                 async for chunk in up.aiter_raw():
                     if first and streamed:
-                        self.metrics.ttft_seconds.labels(url).observe(time.perf_counter() - sent.started)
+                        self.metrics.ttft_seconds.labels(label).observe(time.perf_counter() - sent.started)
                     first = False
                     yield chunk
             except httpx.HTTPError as exc:  # the response is already started: end it short
-                self.metrics.errors.labels(url, "stream").inc()
-                log.warning("%s backend %s broke off a response (%s: %s)", role, url, type(exc).__name__, exc)
+                self.metrics.errors.labels(label, "stream").inc()
+                log.warning("%s backend %s broke off a response (%s: %s)", role, label, type(exc).__name__,
+                            _scrub(str(exc), sent.backend))
 
         def on_close() -> None:
             self._finish(sent, role, route)
             release()
 
         headers = {k: v for k in _PASS_HEADERS if (v := up.headers.get(k)) is not None}
-        headers["x-kvtier-backend"] = url
+        if self.settings.backend_header:
+            headers["x-kvtier-backend"] = sent.backend.name
         return Relay(up, body(), headers, on_close)
+
+
+def _scrub(text: str, backend: Backend) -> str:
+    """``text`` (e.g. an httpx error quoting a URL) without ``backend``'s credentials, however the URL
+    around them was rewritten."""
+    userinfo = urlsplit(backend.url).netloc.rpartition("@")[0]
+    return text.replace(userinfo + "@", "***@") if userinfo else text
 
 
 # ---- app -------------------------------------------------------------------------------------------
 def create_app(settings: RouterSettings) -> FastAPI:
     """The FastAPI app (``app.state.router`` is the :class:`Router`)."""
-    from kvtier.cluster.controller import BodyLimit
-
     router = Router(settings)
-    bearer = HTTPBearer(auto_error=False, description="The router token (--token).")
-
-    async def require_token(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # noqa: B008
-        if not settings.token:
-            return
-        if creds is None:
-            router.metrics.rejected.labels("auth").inc()
-            raise RouterError(401, "this router requires 'Authorization: Bearer <token>'")
-        if not hmac.compare_digest(creds.credentials.encode(), settings.token.encode()):
-            router.metrics.rejected.labels("auth").inc()
-            raise RouterError(403, "wrong token")
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -359,7 +367,8 @@ def create_app(settings: RouterSettings) -> FastAPI:
     async def router_error(_request: Request, exc: RouterError) -> JSONResponse:
         return exc.response()
 
-    auth = [Depends(require_token)]
+    # Declares the bearer scheme in the OpenAPI document; the check itself is the Gate's, before the body.
+    auth = [Security(HTTPBearer(auto_error=False, description="The router token (--token)."))]
 
     @app.post("/v1/completions", dependencies=auth, summary="Routed text completion")
     async def completions(request: Request) -> Response:
@@ -388,22 +397,21 @@ def create_app(settings: RouterSettings) -> FastAPI:
         payload, content_type = router.metrics.render()
         return Response(payload, media_type=content_type)
 
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    public = {(method, path): None for path in ("/health", app.openapi_url or "", app.docs_url or "",
+                                                 app.redoc_url or "") for method in ("GET", "HEAD")}
+    app.add_middleware(Gate, auth=BearerAuth({settings.token: frozenset({"client"})}), roles=public,
+                       limit=settings.max_body_bytes, refuse=_openai_error,
+                       on_refusal=lambda reason: router.metrics.rejected.labels(reason).inc())
     return app
+
+
+def _openai_error(status: int, message: str) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    return bytes(RouterError(status, message).response().body), []
 
 
 def serve(settings: RouterSettings, on_ready: Callable[[int], None] | None = None) -> None:
     """Run the router until SIGINT / SIGTERM (blocking)."""
-    import uvicorn
-
-    from kvtier.cluster.controller import bind
-
     settings.check()
     app = create_app(settings)
     app.state.router.tokens.load()
-    sock = bind(settings.host, settings.port)
-    config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_keep_alive=30,
-                            timeout_graceful_shutdown=5)
-    if on_ready is not None:
-        on_ready(sock.getsockname()[1])
-    uvicorn.Server(config).run(sockets=[sock])
+    serve_http(app, settings.host, settings.port, on_ready)

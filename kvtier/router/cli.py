@@ -22,7 +22,8 @@ def register(app: typer.Typer) -> None:
         token: str = typer.Option(None, help="Bearer token clients must present (prefer KVTIER_ROUTER_TOKEN)."),
         policy: str = typer.Option("kv", help="kv (longest cached prefix, then least loaded), least_loaded, "
                                               "roundrobin."),
-        controller: str = typer.Option("", "--controller", help="kvtier controller URL for prefix lookups "
+        controller: str = typer.Option("", "--controller", help="kvtier controller URL for prefix lookups, with "
+                                                                "$KVTIER_CONTROLLER_READ_TOKEN (else its admin token) "
                                                                 "('' = the router's own prefix table only)."),
         lookup_timeout: float = typer.Option(0.25, help="Seconds a controller lookup may take before the "
                                                         "router's prefix table answers instead."),
@@ -35,6 +36,8 @@ def register(app: typer.Typer) -> None:
         max_body_bytes: int = typer.Option(16 << 20, help="Largest request body (413 above)."),
         connect_timeout: float = typer.Option(2.0, help="Seconds to connect to a backend."),
         read_timeout: float = typer.Option(600.0, help="Seconds a backend may stay silent."),
+        backend_header: bool = typer.Option(False, help="Name the chosen backend in an x-kvtier-backend response "
+                                                       "header (its instance id, else decode-N / prefill-N)."),
         log_level: str = typer.Option("warning", help="Logging level: debug, info, warning, error."),
     ) -> None:
         """Route OpenAI requests to the engine holding the longest cached prefix, until SIGTERM / SIGINT."""
@@ -44,8 +47,10 @@ def register(app: typer.Typer) -> None:
         settings = RouterSettings(
             backends=tuple(parse_backend(b) for b in backend), prefill=tuple(parse_backend(p) for p in prefill),
             host=host, port=port, token=token if token is not None else os.environ.get("KVTIER_ROUTER_TOKEN", ""),
-            backend_token=os.environ.get("KVTIER_ROUTER_BACKEND_TOKEN", ""), policy=policy,  # type: ignore[arg-type]
-            controller_url=controller, controller_token=os.environ.get("KVTIER_CONTROLLER_TOKEN", ""),
+            backend_token=os.environ.get("KVTIER_ROUTER_BACKEND_TOKEN", ""), backend_header=backend_header,
+            policy=policy,  # type: ignore[arg-type]
+            controller_url=controller, controller_token=os.environ.get("KVTIER_CONTROLLER_READ_TOKEN")
+            or os.environ.get("KVTIER_CONTROLLER_TOKEN", ""),
             lookup_timeout_s=lookup_timeout, tokenizer=tokenizer, kv_model=kv_model, chunk_tokens=chunk_tokens,
             max_concurrent=max_concurrent, max_body_bytes=max_body_bytes, connect_timeout_s=connect_timeout,
             read_timeout_s=read_timeout,

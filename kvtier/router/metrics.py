@@ -1,7 +1,7 @@
 """Prometheus metrics of ``kvtier router`` (its own registry; gauges read the pools at scrape time).
 
-Backends are labelled by URL, the role by ``decode`` (every backend outside disaggregated mode) or
-``prefill``.
+Backends are labelled by URL without credentials (:attr:`~kvtier.router.policy.Backend.label`), the role
+by ``decode`` (every backend outside disaggregated mode) or ``prefill``.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class _PoolCollector(Collector):
                                     labels=["backend", "role"])
         for role, pool in self.pools.items():
             for b in pool.backends:
-                inflight.add_metric([b.url, role], b.inflight)
-                healthy.add_metric([b.url, role], 1.0 if b.healthy(now) else 0.0)
+                inflight.add_metric([b.label, role], b.inflight)
+                healthy.add_metric([b.label, role], 1.0 if b.healthy(now) else 0.0)
         yield inflight
         yield healthy

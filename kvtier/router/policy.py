@@ -15,8 +15,10 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
+
+from kvtier.net import redact_url
 
 PolicyName = Literal["kv", "least_loaded", "roundrobin"]
 POLICIES: tuple[PolicyName, ...] = ("kv", "least_loaded", "roundrobin")
@@ -25,13 +27,21 @@ POLICIES: tuple[PolicyName, ...] = ("kv", "least_loaded", "roundrobin")
 @dataclass
 class Backend:
     """One upstream OpenAI-compatible server (a vLLM instance), optionally known to the controller as
-    ``instance_id``."""
+    ``instance_id``. ``url`` may carry credentials and is used only to send requests; ``label`` (the URL
+    without them) is what logs, metrics and errors show, and ``name`` (the instance id, else the role and
+    position) is the opaque id a client may be told."""
 
     url: str
     instance_id: str = ""
+    name: str = ""
+    label: str = field(init=False)
     inflight: int = 0
     failures: int = 0  # consecutive transport failures
     down_until: float = 0.0  # monotonic time until which it gets no requests
+
+    def __post_init__(self) -> None:
+        self.label = redact_url(self.url)
+        self.name = self.instance_id or self.name
 
     def healthy(self, now: float) -> bool:
         return now >= self.down_until

@@ -24,7 +24,6 @@ import asyncio
 import collections
 import contextlib
 import hmac
-import ipaddress
 import logging
 import os
 import signal
@@ -41,6 +40,7 @@ from kvtier import wire
 from kvtier.compat import async_timeout
 from kvtier.config import ServerConfig
 from kvtier.errors import ConfigError, CorruptChunk, KvtierError, ProtocolError
+from kvtier.net import is_loopback
 from kvtier.server import protocol as P
 from kvtier.server.store import ChunkStore
 
@@ -57,21 +57,6 @@ _enc = msgspec.msgpack.Encoder()
 
 class _Closed(Exception):
     """The peer closed the connection (or it was closed under us)."""
-
-
-def is_loopback(host: str) -> bool:
-    """True if every address ``host`` resolves to is a loopback address."""
-    if not host:
-        return False
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        pass
-    try:
-        infos = socket.getaddrinfo(host, None)
-    except OSError:
-        return False
-    return bool(infos) and all(ipaddress.ip_address(info[4][0]).is_loopback for info in infos)
 
 
 def check_bind(host: str, token: str) -> None:

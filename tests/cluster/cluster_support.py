@@ -148,7 +148,7 @@ class ThreadedController:
     def start(self, port: int = 0) -> str:
         import uvicorn
 
-        from kvtier.cluster.controller import bind
+        from kvtier.net import bind
 
         sock = bind("127.0.0.1", port)
         self.port = sock.getsockname()[1]

@@ -20,12 +20,17 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 ROOT = "ab" * 16
 
 
-def register(client: TestClient, name: str, root: str = ROOT, **extra: Any) -> str:
+def register_full(client: TestClient, name: str, root: str = ROOT, **extra: Any) -> dict[str, Any]:
     body = {"instance_id": name, "model": "m", "spec": "L2-H2-D8-float32-C4", "root": root, "chunk_tokens": 4,
             "codecs": ["raw"], "p2p_address": f"127.0.0.1:{1000 + len(name)}", **extra}
     resp = client.post("/v1/worker/register", json=body, headers=AUTH)
     assert resp.status_code == 200, resp.text
-    session: str = resp.json()["session"]
+    out: dict[str, Any] = resp.json()
+    return out
+
+
+def register(client: TestClient, name: str, root: str = ROOT, **extra: Any) -> str:
+    session: str = register_full(client, name, root, **extra)["session"]
     return session
 
 
@@ -49,13 +54,20 @@ def test_refuses_public_bind_without_token() -> None:
 
 
 def test_registration_conflict_and_replace(client: TestClient) -> None:
-    first = register(client, "a")
-    resp = client.post("/v1/worker/register", headers=AUTH, json={
-        "instance_id": "a", "model": "m", "spec": "s", "root": ROOT, "chunk_tokens": 4})
+    first = register_full(client, "a")
+    body = {"instance_id": "a", "model": "m", "spec": "s", "root": ROOT, "chunk_tokens": 4}
+    # without the id's secret: refused, with replace too
+    for replace in (False, True):
+        resp = client.post("/v1/worker/register", headers=AUTH, json={**body, "replace": replace})
+        assert resp.status_code == 403 and "secret" in resp.json()["detail"]
+    resp = client.post("/v1/worker/register", headers=AUTH, json={**body, "secret": first["secret"]})
     assert resp.status_code == 409 and "live session" in resp.json()["detail"]
-    second = register(client, "a", replace=True)
-    assert second != first
-    assert client.post("/v1/worker/heartbeat", json={"session": first}, headers=AUTH).status_code == 404
+    second = register_full(client, "a", replace=True, secret=first["secret"])
+    assert second["session"] != first["session"] and second["secret"] == first["secret"]
+    assert client.post("/v1/worker/heartbeat", json={"session": first["session"]}, headers=AUTH).status_code == 404
+    # a clean deregistration frees the id
+    assert client.post("/v1/worker/deregister", json={"session": second["session"]}, headers=AUTH).status_code == 200
+    assert register_full(client, "a")["secret"] != first["secret"]
 
 
 def test_event_sequence_gap_asks_for_a_snapshot(client: TestClient) -> None:
@@ -126,5 +138,6 @@ def test_body_limit_and_unmatched_routes(client: TestClient) -> None:
     resp = client.post("/lookup", headers={**AUTH, "content-type": "application/json"},
                        content=b'{"model": "m", "token_ids": [' + b"1," * 40000 + b"1]}")
     assert resp.status_code == 413
-    assert client.get("/nope").status_code == 404
+    assert client.get("/nope", headers=AUTH).status_code == 404
+    assert client.get("/nope").status_code == 401  # unknown routes are not public either
     assert client.get("/healthz").text == "ok"

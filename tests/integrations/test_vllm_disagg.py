@@ -35,7 +35,8 @@ def test_prefill_on_one_instance_decode_on_another(tmp_path: Path, model_dir: Pa
         started += [prefill, decode]
         prefill.wait_healthy(400)
         decode.wait_healthy(400)
-        router = kvtier_service(["router", "--port", "0", "--prefill", prefill.url, "--decode", decode.url],
+        router = kvtier_service(["router", "--port", "0", "--prefill", prefill.url, "--decode", decode.url,
+                                 "--backend-header"],
                                 tmp_path / "router.log")
         started.append(router)
         for n in (0, 1):
@@ -43,7 +44,7 @@ def test_prefill_on_one_instance_decode_on_another(tmp_path: Path, model_dir: Pa
             prefilled_before = vllm_metric(prefill.url, "vllm:prompt_tokens")
             body = {"model": SERVED, "prompt": PROMPTS[n], "max_tokens": MAX_TOKENS, "temperature": 0}
             text, _ttft, _gaps, headers = stream_completion(router.url, body)
-            assert headers["x-kvtier-backend"] == decode.url
+            assert headers["x-kvtier-backend"] == "decode-0"  # the decoder (by its opaque name)
             assert text == reference[n]
             prompt_tokens = vllm_metric(prefill.url, "vllm:prompt_tokens") - prefilled_before
             loaded = vllm_metric(decode.url, "vllm:external_prefix_cache_hits") - hits_before

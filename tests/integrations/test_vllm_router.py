@@ -40,9 +40,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory, model_dir: Path, reference: 
             svc.wait_healthy(400)
         backends = [a for n, svc in engines.items() for a in ("--backend", f"{svc.url}={n}")]
         router = kvtier_service(["router", "--port", "0", *backends, "--controller", ctl.url, "--tokenizer",
-                                 str(model_dir)], work / "router.log", {"KVTIER_CONTROLLER_TOKEN": TOKEN})
+                                 str(model_dir), "--backend-header"], work / "router.log",
+                                {"KVTIER_CONTROLLER_TOKEN": TOKEN})
         started.append(router)
-        yield {"controller": ctl, "engines": engines, "router": router, "urls": {s.url: n for n, s in engines.items()}}
+        yield {"controller": ctl, "engines": engines, "router": router}
     finally:
         for svc in reversed(started):
             svc.stop()
@@ -54,7 +55,7 @@ def test_second_request_goes_to_the_instance_holding_the_document(stack: dict[st
 
     from kvtier.bench.router import SERVED, TOKEN, stream_completion, vllm_metric
 
-    ctl, router, urls = stack["controller"], stack["router"], stack["urls"]
+    ctl, router = stack["controller"], stack["router"]
     auth = {"Authorization": f"Bearer {TOKEN}"}
     listed = httpx.get(f"{ctl.url}/instances", headers=auth, timeout=10).json()["instances"]
     assert sorted(i["instance_id"] for i in listed) == ["v0", "v1"]
@@ -63,18 +64,19 @@ def test_second_request_goes_to_the_instance_holding_the_document(stack: dict[st
         body = {"model": SERVED, "prompt": PROMPTS[n], "max_tokens": MAX_TOKENS, "temperature": 0}
         first = httpx.post(f"{router.url}/v1/completions", json=body, timeout=300)
         assert first.status_code == 200, first.text
-        holder = first.headers["x-kvtier-backend"]
+        holder = first.headers["x-kvtier-backend"]  # the instance id the backend was given
+        holder_url = stack["engines"][holder].url
         ids = tok(PROMPTS[n])["input_ids"]
 
         def reported(ids: list[int] = ids, holder: str = holder) -> int:
             resp = httpx.post(f"{ctl.url}/lookup", json={"model": SERVED, "token_ids": ids}, headers=auth, timeout=10)
-            return int(resp.json()["instances"].get(urls[holder], {}).get("hit_tokens", 0))
+            return int(resp.json()["instances"].get(holder, {}).get("hit_tokens", 0))
 
-        _wait(lambda: reported() >= 256, 30, f"controller reports {urls[holder]} holding prompt {n}")
-        hits_before = vllm_metric(holder, "vllm:external_prefix_cache_hits")
+        _wait(lambda: reported() >= 256, 30, f"controller reports {holder} holding prompt {n}")
+        hits_before = vllm_metric(holder_url, "vllm:external_prefix_cache_hits")
         text, _ttft, _gaps, headers = stream_completion(router.url, body)
         assert headers["x-kvtier-backend"] == holder  # the instance holding the document
-        served = vllm_metric(holder, "vllm:external_prefix_cache_hits") - hits_before
+        served = vllm_metric(holder_url, "vllm:external_prefix_cache_hits") - hits_before
         assert served >= 256 and served >= reported() - 256  # from kvtier: every whole chunk it holds
         assert first.json()["choices"][0]["text"] == text == reference[n]
     metrics = httpx.get(f"{router.url}/metrics", timeout=10).text

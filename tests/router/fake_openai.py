@@ -4,7 +4,8 @@ They stand in for vLLM servers only here (``tests/integrations/test_vllm_router.
 One uvicorn server on a thread of the test process serves several named upstreams under
 ``/u/<name>``: a backend URL is ``http://127.0.0.1:<port>/u/<name>``. Each answers
 ``/v1/completions`` and ``/v1/chat/completions`` with text naming itself (streamed as one SSE event
-per token when ``stream`` is true), records every request body, and counts streams that ended early
+per token when ``stream`` is true; a whole answer sets a cookie ``session=<name>-<n>``, as a
+session-keeping API would), records every request's body and headers, and counts streams that ended early
 (the client went away). A stream can be gated: it sends event ``i`` only once the test has allowed
 ``i + 1`` events, so tests can check chunk-by-chunk passthrough causally, without clocks.
 """
@@ -28,6 +29,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 class Upstream:
     name: str
     bodies: list[dict[str, Any]] = field(default_factory=list)
+    headers: list[dict[str, str]] = field(default_factory=list)
     sent_events: int = 0
     active: int = 0
     cancelled: int = 0
@@ -54,6 +56,7 @@ def build_app(upstreams: dict[str, Upstream]) -> FastAPI:
         up = upstreams[name]
         body = await request.json()
         up.bodies.append(body)
+        up.headers.append(dict(request.headers))
         n = int(body.get("max_tokens", 4))
         obj = "chat.completion" if chat else "text_completion"
         usage = {"prompt_tokens": _prompt_len(body), "completion_tokens": n}
@@ -62,7 +65,7 @@ def build_app(upstreams: dict[str, Upstream]) -> FastAPI:
             choice = {"index": 0, "finish_reason": "length",
                       **({"message": {"role": "assistant", "content": text}} if chat else {"text": text})}
             return JSONResponse({"id": "x", "object": obj, "model": body.get("model"), "choices": [choice],
-                                 "usage": usage})
+                                 "usage": usage}, headers={"set-cookie": f"session={name}-{len(up.bodies)}; Path=/"})
 
         async def events() -> AsyncIterator[bytes]:
             up.active += 1
@@ -106,7 +109,7 @@ class FakeFleet:
     """Upstreams ``names`` on one loopback server (started on a daemon thread)."""
 
     def __init__(self, names: list[str]) -> None:
-        from kvtier.cluster.controller import bind
+        from kvtier.net import bind
 
         self.upstreams = {n: Upstream(n) for n in names}
         sock = bind("127.0.0.1", 0)

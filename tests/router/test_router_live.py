@@ -45,7 +45,7 @@ def served_by(resp: httpx.Response) -> str:
 @pytest.fixture(scope="module")
 def kv_router(cluster: Cluster) -> Iterator[Proc]:
     args = ["--backend", cluster.backend("A"), "--backend", cluster.backend("B"), "--controller",
-            cluster.controller.url, "--kv-model", MODEL, "--chunk-tokens", str(CHUNK)]
+            cluster.controller.url, "--kv-model", MODEL, "--chunk-tokens", str(CHUNK), "--backend-header"]
     if TOKENIZER.is_file():
         args += ["--tokenizer", str(TOKENIZER.parent)]
     router = start_router(cluster.logs, "kv", *args)
@@ -106,7 +106,7 @@ def test_streaming_passthrough_chunk_by_chunk_and_disconnect_cancels(cluster: Cl
     with kv_router.http.stream("POST", "/v1/completions", json={**BODY, "prompt": doc, "stream": True,
                                                                   "max_tokens": 5}) as resp:
         assert resp.headers["content-type"].startswith("text/event-stream")
-        assert resp.headers["x-kvtier-backend"] == cluster.fleet.url("B")
+        assert resp.headers["x-kvtier-backend"] == "B"  # its opaque name (the instance id), not its URL
         lines = (line for line in resp.iter_lines() if line)
         for i in range(5):
             event = next(lines)
