@@ -449,7 +449,7 @@ class Agent:
         host, port = split_address(address)
         return RemoteTier(host, port, self.config.token, self.config.peer_timeout_s, pool_size=1, retries=1)
 
-    def _admit(self, frame: bytes, chunk: Chunk, tokens: np.ndarray) -> str:
+    def _admit(self, frame: bytes | memoryview, chunk: Chunk, tokens: np.ndarray) -> str:
         """Verify ``frame`` against ``chunk`` and put it in the CPU tier; return what happened."""
         engine = self._need_engine()
         cpu = engine.cpu

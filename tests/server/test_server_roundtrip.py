@@ -115,10 +115,11 @@ def test_pipelined_requests_answer_in_order(server: ServerProcess, tier: RemoteT
     gets = [got[r] for r, op, _s in expected if op == P.Op.GET]
     assert gets == [f for _k, f in frames]
     assert got[rid] == b"\x01" * 50 + b"\x00"
-    # the client's own pipelining
+    # the client's batched MPUT / MGET
     tier.clear()
-    assert tier.put_many(frames, window=8) == 50
-    assert tier.get_many([k for k, _ in frames], window=8) == [f for _k, f in frames]
+    tier.put_many([(k, (f[:100], memoryview(f)[100:])) for k, f in frames])
+    assert tier.stats()["puts"] == 50 and not tier.stats().get("puts_refused")
+    assert tier.get_many([k for k, _ in frames] + [b"\x01" * 16]) == [f for _k, f in frames] + [None]
 
 
 def test_oversize_frame_refused_before_its_body(server: ServerProcess, tier: RemoteTier) -> None:
