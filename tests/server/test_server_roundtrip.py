@@ -218,3 +218,40 @@ def test_kvtier_cli_entry_point(tmp_path: Path) -> None:
 
     out = CliRunner().invoke(app, ["server", "--help"])
     assert out.exit_code == 0 and "--persist" in out.stdout and "--token" in out.stdout
+
+
+def test_mget_streams_one_reply_per_key_in_order(server: ServerProcess, tier: RemoteTier) -> None:
+    frames = make_frames(3, seed=41)
+    for key, frame in frames:
+        tier.put(key, frame)
+    absent = b"\x07" * 16
+    keys = [frames[0][0], absent, frames[1][0], frames[2][0]]
+    with server.connect() as sock:
+        sock.sendall(hello() + request(P.Op.MGET, 5, b"".join(keys), key_count=4) + request(P.Op.PING, 6))
+        read_reply(sock)
+        replies = [read_reply(sock) for _ in keys]
+        assert [(h.request_id, h.opcode, h.key_count, h.flags) for h, _b in replies] == [
+            (5, P.Op.MGET, i, P.FLAG_MORE if i < 3 else 0) for i in range(4)]
+        assert [h.status for h, _b in replies] == [P.Status.OK, P.Status.NOT_FOUND, P.Status.OK, P.Status.OK]
+        assert [b for _h, b in replies] == [frames[0][1], b"", frames[1][1], frames[2][1]]
+        assert read_reply(sock)[0].request_id == 6  # the next request's reply follows the last item
+
+
+def test_mput_answers_each_item_and_keeps_the_connection(server: ServerProcess, tier: RemoteTier) -> None:
+    frames = make_frames(3, seed=42)
+    bad = bytearray(frames[1][1])
+    bad[-1] ^= 1
+    items = [(frames[0][0], frames[0][1]), (frames[1][0], bytes(bad)), (frames[2][0], frames[2][1])]
+    body = b"".join(P.MPUT_ITEM.pack(k, len(f)) + f for k, f in items)
+    with server.connect() as sock:
+        sock.sendall(hello() + request(P.Op.MPUT, 2, body, key_count=3) + request(P.Op.PING, 3))
+        read_reply(sock)
+        h, statuses = read_reply(sock)
+        assert h.status == P.Status.OK and list(statuses) == [P.Status.OK, P.Status.CORRUPT, P.Status.OK]
+        assert read_reply(sock)[0].request_id == 3
+    assert tier.exists([k for k, _f in frames]) == [True, False, True]
+    lying = P.MPUT_ITEM.pack(frames[0][0], len(body)) + frames[0][1]  # announces more than the body holds
+    with server.connect() as sock:
+        sock.sendall(hello() + request(P.Op.MPUT, 2, lying, key_count=1))
+        read_reply(sock)
+        assert P.unpack_header(read_until_closed(sock, 10)[: P.HEADER_BYTES]).status == P.Status.BAD_REQUEST
