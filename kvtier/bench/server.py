@@ -8,7 +8,8 @@ Measured in one run, interleaved so machine noise hits both sides alike:
 - ours: :class:`~kvtier.server.client.RemoteTier` ``put`` / ``get`` (one round trip per frame, the
   server verifies each PUT's xxh3 checksum; the client returns fresh ``bytes``), and the batched
   ``put_many`` (MPUT) / ``get_many`` (MGET: one request, frames streamed back and consumed one by one
-  as they arrive, like the manager verifying and copying them).
+  as they arrive, like the manager verifying and copying them) and ``get_many_into`` (MGET with each
+  payload received straight into a preallocated destination, as the engine's zero-copy path does).
 
 Frames are real wire frames of random bf16 KV (SmolLM2-135M geometry, raw codec); the default, 32
 chunks of 256 tokens, is an 8K-token prompt (~189 MB).
@@ -29,7 +30,7 @@ import typer
 
 from kvtier.bench.common import stop_process
 
-OPS = ("put", "get", "put_many", "get_many")
+OPS = ("put", "get", "put_many", "get_many", "get_many_into")
 
 # The ceiling's other end: ``P<n>`` receives n frames and acks; ``G<n>`` sends n frames.
 _SINK = r"""
@@ -166,9 +167,20 @@ def run(chunk_tokens: int = 256, chunks: int = 32, repeat: int = 5, out_dir: str
             if tier.get_each(keys, lambda _i, _frame: None) != len(keys):
                 raise RuntimeError("server lost a frame during the benchmark")
 
+        from kvtier.server.protocol import WIRE_HEADER
+
+        payload_len = WIRE_HEADER.unpack_from(frames[0])[4]
+        head_len = size - payload_len
+        dests = [memoryview(bytearray(payload_len)) for _ in keys]
+
+        def ours_get_many_into() -> None:
+            if any(h is None for h in tier.get_many_into(keys, dests)):
+                raise RuntimeError("server lost a frame during the benchmark")
+
         pairs: dict[str, tuple[Callable[[], None], Callable[[], None]]] = {
             "put": (raw_put, ours_put), "get": (raw_get, ours_get),
             "put_many": (raw_put, ours_put_many), "get_many": (raw_get, ours_get_many),
+            "get_many_into": (raw_get, ours_get_many_into),
         }
         runs: dict[str, tuple[list[float], list[float]]] = {op: ([], []) for op in OPS}
         for i in range(repeat + 1):  # run 0 warms up; the two sides alternate order every run
@@ -179,8 +191,8 @@ def run(chunk_tokens: int = 256, chunks: int = 32, repeat: int = 5, out_dir: str
                     fn()
                     if i:
                         runs[op][side].append(time.perf_counter() - start)
-        if tier.get_many(keys) != frames:
-            raise RuntimeError("RemoteTier.get returned different bytes than were stored")
+        if tier.get_many(keys) != frames or any(bytes(d) != f[head_len:] for d, f in zip(dests, frames, strict=True)):
+            raise RuntimeError("RemoteTier returned different bytes than were stored")
         server_stats = tier.server_stats()
         tier.close()
         raw.close()

@@ -188,6 +188,43 @@ class Connection:
         self._recv_exact(body)
         return h, body
 
+    def recv_into(self, expect_rid: int, expect_op: int, payload: memoryview) -> tuple[P.Header, bytes | None]:
+        """Read one frame reply, its payload straight into ``payload`` (zero copy) and return the head
+        (wire header + metadata, unverified). The head is ``None`` when the reply is not OK or the frame
+        is not exactly ``payload.nbytes`` of payload; its body is then consumed, ``payload`` is
+        untouched, and the connection stays in step."""
+        self._recv_exact(self._hdr_view)
+        h = P.unpack_header(self._hdr)
+        if h.request_id != expect_rid or h.opcode != expect_op:
+            raise ProtocolError(f"reply to request {h.request_id} (op {h.opcode}) while waiting for "
+                                f"request {expect_rid} (op {expect_op})")
+        if h.body_len > self.max_reply:
+            raise ProtocolError(f"reply body of {h.body_len} bytes exceeds this client's limit of {self.max_reply}")
+        fixed = P.WIRE_HEADER.size
+        if h.status != P.Status.OK or h.body_len < fixed:
+            body = self._view[: min(h.body_len, len(self._buf))]
+            self._recv_exact(body)
+            self._skip(h.body_len - len(body))
+            _check_status(h, body)
+            return h, None
+        head = bytearray(fixed)
+        self._recv_exact(memoryview(head))
+        _magic, _version, _flags, meta_len, payload_len, _sum = P.WIRE_HEADER.unpack(head)
+        if meta_len > P.WIRE_MAX_META or fixed + meta_len + payload_len != h.body_len or payload_len != payload.nbytes:
+            self._skip(h.body_len - fixed)
+            return h, None
+        head += bytes(meta_len)
+        self._recv_exact(memoryview(head)[fixed:])
+        self._recv_exact(payload.cast("B") if payload.format != "B" or payload.ndim != 1 else payload)
+        return h, bytes(head)
+
+    def _skip(self, n: int) -> None:
+        """Receive and drop ``n`` bytes (through the scratch buffer)."""
+        while n:
+            piece = self._view[: min(n, len(self._buf))]
+            self._recv_exact(piece)
+            n -= len(piece)
+
     def call(self, opcode: int, parts: Sequence[_Body] = (), key_count: int = 0, *,
              fresh: bool = False) -> tuple[P.Header, _Body]:
         return self.recv(self.send(opcode, parts, key_count), opcode, fresh=fresh)
@@ -563,6 +600,39 @@ class RemoteTier(Tier):
         self._count("hits", hits)
         self._count("misses", len(keys) - hits)
         return hits
+
+    def get_into(self, key: ChunkKey, payload: memoryview) -> bytes | None:
+        return self.get_many_into([key], [payload])[0]
+
+    def get_many_into(self, keys: Sequence[ChunkKey], payloads: Sequence[memoryview]) -> list[bytes | None]:
+        """Batched zero-copy GET (MGET): the payload of ``keys[i]`` is received straight into
+        ``payloads[i]`` (which must be exactly its size) and its head (wire header + metadata,
+        unverified; see :func:`kvtier.wire.unpack_head_into`) returned; ``None`` for a miss or a size
+        mismatch (that payload is then untouched; the caller falls back to ``get_view``/``get``).
+        After a failure mid-way a payload may hold partial bytes of a frame whose head is not returned."""
+        if len(keys) != len(payloads):
+            raise ValueError(f"{len(keys)} keys but {len(payloads)} payload buffers")
+        for key in keys:
+            _check_key(key)
+
+        def call(conn: Connection) -> list[bytes | None]:
+            heads: list[bytes | None] = []
+            for start in range(0, len(keys), EXISTS_BATCH):
+                batch = keys[start : start + EXISTS_BATCH]
+                rid = conn.send(P.Op.MGET, (b"".join(batch),), key_count=len(batch))
+                for i in range(len(batch)):
+                    h, head = conn.recv_into(rid, P.Op.MGET, payloads[start + i])
+                    if h.key_count != i:
+                        raise ProtocolError(f"MGET item {h.key_count} while expecting {i}")
+                    heads.append(head)
+            return heads
+
+        heads = self._run("get_many", call) if keys else []
+        hits = sum(head is not None for head in heads)
+        self._count("hits", hits)
+        self._count("gets_zero_copy", hits)
+        self._count("misses", len(keys) - hits)
+        return heads
 
     def get_many(self, keys: Sequence[ChunkKey]) -> list[bytes | memoryview | None]:
         """Batched GET: the frames of ``keys`` in order (``None`` = miss)."""

@@ -255,3 +255,19 @@ def test_mput_answers_each_item_and_keeps_the_connection(server: ServerProcess, 
         sock.sendall(hello() + request(P.Op.MPUT, 2, lying, key_count=1))
         read_reply(sock)
         assert P.unpack_header(read_until_closed(sock, 10)[: P.HEADER_BYTES]).status == P.Status.BAD_REQUEST
+
+
+def test_get_many_into_receives_payloads_in_place(tier: RemoteTier) -> None:
+    frames = make_frames(3, seed=43)
+    tier.put_many([(k, (f,)) for k, f in frames])
+    head_len = len(frames[0][1]) - P.WIRE_HEADER.unpack_from(frames[0][1])[4]
+    dests = [memoryview(bytearray(len(f) - head_len)) for _k, f in frames]
+    wrong = memoryview(bytearray(7))  # a size mismatch: a miss, the buffer untouched, the stream in step
+    heads = tier.get_many_into([frames[0][0], b"\x09" * 16, frames[1][0], frames[2][0]],
+                               [dests[0], memoryview(bytearray(len(dests[0]))), wrong, dests[2]])
+    assert heads[1] is None and heads[2] is None and bytes(wrong) == bytes(7)
+    for i in (0, 2):
+        _key, frame = frames[i]
+        assert heads[0 if i == 0 else 3] == frame[:head_len] and bytes(dests[i]) == frame[head_len:]
+    assert tier.get_into(frames[1][0], dests[1]) == frames[1][1][:head_len]
+    assert bytes(dests[1]) == frames[1][1][head_len:]
