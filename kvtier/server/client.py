@@ -166,10 +166,8 @@ class Connection:
                 raise TimeoutError("the cache server sends too slowly")
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
-    def recv(self, expect_rid: int, expect_op: int, *, fresh: bool = False) -> tuple[P.Header, _Body]:
-        """Read one response. The body is a view of the connection's buffer, valid until the next
-        ``recv``, or with ``fresh`` (for frames) a ``bytes`` object the caller owns. A body above this
-        client's ``max_reply`` raises :class:`ProtocolError` before any of it is read."""
+    def _reply_header(self, expect_rid: int, expect_op: int) -> P.Header:
+        """The next reply header, checked against the request it must answer and this client's cap."""
         self._recv_exact(self._hdr_view)
         h = P.unpack_header(self._hdr)
         if h.request_id != expect_rid or h.opcode != expect_op:
@@ -179,6 +177,13 @@ class Connection:
                                 f"request {expect_rid} (op {expect_op})")
         if h.body_len > self.max_reply:
             raise ProtocolError(f"reply body of {h.body_len} bytes exceeds this client's limit of {self.max_reply}")
+        return h
+
+    def recv(self, expect_rid: int, expect_op: int, *, fresh: bool = False) -> tuple[P.Header, _Body]:
+        """Read one response. The body is a view of the connection's buffer, valid until the next
+        ``recv``, or with ``fresh`` (for frames) a ``bytes`` object the caller owns. A body above this
+        client's ``max_reply`` raises :class:`ProtocolError` before any of it is read."""
+        h = self._reply_header(expect_rid, expect_op)
         if fresh and h.status == P.Status.OK:
             return h, self._recv_bytes(h.body_len)
         if h.body_len > len(self._buf):
@@ -193,13 +198,7 @@ class Connection:
         (wire header + metadata, unverified). The head is ``None`` when the reply is not OK or the frame
         is not exactly ``payload.nbytes`` of payload; its body is then consumed, ``payload`` is
         untouched, and the connection stays in step."""
-        self._recv_exact(self._hdr_view)
-        h = P.unpack_header(self._hdr)
-        if h.request_id != expect_rid or h.opcode != expect_op:
-            raise ProtocolError(f"reply to request {h.request_id} (op {h.opcode}) while waiting for "
-                                f"request {expect_rid} (op {expect_op})")
-        if h.body_len > self.max_reply:
-            raise ProtocolError(f"reply body of {h.body_len} bytes exceeds this client's limit of {self.max_reply}")
+        h = self._reply_header(expect_rid, expect_op)
         fixed = P.WIRE_HEADER.size
         if h.status != P.Status.OK or h.body_len < fixed:
             body = self._view[: min(h.body_len, len(self._buf))]
