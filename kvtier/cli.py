@@ -40,6 +40,8 @@ BENCH_MODULES = (
     "kvtier.bench.redis",
     "kvtier.bench.codecs",
     "kvtier.bench.blend",
+    "kvtier.bench.auth",
+    "kvtier.bench.startup",
 )
 
 

@@ -44,8 +44,9 @@ from typing import TypeVar
 
 import msgspec
 
+from kvtier import wire
 from kvtier.config import RemoteConfig
-from kvtier.errors import AuthError, ProtocolError, TierUnavailable
+from kvtier.errors import AuthError, CorruptChunk, ProtocolError, TierUnavailable
 from kvtier.keys import ChunkKey
 from kvtier.server import protocol as P
 from kvtier.storage.base import Tier
@@ -199,7 +200,7 @@ class Connection:
         is not exactly ``payload.nbytes`` of payload; its body is then consumed, ``payload`` is
         untouched, and the connection stays in step."""
         h = self._reply_header(expect_rid, expect_op)
-        fixed = P.WIRE_HEADER.size
+        fixed = wire.HEADER_BYTES
         if h.status != P.Status.OK or h.body_len < fixed:
             body = self._view[: min(h.body_len, len(self._buf))]
             self._recv_exact(body)
@@ -208,10 +209,15 @@ class Connection:
             return h, None
         head = bytearray(fixed)
         self._recv_exact(memoryview(head))
-        _magic, _version, _flags, meta_len, payload_len, _sum = P.WIRE_HEADER.unpack(head)
-        if meta_len > P.WIRE_MAX_META or fixed + meta_len + payload_len != h.body_len or payload_len != payload.nbytes:
+        try:
+            header = wire.read_header(head)
+        except CorruptChunk:  # not a frame: the caller's fallback read reports it
+            header = None
+        if header is None or header.payload_len != payload.nbytes or (
+                fixed + header.meta_len + header.payload_len != h.body_len):
             self._skip(h.body_len - fixed)
             return h, None
+        meta_len = header.meta_len
         head += bytes(meta_len)
         self._recv_exact(memoryview(head)[fixed:])
         self._recv_exact(payload.cast("B") if payload.format != "B" or payload.ndim != 1 else payload)

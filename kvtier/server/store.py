@@ -14,7 +14,7 @@ Invariants:
   or, with persistence, the tenant's disk tier indexed it (durable when the disk tier fsyncs; memory is
   then a cache of the disk, so a memory eviction loses nothing). Otherwise it returns the reason and the
   server answers an error.
-- Frames enter the store only after :func:`kvtier.server.protocol.verify_frame`; frames read back from
+- Frames enter the store only after :func:`kvtier.wire.check_frame`; frames read back from
   disk are verified again before they are served or cached.
 - Memory operations run on the event loop thread (no lock needed); disk operations run in worker threads
   (the disk tier is thread-safe).
@@ -29,8 +29,9 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from kvtier.errors import CorruptChunk, KvtierError
-from kvtier.server.protocol import KEY_BYTES, verify_frame
+from kvtier.server.protocol import KEY_BYTES
 from kvtier.storage.policy import make_policy
+from kvtier.wire import check_frame
 
 if TYPE_CHECKING:
     from kvtier.storage.disk import DiskTier
@@ -181,7 +182,7 @@ class ChunkStore:
             self.counters["misses"] += 1
             return None
         try:
-            verify_frame(frame, key)
+            check_frame(frame, key)
         except CorruptChunk as exc:
             log.warning("persisted chunk %s is damaged (%s); discarding it", key.hex(), exc)
             self.counters["corrupt_on_disk"] += 1

@@ -18,6 +18,7 @@ from server_attack import SPEC, FakePeer
 from kvtier.cluster.p2p import PeerServer
 from kvtier.errors import AuthError, TierUnavailable
 from kvtier.keys import Chunker, Namespace
+from kvtier.record import token_record
 from kvtier.server.client import Connection, RemoteTier
 from kvtier.storage.cpu import CpuTier
 
@@ -56,7 +57,7 @@ def peer_server() -> tuple[PeerServer, bytes, bytes]:
     slot = cpu.reserve()
     assert slot is not None
     cpu.arena.view(slot).copy_(torch.randn(SPEC.chunk_shape(SPEC.chunk_tokens)))
-    assert cpu.commit(chunk, tokens, slot)
+    assert cpu.commit(token_record(chunk, tokens), slot)
     server = PeerServer(cpu, token="peer-secret")
     server.start()
     yield server, chunk.key, b"\x05" * 16

@@ -18,6 +18,7 @@ from server_support import (
     stats_of,
 )
 
+from kvtier import wire
 from kvtier.errors import TierUnavailable
 from kvtier.layout import KVSpec
 from kvtier.server import protocol as P
@@ -260,7 +261,7 @@ def test_mput_answers_each_item_and_keeps_the_connection(server: ServerProcess, 
 def test_get_many_into_receives_payloads_in_place(tier: RemoteTier) -> None:
     frames = make_frames(3, seed=43)
     tier.put_many([(k, (f,)) for k, f in frames])
-    head_len = len(frames[0][1]) - P.WIRE_HEADER.unpack_from(frames[0][1])[4]
+    head_len = len(frames[0][1]) - wire.read_header(frames[0][1]).payload_len
     dests = [memoryview(bytearray(len(f) - head_len)) for _k, f in frames]
     wrong = memoryview(bytearray(7))  # a size mismatch: a miss, the buffer untouched, the stream in step
     heads = tier.get_many_into([frames[0][0], b"\x09" * 16, frames[1][0], frames[2][0]],
