@@ -63,6 +63,7 @@ SCRATCH_BYTES = 64 * 1024
 SMALL_BODY = 16 * 1024  # bodies up to this size are read through the scratch buffer
 WRITE_SLICE = 256 * 1024  # largest piece of a response handed to the transport at once
 DIRECT_IO = 256 * 1024  # bodies at least this large move through a worker thread's socket calls
+MGET_GROUP = 32 << 20  # MGET replies handed to the socket at once, at most (plus one frame)
 BODY_STEP = 1 << 20  # a body buffer starts this large and at most doubles per step as bytes arrive
 BODY_STEP_MAX = 16 << 20  # largest growth step of a body buffer
 _ZEROS = memoryview(bytes(BODY_STEP_MAX))  # calloc'd: never touched, costs no resident memory
@@ -147,6 +148,13 @@ class ByteBudget:
         self.used = 0
         self.peak = 0
         self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
+
+    def try_acquire(self, n: int) -> bool:
+        """Take ``n`` bytes if that needs no waiting (and nobody waits before us)."""
+        if n <= self.cap and not self._waiters and self.used + n <= self.cap:
+            self._take(n)
+            return True
+        return False
 
     async def acquire(self, n: int) -> None:
         if n > self.cap:
@@ -430,7 +438,7 @@ class Connection(asyncio.BufferedProtocol):
                 await self.drain()
             if self.closed:
                 raise _Closed
-            await self._in_thread(_send_parts, parts)
+            await self._in_thread(P.send_parts, parts)
             self.server.counters["bytes_out"] += total
             return
         for part in parts:
@@ -487,11 +495,6 @@ def _recv_growing(sock: socket.socket, arg: tuple[bytearray, int]) -> None:
                 _recv_exact(sock, part)
             finally:
                 part.release()  # no export may outlive the step: the next step resizes ``body``
-
-
-def _send_parts(sock: socket.socket, parts: list[Any]) -> None:
-    for part in parts:
-        sock.sendall(part)
 
 
 def _recv_exact(sock: socket.socket, view: memoryview) -> None:
@@ -749,12 +752,39 @@ class CacheServer:
         return frame, len(frame)
 
     async def _mget(self, conn: Connection, h: P.Header, keys: list[bytes]) -> None:
-        """Stream one reply per key (see the protocol docstring)."""
+        """Stream one reply per key (see the protocol docstring). Items are handed to the socket in
+        groups of up to :data:`MGET_GROUP` bytes (one worker-thread handoff per group, not per frame);
+        a group is sent early whenever the next frame's reply budget is not free at once, so a
+        connection never waits for budget while holding some."""
+        group: list[Any] = []
+        held = 0
         for i, key in enumerate(keys):
-            frame, hold = await self._get_frame(conn, key)
+            frame = await self.store.get(conn.tenant, key)
+            size = 0 if frame is None else len(frame)
+            hold = size if size > SMALL_BODY else 0
+            if hold and not self.reply_budget.try_acquire(hold):
+                held = await self._flush(conn, group, held)
+                await self._timed(self.reply_budget.acquire(hold))
+            held += hold
             status = P.Status.NOT_FOUND if frame is None else P.Status.OK
-            flags = P.FLAG_MORE if i + 1 < len(keys) else 0
-            await self._respond(conn, h, (status, [frame] if frame is not None else [], i, flags, hold))
+            group.append(P.pack_header(h.opcode, h.request_id, status=status, key_count=i, body_len=size,
+                                       flags=P.FLAG_MORE if i + 1 < len(keys) else 0))
+            if frame is not None:
+                group.append(frame)
+            if held >= MGET_GROUP:
+                held = await self._flush(conn, group, held)
+        await self._flush(conn, group, held)
+
+    async def _flush(self, conn: Connection, parts: list[Any], held: int) -> int:
+        """Send ``parts`` (then empty the list) and release ``held`` reply budget; return 0."""
+        try:
+            if parts:
+                await conn.send(parts, self.config.read_timeout_s)
+        finally:
+            parts.clear()
+            if held:
+                self.reply_budget.release(held)
+        return 0
 
     async def _dispatch(self, conn: Connection, op: P.Op, h: P.Header, body: bytes | bytearray) -> Reply:
         ok = P.Status.OK

@@ -49,6 +49,7 @@ from kvtier.config import RemoteConfig
 from kvtier.errors import AuthError, CorruptChunk, ProtocolError, TierUnavailable
 from kvtier.keys import ChunkKey
 from kvtier.server import protocol as P
+from kvtier.server.protocol import byte_view
 from kvtier.storage.base import Tier
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 EXISTS_BATCH = 4096  # keys per EXISTS / DELETE / MGET message (64 KiB)
 MPUT_BATCH = 64  # items per MPUT message
-IOV_MAX = 512  # buffers per sendmsg call (the kernel refuses more than 1024)
 MIN_RATE = 100e6  # bytes/s a reply must at least arrive at, on top of timeout_s
 DEFAULT_MAX_REPLY = 512 << 20
 _enc = msgspec.msgpack.Encoder()
@@ -117,20 +117,12 @@ class Connection:
     def send(self, opcode: int, parts: Sequence[_Body], key_count: int = 0) -> int:
         """Send one request (header and body parts in one ``sendmsg``, no joining); return its id."""
         self._rid = (self._rid + 1) & 0xFFFFFFFF
-        views = [v for v in (byte_view(p) for p in parts) if v.nbytes]
-        body_len = sum(v.nbytes for v in views)
-        views.insert(0, memoryview(P.pack_header(opcode, self._rid, key_count=key_count, body_len=body_len)))
-        while views:
-            try:
-                sent = self.sock.sendmsg(views[:IOV_MAX])
-            except BlockingIOError as exc:  # SO_SNDTIMEO expired
-                raise TimeoutError("timed out sending to the cache server") from exc
-            while sent:
-                if sent >= views[0].nbytes:
-                    sent -= views.pop(0).nbytes
-                else:
-                    views[0] = views[0][sent:]
-                    sent = 0
+        body_len = sum(byte_view(p).nbytes for p in parts)
+        head = P.pack_header(opcode, self._rid, key_count=key_count, body_len=body_len)
+        try:
+            P.send_parts(self.sock, [head, *parts])
+        except BlockingIOError as exc:  # SO_SNDTIMEO expired
+            raise TimeoutError("timed out sending to the cache server") from exc
         return self._rid
 
     def _deadline(self, size: int) -> float:
@@ -236,12 +228,6 @@ class Connection:
 
     def close(self) -> None:
         self.sock.close()
-
-
-def byte_view(part: _Body) -> memoryview:
-    """A flat byte view of ``part`` (a tensor-backed memoryview may have another format or shape)."""
-    view = memoryview(part)
-    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
 
 def _check_status(h: P.Header, body: _Body, *, put: bool = False) -> None:

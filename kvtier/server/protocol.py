@@ -49,7 +49,9 @@ A receiver caps every body by its *own* configured limit, never by a limit its p
 from __future__ import annotations
 
 import enum
+import socket
 import struct
+from collections.abc import Sequence
 
 import msgspec
 
@@ -193,6 +195,29 @@ def join_keys(keys: list[bytes] | tuple[bytes, ...]) -> bytes:
         if len(key) != KEY_BYTES:
             raise ProtocolError(f"key of {len(key)} bytes, expected {KEY_BYTES}")
     return b"".join(keys)
+
+
+IOV_MAX = 512  # buffers per sendmsg call (the kernel refuses more than 1024)
+
+
+def byte_view(part: bytes | bytearray | memoryview) -> memoryview:
+    """A flat byte view of ``part`` (a tensor-backed memoryview may have another format or shape)."""
+    view = memoryview(part)
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
+def send_parts(sock: socket.socket, parts: Sequence[bytes | bytearray | memoryview]) -> None:
+    """Send every part, in order, with as few ``sendmsg`` calls as the kernel allows (no joining).
+    ``BlockingIOError`` (a send timeout of a blocking socket) propagates."""
+    views = [v for v in (byte_view(p) for p in parts) if v.nbytes]
+    while views:
+        sent = sock.sendmsg(views[:IOV_MAX])
+        while sent:
+            if sent >= views[0].nbytes:
+                sent -= views.pop(0).nbytes
+            else:
+                views[0] = views[0][sent:]
+                sent = 0
 
 
 def error_body(message: str) -> bytes:
