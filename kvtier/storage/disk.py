@@ -90,7 +90,12 @@ def open_regular(path: Path) -> int:
     """``os.open`` for reading that never blocks on a FIFO or device: opened with ``O_NONBLOCK`` (and
     without following a final symlink), then checked to be a regular file, else :class:`NotRegularFile`.
     ``O_NONBLOCK`` does not change reads of regular files."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # a symlink
+            raise NotRegularFile(f"{path} is a symbolic link") from exc
+        raise
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise NotRegularFile(f"{path} is not a regular file")

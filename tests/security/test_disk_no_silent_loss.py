@@ -112,3 +112,21 @@ def test_shared_fs_tier_reads_of_a_fifo_are_misses(tmp_path: Path) -> None:
               tier.stats()["skipped_not_regular"])
     """)
     assert out.split() == ["[False]", "None", "None", "1"]
+
+
+def test_symlink_to_a_fifo_named_like_a_chunk_is_skipped(tmp_path: Path) -> None:
+    (key, frame), = make_frames(1, seed=6)
+    tier_dir = tmp_path / "tier"
+    tier = DiskTier(tier_dir, 1 << 30, fsync=False)
+    tier.put(key, frame)
+    tier.close()
+    os.mkfifo(tmp_path / "fifo")
+    planted = bytes(range(1, 17))
+    chunk_path(tier_dir, planted).parent.mkdir(exist_ok=True)
+    os.symlink(tmp_path / "fifo", chunk_path(tier_dir, planted))
+    out = _run(f"""
+        from kvtier.storage.disk import DiskTier
+        tier = DiskTier({str(tier_dir)!r}, 1 << 30, fsync=False)
+        print(len(tier), tier.stats()["skipped_not_regular"], tier.get({planted!r}), tier.get({key!r}) is not None)
+    """)
+    assert out.split() == ["1", "1", "None", "True"]
