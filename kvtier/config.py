@@ -121,11 +121,9 @@ class ServerConfig(_Section):
     port: int = Field(7390, ge=0, le=65535, description="TCP port (0 picks a free one).")
     token: str = Field("", description="Shared secret clients must present (the default tenant).")
     admin_token: str = Field("", description="Token allowed LIST, STATS and CLEAR ('' with no tenants: any client).")
-    tenants: dict[str, str] = Field(
-        default_factory=dict, description="Token -> tenant name; each tenant sees only its own chunks."
-    )
+    tenants: dict[str, str] = Field({}, description="Token -> tenant name; each tenant sees only its own chunks.")
     tenant_quotas: dict[str, ByteSize] = Field(
-        default_factory=dict, description="Tenant name -> byte cap of its chunks (memory and persistence)."
+        {}, description="Tenant name -> byte cap of its chunks (memory and persistence)."
     )
     auth_timeout_s: float = Field(
         10.0, gt=0, description="Close a connection not authenticated this long after it opened."
