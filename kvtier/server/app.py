@@ -17,7 +17,8 @@ Invariants:
 - Memory is bounded and grows with what arrives: a body buffer grows in bounded steps as its bytes
   are received (a header alone allocates at most :data:`BODY_STEP`); the store holds at most
   ``capacity`` bytes; large request bodies being read or processed hold at most ``max_inflight_bytes``
-  (a reader waits for budget, which back-pressures its client through TCP), and large GET replies not
+  (taken once the body's first byte arrived; a reader waits for budget, which back-pressures its
+  client through TCP), and large GET replies not
   yet taken by the kernel hold at most ``max_inflight_bytes`` of a separate budget. Bodies up to
   :data:`SMALL_BODY` take no budget, so a PING or a key lookup never waits behind large transfers. A
   whole request must arrive within ``read_timeout_s``; an authenticated connection may idle
@@ -356,6 +357,12 @@ class Connection(asyncio.BufferedProtocol):
                 await self._wait()
         finally:
             self.target = None
+
+    async def wait_data(self) -> None:
+        """Return once at least one unread byte is buffered (a header alone does not count)."""
+        while not self.buffered:
+            self._resume()
+            await self._wait()
 
     async def read_body(self, n: int) -> bytearray:
         """The next ``n`` bytes in a buffer that grows as they arrive (see :func:`_grow`): what a peer
@@ -702,7 +709,8 @@ class CacheServer:
     async def _put_body(self, conn: Connection, key: bytes, size: int) -> Reply:
         """Receive a ``size``-byte frame for ``key`` (under the request budget), verify and store it."""
         small = size <= SMALL_BODY
-        if not small:
+        if not small:  # a header whose body never comes holds no budget (and no I/O thread)
+            await self._timed(conn.wait_data())
             await self._timed(self.budget.acquire(size))
         try:
             frame = await self._timed(conn.read_body(size))
