@@ -64,6 +64,7 @@ SCRATCH_BYTES = 64 * 1024
 SMALL_BODY = 16 * 1024  # bodies up to this size are read through the scratch buffer
 WRITE_SLICE = 256 * 1024  # largest piece of a response handed to the transport at once
 DIRECT_IO = 256 * 1024  # bodies at least this large move through a worker thread's socket calls
+STALL_S = 0.25  # an I/O thread gives a transfer back to the event loop after the peer stalls this long
 MGET_GROUP = 32 << 20  # MGET replies handed to the socket at once, at most (plus one frame)
 BODY_STEP = 1 << 20  # a body buffer starts this large and at most doubles per step as bytes arrive
 BODY_STEP_MAX = 16 << 20  # largest growth step of a body buffer
@@ -229,7 +230,7 @@ class Connection(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.task: asyncio.Task[None] | None = None
         self._dup: socket.socket | None = None
-        self._io: asyncio.Future[None] | None = None
+        self._io: asyncio.Future[Any] | None = None
 
     # ---- protocol callbacks ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -343,14 +344,7 @@ class Connection(asyncio.BufferedProtocol):
         if take == len(dest):
             self._resume()
             return
-        rest = dest[take:]
-        if len(rest) >= DIRECT_IO and self._thread_socket() is not None:
-            self._pause()  # the transport must not read while the thread does
-            await self._in_thread(_recv_exact, rest)
-            self.server.counters["bytes_in"] += len(rest)
-            self._resume()
-            return
-        self.target, self.target_got = rest, 0
+        self.target, self.target_got = dest[take:], 0
         try:
             self._resume()
             while self.target is not None:
@@ -375,7 +369,7 @@ class Connection(asyncio.BufferedProtocol):
             self.start = self.end = 0
         if n - take >= DIRECT_IO and self._thread_socket() is not None:
             self._pause()  # the transport must not read while the thread does
-            await self._in_thread(_recv_growing, (body, n))
+            await self._transfer(_recv_some, [body, n, take], writable=False)
             self.server.counters["bytes_in"] += n - take
             self._resume()
             return body
@@ -403,17 +397,46 @@ class Connection(asyncio.BufferedProtocol):
             if sock is None or self.closed:
                 return None
             self._dup = socket.socket(fileno=os.dup(sock.fileno()))
-            self._dup.settimeout(self.server.config.read_timeout_s)
         return self._dup
 
-    async def _in_thread(self, fn: Callable[[socket.socket, Any], None], arg: Any) -> None:
+    async def _transfer(self, fn: Callable[[socket.socket, Any], bool], state: Any, *, writable: bool) -> None:
+        """Run ``fn(dup_socket, state)`` in the I/O pool until it returns True. ``fn`` gives its thread
+        back (returning False, its progress kept in ``state``) whenever the peer stalls for
+        :data:`STALL_S`; the event loop then waits, without a thread, until the socket is ready again.
+        So stalled peers cannot occupy the pool; the caller's deadline bounds the whole transfer."""
+        while True:
+            if self.closed:
+                raise _Closed
+            if await self._in_thread(fn, state):
+                return
+            await self._ready(writable)
+
+    async def _ready(self, writable: bool) -> None:
+        """Wait until the duplicate socket is readable (or writable), or the connection closed."""
+        assert self._dup is not None
+        fd = self._dup.fileno()
+        loop = asyncio.get_running_loop()
+        if writable:
+            loop.add_writer(fd, self._wake)
+        else:
+            loop.add_reader(fd, self._wake)
+        try:
+            await self._wait()
+        finally:
+            if writable:
+                loop.remove_writer(fd)
+            else:
+                loop.remove_reader(fd)
+
+    async def _in_thread(self, fn: Callable[[socket.socket, Any], bool], arg: Any) -> bool:
         """Run ``fn(dup_socket, arg)`` in the I/O pool; socket errors close the connection."""
         dup = self._thread_socket()
-        assert dup is not None and self.server.io_pool is not None
+        if dup is None or self.server.io_pool is None:
+            raise _Closed
         fut = asyncio.get_running_loop().run_in_executor(self.server.io_pool, fn, dup, arg)
         self._io = fut
         try:
-            await asyncio.shield(fut)
+            return await asyncio.shield(fut)
         except asyncio.CancelledError:
             with contextlib.suppress(OSError):
                 dup.shutdown(socket.SHUT_RDWR)  # wake the thread; it fails at once
@@ -445,7 +468,8 @@ class Connection(asyncio.BufferedProtocol):
                 await self.drain()
             if self.closed:
                 raise _Closed
-            await self._in_thread(P.send_parts, parts)
+            async with asyncio.timeout(timeout_s):
+                await self._transfer(_send_some, [P.byte_view(p) for p in parts if len(p)], writable=True)
             self.server.counters["bytes_out"] += total
             return
         for part in parts:
@@ -490,26 +514,38 @@ def _grow(body: bytearray, n: int) -> None:
     body += _ZEROS[: min(n - got, BODY_STEP_MAX, max(BODY_STEP, got))]
 
 
-def _recv_growing(sock: socket.socket, arg: tuple[bytearray, int]) -> None:
-    """Receive into ``arg[0]`` until it holds ``arg[1]`` bytes, growing it by :func:`_grow` steps."""
-    body, n = arg
-    while len(body) < n:
-        got = len(body)
-        _grow(body, n)
+def _recv_some(sock: socket.socket, state: list[Any]) -> bool:
+    """Receive into ``state = [body, n, filled]`` until ``filled == n``, growing ``body`` by
+    :func:`_grow` steps as bytes arrive; False (progress kept) once the peer sent nothing for
+    :data:`STALL_S`. Raises ``ConnectionError`` if the peer closes mid-message."""
+    body, n = state[0], state[1]
+    sock.settimeout(STALL_S)
+    while state[2] < n:
+        if len(body) == state[2]:
+            _grow(body, n)
         with memoryview(body) as whole:
-            part = whole[got:]
+            part = whole[state[2] :]
             try:
-                _recv_exact(sock, part)
+                got = sock.recv_into(part)
+            except TimeoutError:
+                return False
             finally:
                 part.release()  # no export may outlive the step: the next step resizes ``body``
-
-
-def _recv_exact(sock: socket.socket, view: memoryview) -> None:
-    while len(view):
-        n = sock.recv_into(view)
-        if n == 0:
+        if got == 0:
             raise ConnectionError("peer closed the connection mid-message")
-        view = view[n:]
+        state[2] += got
+    return True
+
+
+def _send_some(sock: socket.socket, views: list[memoryview]) -> bool:
+    """Send ``views`` (consumed as they go); False (the rest kept) once the peer took nothing for
+    :data:`STALL_S`."""
+    sock.settimeout(STALL_S)
+    try:
+        P.send_views(sock, views)
+    except TimeoutError:
+        return False
+    return True
 
 
 # status, body parts, key count, flags, budget bytes to release once the response is drained

@@ -209,7 +209,12 @@ def byte_view(part: bytes | bytearray | memoryview) -> memoryview:
 def send_parts(sock: socket.socket, parts: Sequence[bytes | bytearray | memoryview]) -> None:
     """Send every part, in order, with as few ``sendmsg`` calls as the kernel allows (no joining).
     ``BlockingIOError`` (a send timeout of a blocking socket) propagates."""
-    views = [v for v in (byte_view(p) for p in parts) if v.nbytes]
+    send_views(sock, [v for v in (byte_view(p) for p in parts) if v.nbytes])
+
+
+def send_views(sock: socket.socket, views: list[memoryview]) -> None:
+    """Send ``views`` in order, consuming the list as bytes go out: after a timeout exception the list
+    holds exactly what is left, so the caller can resume."""
     while views:
         sent = sock.sendmsg(views[:IOV_MAX])
         while sent:

@@ -12,12 +12,14 @@ import pytest
 from server_attack import ServerProcess, make_frames, put_header, read_reply, request
 
 from kvtier.errors import TierUnavailable
+from kvtier.layout import KVSpec
 from kvtier.server import protocol as P
 from kvtier.server.client import RemoteTier
 
 pytestmark = pytest.mark.slow
 
 MiB = 1 << 20
+BIG = KVSpec(num_layers=8, num_kv_heads=8, head_dim=64, dtype="float32", chunk_tokens=64)  # ~2 MiB frames
 
 
 def test_idle_unauthenticated_connections_cannot_hold_every_slot(tmp_path: Path) -> None:
@@ -113,3 +115,28 @@ def test_unauthenticated_connection_is_closed_at_its_deadline_even_while_pinging
             except OSError:  # ConnectionError included
                 closed = True
         assert closed, "PINGs kept an unauthenticated connection open for 40 s"
+
+
+def test_stalled_bodies_do_not_occupy_the_io_threads(tmp_path: Path) -> None:
+    (key, frame), = make_frames(1, spec=BIG, seed=23)  # ~2 MiB: moved by the I/O threads both ways
+    (key2, frame2), = make_frames(1, spec=BIG, seed=24)
+    with ServerProcess(tmp_path, env={"KVTIER_SERVER__IO_THREADS": "2"}) as srv:
+        with srv.connect() as sock:
+            sock.sendall(request(P.Op.PUT, 1, key + frame, key_count=1))
+            assert read_reply(sock)[0].status == P.Status.OK
+        stalled = []
+        for _ in range(6):  # each starts a 1 MiB body, sends 4 KiB of it, then nothing (read timeout: 30 s)
+            sock = srv.connect()
+            sock.sendall(put_header(1, key2, MiB) + bytes(4096))
+            stalled.append(sock)
+        try:
+            time.sleep(1.0)
+            with srv.connect(timeout_s=10.0) as sock:  # a socket timeout here: it waited for a thread
+                sock.sendall(request(P.Op.GET, 2, key, key_count=1))
+                h, body = read_reply(sock)
+                assert h.status == P.Status.OK and body == frame
+                sock.sendall(request(P.Op.PUT, 3, key2 + frame2, key_count=1))
+                assert read_reply(sock)[0].status == P.Status.OK
+        finally:
+            for sock in stalled:
+                sock.close()
