@@ -44,9 +44,10 @@ import os
 import re
 import signal
 import socket
+import struct
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -514,37 +515,54 @@ def _grow(body: bytearray, n: int) -> None:
     body += _ZEROS[: min(n - got, BODY_STEP_MAX, max(BODY_STEP, got))]
 
 
+@contextlib.contextmanager
+def _blocking(sock: socket.socket) -> Iterator[None]:
+    """Make the duplicate socket blocking, with kernel send/receive timeouts of :data:`STALL_S`, for
+    one thread transfer (the kernel then moves a whole step per call, without a poll per piece), and
+    non-blocking again afterwards: the flag is shared with the event loop's socket, which does not
+    touch it meanwhile (reading is paused, its write buffer drained)."""
+    seconds = int(STALL_S)
+    tv = struct.pack("ll", seconds, int((STALL_S - seconds) * 1e6))
+    sock.setblocking(True)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+        yield
+    finally:
+        sock.setblocking(False)
+
+
 def _recv_some(sock: socket.socket, state: list[Any]) -> bool:
     """Receive into ``state = [body, n, filled]`` until ``filled == n``, growing ``body`` by
     :func:`_grow` steps as bytes arrive; False (progress kept) once the peer sent nothing for
     :data:`STALL_S`. Raises ``ConnectionError`` if the peer closes mid-message."""
     body, n = state[0], state[1]
-    sock.settimeout(STALL_S)
-    while state[2] < n:
-        if len(body) == state[2]:
-            _grow(body, n)
-        with memoryview(body) as whole:
-            part = whole[state[2] :]
-            try:
-                got = sock.recv_into(part)
-            except TimeoutError:
-                return False
-            finally:
-                part.release()  # no export may outlive the step: the next step resizes ``body``
-        if got == 0:
-            raise ConnectionError("peer closed the connection mid-message")
-        state[2] += got
+    with _blocking(sock):
+        while state[2] < n:
+            if len(body) == state[2]:
+                _grow(body, n)
+            with memoryview(body) as whole:
+                part = whole[state[2] :]
+                try:
+                    got = sock.recv_into(part, len(part), socket.MSG_WAITALL)
+                except BlockingIOError:  # SO_RCVTIMEO expired with nothing received
+                    return False
+                finally:
+                    part.release()  # no export may outlive the step: the next step resizes ``body``
+            if got == 0:
+                raise ConnectionError("peer closed the connection mid-message")
+            state[2] += got
     return True
 
 
 def _send_some(sock: socket.socket, views: list[memoryview]) -> bool:
     """Send ``views`` (consumed as they go); False (the rest kept) once the peer took nothing for
     :data:`STALL_S`."""
-    sock.settimeout(STALL_S)
-    try:
-        P.send_views(sock, views)
-    except TimeoutError:
-        return False
+    with _blocking(sock):
+        try:
+            P.send_views(sock, views)
+        except BlockingIOError:  # SO_SNDTIMEO expired with nothing sent
+            return False
     return True
 
 
