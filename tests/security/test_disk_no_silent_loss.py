@@ -81,6 +81,13 @@ def test_fifo_named_like_a_chunk_neither_hangs_start_nor_reads(tmp_path: Path) -
     """)
     assert out.split() == ["3", "1", "None"]
     assert path.exists()  # left alone: not ours to delete
+    out = _run(f"""
+        from pathlib import Path
+        from kvtier.storage.inspect import scan_dir
+        report = scan_dir(Path({str(tmp_path)!r}), progress=False)
+        print(report.chunks, report.other, len(report.corrupt))
+    """)
+    assert out.split() == ["3", "1", "0"]  # `kvtier inspect` does not hang on it either
 
 
 def test_fifo_swapped_in_after_indexing_is_a_counted_miss(tmp_path: Path) -> None:
