@@ -32,6 +32,7 @@ from kvtier.config import KvtierConfig, load_config
 from kvtier.frame_auth import FrameKeys
 from kvtier.keys import Chunk, Chunker, Namespace, Tokens
 from kvtier.layout import KVSpec
+from kvtier.namespace_probe import NamespaceProbe
 from kvtier.record import ChunkRecord, token_record
 from kvtier.storage.base import Tier
 from kvtier.storage.cpu import CpuTier
@@ -65,8 +66,11 @@ class CacheEngine:
             tiers = build_tiers(self.config, spec)
         self.storage = StorageManager(spec, tiers, queue_depth=self.config.store_queue,
                                       auth=FrameKeys.from_config(self.config.auth))
+        self.probe = NamespaceProbe(self.namespace, self.storage)  # namespace misses are counted, not silent
         self.counters: Counter[str] = Counter()
         # ``observer(op, seconds)`` after every lookup / store / retrieve (metrics); must not raise
+        # ``chunk_listener(tokens, chunks)`` before chunks of ``tokens`` enter the CPU tier (KV events)
+        self.chunk_listeners: list[Callable[[np.ndarray, list[Chunk]], None]] = []
         self.observers: list[Callable[[str, float], None]] = []
         self._lock = threading.Lock()
         self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-prefetch")
@@ -97,6 +101,8 @@ class CacheEngine:
         start = time.perf_counter()
         _arr, chunks, where = self._present(tokens)
         hit = chunks[len(where) - 1].end if where else 0
+        if hit == 0:
+            self.probe.on_miss(_arr)
         self._count(lookups=1, lookup_tokens=len(_arr), lookup_hit_tokens=hit)
         self._observe("lookup", start)
         return hit
@@ -129,11 +135,15 @@ class CacheEngine:
             for _chunk, slot in plan:
                 self.cpu.abort(slot)
             raise
+        for listener in self.chunk_listeners:
+            listener(arr, [chunk for chunk, _slot in plan])
         stored = 0
         for chunk, slot in plan:
             if self.cpu.commit(token_record(chunk, arr), slot):
                 stored += chunk.num_tokens
                 self._write_back(chunk, arr)
+                if chunk.number == 0:
+                    self.probe.on_store(arr)
         self._count(stores=1, stored_tokens=stored, store_refused_tokens=len(arr) - cached)
         self._observe("store", start)
         return cached
@@ -175,6 +185,9 @@ class CacheEngine:
         slots: list[int] = []
         for chunk, tier in zip(chunks, where):
             record = token_record(chunk, arr)
+            if tier is not None:
+                for listener in self.chunk_listeners:  # a promotion admits it to the CPU tier
+                    listener(arr, [chunk])
             slot = self.cpu.acquire(record) if tier is None else self._promote(tier, record)
             if slot is None:
                 break
@@ -275,6 +288,7 @@ class CacheEngine:
             used_bytes=self.cpu.used_bytes,
             capacity_bytes=self.cpu.arena.capacity_bytes,
         )
+        engine.update(self.probe.counters)
         return {"engine": engine, "cpu": cpu, **self.storage.stats()}
 
     def close(self, timeout_s: float = 30.0) -> int:
@@ -283,6 +297,7 @@ class CacheEngine:
             return 0
         self._closed = True
         self._prefetcher.shutdown(wait=True)
+        self.probe.flush(min(timeout_s, 5.0))
         lost = self.storage.close(timeout_s)
         if lost:
             log.warning("kvtier closed with %d chunk writes not flushed", lost)

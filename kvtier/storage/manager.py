@@ -32,6 +32,7 @@ from kvtier.errors import CorruptChunk, FrameAuthError, KvtierError, LayoutError
 from kvtier.frame_auth import FrameKeys, warn_unauthenticated
 from kvtier.keys import ChunkKey
 from kvtier.layout import KVSpec
+from kvtier.queues import wait_done
 from kvtier.record import ChunkRecord, verify
 from kvtier.storage.base import Tier
 
@@ -79,6 +80,8 @@ class StorageManager:
         self.counters: Counter[str] = Counter()
         # ``observer(tier_name, op, seconds, ok)`` after every tier call (metrics); must not raise
         self.observers: list[Callable[[str, str, float, bool], None]] = []
+        # ``put_listener(tier_name, key)`` after a chunk was written to a tier (KV events); must not raise
+        self.put_listeners: list[Callable[[str, bytes], None]] = []
         # a tier with ``read_only = True`` (e.g. the P2P tier) is only read: write-back skips it
         self._writable = any(not getattr(tier, "read_only", False) for tier, _codec in tiers)
         self._base_backoff = base_backoff_s
@@ -243,20 +246,23 @@ class StorageManager:
                 self._call(slot, "put", partial(slot.tier.put_parts, item.record.key, frame))
                 slot.counters["writes"] += 1
                 slot.counters["bytes_written"] += sum(memoryview(p).nbytes for p in frame)
+                self._notify_put(slot.tier.name, item.record.key)
             except TierUnavailable:
                 slot.counters["writes_failed"] += 1
             except KvtierError as exc:
                 slot.counters["writes_failed"] += 1
                 log.warning("cannot encode chunk for tier %s: %s", slot.tier.name, exc)
 
+    def _notify_put(self, tier: str, key: bytes) -> None:
+        for listener in self.put_listeners:
+            try:
+                listener(tier, key)
+            except Exception:
+                log.exception("put listener failed")
+
     def flush(self, timeout_s: float = 30.0) -> bool:
         """Wait until queued writes are done; False if ``timeout_s`` passed first."""
-        deadline = time.monotonic() + timeout_s
-        while self._queue.unfinished_tasks:
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.005)
-        return True
+        return wait_done(self._queue, timeout_s)
 
     # ---- management ------------------------------------------------------------------------------
     def delete(self, key: ChunkKey) -> int:

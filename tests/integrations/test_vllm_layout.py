@@ -1,9 +1,13 @@
 """Layout adapters between vLLM paged KV tensors and canonical chunks: exact round trips on CPU tensors
-for every supported layout, and the CPU layout checked against vLLM's own CPU kernel when installed."""
+for every supported layout, and the CPU layout checked against vLLM's own CPU kernel when installed.
+
+``LAYOUT_TEST_DEVICE=cuda`` (scripts/gpu-check.sh) puts the paged tensors on the GPU for the round
+trips, with canonical chunks staying in CPU memory as the connector keeps them."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
 import torch
@@ -12,9 +16,14 @@ from kvtier.errors import LayoutError
 from kvtier.integrations import vllm_layout as vl
 
 NB, BS, H, D = 6, 16, 3, 8
+DEVICE = torch.device(os.environ.get("LAYOUT_TEST_DEVICE", "cpu"))
 
 
 def _paged(layout: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return _cpu_paged(layout, dtype).to(DEVICE)
+
+
+def _cpu_paged(layout: str, dtype: torch.dtype) -> torch.Tensor:
     gen = torch.Generator().manual_seed(1)
     if layout == "cpu":
         return torch.randn(NB, H, BS, 2 * D, generator=gen).to(dtype)
@@ -27,7 +36,8 @@ def _paged(layout: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
 
 def _kv(tokens: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(2)
-    return (torch.randn(tokens, H, D, generator=gen).to(dtype), torch.randn(tokens, H, D, generator=gen).to(dtype))
+    return (torch.randn(tokens, H, D, generator=gen).to(dtype).to(DEVICE),
+            torch.randn(tokens, H, D, generator=gen).to(dtype).to(DEVICE))
 
 
 @pytest.mark.parametrize("layout", vl.LAYOUTS)
