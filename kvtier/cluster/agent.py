@@ -453,7 +453,7 @@ class Agent:
         host, port = split_address(address)
         return RemoteTier(host, port, self.config.token, self.config.peer_timeout_s, pool_size=1, retries=1)
 
-    def _admit(self, frame: bytes, record: ChunkRecord) -> str:
+    def _admit(self, frame: bytes | memoryview, record: ChunkRecord) -> str:
         """Verify ``frame`` against ``record`` and put it in the CPU tier; return what happened."""
         engine = self._need_engine()
         cpu = engine.cpu
@@ -512,7 +512,7 @@ class Agent:
                 "full": outcome["full"], "keys": held}
 
     @staticmethod
-    def _proven_record(frame: bytes, key: ChunkKey, auth: FrameKeys | None) -> ChunkRecord | None:
+    def _proven_record(frame: bytes | memoryview, key: ChunkKey, auth: FrameKeys | None) -> ChunkRecord | None:
         """The record of a token-chunk frame whose key is ``H(parent || tokens)`` = ``key``, else None."""
         try:
             meta, _payload = wire.unpack_meta(frame, auth)

@@ -50,6 +50,17 @@ class Tier(ABC):
         allocation per read). Default: ``get``."""
         return self.get(key)
 
+    def get_many(self, keys: Sequence[ChunkKey]) -> list[bytes | memoryview | None]:
+        """The frames of ``keys`` in order (``None`` = miss), each as ``get`` would return it. A tier
+        that can fetch many keys in one round trip overrides it. Default: ``get`` per key."""
+        return [self.get(key) for key in keys]
+
+    def put_many(self, items: Sequence[tuple[ChunkKey, Sequence[bytes | memoryview]]]) -> None:
+        """``put_parts`` for each ``(key, frame parts)`` item, in order; a tier that can write many
+        frames in one round trip overrides it. Default: ``put_parts`` per item."""
+        for key, parts in items:
+            self.put_parts(key, parts)
+
     @abstractmethod
     def exists(self, keys: Sequence[ChunkKey]) -> list[bool]: ...
 
