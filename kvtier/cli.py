@@ -38,6 +38,7 @@ BENCH_MODULES = (
     "kvtier.bench.disk",
     "kvtier.bench.server",
     "kvtier.bench.redis",
+    "kvtier.bench.tiers",
     "kvtier.bench.codecs",
     "kvtier.bench.blend",
 )
