@@ -29,11 +29,12 @@ from typing import Any
 
 import torch
 
-from kvtier import wire
 from kvtier.bench.common import Timing, bar_plot, free_port, time_runs, write_results
 from kvtier.config import load_config
+from kvtier.frames import pack_parts, unpack_into
 from kvtier.keys import Chunk
 from kvtier.layout import KVSpec
+from kvtier.record import token_record
 from kvtier.storage.base import Tier
 from kvtier.storage.factory import build_tiers
 
@@ -61,13 +62,13 @@ def _tier_round(pages: torch.Tensor, pages_per_object: int, path: Path, fsync: b
 
     def write() -> None:
         for chunk, kv in zip(chunks, objects):
-            tier.put_parts(chunk.key, wire.pack_parts(chunk, tokens, kv, spec))
+            tier.put_parts(chunk.key, pack_parts(token_record(chunk, tokens), kv, spec))
 
     def read() -> None:
         for chunk in chunks:
             frame = tier.get(chunk.key)
             assert frame is not None
-            wire.unpack_into(frame, spec, out, expect=chunk.key)
+            unpack_into(frame, spec, out, expect=chunk.key)
 
     w = time_runs(write, repeat=repeat, warmup=1, setup=tier.clear)
     r = time_runs(read, repeat=repeat, warmup=1)

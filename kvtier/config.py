@@ -161,6 +161,23 @@ class ClusterConfig(_Section):
     advertise_host: str = Field("", description="Address peers dial (default p2p_host; required for 0.0.0.0).")
 
 
+class AuthConfig(_Section):
+    """Authenticated chunks (:mod:`kvtier.frame_auth`): a per-tenant secret that MACs every frame this
+    process writes to a lower tier and is required on every frame it reads from one."""
+
+    secret: str = Field("", description="Tenant secret (>= 16 bytes; '' = frames carry only a checksum).")
+    secret_file: str = Field("", description="File holding the tenant secret (instead of auth.secret).")
+    previous_secrets: tuple[str, ...] = Field(
+        (), description="Retired secrets still accepted for reading (key rotation)."
+    )
+
+    def __repr__(self) -> str:  # never print secrets
+        return f"AuthConfig(secret={'***' if self.secret else ''!r}, secret_file={self.secret_file!r}, " \
+               f"previous_secrets=[{len(self.previous_secrets)} hidden])"
+
+    __str__ = __repr__
+
+
 class KvtierConfig(_Section):
     """Everything kvtier can be told. Section classes document their own keys."""
 
@@ -176,6 +193,7 @@ class KvtierConfig(_Section):
     server: ServerConfig = Field(default_factory=ServerConfig)
     blend: BlendConfig = Field(default_factory=BlendConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
 
 
 def _section_fields(model: type[BaseModel]) -> list[str]:

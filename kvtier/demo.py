@@ -64,8 +64,8 @@ def run_demo(context_tokens: int = 3072, questions: int = 4, dtype: str = "bfloa
     from kvtier.data import load_document, load_questions
     from kvtier.engine import CacheEngine
     from kvtier.integrations.hf import HFCachedLM, kv_spec_for
-    from kvtier.layout import dtype_from_name
     from kvtier.models import EMBEDDED_MODEL_ID, ensure_embedded_model
+    from kvtier.tensors import dtype_from_name
 
     folder = model_dir or ensure_embedded_model()
     tokenizer = AutoTokenizer.from_pretrained(str(folder))

@@ -29,11 +29,14 @@ import numpy as np
 import torch
 
 from kvtier.config import KvtierConfig, load_config
+from kvtier.frame_auth import FrameKeys
 from kvtier.keys import Chunk, Chunker, Namespace, Tokens
-from kvtier.layout import KVLike, KVSpec, check_kv, copy_in, copy_in_run, copy_out, copy_out_run
+from kvtier.layout import KVSpec
+from kvtier.record import ChunkRecord, token_record
 from kvtier.storage.base import Tier
 from kvtier.storage.cpu import CpuTier
 from kvtier.storage.manager import StorageManager
+from kvtier.tensors import KVLike, check_kv, copy_in, copy_in_run, copy_out, copy_out_run
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +63,8 @@ class CacheEngine:
             from kvtier.storage.factory import build_tiers
 
             tiers = build_tiers(self.config, spec)
-        self.storage = StorageManager(spec, tiers, queue_depth=self.config.store_queue)
+        self.storage = StorageManager(spec, tiers, queue_depth=self.config.store_queue,
+                                      auth=FrameKeys.from_config(self.config.auth))
         self.counters: Counter[str] = Counter()
         # ``observer(op, seconds)`` after every lookup / store / retrieve (metrics); must not raise
         self.observers: list[Callable[[str, float], None]] = []
@@ -85,7 +89,7 @@ class CacheEngine:
         arr, chunks = self.chunker.chunks(tokens)
         where: list[int | None] = [None] * self.cpu.leading_hits(chunks, arr)
         if len(where) < len(chunks) and self.storage.enabled:
-            where.extend(self.storage.locate(chunks[len(where) :]))
+            where.extend(self.storage.locate([c.key for c in chunks[len(where) :]]))
         return arr, chunks, where
 
     def lookup(self, tokens: Tokens) -> int:
@@ -111,7 +115,7 @@ class CacheEngine:
         cached = 0
         plan: list[tuple[Chunk, int]] = []  # chunks to copy, each with its reserved (referenced) slot
         for chunk in chunks:
-            if chunk.end <= skip_tokens or self.cpu.contains(chunk, arr):
+            if chunk.end <= skip_tokens or self.cpu.contains(token_record(chunk, arr)):
                 cached = chunk.end
                 continue
             slot = self.cpu.reserve()
@@ -127,7 +131,7 @@ class CacheEngine:
             raise
         stored = 0
         for chunk, slot in plan:
-            if self.cpu.commit(chunk, arr, slot):
+            if self.cpu.commit(token_record(chunk, arr), slot):
                 stored += chunk.num_tokens
                 self._write_back(chunk, arr)
         self._count(stores=1, stored_tokens=stored, store_refused_tokens=len(arr) - cached)
@@ -137,11 +141,12 @@ class CacheEngine:
     def _write_back(self, chunk: Chunk, arr: np.ndarray) -> None:
         if not self.storage.enabled:
             return
-        slot = self.cpu.acquire(chunk, arr)
+        record = token_record(chunk, arr)
+        slot = self.cpu.acquire(record)
         if slot is None:
             return
         view = self.cpu.arena.view(slot, chunk.num_tokens)
-        self.storage.write_back(chunk, arr, view, lambda: self.cpu.release(slot))
+        self.storage.write_back(record, view, lambda: self.cpu.release(slot))
 
     def _move(self, plan: Sequence[tuple[Chunk, int]], kv: KVLike, *, into_arena: bool) -> None:
         """Copy each planned chunk between its arena slot and ``kv``; full chunks in consecutive slots
@@ -169,24 +174,24 @@ class CacheEngine:
         arr, chunks, where = self._present(tokens)
         slots: list[int] = []
         for chunk, tier in zip(chunks, where):
-            slot = self.cpu.acquire(chunk, arr) if tier is None else self._promote(tier, chunk, arr)
+            record = token_record(chunk, arr)
+            slot = self.cpu.acquire(record) if tier is None else self._promote(tier, record)
             if slot is None:
                 break
             slots.append(slot)
         return arr, chunks[: len(slots)], slots
 
-    def _promote(self, tier: int, chunk: Chunk, arr: np.ndarray) -> int | None:
-        """Load ``chunk`` from lower tier ``tier`` into a CPU slot; the slot comes back referenced."""
+    def _promote(self, tier: int, record: ChunkRecord) -> int | None:
+        """Load ``record`` from lower tier ``tier`` into a CPU slot; the slot comes back referenced."""
         slot = self.cpu.reserve()
         if slot is None:
             return None
-        if not self.storage.load(tier, chunk, arr, self.cpu.arena.view(slot, chunk.num_tokens)):
+        if not self.storage.load(tier, record, self.cpu.arena.view(slot, record.num_tokens)):
             self.cpu.abort(slot)
             return None
         self._count(promoted_chunks=1)
-        if not self.cpu.commit(chunk, arr, slot):  # someone else promoted it meanwhile
-            return self.cpu.acquire(chunk, arr)
-        return self.cpu.acquire(chunk, arr)
+        self.cpu.commit(record, slot)  # False: someone else promoted it meanwhile; acquire theirs
+        return self.cpu.acquire(record)
 
     def retrieve(self, tokens: Tokens, into: KVLike) -> int:
         """Write the cached prefix of ``tokens`` into ``into``; return its length."""
@@ -243,7 +248,7 @@ class CacheEngine:
     # ---- management ------------------------------------------------------------------------------
     def _keyed_prefix(self, tokens: Tokens) -> list[Chunk]:
         arr, chunks = self.chunker.chunks(tokens)
-        return [c for c in chunks if self.cpu.contains(c, arr)]
+        return [c for c in chunks if self.cpu.contains(token_record(c, arr))]
 
     def pin(self, tokens: Tokens) -> int:
         """Pin the CPU-resident chunks of ``tokens`` (they survive eviction); return tokens pinned."""
@@ -255,7 +260,7 @@ class CacheEngine:
     def remove(self, tokens: Tokens) -> int:
         """Remove every chunk of ``tokens`` from every tier; return chunks removed (any tier)."""
         _arr, chunks = self.chunker.chunks(tokens)
-        return sum(int(self.cpu.remove(c.key)) + self.storage.delete(c) for c in chunks)
+        return sum(int(self.cpu.remove(c.key)) + self.storage.delete(c.key) for c in chunks)
 
     def clear(self) -> int:
         """Drop every unpinned, unused chunk from every tier; return how many were dropped."""
@@ -299,7 +304,7 @@ class LayerwiseStore:
         self._pending: list[tuple[Chunk, int]] = []
         self.cached = 0
         for chunk in chunks:
-            if chunk.end <= skip_tokens or engine.cpu.contains(chunk, self._arr):
+            if chunk.end <= skip_tokens or engine.cpu.contains(token_record(chunk, self._arr)):
                 self.cached = chunk.end
                 continue
             slot = engine.cpu.reserve()
@@ -325,7 +330,7 @@ class LayerwiseStore:
             raise ValueError(f"layerwise store finished without layers {sorted(missing)}")
         stored = 0
         for chunk, slot in self._pending:
-            if self._engine.cpu.commit(chunk, self._arr, slot):
+            if self._engine.cpu.commit(token_record(chunk, self._arr), slot):
                 stored += chunk.num_tokens
                 self._engine._write_back(chunk, self._arr)
         self._pending = []

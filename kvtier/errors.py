@@ -33,3 +33,9 @@ class AuthError(KvtierError):
 
 class LayoutError(KvtierError):
     """A tensor does not match the KV spec it is used with."""
+
+
+class FrameAuthError(CorruptChunk):
+    """A chunk frame failed authentication: no MAC where one is required, a key id this keyring does
+    not hold, or a MAC that does not match (forged, another tenant's, or damaged). Counted apart from
+    checksum failures (``mac_failures``) and, like them, a miss."""

@@ -29,29 +29,33 @@ from __future__ import annotations
 import array
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, TypeAlias
 
 import blake3
 import numpy as np
-import torch
 import xxhash
 
 from kvtier.layout import KVSpec
 
+if TYPE_CHECKING:
+    import torch
+
 KEY_BYTES = 16
 ChunkKey = bytes  # KEY_BYTES raw bytes; ``key.hex()`` is the text form used in file names and remote keys
 
-Tokens = Sequence[int] | np.ndarray | torch.Tensor
+Tokens: TypeAlias = "Sequence[int] | np.ndarray | torch.Tensor"
 
 
 def as_token_array(tokens: Tokens) -> np.ndarray:
-    """Return ``tokens`` as a 1-D contiguous little-endian uint32 array (a view when possible)."""
+    """Return ``tokens`` as a 1-D contiguous little-endian uint32 array (a view when possible).
+
+    A torch tensor is accepted by duck typing (``detach``), so this module never imports torch."""
     if isinstance(tokens, (list, tuple)):
         try:  # array.array converts a list of ints ~3x faster than np.asarray
             return np.frombuffer(array.array("I", tokens), dtype="<u4")
         except (OverflowError, TypeError):
             pass  # negative, huge or non-int entries: the checks below report them
-    if isinstance(tokens, torch.Tensor):
+    if hasattr(tokens, "detach"):  # a torch tensor, possibly on another device
         tokens = tokens.detach().reshape(-1).cpu().numpy()
     arr = np.asarray(tokens)
     if arr.ndim != 1:

@@ -1,56 +1,81 @@
-"""The one serialized form of a chunk, on disk and on the network.
+"""The one serialized form of a chunk, on disk and on the network (torch-free; the tensor side is
+:mod:`kvtier.frames`).
 
 Layout (little endian)::
 
     offset size  field
     0      4     magic b"KVT1"
-    4      2     version (1)
-    6      2     flags (0; reserved)
+    4      2     version (2)
+    6      2     flags (bit 0: authenticated; other bits reserved, 0)
     8      4     meta_len: bytes of the msgpack metadata record
     12     8     payload_len
     20     8     xxh3-64 of metadata bytes followed by payload bytes
-    28     ...   metadata (msgspec msgpack of :class:`ChunkMeta`), then payload
+    28     4     key_id: which key of the writer's keyring made the MAC (0: none)
+    32     32    MAC: BLAKE3-keyed over bytes [0, 32) + metadata + payload (zeros when key_id is 0)
+    64     ...   metadata (msgspec msgpack of :class:`ChunkMeta`), then payload
 
-Invariant: :func:`unpack` returns only frames whose lengths, checksum, metadata schema and KV spec are
-valid; anything else raises :class:`~kvtier.errors.CorruptChunk`. No pickle: the metadata is a typed
-msgspec record and the payload is codec bytes.
+The checksum detects damage and lets a process without the tenant's secret (the cache server) check
+frames; the MAC (:mod:`kvtier.frame_auth`) proves the writer held the secret. A reader with a keyring
+accepts only frames whose MAC verifies under a key it holds (:class:`FrameAuthError` otherwise); a
+reader without one checks the checksum only and so trusts every writer of its tiers.
+
+Invariant: :func:`unpack_meta` returns only frames whose lengths, checksum, MAC (when the reader has
+keys), metadata schema and record are valid; anything else raises :class:`CorruptChunk`. No pickle:
+the metadata is a typed msgspec record and the payload is codec bytes.
+
+Version history: 1 carried token ids only (SGLang page hashes posed as token ids) and no MAC; 2 has
+``kind`` + ``identity`` (:mod:`kvtier.record`) and the MAC fields. A version-1 frame is a counted
+corrupt miss (and a disk tier quarantines the file); nothing converts it.
 """
 
 from __future__ import annotations
 
 import struct
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, NamedTuple
 
 import msgspec
-import numpy as np
-import torch
 import xxhash
 
-from kvtier.codec.base import get_codec
-from kvtier.errors import CorruptChunk, LayoutError
-from kvtier.keys import Chunk, ChunkKey
+from kvtier.errors import CorruptChunk, FrameAuthError, LayoutError
+from kvtier.frame_auth import MAC_BYTES, FrameKeys
+from kvtier.keys import ChunkKey
 from kvtier.layout import KVSpec
+from kvtier.record import ChunkRecord, Kind
 
 MAGIC = b"KVT1"
-VERSION = 1
-HEADER = struct.Struct("<4sHHIQQ")
+VERSION = 2
+FLAG_MAC = 1
+HEADER = struct.Struct("<4sHHIQQI32s")
 HEADER_BYTES = HEADER.size
+MAC_COVERS = HEADER_BYTES - MAC_BYTES  # the header bytes before the MAC field
 MAX_META_BYTES = 1 << 22
+MAX_PAGE_IDENTITY = 4096
+_NO_MAC = bytes(MAC_BYTES)
 
 
 class ChunkMeta(msgspec.Struct, frozen=True):
-    """Typed metadata of one chunk."""
+    """Typed metadata of one chunk: its :class:`~kvtier.record.ChunkRecord` plus how it is encoded."""
 
     key: bytes
     parent: bytes
-    tokens: bytes  # uint32 little-endian token ids of the chunk
+    kind: int  # kvtier.record.Kind
+    identity: bytes  # uint32-le token ids (TOKENS) or the engine's page hash (PAGE)
     spec: str  # KVSpec.fingerprint()
     codec: str
     codec_params: dict[str, Any]
     num_tokens: int
 
-    def token_array(self) -> np.ndarray:
-        return np.frombuffer(self.tokens, dtype="<u4")
+    def record(self) -> ChunkRecord:
+        return ChunkRecord(self.key, self.parent, self.identity, Kind(self.kind), self.num_tokens)
+
+
+class Header(NamedTuple):
+    meta_len: int
+    payload_len: int
+    checksum: int
+    key_id: int
+    mac: bytes
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -64,141 +89,144 @@ def _checksum(meta: bytes | memoryview, payload: bytes | memoryview) -> int:
     return h.intdigest()
 
 
-def pack(chunk: Chunk, tokens: np.ndarray, kv: torch.Tensor, spec: KVSpec, codec: str = "raw") -> bytes:
-    """Frame canonical chunk tensor ``kv`` (``num_tokens`` positions) with its metadata."""
-    return b"".join(pack_parts(chunk, tokens, kv, spec, codec))
-
-
-def pack_parts(
-    chunk: Chunk, tokens: np.ndarray, kv: torch.Tensor, spec: KVSpec, codec: str = "raw"
-) -> tuple[bytes, bytes | memoryview]:
-    """Like :func:`pack` but without joining: ``(header + metadata, payload)``, whose concatenation is
-    the frame. The payload may be a view of ``kv``'s memory (raw codec), valid while ``kv`` is unchanged;
-    writers pass both parts to ``writev``/``sendmsg`` and save one copy of the payload."""
-    encoder = get_codec(codec)
-    payload, params = encoder.encode(kv, spec)
-    meta = _encoder.encode(
-        ChunkMeta(
-            key=chunk.key,
-            parent=chunk.parent,
-            tokens=tokens[chunk.start : chunk.end].astype("<u4").tobytes(),
-            spec=spec.fingerprint(),
-            codec=codec,
-            codec_params=params,
-            num_tokens=chunk.num_tokens,
-        )
-    )
+def frame_head(record: ChunkRecord, spec: KVSpec, codec: str, codec_params: dict[str, Any],
+               payload: bytes | memoryview, auth: FrameKeys | None = None) -> bytes:
+    """Header + metadata of the frame of ``record`` around codec output ``payload``; the frame is
+    ``head + payload``. With ``auth`` the header names its current key and carries the MAC."""
+    meta = _encoder.encode(ChunkMeta(
+        key=record.key, parent=record.parent, kind=int(record.kind), identity=record.identity,
+        spec=spec.fingerprint(), codec=codec, codec_params=codec_params, num_tokens=record.num_tokens,
+    ))
     payload_len = memoryview(payload).nbytes
-    header = HEADER.pack(MAGIC, VERSION, 0, len(meta), payload_len, _checksum(meta, payload))
-    return header + meta, payload
+    checksum = _checksum(meta, payload)
+    if auth is None:
+        return HEADER.pack(MAGIC, VERSION, 0, len(meta), payload_len, checksum, 0, _NO_MAC) + meta
+    covered = HEADER.pack(MAGIC, VERSION, FLAG_MAC, len(meta), payload_len, checksum, auth.key_id, _NO_MAC)
+    mac = auth.mac(auth.key_id, (memoryview(covered)[:MAC_COVERS], meta, payload))
+    assert mac is not None  # the current key is always in the ring
+    return covered[:MAC_COVERS] + mac + meta
 
 
-def read_header(frame: bytes | bytearray | memoryview) -> tuple[int, int, int]:
-    """Validate the fixed header; return ``(meta_len, payload_len, checksum)``."""
+def read_header(frame: bytes | bytearray | memoryview) -> Header:
+    """Validate the fixed header and return its fields."""
     if len(frame) < HEADER_BYTES:
         raise CorruptChunk(f"frame of {len(frame)} bytes is shorter than the {HEADER_BYTES}-byte header")
-    magic, version, _flags, meta_len, payload_len, checksum = HEADER.unpack_from(frame, 0)
+    magic, version, flags, meta_len, payload_len, checksum, key_id, mac = HEADER.unpack_from(frame, 0)
     if magic != MAGIC:
-        raise CorruptChunk(f"bad magic {magic!r}, expected {MAGIC!r}")
+        raise CorruptChunk(f"bad magic {bytes(magic)!r}, expected {MAGIC!r}")
     if version != VERSION:
         raise CorruptChunk(f"unsupported wire version {version}, expected {VERSION}")
+    if flags & ~FLAG_MAC or bool(flags & FLAG_MAC) != (key_id != 0):
+        raise CorruptChunk(f"bad header flags {flags:#x} for key id {key_id}")
     if meta_len > MAX_META_BYTES:
         raise CorruptChunk(f"metadata length {meta_len} exceeds {MAX_META_BYTES}")
-    return meta_len, payload_len, checksum
+    return Header(meta_len, payload_len, checksum, key_id, mac)
 
 
-def _verified_meta(meta_bytes: memoryview, payload: bytes | memoryview, checksum: int) -> ChunkMeta:
-    """Check ``checksum`` over metadata + payload, then decode and sanity-check the metadata record."""
-    if _checksum(meta_bytes, payload) != checksum:
-        raise CorruptChunk("checksum mismatch")
+def _authenticate(head: memoryview, header: Header, parts: Iterable[bytes | memoryview],
+                  auth: FrameKeys) -> None:
+    if header.key_id == 0:
+        raise FrameAuthError("frame carries no MAC but this reader requires one (auth.secret is set)")
+    mac = auth.mac(header.key_id, (head[:MAC_COVERS], *parts))
+    if mac is None:
+        raise FrameAuthError(f"frame was authenticated with key id {header.key_id:#010x}, which this "
+                             "keyring does not hold (another tenant, or a dropped previous secret)")
+    if mac != header.mac:
+        raise FrameAuthError("MAC mismatch: the frame was not written by a holder of this tenant's secret")
+
+
+def _decode_meta(meta_bytes: bytes | memoryview) -> ChunkMeta:
     try:
         meta = _decoder.decode(meta_bytes)
     except msgspec.DecodeError as exc:
         raise CorruptChunk(f"bad metadata record: {exc}") from exc
-    if len(meta.tokens) != 4 * meta.num_tokens:
-        raise CorruptChunk(f"metadata holds {len(meta.tokens) // 4} token ids for {meta.num_tokens} tokens")
+    if meta.kind == Kind.TOKENS:
+        if len(meta.identity) != 4 * meta.num_tokens:
+            raise CorruptChunk(f"metadata holds {len(meta.identity) // 4} token ids for {meta.num_tokens} tokens")
+    elif meta.kind == Kind.PAGE:
+        if not 0 < len(meta.identity) <= MAX_PAGE_IDENTITY:
+            raise CorruptChunk(f"page identity of {len(meta.identity)} bytes, expected 1..{MAX_PAGE_IDENTITY}")
+    else:
+        raise CorruptChunk(f"unknown record kind {meta.kind}")
     return meta
 
 
-def unpack_meta(frame: bytes | bytearray | memoryview) -> tuple[ChunkMeta, memoryview]:
-    """Verify ``frame`` completely and return its metadata and payload view."""
+def verify_parts(head: bytes | bytearray | memoryview, payload: bytes | memoryview,
+                 auth: FrameKeys | None = None) -> ChunkMeta:
+    """Verify a frame given as ``head`` (header + metadata, exactly) and ``payload``: lengths,
+    checksum, MAC when ``auth`` is given, metadata record. Return the metadata."""
+    view = memoryview(head).cast("B")
+    header = read_header(view)
+    payload_bytes = memoryview(payload).nbytes
+    if len(view) != HEADER_BYTES + header.meta_len or payload_bytes != header.payload_len:
+        raise CorruptChunk(f"head of {len(view)} bytes and payload of {payload_bytes} bytes, header says "
+                           f"{HEADER_BYTES + header.meta_len} and {header.payload_len}")
+    meta_bytes = view[HEADER_BYTES:]
+    if _checksum(meta_bytes, payload) != header.checksum:
+        raise CorruptChunk("checksum mismatch")
+    if auth is not None:
+        _authenticate(view, header, (meta_bytes, payload), auth)
+    return _decode_meta(meta_bytes)
+
+
+def split(frame: bytes | bytearray | memoryview) -> tuple[memoryview, memoryview]:
+    """``(head, payload)`` views of a whole frame, after checking its total length."""
     view = memoryview(frame).cast("B")
-    meta_len, payload_len, checksum = read_header(view)
-    total = HEADER_BYTES + meta_len + payload_len
-    if len(view) != total:
-        raise CorruptChunk(f"frame is {len(view)} bytes, header says {total}")
-    meta_bytes = view[HEADER_BYTES : HEADER_BYTES + meta_len]
-    payload = view[HEADER_BYTES + meta_len :]
-    meta = _verified_meta(meta_bytes, payload, checksum)
-    return meta, payload
+    header = read_header(view)
+    head_len = HEADER_BYTES + header.meta_len
+    if len(view) != head_len + header.payload_len:
+        raise CorruptChunk(f"frame is {len(view)} bytes, header says {head_len + header.payload_len}")
+    return view[:head_len], view[head_len:]
+
+
+def unpack_meta(frame: bytes | bytearray | memoryview,
+                auth: FrameKeys | None = None) -> tuple[ChunkMeta, memoryview]:
+    """Verify ``frame`` completely and return its metadata and payload view."""
+    head, payload = split(frame)
+    return verify_parts(head, payload, auth), payload
 
 
 def peek_meta(head: bytes | bytearray | memoryview) -> ChunkMeta:
-    """Decode the metadata from the first ``HEADER_BYTES + meta_len`` bytes, without the checksum.
+    """Decode the metadata from the first ``HEADER_BYTES + meta_len`` bytes, without checksum or MAC.
 
     For index rebuilds that read only file heads; the full frame is still verified on every read.
     """
     view = memoryview(head).cast("B")
-    meta_len, _payload_len, _checksum_value = read_header(view)
-    if len(view) < HEADER_BYTES + meta_len:
+    header = read_header(view)
+    if len(view) < HEADER_BYTES + header.meta_len:
         raise CorruptChunk("truncated metadata")
-    try:
-        return _decoder.decode(view[HEADER_BYTES : HEADER_BYTES + meta_len])
-    except msgspec.DecodeError as exc:
-        raise CorruptChunk(f"bad metadata record: {exc}") from exc
+    return _decode_meta(view[HEADER_BYTES : HEADER_BYTES + header.meta_len])
 
 
-def unpack_into(
-    frame: bytes | bytearray | memoryview, spec: KVSpec, out: torch.Tensor, expect: ChunkKey | None = None
-) -> ChunkMeta:
-    """Verify ``frame`` and decode its payload into canonical chunk view ``out``.
-
-    ``out`` must have exactly ``meta.num_tokens`` positions; raise :class:`CorruptChunk` on any damage
-    and :class:`LayoutError` if the frame was written for another KV spec.
-    """
-    meta, payload = unpack_meta(frame)
-    _check_meta(meta, spec, out, expect)
-    get_codec(meta.codec).decode(payload, meta.codec_params, spec, out)
-    return meta
-
-
-def _check_meta(meta: ChunkMeta, spec: KVSpec, out: torch.Tensor, expect: ChunkKey | None) -> None:
+def check_meta(meta: ChunkMeta, spec: KVSpec, num_tokens: int, expect: ChunkKey | None) -> None:
+    """Raise unless ``meta`` names ``expect`` (when given), was written for ``spec`` and holds
+    ``num_tokens`` positions."""
     if expect is not None and meta.key != expect:
         raise CorruptChunk(f"frame holds key {meta.key.hex()}, expected {expect.hex()}")
     if meta.spec != spec.fingerprint():
         raise LayoutError(f"chunk was stored for KV spec {meta.spec}, this engine uses {spec.fingerprint()}")
-    if out.shape[2] != meta.num_tokens:
-        raise LayoutError(f"destination holds {out.shape[2]} tokens, chunk has {meta.num_tokens}")
+    if num_tokens != meta.num_tokens:
+        raise LayoutError(f"destination holds {num_tokens} tokens, chunk has {meta.num_tokens}")
 
 
-def payload_view(out: torch.Tensor) -> memoryview | None:
-    """Writable bytes of ``out`` where a raw payload can be read straight in, or ``None`` if ``out``
-    is not contiguous (or empty)."""
-    if not out.is_contiguous() or out.numel() == 0 or out.device.type != "cpu":
-        return None
-    return out.view(torch.uint8).reshape(-1).numpy().data
+class _FrameKey(msgspec.Struct):
+    """The only metadata field :func:`check_frame` reads."""
+
+    key: bytes
 
 
-def unpack_head_into(
-    head: bytes | bytearray | memoryview, spec: KVSpec, out: torch.Tensor, expect: ChunkKey | None = None
-) -> ChunkMeta:
-    """:func:`unpack_into` for a frame split in two: ``head`` (fixed header + metadata) and a payload a
-    reader already placed in ``payload_view(out)`` (zero copy). Verifies exactly what
-    :func:`unpack_into` does, checksum included; a payload of a codec other than raw is decoded from a
-    copy. On any error ``out`` holds garbage and the caller must not use it."""
-    view = memoryview(head).cast("B")
-    meta_len, payload_len, checksum = read_header(view)
-    payload = payload_view(out)
-    if payload is None:
-        raise LayoutError("unpack_head_into needs a contiguous CPU destination")
-    if len(view) != HEADER_BYTES + meta_len or payload_len != payload.nbytes:
-        raise CorruptChunk(
-            f"head of {len(view)} bytes and payload of {payload.nbytes} bytes, header says "
-            f"{HEADER_BYTES + meta_len} and {payload_len}"
-        )
-    meta_bytes = view[HEADER_BYTES:]
-    meta = _verified_meta(meta_bytes, payload, checksum)
-    _check_meta(meta, spec, out, expect)
-    if meta.codec != "raw":
-        get_codec(meta.codec).decode(memoryview(bytes(payload)), meta.codec_params, spec, out)
-    return meta
+_frame_key = msgspec.msgpack.Decoder(_FrameKey)
+
+
+def check_frame(frame: bytes | bytearray | memoryview, key: ChunkKey) -> None:
+    """What a store without the tenant's keys can check (the cache server): header, lengths, checksum
+    and that the metadata names ``key``. Raise :class:`CorruptChunk` otherwise. One xxh3 pass."""
+    head, payload = split(frame)
+    if _checksum(head[HEADER_BYTES:], payload) != read_header(head).checksum:
+        raise CorruptChunk("checksum mismatch")
+    try:
+        named = _frame_key.decode(head[HEADER_BYTES:])
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise CorruptChunk(f"bad metadata record: {exc}") from exc
+    if named.key != key:
+        raise CorruptChunk(f"frame holds key {named.key.hex()}, request names {key.hex()}")

@@ -94,12 +94,13 @@ def run_bench(
     import numpy as np
     import torch
 
-    from kvtier import wire
     from kvtier.bench.common import Timing, ratio
     from kvtier.config import load_config
     from kvtier.engine import CacheEngine
+    from kvtier.frames import pack_parts, payload_view
     from kvtier.keys import Chunker, Namespace
     from kvtier.layout import KVSpec
+    from kvtier.record import token_record
     from kvtier.storage.disk import DiskTier
 
     spec = KVSpec(num_layers, num_kv_heads, head_dim, dtype, chunk_tokens)
@@ -114,7 +115,7 @@ def run_bench(
     gen = torch.Generator().manual_seed(0)
     kv = torch.randn(spec.chunk_shape(len(tokens)), generator=gen).to(spec.torch_dtype)
     pieces = [kv[:, :, c.start : c.end].contiguous() for c in chunks]
-    frames = [wire.pack_parts(c, arr, p, spec) for c, p in zip(chunks, pieces)]
+    frames = [pack_parts(token_record(c, arr), p, spec) for c, p in zip(chunks, pieces)]
     sizes = [sum(memoryview(x).nbytes for x in f) for f in frames]
     nbytes = sum(sizes)
     cap = 2 * nbytes + (1 << 20)
@@ -152,7 +153,7 @@ def run_bench(
             for c, f in zip(chunks, frames):
                 tier.put_parts(c.key, f)
 
-        dest = wire.payload_view(torch.empty(spec.chunk_shape(), dtype=spec.torch_dtype))
+        dest = payload_view(torch.empty(spec.chunk_shape(), dtype=spec.torch_dtype))
         assert dest is not None
 
         def tier_get() -> None:

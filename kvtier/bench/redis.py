@@ -67,11 +67,12 @@ def run(chunk_tokens: int = 256, chunks: int = 16, repeat: int = 5, out_dir: str
     import redis
     import torch
 
-    from kvtier import wire
     from kvtier.bench.common import Timing, bar_plot, ratio, write_results
     from kvtier.errors import ConfigError
+    from kvtier.frames import pack_parts
     from kvtier.keys import Chunker, Namespace
     from kvtier.layout import KVSpec
+    from kvtier.record import token_record
     from kvtier.storage.redis import RedisTier
 
     binary = shutil.which("redis-server") or shutil.which("valkey-server")
@@ -82,7 +83,7 @@ def run(chunk_tokens: int = 256, chunks: int = 16, repeat: int = 5, out_dir: str
     tokens = np.arange(chunks * chunk_tokens, dtype=np.uint32)
     _arr, chunk_list = Chunker(Namespace("bench-redis", spec)).chunks(tokens)
     kv = torch.randn(spec.chunk_shape(chunk_tokens)).to(spec.torch_dtype)
-    parts = [wire.pack_parts(c, tokens, kv, spec) for c in chunk_list]
+    parts = [pack_parts(token_record(c, tokens), kv, spec) for c in chunk_list]
     frames = [b"".join(p) for p in parts]
     nbytes = sum(len(f) for f in frames)
     gb = nbytes / 1e9

@@ -103,17 +103,18 @@ def run(chunk_tokens: int = 256, chunks: int = 16, repeat: int = 5, out_dir: str
     import numpy as np
     import torch
 
-    from kvtier import wire
     from kvtier.bench.common import Timing, bar_plot, ratio, write_results
+    from kvtier.frames import pack
     from kvtier.keys import Chunker, Namespace
     from kvtier.layout import KVSpec
+    from kvtier.record import token_record
     from kvtier.server.client import RemoteTier
 
     spec = KVSpec(num_layers=30, num_kv_heads=3, head_dim=64, dtype="bfloat16", chunk_tokens=chunk_tokens)
     tokens = np.arange(chunks * chunk_tokens, dtype=np.uint32)
     _arr, chunk_list = Chunker(Namespace("bench-server", spec)).chunks(tokens)
     kv = torch.randn(spec.chunk_shape(chunk_tokens)).to(spec.torch_dtype)
-    frames = [wire.pack(c, tokens, kv, spec) for c in chunk_list]
+    frames = [pack(token_record(c, tokens), kv, spec) for c in chunk_list]
     keys = [c.key for c in chunk_list]
     size = len(frames[0])
     if any(len(f) != size for f in frames):

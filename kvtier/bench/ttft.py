@@ -73,8 +73,8 @@ def _run(contexts: list[int], dtype: str, runs: int, suffix_tokens: int, out_dir
     from kvtier.data import load_document
     from kvtier.engine import CacheEngine
     from kvtier.integrations.hf import HFCachedLM, kv_spec_for
-    from kvtier.layout import dtype_from_name
     from kvtier.models import EMBEDDED_MODEL_ID, ensure_embedded_model
+    from kvtier.tensors import dtype_from_name
 
     folder = model_dir or ensure_embedded_model()
     tokenizer = AutoTokenizer.from_pretrained(str(folder))

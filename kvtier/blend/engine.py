@@ -49,7 +49,8 @@ from kvtier.blend.segments import Plan, TokenIds, join, separator_ids, split
 from kvtier.config import BlendConfig, KvtierConfig
 from kvtier.engine import CacheEngine
 from kvtier.errors import ConfigError
-from kvtier.layout import KVSpec, dtype_name
+from kvtier.layout import KVSpec
+from kvtier.tensors import dtype_name
 
 Text = str | TokenIds
 

@@ -35,22 +35,23 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
-import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from kvtier import wire
+from kvtier import frames, wire
 from kvtier.cluster import schema as S
 from kvtier.cluster.p2p import PeerServer, PeerTier
 from kvtier.codec.base import codec_names, get_codec
 from kvtier.errors import ConfigError, KvtierError, TierUnavailable
-from kvtier.keys import Chunk, ChunkKey, chain_key
+from kvtier.keys import ChunkKey, chain_key
+from kvtier.record import ChunkRecord, Kind, token_records, verify
 from kvtier.server.client import RemoteTier
 from kvtier.storage.base import Tier
 
 if TYPE_CHECKING:
     from kvtier.config import ClusterConfig, KvtierConfig
     from kvtier.engine import CacheEngine
+    from kvtier.frame_auth import FrameKeys
     from kvtier.layout import KVSpec
     from kvtier.storage.manager import TierSlot
 
@@ -155,7 +156,8 @@ class Agent:
             host = self.config.advertise_host or self.config.p2p_host
             if host in ("0.0.0.0", "::", ""):
                 raise ConfigError("p2p_host is a wildcard address: set advertise_host to the address peers dial")
-            self.peer_server = PeerServer(engine.cpu, self.config.p2p_host, self.config.p2p_port, self.config.token)
+            self.peer_server = PeerServer(engine.cpu, self.config.p2p_host, self.config.p2p_port, self.config.token,
+                                          auth=engine.storage.auth)
             port = self.peer_server.start()
             self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         engine.cpu.listeners.append(self._on_cpu)
@@ -438,7 +440,7 @@ class Agent:
         removed = 0
         for key in (bytes.fromhex(k) for k in args.get("keys", [])):
             removed += int(engine.cpu.remove(key))
-            engine.storage.delete(Chunk(0, 0, 0, key, key))  # lower tiers use only the key
+            engine.storage.delete(key)
         return {"removed": removed}
 
     def _peer(self, address: str) -> RemoteTier:
@@ -449,18 +451,19 @@ class Agent:
         host, port = split_address(address)
         return RemoteTier(host, port, self.config.token, self.config.peer_timeout_s, pool_size=1, retries=1)
 
-    def _admit(self, frame: bytes, chunk: Chunk, tokens: np.ndarray) -> str:
-        """Verify ``frame`` against ``chunk`` and put it in the CPU tier; return what happened."""
+    def _admit(self, frame: bytes, record: ChunkRecord) -> str:
+        """Verify ``frame`` against ``record`` and put it in the CPU tier; return what happened."""
         engine = self._need_engine()
         cpu = engine.cpu
-        if cpu.contains(chunk, tokens):
+        if cpu.contains(record):
             return "present"
         slot = cpu.reserve()
         if slot is None:
             return "full"
         try:
-            meta = wire.unpack_into(frame, engine.spec, cpu.arena.view(slot, chunk.num_tokens), expect=chunk.key)
-            if meta.parent != chunk.parent or meta.tokens != tokens[chunk.start : chunk.end].tobytes():
+            meta = frames.unpack_into(frame, engine.spec, cpu.arena.view(slot, record.num_tokens), record.key,
+                                      engine.storage.auth)
+            if not verify(meta.record(), record):
                 cpu.abort(slot)
                 return "mismatch"
         except KvtierError:
@@ -469,7 +472,7 @@ class Agent:
         except BaseException:
             cpu.abort(slot)
             raise
-        return "fetched" if cpu.commit(chunk, tokens, slot) else "present"
+        return "fetched" if cpu.commit(record, slot) else "present"
 
     def _cmd_fetch(self, args: dict[str, Any]) -> dict[str, Any]:
         """Pull chunks from peer ``args["peer"]``: a prompt's (``token_ids``) or listed ``keys``."""
@@ -478,39 +481,44 @@ class Agent:
         outcome: Counter[str] = Counter()
         held: list[str] = []
         tokens_fetched = 0
-        items: list[tuple[Chunk, np.ndarray | None]]
+        items: list[ChunkRecord | ChunkKey]  # a record when the prompt is known, else only the key
         if args.get("token_ids") is not None:
             arr, chunks = engine.chunker.chunks(args["token_ids"])
-            items = [(c, arr) for c in chunks]
+            items = list(token_records(chunks, arr))
         else:
-            items = [(Chunk(0, 0, 0, bytes.fromhex(k), b""), None) for k in args.get("keys", [])]
+            items = [bytes.fromhex(k) for k in args.get("keys", [])]
         for batch in _batched(items, FETCH_BATCH):
-            frames = peer.get_many([c.key for c, _ in batch])
-            for (chunk, known), frame in zip(batch, frames):
+            got = peer.get_many([item if isinstance(item, bytes) else item.key for item in batch])
+            for item, frame in zip(batch, got):
                 if frame is None:
                     outcome["missing"] += 1
                     continue
-                if known is not None:
-                    arr = known
-                else:  # only the key is known: the frame must prove it (key = H(parent || tokens))
-                    try:
-                        meta, _payload = wire.unpack_meta(frame)
-                    except KvtierError:
-                        outcome["corrupt"] += 1
-                        continue
-                    if chain_key(meta.parent, bytes(meta.tokens)) != chunk.key:
+                if isinstance(item, bytes):  # only the key is known: the frame must prove it
+                    record = self._proven_record(frame, item, engine.storage.auth)
+                    if record is None:
                         outcome["mismatch"] += 1
                         continue
-                    arr = meta.token_array()
-                    chunk = Chunk(0, 0, meta.num_tokens, chunk.key, meta.parent)
-                what = self._admit(frame, chunk, arr)
+                else:
+                    record = item
+                what = self._admit(frame, record)
                 outcome[what] += 1
                 if what in ("fetched", "present"):
-                    held.append(chunk.key.hex())
-                    tokens_fetched += chunk.num_tokens if what == "fetched" else 0
+                    held.append(record.key.hex())
+                    tokens_fetched += record.num_tokens if what == "fetched" else 0
         return {"chunks": outcome["fetched"], "tokens": tokens_fetched, "already_present": outcome["present"],
                 "missing": outcome["missing"], "rejected": outcome["corrupt"] + outcome["mismatch"],
                 "full": outcome["full"], "keys": held}
+
+    @staticmethod
+    def _proven_record(frame: bytes, key: ChunkKey, auth: FrameKeys | None) -> ChunkRecord | None:
+        """The record of a token-chunk frame whose key is ``H(parent || tokens)`` = ``key``, else None."""
+        try:
+            meta, _payload = wire.unpack_meta(frame, auth)
+        except KvtierError:
+            return None
+        if meta.kind != Kind.TOKENS or chain_key(meta.parent, meta.identity) != key:
+            return None
+        return meta.record()
 
     def _cmd_compress(self, args: dict[str, Any]) -> dict[str, Any]:
         """Re-encode chunks with ``args["codec"]`` into every writable lower tier of the engine."""
@@ -522,7 +530,7 @@ class Agent:
             raise KvtierError("this instance has no serialized tier (disk, server, redis, fs) to re-encode into")
         if args.get("token_ids") is not None:
             arr, chunks = engine.chunker.chunks(args["token_ids"])
-            items = [(c, arr) for c in chunks]
+            items = token_records(chunks, arr)
         else:
             items = []
             resident = engine.cpu.keys()
@@ -530,21 +538,21 @@ class Agent:
                 got = engine.cpu.acquire_key(key)
                 if got is None:
                     continue
-                slot, entry = got
+                slot, record = got
                 engine.cpu.release(slot)
-                items.append((Chunk(0, 0, entry.num_tokens, key, entry.parent), np.frombuffer(entry.tokens, "<u4")))
+                items.append(record)
         raw = encoded = done = missing = failed = 0
-        for chunk, arr in items:
-            frame = self._encode(engine, chunk, arr, codec, targets)
+        for record in items:
+            frame = self._encode(engine, record, codec, targets)
             if frame is None:
                 missing += 1
                 continue
             done += 1
-            raw += chunk.num_tokens * engine.spec.bytes_per_token
+            raw += record.num_tokens * engine.spec.bytes_per_token
             encoded += len(frame)
             for target in targets:
                 try:
-                    target.tier.put(chunk.key, frame)
+                    target.tier.put(record.key, frame)
                 except TierUnavailable:
                     failed += 1
         return {"chunks": done, "missing": missing, "raw_bytes": raw, "encoded_bytes": encoded,
@@ -552,26 +560,26 @@ class Agent:
                 "tiers": [s.tier.name for s in targets], "tier_writes_failed": failed}
 
     @staticmethod
-    def _encode(engine: CacheEngine, chunk: Chunk, tokens: np.ndarray, codec: str,
-                targets: list[TierSlot]) -> bytes | None:
-        """``chunk`` encoded with ``codec``: from the CPU tier if there, else decoded from a lower tier."""
-        slot = engine.cpu.acquire(chunk, tokens)
+    def _encode(engine: CacheEngine, record: ChunkRecord, codec: str, targets: list[TierSlot]) -> bytes | None:
+        """``record`` encoded with ``codec``: from the CPU tier if there, else decoded from a lower tier."""
+        auth = engine.storage.auth
+        slot = engine.cpu.acquire(record)
         if slot is not None:
             try:
-                return wire.pack(chunk, tokens, engine.cpu.arena.view(slot, chunk.num_tokens), engine.spec, codec)
+                return frames.pack(record, engine.cpu.arena.view(slot, record.num_tokens), engine.spec, codec, auth)
             finally:
                 engine.cpu.release(slot)
-        scratch = torch.empty(engine.spec.chunk_shape(chunk.num_tokens), dtype=engine.spec.torch_dtype)
+        scratch = torch.empty(engine.spec.chunk_shape(record.num_tokens), dtype=engine.spec.torch_dtype)
         for target in targets:
             try:
-                frame = target.tier.get(chunk.key)
+                frame = target.tier.get(record.key)
                 if frame is None:
                     continue
-                meta = wire.unpack_into(frame, engine.spec, scratch, expect=chunk.key)
+                meta = frames.unpack_into(frame, engine.spec, scratch, record.key, auth)
             except KvtierError:
                 continue
-            if meta.parent == chunk.parent and meta.tokens == tokens[chunk.start : chunk.end].tobytes():
-                return wire.pack(chunk, tokens, scratch, engine.spec, codec)
+            if verify(meta.record(), record):
+                return frames.pack(record, scratch, engine.spec, codec, auth)
         return None
 
     # ---- numbers ---------------------------------------------------------------------------------

@@ -28,12 +28,11 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 
-import numpy as np
-
-from kvtier import wire
+from kvtier import frames
 from kvtier.config import ServerConfig
 from kvtier.errors import ConfigError, KvtierError, TierUnavailable
-from kvtier.keys import Chunk, ChunkKey
+from kvtier.frame_auth import FrameKeys
+from kvtier.keys import ChunkKey
 from kvtier.server.app import CacheServer, is_loopback
 from kvtier.server.client import RemoteTier
 from kvtier.server.store import ChunkStore, Frame
@@ -54,16 +53,15 @@ def split_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def frame_of(cpu: CpuTier, key: ChunkKey) -> bytes | None:
-    """The wire frame (raw codec) of CPU chunk ``key``, or None if the tier does not hold it."""
+def frame_of(cpu: CpuTier, key: ChunkKey, auth: FrameKeys | None = None) -> bytes | None:
+    """The wire frame (raw codec, MAC'd with ``auth``'s current key when given) of CPU chunk ``key``,
+    or None if the tier does not hold it."""
     got = cpu.acquire_key(key)
     if got is None:
         return None
-    slot, entry = got
+    slot, record = got
     try:
-        n = entry.num_tokens
-        tokens = np.frombuffer(entry.tokens, dtype="<u4")
-        return wire.pack(Chunk(0, 0, n, key, entry.parent), tokens, cpu.arena.view(slot, n), cpu.spec, "raw")
+        return frames.pack(record, cpu.arena.view(slot, record.num_tokens), cpu.spec, "raw", auth)
     finally:
         cpu.release(slot)
 
@@ -71,16 +69,17 @@ def frame_of(cpu: CpuTier, key: ChunkKey) -> bytes | None:
 class EngineChunkStore(ChunkStore):
     """The cache server's store interface over an engine's CPU tier, read-only."""
 
-    def __init__(self, cpu: CpuTier) -> None:
+    def __init__(self, cpu: CpuTier, auth: FrameKeys | None = None) -> None:
         super().__init__(capacity_bytes=cpu.arena.capacity_bytes)
         self.cpu = cpu
+        self.auth = auth
 
     async def put(self, key: bytes, frame: Frame) -> bool:
         self.counters["puts_refused"] += 1
         raise KvtierError("this is a read-only kvtier peer: chunks are fetched from it, never pushed")
 
     async def get(self, key: bytes) -> Frame | None:
-        frame = await asyncio.to_thread(frame_of, self.cpu, key)
+        frame = await asyncio.to_thread(frame_of, self.cpu, key, self.auth)
         self.counters["served" if frame is not None else "misses"] += 1
         if frame is not None:
             self.counters["bytes_served"] += len(frame)
@@ -115,11 +114,11 @@ class PeerServer:
     """A :class:`CacheServer` over :class:`EngineChunkStore`, on its own event-loop thread."""
 
     def __init__(self, cpu: CpuTier, host: str = "127.0.0.1", port: int = 0, token: str = "",
-                 max_connections: int = 64) -> None:
+                 max_connections: int = 64, auth: FrameKeys | None = None) -> None:
         if not token and not is_loopback(host):
             raise ConfigError(f"the P2P server would listen on {host!r}, which is not loopback, without a "
                               "token; set the agent's token or bind 127.0.0.1")
-        self.store = EngineChunkStore(cpu)
+        self.store = EngineChunkStore(cpu, auth)
         self.config = ServerConfig(host=host, port=port, token=token, max_connections=max_connections,
                                    capacity=cpu.arena.capacity_bytes, shutdown_grace_s=1.0)
         self.port = 0

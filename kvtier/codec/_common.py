@@ -17,7 +17,8 @@ import torch
 
 from kvtier.codec.base import Params
 from kvtier.errors import CorruptChunk, LayoutError
-from kvtier.layout import KVSpec, dtype_name
+from kvtier.layout import KVSpec
+from kvtier.tensors import check_chunk, dtype_name
 
 T = TypeVar("T")
 
@@ -30,7 +31,7 @@ def check_input(chunk: torch.Tensor, spec: KVSpec) -> int:
     match ``spec`` (shape ``[layers, 2, T, kv_heads, head_dim]``, dtype, T ≥ 1)."""
     if chunk.dim() != 5 or chunk.shape[2] < 1:
         raise LayoutError(f"expected a canonical chunk [layers, 2, T, heads, dim], got {tuple(chunk.shape)}")
-    spec.check_chunk(chunk, int(chunk.shape[2]))
+    check_chunk(spec, chunk, int(chunk.shape[2]))
     return int(chunk.shape[2])
 
 

@@ -28,7 +28,8 @@ from typing import Any
 import torch
 
 from kvtier.engine import CacheEngine
-from kvtier.layout import KVSpec, dtype_name
+from kvtier.layout import KVSpec
+from kvtier.tensors import dtype_name
 
 log = logging.getLogger(__name__)
 

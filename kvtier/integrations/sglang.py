@@ -16,10 +16,11 @@ Keys. SGLang never shows the backend tokens, only one key per page: a SHA-256 ch
 tokens and every page before it (64 hex digits). Page ``h`` is stored as one kvtier object under
 ``BLAKE3(namespace_root || h)[:16]``, namespace = model + KV spec (layers, heads, head dim, dtype,
 page tokens) + codec + tenant, with tensor/pipeline rank and size in the model part when either is >
-1. The frame's token-id field (:class:`kvtier.wire.ChunkMeta`) holds the page's *identity*: the raw
-page hash, zero-padded to ``4 * page_size`` bytes (a BLAKE3 digest of that length for pages under 8
-tokens), checked on every hit like kvtier's token ids; together with the checksum a damaged frame or a
-key collision is a counted miss, never foreign KV. No parent chaining of our own: SGLang's hash already
+1. Each page is a :class:`~kvtier.record.ChunkRecord` of kind ``PAGE`` whose *identity* is the raw
+page hash (a BLAKE3 digest of it if longer than :data:`kvtier.wire.MAX_PAGE_IDENTITY`), checked on
+every hit by :func:`kvtier.record.verify` like kvtier's token ids; together with the checksum (and
+the MAC when ``auth.secret`` is set) a damaged frame or a key collision is a counted miss, never
+foreign KV. No parent chaining of our own: SGLang's hash already
 commits to the whole prefix, so the parent field is the namespace root. Keys are stable across
 processes and machines (no ``hash()``, no seed), which is what lets a restarted server hit.
 
@@ -59,10 +60,14 @@ import torch
 
 from kvtier.config import KvtierConfig, load_config
 from kvtier.errors import ConfigError, LayoutError
-from kvtier.keys import KEY_BYTES, Chunk, ChunkKey, Namespace
-from kvtier.layout import KVSpec, dtype_name
+from kvtier.frame_auth import FrameKeys
+from kvtier.keys import KEY_BYTES, ChunkKey, Namespace
+from kvtier.layout import KVSpec
+from kvtier.record import ChunkRecord, Kind
 from kvtier.storage.factory import build_tiers
 from kvtier.storage.manager import StorageManager
+from kvtier.tensors import dtype_name
+from kvtier.wire import MAX_PAGE_IDENTITY
 
 if TYPE_CHECKING:
     _Base = object
@@ -118,16 +123,14 @@ class PageKeys:
     def key(self, page_hash: str) -> ChunkKey:
         return blake3.blake3(self.root + self.raw(page_hash)).digest(length=KEY_BYTES)
 
-    def identity(self, page_hash: str) -> np.ndarray:
-        """``page_tokens`` uint32 values standing for the page in the frame's token-id field."""
+    def identity(self, page_hash: str) -> bytes:
+        """The bytes a page is verified by: the raw hash, or a 32-byte BLAKE3 digest of an overlong one."""
         raw = self.raw(page_hash)
-        size = 4 * self.page_tokens
-        data = raw.ljust(size, b"\0") if len(raw) <= size else blake3.blake3(raw).digest(length=size)
-        return np.frombuffer(data, dtype="<u4")
+        return raw if 0 < len(raw) <= MAX_PAGE_IDENTITY else blake3.blake3(raw).digest()
 
-    def chunk(self, page_hash: str) -> tuple[Chunk, np.ndarray]:
-        """The kvtier chunk record of a page and the identity its frame carries."""
-        return Chunk(0, 0, self.page_tokens, self.key(page_hash), self.root), self.identity(page_hash)
+    def record(self, page_hash: str) -> ChunkRecord:
+        """The kvtier record of a page (kind ``PAGE``, parent = the namespace root)."""
+        return ChunkRecord(self.key(page_hash), self.root, self.identity(page_hash), Kind.PAGE, self.page_tokens)
 
 
 class PoolView:
@@ -267,7 +270,8 @@ class KvtierStorage(_Base):
         self.view = view
         self.keys = PageKeys(Namespace(self.model_id, view.spec, "raw", self.config.tenant))
         self.manager = StorageManager(view.spec, build_tiers(self.config, view.spec),
-                                      queue_depth=self.config.store_queue)
+                                      queue_depth=self.config.store_queue,
+                                      auth=FrameKeys.from_config(self.config.auth))
         log.info("kvtier: SGLang pages of %d tokens, %s, namespace %s", view.page_size, view.spec.fingerprint(),
                  self.model_id)
 
@@ -285,7 +289,7 @@ class KvtierStorage(_Base):
         """Tier index of each page in the leading run of ``keys`` that some tier holds."""
         if self.manager is None or self.keys is None or not keys:
             return []
-        return self.manager.locate([self.keys.chunk(h)[0] for h in keys])
+        return self.manager.locate([self.keys.key(h) for h in keys])
 
     @_guarded(lambda *_a: 0)
     def batch_exists(self, keys: list[str], extra_info: Any = None) -> int:
@@ -306,8 +310,7 @@ class KvtierStorage(_Base):
             return out
         staging = self._page_buffer()
         for i, tier in enumerate(self._present(keys)):
-            chunk, identity = self.keys.chunk(keys[i])
-            if not self.manager.load(tier, chunk, identity, staging):
+            if not self.manager.load(tier, self.keys.record(keys[i]), staging):
                 self.counters["read_failures"] += 1
                 break
             copy_page(targets[i], staging)
@@ -351,10 +354,9 @@ class KvtierStorage(_Base):
         for start in range(0, len(keys), self.config.store_queue):  # never overfill the write queue
             for h, src in zip(keys[start : start + self.config.store_queue],
                               sources[start : start + self.config.store_queue]):
-                chunk, identity = self.keys.chunk(h)
                 page = torch.empty(spec.chunk_shape(), dtype=spec.torch_dtype)
                 copy_page(page, src)  # own copy: SGLang may reuse the host slots once this call returns
-                out.append(manager.write_back(chunk, identity, page, _noop))
+                out.append(manager.write_back(self.keys.record(h), page, _noop))
             manager.flush()
         failed = self._write_failures() - before
         self.counters["write_pages"] += sum(out)

@@ -72,7 +72,8 @@ from kvtier.errors import ConfigError, KvtierError, LayoutError
 from kvtier.integrations import vllm_layout, vllm_lookup
 from kvtier.integrations.vllm_cli import CONNECTOR_NAME, KV_ROLES, MODULE_PATH, kv_transfer_config
 from kvtier.integrations.vllm_plan import LoadReq, Planner, SaveReq
-from kvtier.layout import KVSpec, dtype_name
+from kvtier.layout import KVSpec
+from kvtier.tensors import dtype_name
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig

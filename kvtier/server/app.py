@@ -37,6 +37,7 @@ from typing import Any
 
 import msgspec
 
+from kvtier import wire
 from kvtier.config import ServerConfig
 from kvtier.errors import ConfigError, CorruptChunk, KvtierError, ProtocolError
 from kvtier.server import protocol as P
@@ -535,7 +536,7 @@ class CacheServer:
 
     async def _put(self, key: bytes, frame: bytearray) -> Reply:
         try:
-            P.verify_frame(frame, key)
+            wire.check_frame(frame, key)
         except CorruptChunk as exc:
             self.counters["refused_corrupt"] += 1
             return self._error(P.Status.CORRUPT, f"frame for key {key.hex()} refused: {exc}")

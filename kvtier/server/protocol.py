@@ -41,9 +41,8 @@ import enum
 import struct
 
 import msgspec
-import xxhash
 
-from kvtier.errors import CorruptChunk, ProtocolError
+from kvtier.errors import ProtocolError
 
 MAGIC = b"KVS1"
 VERSION = 1
@@ -177,44 +176,3 @@ def join_keys(keys: list[bytes] | tuple[bytes, ...]) -> bytes:
 def error_body(message: str) -> bytes:
     return message.encode("utf-8", "replace")[:MAX_ERROR_BYTES]
 
-
-# ---- chunk frames (kvtier.wire), checked without importing torch -----------------------------------
-# Mirrors kvtier.wire's fixed header; tests assert the two agree.
-WIRE_MAGIC = b"KVT1"
-WIRE_VERSION = 1
-WIRE_HEADER = struct.Struct("<4sHHIQQ")
-WIRE_MAX_META = 1 << 22
-
-
-class _FrameKey(msgspec.Struct):
-    """The only metadata field the server reads (the rest of :class:`kvtier.wire.ChunkMeta` is ignored)."""
-
-    key: bytes
-
-
-_frame_key = msgspec.msgpack.Decoder(_FrameKey)
-
-
-def verify_frame(frame: bytes | bytearray | memoryview, key: bytes) -> None:
-    """Check a wire frame's header, lengths, xxh3-64 checksum and that its metadata names ``key``.
-
-    Raise :class:`CorruptChunk` otherwise. Costs one xxh3 pass over the frame (tens of GB/s).
-    """
-    view = memoryview(frame)
-    if len(view) < WIRE_HEADER.size:
-        raise CorruptChunk(f"frame of {len(view)} bytes is shorter than the {WIRE_HEADER.size}-byte header")
-    magic, version, _flags, meta_len, payload_len, checksum = WIRE_HEADER.unpack_from(view, 0)
-    if magic != WIRE_MAGIC or version != WIRE_VERSION:
-        raise CorruptChunk(f"not a kvtier chunk frame (magic {bytes(magic)!r}, version {version})")
-    if meta_len > WIRE_MAX_META or WIRE_HEADER.size + meta_len + payload_len != len(view):
-        raise CorruptChunk(f"frame is {len(view)} bytes, header says "
-                           f"{WIRE_HEADER.size} + {meta_len} + {payload_len}")
-    body = view[WIRE_HEADER.size :]
-    if xxhash.xxh3_64_intdigest(body) != checksum:
-        raise CorruptChunk("checksum mismatch")
-    try:
-        meta = _frame_key.decode(body[:meta_len])
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise CorruptChunk(f"bad metadata record: {exc}") from exc
-    if meta.key != key:
-        raise CorruptChunk(f"frame holds key {meta.key.hex()}, request names {key.hex()}")

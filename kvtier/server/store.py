@@ -7,7 +7,7 @@ Invariants:
 - With persistence, a PUT is acknowledged only after the disk tier's ``put`` returned (durable when the
   disk tier fsyncs); memory is a cache of the disk, so a memory eviction loses nothing and a restarted
   server serves every key the disk index holds.
-- Frames enter the store only after :func:`kvtier.server.protocol.verify_frame`; frames read back from
+- Frames enter the store only after :func:`kvtier.wire.check_frame`; frames read back from
   disk are verified again before they are served or cached.
 - Memory operations run on the event loop thread (no lock needed); disk operations run in worker threads
   (the disk tier is thread-safe).
@@ -22,8 +22,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, cast
 
 from kvtier.errors import CorruptChunk, KvtierError
-from kvtier.server.protocol import verify_frame
 from kvtier.storage.policy import make_policy
+from kvtier.wire import check_frame
 
 if TYPE_CHECKING:
     from kvtier.storage.base import Tier
@@ -131,7 +131,7 @@ class ChunkStore:
             self.counters["misses"] += 1
             return None
         try:
-            verify_frame(frame, key)
+            check_frame(frame, key)
         except CorruptChunk as exc:
             log.warning("persisted chunk %s is damaged (%s); discarding it", key.hex(), exc)
             self.counters["corrupt_on_disk"] += 1

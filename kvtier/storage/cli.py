@@ -21,6 +21,7 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.table import Table
 
+        from kvtier.record import Kind
         from kvtier.storage.inspect import check_file, scan_dir
 
         console = Console()
@@ -54,7 +55,7 @@ def register(app: typer.Typer) -> None:
             m = file.meta
             table.add_row("key", m.key.hex())
             table.add_row("parent", m.parent.hex())
-            table.add_row("tokens", f"{m.num_tokens} (first ids {m.token_array()[:8].tolist()})")
+            table.add_row("tokens", f"{m.num_tokens} ({Kind(m.kind).name.lower()}, identity {m.identity[:32].hex()})")
             table.add_row("kv spec", m.spec)
             table.add_row("codec", f"{m.codec} {m.codec_params or ''}".strip())
             table.add_row("payload bytes", f"{file.payload_len:,}")

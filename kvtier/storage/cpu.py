@@ -1,7 +1,7 @@
 """CPU tier: an index of verified chunks living in :class:`~kvtier.memory.Arena` slots.
 
 Invariants: every indexed key owns one slot holding exactly its ``num_tokens`` positions; a lookup
-succeeds only if the caller's parent key and token ids equal the stored ones; a referenced or pinned
+succeeds only if the caller's record equals the stored one (:func:`kvtier.record.verify`); a referenced or pinned
 entry is never evicted; when every slot is busy a store is refused and counted, never grown.
 """
 
@@ -19,6 +19,7 @@ import numpy as np
 from kvtier.keys import Chunk, ChunkKey
 from kvtier.layout import KVSpec
 from kvtier.memory import Arena
+from kvtier.record import ChunkRecord, Kind, verify
 from kvtier.storage.policy import make_policy
 
 log = logging.getLogger(__name__)
@@ -32,12 +33,7 @@ Listener = Callable[[str, ChunkKey], None]
 @dataclass
 class Entry:
     slot: int
-    parent: ChunkKey
-    tokens: bytes  # uint32 little-endian token ids of the chunk (bytes compare is one memcmp)
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.tokens) // 4
+    record: ChunkRecord
 
 
 class CpuTier:
@@ -62,29 +58,31 @@ class CpuTier:
                 log.exception("cpu tier listener failed")
 
     # ---- queries -------------------------------------------------------------------------------
-    def _verified(self, chunk: Chunk, tokens: np.ndarray) -> Entry | None:
-        entry = self._index.get(chunk.key)
+    def _verified(self, record: ChunkRecord) -> Entry | None:
+        entry = self._index.get(record.key)
         if entry is None:
             return None
-        if entry.parent != chunk.parent or entry.tokens != tokens[chunk.start : chunk.end].tobytes():
+        if not verify(entry.record, record):
             self.counters["collisions"] += 1
             return None
         return entry
 
-    def contains(self, chunk: Chunk, tokens: np.ndarray) -> bool:
+    def contains(self, record: ChunkRecord) -> bool:
         with self._lock:
-            return self._verified(chunk, tokens) is not None
+            return self._verified(record) is not None
 
     def leading_hits(self, chunks: list[Chunk], tokens: np.ndarray) -> int:
         """How many of ``chunks``, from the first, are present and verified (one lock round)."""
         data = tokens.tobytes()  # one copy; slicing bytes is ~2x cheaper than slicing the array per chunk
+        tokens_kind = Kind.TOKENS
         with self._lock:
             get = self._index.get
-            for count, chunk in enumerate(chunks):
-                entry = get(chunk.key)
+            for count, c in enumerate(chunks):
+                entry = get(c.key)
                 if entry is None:
                     return count
-                if entry.parent != chunk.parent or entry.tokens != data[chunk.start * 4 : chunk.end * 4]:
+                if not verify(entry.record, ChunkRecord(c.key, c.parent, data[c.start * 4 : c.end * 4],
+                                                        tokens_kind, c.end - c.start)):
                     self.counters["collisions"] += 1
                     return count
             return len(chunks)
@@ -97,17 +95,17 @@ class CpuTier:
         return len(self._index) * self.spec.chunk_bytes
 
     # ---- reading -------------------------------------------------------------------------------
-    def acquire(self, chunk: Chunk, tokens: np.ndarray) -> int | None:
-        """Reference the verified slot of ``chunk`` (caller must :meth:`release` it), or ``None``."""
+    def acquire(self, record: ChunkRecord) -> int | None:
+        """Reference the verified slot of ``record`` (caller must :meth:`release` it), or ``None``."""
         with self._lock:
-            entry = self._verified(chunk, tokens)
+            entry = self._verified(record)
             if entry is None:
                 return None
             self.arena.ref(entry.slot)
-            self._policy.touch(chunk.key)
+            self._policy.touch(record.key)
             return entry.slot
 
-    def acquire_key(self, key: ChunkKey) -> tuple[int, Entry] | None:
+    def acquire_key(self, key: ChunkKey) -> tuple[int, ChunkRecord] | None:
         """Reference the slot of ``key`` without token verification (for serving the chunk to a peer,
         which verifies the frame itself); the caller must :meth:`release` the slot."""
         with self._lock:
@@ -115,7 +113,7 @@ class CpuTier:
             if entry is None:
                 return None
             self.arena.ref(entry.slot)
-            return entry.slot, entry
+            return entry.slot, entry.record
 
     def release(self, slot: int) -> None:
         self.arena.unref(slot)
@@ -142,19 +140,19 @@ class CpuTier:
             self.arena.ref(slot)
             return slot
 
-    def commit(self, chunk: Chunk, tokens: np.ndarray, slot: int) -> bool:
-        """Index the filled ``slot`` under ``chunk.key`` and drop the reservation's reference.
+    def commit(self, record: ChunkRecord, slot: int) -> bool:
+        """Index the filled ``slot`` under ``record.key`` and drop the reservation's reference.
 
         Returns False (and frees the slot) if the key is already present.
         """
         with self._lock:
             self.arena.unref(slot)
-            if chunk.key in self._index:
+            if record.key in self._index:
                 self.arena.free(slot)
                 return False
-            self._index[chunk.key] = Entry(slot, chunk.parent, tokens[chunk.start : chunk.end].tobytes())
-            self._policy.insert(chunk.key)
-            self._emit("admit", chunk.key)
+            self._index[record.key] = Entry(slot, record)
+            self._policy.insert(record.key)
+            self._emit("admit", record.key)
             return True
 
     def abort(self, slot: int) -> None:

@@ -94,16 +94,16 @@ def read_head(fd: int) -> tuple[wire.ChunkMeta, int]:
     """Metadata and announced frame length of an open frame file, from its head only (usually one
     read); :class:`CorruptChunk` if the head is unreadable."""
     head = os.pread(fd, HEAD_GUESS, 0)
-    meta_len, payload_len, _checksum = wire.read_header(head)
-    if len(head) < wire.HEADER_BYTES + meta_len:
-        head += os.pread(fd, wire.HEADER_BYTES + meta_len - len(head), len(head))
-    return wire.peek_meta(head), wire.HEADER_BYTES + meta_len + payload_len
+    header = wire.read_header(head)
+    if len(head) < wire.HEADER_BYTES + header.meta_len:
+        head += os.pread(fd, wire.HEADER_BYTES + header.meta_len - len(head), len(head))
+    return wire.peek_meta(head), wire.HEADER_BYTES + header.meta_len + header.payload_len
 
 
 def frame_length(head: Buffer) -> int:
     """Total frame length announced by a frame's fixed header."""
-    meta_len, payload_len, _checksum = wire.read_header(head)
-    return wire.HEADER_BYTES + meta_len + payload_len
+    header = wire.read_header(head)
+    return wire.HEADER_BYTES + header.meta_len + header.payload_len
 
 
 def write_all(fd: int, parts: Sequence[Buffer]) -> int:
@@ -148,7 +148,7 @@ def read_frame_into(fd: int, size: int, payload: memoryview) -> bytes | None:
     ``size`` bytes, its header is unreadable or its payload is not ``len(payload)`` bytes."""
     head = os.pread(fd, HEAD_GUESS, 0)
     try:
-        meta_len, payload_len, _checksum = wire.read_header(head)
+        meta_len, payload_len = wire.read_header(head)[:2]
     except CorruptChunk:
         return None
     head_len = wire.HEADER_BYTES + meta_len

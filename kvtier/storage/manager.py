@@ -1,9 +1,11 @@
 """StorageManager: the serialized tiers below the CPU tier, in order, with health and write-back.
 
 Invariants:
-- A read from a lower tier is returned only after :func:`kvtier.wire.unpack_into` verified it (checksum,
-  key, KV spec) and its parent key and token ids equal the caller's; otherwise it is counted, discarded
-  from that tier and treated as a miss.
+- A read from a lower tier is returned only after :mod:`kvtier.frames` verified it (checksum, MAC when
+  the manager has a keyring, key, KV spec) and its record equals the caller's
+  (:func:`kvtier.record.verify`); otherwise it is counted (``corrupt``, ``mac_failures`` or
+  ``collisions``), discarded from that tier when damaged, and treated as a miss.
+- With a keyring (``auth``) every frame written down carries a MAC under the current key.
 - Writes go down through one bounded queue; when it is full the write is dropped and counted, so the
   engine never waits for a slow tier. Queued writes hold a reference on their CPU slot until done.
 - A tier that raised :class:`TierUnavailable` is skipped (fast miss) until its backoff expires; then it
@@ -23,13 +25,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 
-import numpy as np
 import torch
 
-from kvtier import wire
-from kvtier.errors import CorruptChunk, KvtierError, LayoutError, TierUnavailable
-from kvtier.keys import Chunk
+from kvtier import frames
+from kvtier.errors import CorruptChunk, FrameAuthError, KvtierError, LayoutError, TierUnavailable
+from kvtier.frame_auth import FrameKeys, warn_unauthenticated
+from kvtier.keys import ChunkKey
 from kvtier.layout import KVSpec
+from kvtier.record import ChunkRecord, verify
 from kvtier.storage.base import Tier
 
 log = logging.getLogger(__name__)
@@ -51,8 +54,7 @@ class TierSlot:
 
 @dataclass
 class _Write:
-    chunk: Chunk
-    tokens: np.ndarray
+    record: ChunkRecord
     data: torch.Tensor
     done: Callable[[], None]
 
@@ -66,8 +68,13 @@ class StorageManager:
         queue_depth: int = 64,
         base_backoff_s: float = 0.2,
         max_backoff_s: float = 10.0,
+        auth: FrameKeys | None = None,
     ) -> None:
         self.spec = spec
+        self.auth = auth
+        if auth is None:  # every lower tier can be written by another process (disk dir, server, ...)
+            for tier, _codec in tiers:
+                warn_unauthenticated(tier.name)
         self.slots = [TierSlot(tier, codec) for tier, codec in tiers]
         self.counters: Counter[str] = Counter()
         # ``observer(tier_name, op, seconds, ok)`` after every tier call (metrics); must not raise
@@ -124,12 +131,11 @@ class StorageManager:
         return {s.tier.name: s.failures == 0 for s in self.slots}
 
     # ---- reads -----------------------------------------------------------------------------------
-    def locate(self, chunks: Sequence[Chunk]) -> list[int]:
-        """For the leading run of ``chunks`` present in some tier, the index of the first tier holding
-        each; stops at the first chunk no usable tier has."""
-        if not chunks or not self.slots:
+    def locate(self, keys: Sequence[ChunkKey]) -> list[int]:
+        """For the leading run of ``keys`` present in some tier, the index of the first tier holding
+        each; stops at the first key no usable tier has."""
+        if not keys or not self.slots:
             return []
-        keys = [c.key for c in chunks]
         where: list[int | None] = [None] * len(keys)
         now = time.monotonic()
         for i, slot in enumerate(self.slots):
@@ -150,16 +156,17 @@ class StorageManager:
             out.append(w)
         return out
 
-    def load(self, tier_index: int, chunk: Chunk, tokens: np.ndarray, out: torch.Tensor) -> bool:
-        """Fetch ``chunk`` from one tier and decode it into ``out``; False on miss or damage (``tokens``:
-        the uint32-le ids the caller keyed, from :func:`kvtier.keys.as_token_array`)."""
+    def load(self, tier_index: int, record: ChunkRecord, out: torch.Tensor) -> bool:
+        """Fetch ``record`` from one tier and decode it into ``out``; False on miss, damage, a failed
+        MAC or a record that differs from ``record``."""
         slot = self.slots[tier_index]
         if not slot.usable(time.monotonic()):
             return False
-        dest = wire.payload_view(out) if slot.codec == "raw" else None  # zero-copy read if the tier can
+        key = record.key
+        dest = frames.payload_view(out) if slot.codec == "raw" else None  # zero-copy read if the tier can
         try:
-            head = None if dest is None else self._call(slot, "get", partial(slot.tier.get_into, chunk.key, dest))
-            frame = head if head is not None else self._call(slot, "get", partial(slot.tier.get_view, chunk.key))
+            head = None if dest is None else self._call(slot, "get", partial(slot.tier.get_into, key, dest))
+            frame = head if head is not None else self._call(slot, "get", partial(slot.tier.get_view, key))
         except TierUnavailable:
             slot.counters["misses"] += 1
             return False
@@ -168,36 +175,39 @@ class StorageManager:
             return False
         try:
             if head is not None:
-                meta = wire.unpack_head_into(head, self.spec, out, expect=chunk.key)  # type: ignore[arg-type]
+                meta = frames.unpack_head_into(head, self.spec, out, key, self.auth)  # type: ignore[arg-type]
             else:
-                meta = wire.unpack_into(frame, self.spec, out, expect=chunk.key)  # type: ignore[arg-type]
-            # ``tokens`` is uint32-le (``as_token_array``): one bytes compare, like the CPU tier's
-            if meta.parent != chunk.parent or meta.tokens != tokens[chunk.start : chunk.end].tobytes():
+                meta = frames.unpack_into(frame, self.spec, out, key, self.auth)  # type: ignore[arg-type]
+            if not verify(meta.record(), record):
                 slot.counters["collisions"] += 1
                 return False
+        except FrameAuthError as exc:  # not discarded: the frame may be another tenant's, valid for it
+            slot.counters["mac_failures"] += 1
+            log.warning("chunk %s from tier %s failed authentication: %s", key.hex(), slot.tier.name, exc)
+            return False
         except (CorruptChunk, LayoutError) as exc:
             slot.counters["corrupt"] += 1
-            log.warning("discarding damaged chunk %s from tier %s: %s", chunk.key.hex(), slot.tier.name, exc)
+            log.warning("discarding damaged chunk %s from tier %s: %s", key.hex(), slot.tier.name, exc)
             with contextlib.suppress(KvtierError):
-                slot.tier.discard(chunk.key)
+                slot.tier.discard(key)
             return False
         except KvtierError as exc:  # e.g. unknown codec in the header
             slot.counters["corrupt"] += 1
-            log.warning("cannot decode chunk %s from tier %s: %s", chunk.key.hex(), slot.tier.name, exc)
+            log.warning("cannot decode chunk %s from tier %s: %s", key.hex(), slot.tier.name, exc)
             return False
         slot.counters["hits"] += 1
         slot.counters["bytes_read"] += len(frame) + (dest.nbytes if head is not None and dest else 0)  # type: ignore[arg-type]
         return True
 
     # ---- writes ----------------------------------------------------------------------------------
-    def write_back(self, chunk: Chunk, tokens: np.ndarray, data: torch.Tensor, done: Callable[[], None]) -> bool:
+    def write_back(self, record: ChunkRecord, data: torch.Tensor, done: Callable[[], None]) -> bool:
         """Queue ``data`` (a canonical chunk view) for every tier; ``done()`` runs when it is no longer
         needed, also when the write is dropped. Returns False if dropped."""
         if not self._writable:
             done()
             return False
         try:
-            self._queue.put_nowait(_Write(chunk, tokens, data, done))
+            self._queue.put_nowait(_Write(record, data, done))
             return True
         except queue.Full:
             self.counters["writes_dropped_queue_full"] += 1
@@ -217,7 +227,7 @@ class StorageManager:
                 self._queue.task_done()
 
     def _write(self, item: _Write) -> None:
-        frames: dict[str, tuple[bytes, bytes | memoryview]] = {}
+        encoded: dict[str, tuple[bytes, bytes | memoryview]] = {}
         now = time.monotonic()
         for slot in self.slots:
             if getattr(slot.tier, "read_only", False):
@@ -226,11 +236,11 @@ class StorageManager:
                 slot.counters["writes_skipped_unhealthy"] += 1
                 continue
             try:
-                frame = frames.get(slot.codec)
+                frame = encoded.get(slot.codec)
                 if frame is None:  # (head, payload): tiers write them without joining (put_parts)
-                    frame = wire.pack_parts(item.chunk, item.tokens, item.data, self.spec, slot.codec)
-                    frames[slot.codec] = frame
-                self._call(slot, "put", partial(slot.tier.put_parts, item.chunk.key, frame))
+                    frame = frames.pack_parts(item.record, item.data, self.spec, slot.codec, self.auth)
+                    encoded[slot.codec] = frame
+                self._call(slot, "put", partial(slot.tier.put_parts, item.record.key, frame))
                 slot.counters["writes"] += 1
                 slot.counters["bytes_written"] += sum(memoryview(p).nbytes for p in frame)
             except TierUnavailable:
@@ -249,11 +259,11 @@ class StorageManager:
         return True
 
     # ---- management ------------------------------------------------------------------------------
-    def delete(self, chunk: Chunk) -> int:
+    def delete(self, key: ChunkKey) -> int:
         removed = 0
         for slot in self.slots:
             with contextlib.suppress(TierUnavailable):
-                removed += bool(self._call(slot, "delete", partial(slot.tier.delete, chunk.key)))
+                removed += bool(self._call(slot, "delete", partial(slot.tier.delete, key)))
         return removed
 
     def clear(self) -> int:

@@ -7,9 +7,10 @@ import pytest
 import torch
 from codec_support import ALL, LOSSY, assert_within_bound, kv_like, spec_for
 
-from kvtier import wire
 from kvtier.errors import CorruptChunk, LayoutError
+from kvtier.frames import pack, unpack_into
 from kvtier.keys import Chunker, Namespace
+from kvtier.record import token_record
 
 REGISTERED = ["raw", "zstd", "lz4", "int8", "fp8", "kivi", "cachegen", "cachegen-ans"]
 
@@ -18,7 +19,7 @@ def frame_for(codec: str, tokens: int = 32) -> tuple[bytes, torch.Tensor, object
     spec = spec_for("bfloat16", chunk=32)
     arr, chunks = Chunker(Namespace("m", spec, codec)).chunks(np.arange(100, 100 + tokens))
     kv = kv_like(spec, tokens, seed=11)
-    return wire.pack(chunks[0], arr, kv, spec, codec=codec), kv, chunks[0]
+    return pack(token_record(chunks[0], arr), kv, spec, codec=codec), kv, chunks[0]
 
 
 @pytest.mark.parametrize("codec", REGISTERED)
@@ -26,7 +27,7 @@ def test_wire_round_trip(codec: str) -> None:
     frame, kv, chunk = frame_for(codec)
     spec = spec_for("bfloat16", chunk=32)
     out = torch.zeros_like(kv)
-    meta = wire.unpack_into(frame, spec, out, expect=chunk.key)  # type: ignore[attr-defined]
+    meta = unpack_into(frame, spec, out, expect=chunk.key)  # type: ignore[attr-defined]
     assert meta.codec == codec and meta.codec_params.get("T", 32) == 32
     if ALL[codec].lossless:
         assert torch.equal(out, kv)
@@ -45,9 +46,9 @@ def test_wire_damage_is_a_corrupt_chunk(codec: str) -> None:
         bad = bytearray(frame)
         bad[pos] ^= 0x10
         with pytest.raises(CorruptChunk):
-            wire.unpack_into(bytes(bad), spec, torch.zeros_like(kv))
+            unpack_into(bytes(bad), spec, torch.zeros_like(kv))
     with pytest.raises(CorruptChunk):
-        wire.unpack_into(frame[:-1], spec, torch.zeros_like(kv))
+        unpack_into(frame[:-1], spec, torch.zeros_like(kv))
 
 
 @pytest.mark.parametrize("codec", REGISTERED)
@@ -55,11 +56,11 @@ def test_wire_other_spec_is_a_layout_error(codec: str) -> None:
     frame, _kv, _chunk = frame_for(codec)
     other = spec_for("float16", chunk=32)
     with pytest.raises(LayoutError):
-        wire.unpack_into(frame, other, torch.zeros(other.chunk_shape(32), dtype=torch.float16))
+        unpack_into(frame, other, torch.zeros(other.chunk_shape(32), dtype=torch.float16))
 
 
 def test_wire_partial_chunk_with_cachegen() -> None:
     frame, kv, _chunk = frame_for("cachegen", tokens=9)
     out = torch.zeros_like(kv)
-    wire.unpack_into(frame, spec_for("bfloat16", chunk=32), out)
+    unpack_into(frame, spec_for("bfloat16", chunk=32), out)
     assert_within_bound(LOSSY["cachegen"], kv, out)

@@ -22,6 +22,7 @@ from kvtier.errors import ConfigError, LayoutError
 from kvtier.integrations.sglang import KvtierStorage, PageKeys, PoolView, copy_page, namespace_model
 from kvtier.keys import Namespace
 from kvtier.layout import KVSpec
+from kvtier.record import Kind
 
 PAGE, LAYERS, HEADS, DIM = 16, 3, 2, 8
 
@@ -85,15 +86,14 @@ def test_ranks_are_part_of_the_model_name() -> None:
     assert namespace_model("m", pp_rank=1, pp_size=2) != namespace_model("m", pp_rank=0, pp_size=2)
 
 
-def test_identity_holds_the_page_hash() -> None:
+def test_a_page_record_holds_the_page_hash_not_token_ids() -> None:
     keys = PageKeys(Namespace("sglang-page/m", SPEC))
-    identity = keys.identity(HASHES[3])
-    assert identity.shape == (PAGE,)
-    assert identity.tobytes()[:32] == bytes.fromhex(HASHES[3]) and not any(identity.tobytes()[32:])
-    small = PageKeys(Namespace("sglang-page/m", KVSpec(LAYERS, HEADS, DIM, "bfloat16", 4)))
-    assert small.identity(HASHES[3]).shape == (4,)  # 16 bytes: a digest of the hash
-    assert small.identity(HASHES[3]).tobytes() != small.identity(HASHES[4]).tobytes()
-    assert keys.identity("not-hex-key").tobytes().startswith(b"not-hex-key")
+    record = keys.record(HASHES[3])
+    assert record.kind == Kind.PAGE and record.identity == bytes.fromhex(HASHES[3])
+    assert record.num_tokens == PAGE and record.parent == keys.root and record.key == keys.key(HASHES[3])
+    assert keys.identity("not-hex-key") == b"not-hex-key"
+    assert len(keys.identity("x" * 5000)) == 32  # an overlong key is verified by its digest
+    assert keys.identity("x" * 5000) != keys.identity("x" * 5001)
 
 
 # ---- pool layout --------------------------------------------------------------------------------

@@ -17,9 +17,10 @@ import numpy as np
 import psutil
 import torch
 
-from kvtier import wire
+from kvtier.frames import pack
 from kvtier.keys import Chunker, Namespace
 from kvtier.layout import KVSpec
+from kvtier.record import token_record
 from kvtier.server import protocol as P
 
 SPEC = KVSpec(num_layers=4, num_kv_heads=2, head_dim=8, dtype="float32", chunk_tokens=16)
@@ -131,7 +132,7 @@ def make_frames(n: int, spec: KVSpec = SPEC, seed: int = 0, model: str = "test")
     out = []
     for c in chunks:
         kv = torch.randn(spec.chunk_shape(c.num_tokens), generator=gen).to(spec.torch_dtype)
-        out.append((c.key, wire.pack(c, tokens, kv, spec)))
+        out.append((c.key, pack(token_record(c, tokens), kv, spec)))
     return out
 
 

@@ -15,24 +15,20 @@ from kvtier.server.client import CircuitBreaker, RemoteTier
 from kvtier.server.store import ENTRY_OVERHEAD, MemoryStore
 
 
-def test_frame_constants_mirror_wire_format() -> None:
-    assert P.WIRE_MAGIC == wire.MAGIC
-    assert P.WIRE_VERSION == wire.VERSION
-    assert P.WIRE_HEADER.format == wire.HEADER.format
-    assert P.WIRE_MAX_META == wire.MAX_META_BYTES
+def test_protocol_keys_are_chunk_keys() -> None:
     assert P.KEY_BYTES == keys.KEY_BYTES
 
 
-def test_verify_frame_accepts_real_frames_and_rejects_damage() -> None:
+def test_check_frame_accepts_real_frames_and_rejects_damage() -> None:
     (key, frame), (other, _f) = make_frames(2)
-    P.verify_frame(frame, key)
-    P.verify_frame(memoryview(frame), key)
+    wire.check_frame(frame, key)
+    wire.check_frame(memoryview(frame), key)
     flipped = bytearray(frame)
     flipped[len(frame) // 2] ^= 0x40
     for bad, k in ((bytes(flipped), key), (frame[:-1], key), (frame + b"x", key), (frame, other),
-                   (b"", key), (b"KVT1" + bytes(40), key)):
+                   (b"", key), (b"KVT1" + bytes(80), key)):
         with pytest.raises(CorruptChunk):
-            P.verify_frame(bad, k)
+            wire.check_frame(bad, k)
 
 
 def test_header_validation() -> None:

@@ -20,8 +20,10 @@ import torch
 
 from kvtier import wire
 from kvtier.errors import CorruptChunk, TierUnavailable
+from kvtier.frames import pack, payload_view, unpack_head_into, unpack_into
 from kvtier.keys import Chunk, Chunker, Namespace
 from kvtier.layout import KVSpec
+from kvtier.record import token_record
 from kvtier.storage.disk import QUARANTINE, DiskTier, chunk_path
 
 SPEC = KVSpec(num_layers=2, num_kv_heads=2, head_dim=8, dtype="float32", chunk_tokens=16)
@@ -34,19 +36,19 @@ def frames(n: int, spec: KVSpec = SPEC, seed: int = 0) -> list[tuple[Chunk, byte
     out = []
     for c in chunks:
         kv = torch.randn(spec.chunk_shape(c.num_tokens), generator=g)
-        out.append((c, wire.pack(c, arr, kv, spec), kv))
+        out.append((c, pack(token_record(c, arr), kv, spec), kv))
     return out
 
 
 def view_of(t: torch.Tensor) -> memoryview:
-    view = wire.payload_view(t)
+    view = payload_view(t)
     assert view is not None
     return view
 
 
 def decode(frame: bytes, chunk: Chunk, spec: KVSpec = SPEC) -> torch.Tensor:
     out = torch.empty(spec.chunk_shape(chunk.num_tokens), dtype=spec.torch_dtype)
-    wire.unpack_into(frame, spec, out, expect=chunk.key)
+    unpack_into(frame, spec, out, expect=chunk.key)
     return out
 
 
@@ -107,7 +109,7 @@ def test_get_view_and_zero_copy_get_into_are_exact(tier: DiskTier) -> None:
         out = torch.empty_like(kv)
         head = tier.get_into(c.key, view_of(out))  # payload lands straight in ``out``
         assert head is not None and bytes(head) == f[: len(head)]
-        wire.unpack_head_into(head, SPEC, out, expect=c.key)
+        unpack_head_into(head, SPEC, out, expect=c.key)
         assert torch.equal(out, kv)
     assert tier.stats()["gets_zero_copy"] == 6
     c, f, kv = items[0]
@@ -119,7 +121,7 @@ def test_get_view_and_zero_copy_get_into_are_exact(tier: DiskTier) -> None:
     assert head is not None
     out.view(-1)[3] += 1  # damage in the payload is caught by the checksum over it
     with pytest.raises(CorruptChunk, match="checksum"):
-        wire.unpack_head_into(head, SPEC, out, expect=c.key)
+        unpack_head_into(head, SPEC, out, expect=c.key)
 
 
 def test_second_owner_of_a_directory_is_refused(tmp_path: Path) -> None:
@@ -235,7 +237,8 @@ def test_concurrent_threads_respect_cap_and_never_see_partial_frames(tmp_path: P
 WRITER = textwrap.dedent(
     """
     import sys, numpy as np, torch
-    from kvtier import wire
+    from kvtier.frames import pack, payload_view, unpack_head_into, unpack_into
+    from kvtier.record import token_record
     from kvtier.keys import Chunker, Namespace
     from kvtier.layout import KVSpec
     from kvtier.storage.disk import DiskTier
@@ -245,7 +248,7 @@ WRITER = textwrap.dedent(
     kv = torch.randn(spec.chunk_shape())
     for c in chunks:
         kv[0, 0, 0, 0, 0] = c.start
-        frame = wire.pack(c, arr, kv, spec)
+        frame = pack(token_record(c, arr), kv, spec)
         print("start", c.key.hex(), flush=True)
         tier.put(c.key, frame)
         print("done", c.key.hex(), flush=True)

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from kvtier import wire
+from kvtier.frames import pack
 from kvtier.keys import Chunk, Chunker, Namespace
 from kvtier.layout import KVSpec
+from kvtier.record import token_record
 from kvtier.storage.disk import QUARANTINE, chunk_path
 from kvtier.storage.fs import FsTier
 
@@ -25,7 +26,7 @@ SPEC = KVSpec(num_layers=2, num_kv_heads=2, head_dim=8, dtype="float32", chunk_t
 
 def frames(n: int, seed: int = 0) -> list[tuple[Chunk, bytes]]:
     arr, chunks = Chunker(Namespace("fs", SPEC)).chunks(np.arange(n * 16) + seed)
-    return [(c, wire.pack(c, arr, torch.randn(SPEC.chunk_shape()), SPEC)) for c in chunks]
+    return [(c, pack(token_record(c, arr), torch.randn(SPEC.chunk_shape()), SPEC)) for c in chunks]
 
 
 def test_round_trip_delete_clear(tmp_path: Path) -> None:
@@ -75,7 +76,8 @@ def test_only_old_temp_files_are_removed_at_start(tmp_path: Path) -> None:
 WORKER = textwrap.dedent(
     """
     import json, sys, time, numpy as np, torch
-    from kvtier import wire
+    from kvtier.frames import pack, unpack_into
+    from kvtier.record import token_record
     from kvtier.errors import CorruptChunk
     from kvtier.keys import Chunker, Namespace
     from kvtier.layout import KVSpec
@@ -89,7 +91,7 @@ WORKER = textwrap.dedent(
     fill = 1.0 if role == "a" else 2.0  # both write the same keys with different contents
     kv = torch.full(spec.chunk_shape(), fill)
     for c in own:
-        tier.put(c.key, wire.pack(c, own_arr, kv, spec))
+        tier.put(c.key, pack(token_record(c, own_arr), kv, spec))
     print("ready", flush=True)
     sys.stdin.readline()  # start together
     stats = dict(puts=0, reads=0, misses=0, torn=0, seen_a=0, seen_b=0, deletes=0)
@@ -99,7 +101,7 @@ WORKER = textwrap.dedent(
     while i < steps and time.monotonic() < deadline:
         c = shared[i % len(shared)]
         if i % 3 == 0:
-            tier.put(c.key, wire.pack(c, shared_arr, kv, spec)); stats["puts"] += 1
+            tier.put(c.key, pack(token_record(c, shared_arr), kv, spec)); stats["puts"] += 1
         elif i % 11 == 0 and role == "b":
             stats["deletes"] += tier.delete(c.key)
         else:
@@ -109,7 +111,7 @@ WORKER = textwrap.dedent(
                 stats["misses"] += 1
             else:
                 try:
-                    wire.unpack_into(frame, spec, out, expect=c.key)
+                    unpack_into(frame, spec, out, expect=c.key)
                     value = out.flatten()[0].item()
                     stats["torn"] += not bool((out == value).all())
                     stats["seen_a" if value == 1.0 else "seen_b"] += 1
@@ -123,7 +125,7 @@ WORKER = textwrap.dedent(
     for c in o_chunks:
         frame = tier.get(c.key)
         if frame is not None:
-            wire.unpack_into(frame, spec, out, expect=c.key)
+            unpack_into(frame, spec, out, expect=c.key)
             stats["other_found"] += bool((out == (1.0 if other == "a" else 2.0)).all())
     print(json.dumps(stats), flush=True)
     """
