@@ -115,13 +115,14 @@ def run(tier: str = "server", tokens: int = 8192, repeat: int = 5, out_dir: str 
     import numpy as np
     import torch
 
-    from kvtier import wire
+    from kvtier import frames as wire_frames
     from kvtier.bench.common import Timing, bar_plot, write_results
     from kvtier.config import load_config
     from kvtier.engine import CacheEngine
     from kvtier.errors import ConfigError
     from kvtier.keys import Chunker, Namespace
     from kvtier.layout import KVSpec
+    from kvtier.record import token_record
 
     if tier not in TIERS:
         raise ConfigError(f"kvtier bench tiers: --tier {tier!r}, expected one of {', '.join(TIERS)}")
@@ -135,7 +136,7 @@ def run(tier: str = "server", tokens: int = 8192, repeat: int = 5, out_dir: str 
     kv = torch.randn(spec.chunk_shape(tokens), generator=torch.Generator().manual_seed(0)).to(spec.torch_dtype)
     into = torch.empty_like(kv)
     arr, chunks = Chunker(Namespace(model, spec, tenant=cfg.tenant)).chunks(ids)
-    frames = [wire.pack(c, arr, kv[:, :, c.start : c.end].contiguous(), spec) for c in chunks]
+    frames = [wire_frames.pack(token_record(c, arr), kv[:, :, c.start : c.end].contiguous(), spec) for c in chunks]
     nbytes = sum(len(f) for f in frames)
     times: dict[str, list[float]] = {k: [] for k in ("ceiling_read", "engine_retrieve", "ceiling_write",
                                                      "engine_store")}
