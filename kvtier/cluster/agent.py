@@ -484,7 +484,7 @@ class Agent:
                 "full": outcome["full"], "keys": held}
 
     @staticmethod
-    def _proven_record(frame: bytes, key: ChunkKey, auth: FrameKeys | None) -> ChunkRecord | None:
+    def _proven_record(frame: bytes | memoryview, key: ChunkKey, auth: FrameKeys | None) -> ChunkRecord | None:
         """The record of a token-chunk frame whose key is ``H(parent || tokens)`` = ``key``, else None."""
         try:
             meta, _payload = wire.unpack_meta(frame, auth)
