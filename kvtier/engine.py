@@ -215,7 +215,7 @@ class CacheEngine:
                         break
                     if into is not None:
                         chunk = chunks[lower[done]]
-                        copy_out(loads[done].out, into, chunk.start, chunk.end)
+                        copy_out(loads[done].out, into, chunk.start, chunk.end, one_thread=True)
                     done += 1
             finally:
                 reads.close()  # no read may still target a slot the admission gives back
