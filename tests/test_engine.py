@@ -291,3 +291,14 @@ def test_admit_frame_outcomes() -> None:
     out = torch.zeros_like(kv)
     assert e.retrieve(tokens[:16], out[:, :, :16]) == 16 and torch.equal(out[:, :, :16], kv[:, :, :16])
     assert e.cpu.arena.free_slots == 1
+
+
+def test_colliding_key_with_other_tokens_is_a_counted_miss() -> None:
+    e = make(slots=8)
+    tokens = list(range(64))
+    recs = records_for(e, tokens)
+    forged = recs[2]._replace(identity=bytes(reversed(recs[2].identity)))  # same key, other tokens
+    assert len(e.cpu.admit([*recs[:2], forged, recs[3]], lambda slots: len(slots))) == 4
+    assert e.lookup(tokens) == 32  # chunks 0-1 verified; chunk 2 is a collision, not a hit
+    assert e.cpu.counters["collisions"] == 1
+    assert e.retrieve(tokens, torch.zeros_like(kv_for(64))) == 32
