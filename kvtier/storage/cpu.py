@@ -172,6 +172,7 @@ class CpuTier:
                 if slot is None:
                     break
                 slots.append(slot)
+        slots.sort()  # ascending: consecutive slots let a store or retrieve copy a run of chunks at once
         return Admission(self, list(records[: len(slots)]), slots)
 
     def admit(self, records: Sequence[ChunkRecord], fill: Callable[[list[int]], int], *,
