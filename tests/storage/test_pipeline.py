@@ -26,19 +26,20 @@ TOKENS = list(range(1000, 1000 + N_CHUNKS * 16))
 
 
 class RecordingDisk(DiskTier):
-    """A real disk tier that records the batches it is given and can fail its n-th batched read."""
+    """A real disk tier that records the batches it is given and can fail the batched read that asks
+    for ``fail_key`` (batches are read on two threads, so "the n-th call" would not be one batch)."""
 
-    def __init__(self, *args: object, fail_read: int | None = None, **kwargs: object) -> None:
+    def __init__(self, *args: object, fail_key: ChunkKey | None = None, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.read_batches: list[int] = []
         self.write_batches: list[int] = []
-        self.fail_read = fail_read
+        self.fail_key = fail_key
 
     def get_many_into(
         self, keys: Sequence[ChunkKey], payloads: Sequence[memoryview]
     ) -> list[bytes | memoryview | None]:
         self.read_batches.append(len(keys))
-        if self.fail_read is not None and len(self.read_batches) == self.fail_read:
+        if self.fail_key in keys:
             raise TierUnavailable("injected: disk gone mid-retrieve")
         return super().get_many_into(keys, payloads)
 
@@ -119,15 +120,16 @@ def test_damaged_chunk_mid_batch_ends_the_prefix(disk: RecordingDisk) -> None:
 
 
 def test_tier_failure_mid_retrieve_is_a_counted_prefix_miss(tmp_path: Path) -> None:
-    tier = RecordingDisk(tmp_path / "disk", 1 << 30, fsync=False, fail_read=3)
+    tier = RecordingDisk(tmp_path / "disk", 1 << 30, fsync=False)
     engine = make(tier)
+    tier.fail_key = engine.chunker.chunks(TOKENS)[1][4].key  # the third batch: chunks 4 and 5
     kv = stored(engine, tier)
     before = free_slots(engine)
     into = torch.full_like(kv, float("nan"))
     assert engine.retrieve(TOKENS, into) == 4 * 16  # batches 1 and 2 arrived, batch 3 failed
     assert torch.equal(into[:, :, : 4 * 16], kv[:, :, : 4 * 16]) and torch.isnan(into[:, :, 4 * 16 :]).all()
     stats = engine.stats()
-    assert stats["disk"]["errors"] == 1 and stats["disk"]["misses"] == 1 and stats["disk"]["healthy"] == 0
+    assert stats["disk"]["errors"] == 1 and stats["disk"]["misses"] == 1  # (a batch read alongside may succeed)
     assert free_slots(engine) == before - 4
     engine.close()
     tier.close()
