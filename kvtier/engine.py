@@ -7,7 +7,13 @@ Semantics (all methods are thread-safe):
   and returns once the copy is done; writes to lower tiers continue in the background through a
   bounded queue. Returns the length of the cached prefix after the call (a refused chunk stops it).
 - ``retrieve(tokens, into)`` writes the longest cached prefix into ``into`` and returns its length;
-  exactly positions ``[0, hit)`` were written, nothing else. Lower-tier hits are promoted to CPU.
+  exactly positions ``[0, hit)`` were written, nothing else. Lower-tier hits are promoted to CPU: they
+  are read in batches ahead of the chunk being verified and copied out (``StorageManager.load_many``),
+  straight into the CPU slots they are admitted to; the first chunk that misses or fails verification
+  ends the hit.
+- Every chunk enters the CPU tier through one admission path (:meth:`CpuTier.admit`): store, the
+  layer-wise store, promotion and chunks fetched by the cluster agent (:meth:`admit_frame`).
+- The KV spec's ``chunk_tokens`` must equal the config's (a :class:`ConfigError` otherwise).
 - ``prefetch(tokens)`` promotes lower-tier chunks to CPU in the background.
 - ``layerwise_store`` / ``layerwise_retrieve`` do the same one layer at a time so an engine can overlap
   transfers with compute.
