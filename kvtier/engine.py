@@ -48,6 +48,8 @@ from kvtier.tensors import KVLike, check_kv, copy_in, copy_in_run, copy_out, cop
 
 log = logging.getLogger(__name__)
 
+STORE_GROUP_BYTES = 32 << 20  # store admits (and queues for write-back) this many bytes of chunks at a time
+
 
 class CacheEngine:
     """KV cache of one model (one :class:`KVSpec`) over a CPU tier and optional lower tiers."""
@@ -124,19 +126,35 @@ class CacheEngine:
             return 0
         check_kv(self.spec, kv, chunks[-1].end)
         todo = [c for c in chunks if c.end > skip_tokens and not self.cpu.contains(token_record(c, arr))]
+        group = max(1, STORE_GROUP_BYTES // self.spec.chunk_bytes)
+        stored = done = 0
+        held: list[int] = []  # this store's slots stay referenced to the end: a later group must not evict them
+        try:
+            while done < len(todo):  # group by group: write-back of one overlaps the copy of the next
+                part = todo[done : done + group]
 
-        def fill(slots: list[int]) -> int:
-            self._move(list(zip(todo, slots)), kv, into_arena=True)
-            return len(slots)
+                def fill(slots: list[int], part: list[Chunk] = part) -> int:
+                    self._move(list(zip(part, slots)), kv, into_arena=True)
+                    return len(slots)
 
-        admitted = self.cpu.admit([token_record(c, arr) for c in todo], fill, keep=True)
-        stored = 0
-        for chunk, slot in zip(todo, admitted):
-            if slot is not None:  # newly indexed (not stored meanwhile by another thread)
-                stored += chunk.num_tokens
-                self._write_back(token_record(chunk, arr), slot)
+                records = [token_record(c, arr) for c in part]
+                admitted = self.cpu.admit(records, fill, keep=True)
+                for record, slot in zip(records, admitted):
+                    if slot is None:  # stored meanwhile by another thread
+                        continue
+                    held.append(slot)
+                    stored += record.num_tokens
+                    ref = self.cpu.acquire(record)  # the write-back's own reference
+                    if ref is not None:
+                        self._write_back(record, ref)
+                done += len(admitted)
+                if len(admitted) < len(part):
+                    break
+        finally:
+            for slot in held:
+                self.cpu.release(slot)
         # the cached prefix ends before the first chunk no slot was free for
-        cached = todo[len(admitted)].start if len(admitted) < len(todo) else chunks[-1].end
+        cached = todo[done].start if done < len(todo) else chunks[-1].end
         self._count(stores=1, stored_tokens=stored, store_refused_tokens=len(arr) - cached)
         self._observe("store", start)
         return cached

@@ -302,3 +302,12 @@ def test_colliding_key_with_other_tokens_is_a_counted_miss() -> None:
     assert e.lookup(tokens) == 32  # chunks 0-1 verified; chunk 2 is a collision, not a hit
     assert e.cpu.counters["collisions"] == 1
     assert e.retrieve(tokens, torch.zeros_like(kv_for(64))) == 32
+
+
+def test_store_in_groups_never_evicts_its_own_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("kvtier.engine.STORE_GROUP_BYTES", 3 * SPEC.chunk_bytes)
+    e = make(slots=5)  # no lower tier: nothing else holds the first group's slots
+    tokens = list(range(12 * 16))
+    assert e.store(tokens, kv_for(12 * 16)) == 5 * 16
+    assert e.lookup(tokens) == 5 * 16 and len(e.cpu) == 5
+    assert e.cpu.arena.free_slots == 0 and not any(e.cpu.arena.busy(s) for s in range(5))

@@ -172,3 +172,14 @@ def test_flush_returns_when_written_and_times_out_otherwise(disk: RecordingDisk)
     assert engine.store(TOKENS, kv_for(len(TOKENS))) == len(TOKENS)
     assert engine.storage.flush(10) and len(disk) == N_CHUNKS
     engine.close()
+
+
+def test_store_admits_group_by_group(disk: RecordingDisk, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("kvtier.engine.STORE_GROUP_BYTES", 3 * SPEC.chunk_bytes)
+    engine = make(disk, slots=5)
+    kv = kv_for(len(TOKENS))
+    assert engine.store(TOKENS, kv) == 5 * 16  # groups of 3: the second one found room for 2 only
+    assert engine.storage.flush(10) and len(disk) == 5 and len(engine.cpu) == 5
+    into = torch.full_like(kv, float("nan"))
+    assert engine.retrieve(TOKENS, into) == 5 * 16 and torch.equal(into[:, :, : 5 * 16], kv[:, :, : 5 * 16])
+    engine.close()
