@@ -212,12 +212,20 @@ class StorageManager:
         False once and stops. Close the iterator (or exhaust it) before reusing any ``out``."""
         batches = self._batches(loads)
         pending: deque[tuple[list[Load], Future[list[_Fetched]]]] = deque()
-        assert self._reader is not None or not loads, "load_many without tiers"
+        reader = self._reader
 
         def submit() -> None:
-            if batches and self._reader is not None:
-                batch = batches.popleft()
-                pending.append((batch, self._reader.submit(self._fetch, batch)))
+            if not batches:
+                return
+            batch = batches.popleft()
+            try:
+                if reader is None:
+                    raise RuntimeError("storage manager closed")
+                future = reader.submit(self._fetch, batch)
+            except RuntimeError:  # closed meanwhile: the batch is a miss
+                future = Future()
+                future.set_result([(None, False)] * len(batch))
+            pending.append((batch, future))
 
         try:
             for _ in range(self.read_ahead):

@@ -183,3 +183,12 @@ def test_store_admits_group_by_group(disk: RecordingDisk, monkeypatch: pytest.Mo
     into = torch.full_like(kv, float("nan"))
     assert engine.retrieve(TOKENS, into) == 5 * 16 and torch.equal(into[:, :, : 5 * 16], kv[:, :, : 5 * 16])
     engine.close()
+
+
+def test_retrieve_after_close_is_a_miss_not_a_crash(disk: RecordingDisk) -> None:
+    engine = make(disk)
+    kv = stored(engine, disk)
+    engine.storage._reader.shutdown(wait=True)  # type: ignore[union-attr]  # as close() does, mid-serving
+    assert engine.retrieve(TOKENS, torch.zeros_like(kv)) == 0
+    assert engine.stats()["disk"]["misses"] == 1
+    engine.close()
