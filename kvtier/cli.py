@@ -41,6 +41,8 @@ BENCH_MODULES = (
     "kvtier.bench.tiers",
     "kvtier.bench.codecs",
     "kvtier.bench.blend",
+    "kvtier.bench.auth",
+    "kvtier.bench.startup",
 )
 
 
