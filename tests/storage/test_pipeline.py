@@ -192,3 +192,34 @@ def test_retrieve_after_close_is_a_miss_not_a_crash(disk: RecordingDisk) -> None
     assert engine.retrieve(TOKENS, torch.zeros_like(kv)) == 0
     assert engine.stats()["disk"]["misses"] == 1
     engine.close()
+
+
+@pytest.mark.parametrize("spare", [3 * N_CHUNKS + 4, 4])
+def test_concurrent_retrieves_promote_once_and_leak_nothing(disk: RecordingDisk, spare: int) -> None:
+    """Four threads retrieve the same prompt from disk at once. With room for all their reservations
+    each gets the whole prompt; with 4 spare slots they compete, and each still gets an exact prefix."""
+    import threading
+
+    engine = make(disk, slots=N_CHUNKS + spare)
+    kv = stored(engine, disk)
+    outs = [torch.full_like(kv, float("nan")) for _ in range(4)]
+    hits: list[int] = []
+
+    def worker(out: torch.Tensor) -> None:
+        hits.append(engine.retrieve(TOKENS, out))
+
+    threads = [threading.Thread(target=worker, args=(out,)) for out in outs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(hits) == 4
+    if spare > 4:
+        assert hits == [len(TOKENS)] * 4
+    for out in outs:  # every hit is an exact prefix and nothing past it was written
+        hit = int((~torch.isnan(out[0, 0, :, 0, 0])).sum())
+        assert hit in hits and torch.equal(out[:, :, :hit], kv[:, :, :hit]) and torch.isnan(out[:, :, hit:]).all()
+    assert len(engine.cpu) <= N_CHUNKS  # each chunk indexed at most once; duplicate promotions gave slots back
+    assert engine.cpu.arena.free_slots == N_CHUNKS + spare - len(engine.cpu)
+    assert not any(engine.cpu.arena.busy(s) for s in range(N_CHUNKS + spare))
+    engine.close()
