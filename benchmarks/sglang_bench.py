@@ -32,9 +32,8 @@ import torch
 from kvtier.bench.common import Timing, bar_plot, free_port, time_runs, write_results
 from kvtier.config import load_config
 from kvtier.frames import pack_parts, unpack_into
-from kvtier.keys import Chunk
 from kvtier.layout import KVSpec
-from kvtier.record import token_record
+from kvtier.record import ChunkRecord, Kind
 from kvtier.storage.base import Tier
 from kvtier.storage.factory import build_tiers
 
@@ -55,20 +54,20 @@ def _tier_round(pages: torch.Tensor, pages_per_object: int, path: Path, fsync: b
     spec = KVSpec(pages.shape[1], pages.shape[4], pages.shape[5], "bfloat16", PAGE * pages_per_object)
     objects = [torch.cat(list(pages[i : i + pages_per_object]), dim=2).contiguous()
                for i in range(0, n, pages_per_object)]
-    chunks = [Chunk(0, 0, spec.chunk_tokens, i.to_bytes(16, "little"), bytes(16)) for i in range(len(objects))]
-    tokens = torch.zeros(spec.chunk_tokens, dtype=torch.int32).numpy().astype("<u4")
+    records = [ChunkRecord(i.to_bytes(16, "little"), bytes(16), i.to_bytes(32, "little"), Kind.PAGE, spec.chunk_tokens)
+               for i in range(len(objects))]  # page objects, as the adapter stores them
     tier = _disk(path, fsync, spec)
     out = torch.empty(spec.chunk_shape(), dtype=spec.torch_dtype)
 
     def write() -> None:
-        for chunk, kv in zip(chunks, objects):
-            tier.put_parts(chunk.key, pack_parts(token_record(chunk, tokens), kv, spec))
+        for record, kv in zip(records, objects):
+            tier.put_parts(record.key, pack_parts(record, kv, spec))
 
     def read() -> None:
-        for chunk in chunks:
-            frame = tier.get(chunk.key)
+        for record in records:
+            frame = tier.get(record.key)
             assert frame is not None
-            unpack_into(frame, spec, out, expect=chunk.key)
+            unpack_into(frame, spec, out, expect=record.key)
 
     w = time_runs(write, repeat=repeat, warmup=1, setup=tier.clear)
     r = time_runs(read, repeat=repeat, warmup=1)

@@ -87,6 +87,9 @@ class RemoteConfig(_Section):
     breaker_cooldown_s: float = Field(
         0.1, gt=0, description="Fast-fail time after the server failed; doubles per failure up to 2 s."
     )
+    max_reply_bytes: ByteSize = Field(
+        512 * MiB, description="Largest reply body accepted (this client's cap, whatever the server says)."
+    )
 
 
 class RedisConfig(_Section):
@@ -116,7 +119,15 @@ class ServerConfig(_Section):
 
     host: str = Field("127.0.0.1", description="Bind address; anything but loopback requires a token.")
     port: int = Field(7390, ge=0, le=65535, description="TCP port (0 picks a free one).")
-    token: str = Field("", description="Shared secret clients must present.")
+    token: str = Field("", description="Shared secret clients must present (the default tenant).")
+    admin_token: str = Field("", description="Token allowed LIST, STATS and CLEAR ('' with no tenants: any client).")
+    tenants: dict[str, str] = Field({}, description="Token -> tenant name; each tenant sees only its own chunks.")
+    tenant_quotas: dict[str, ByteSize] = Field(
+        {}, description="Tenant name -> byte cap of its chunks (memory and persistence)."
+    )
+    auth_timeout_s: float = Field(
+        10.0, gt=0, description="Close a connection not authenticated this long after it opened."
+    )
     capacity: ByteSize = Field(4 * GiB, description="Byte cap of chunks held in memory.")
     policy: Policy = Field("lru", description="Eviction policy of the in-memory store.")
     persist_path: str = Field("", description="If set, chunks are also kept in a disk tier here.")

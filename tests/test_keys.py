@@ -110,3 +110,25 @@ def test_chain_definition_is_xxh3_128_over_parent_and_tokens() -> None:
         assert chunk.parent == parent and chunk.key == expected
         parent = expected
     assert [c.end for c in chunks] == [4, 8, 10]
+
+
+def test_record_verification_needs_every_field() -> None:
+    from kvtier.record import ChunkRecord, Kind, token_record, token_records, verify
+
+    arr, chunks = Chunker(Namespace("m", SPEC)).chunks(list(range(40)))
+    record = token_record(chunks[1], arr)
+    assert record == ChunkRecord(chunks[1].key, chunks[0].key, arr[16:32].tobytes(), Kind.TOKENS, 16)
+    assert token_records(chunks, arr) == [token_record(c, arr) for c in chunks]
+    assert verify(record, record)
+    for field, other in (("key", b"\1" * 16), ("parent", b"\2" * 16), ("identity", arr[17:33].tobytes()),
+                         ("kind", Kind.PAGE), ("num_tokens", 15)):
+        assert not verify(record._replace(**{field: other}), record), field
+
+
+def test_kvspec_sizes_match_torch() -> None:
+    from kvtier.layout import DTYPE_SIZES
+
+    for name in DTYPE_SIZES:
+        spec = KVSpec(num_layers=2, num_kv_heads=2, head_dim=4, dtype=name, chunk_tokens=16)
+        assert spec.itemsize == torch.empty((), dtype=spec.torch_dtype).element_size()
+        assert spec.chunk_bytes == torch.empty(spec.chunk_shape(), dtype=spec.torch_dtype).nbytes

@@ -6,10 +6,13 @@ Measured in one run, interleaved so machine noise hits both sides alike:
   (it ``recv_into``\\ s a preallocated buffer, one ack at the end); "get" has it stream them back into a
   preallocated buffer. No framing, no checksum, no per-frame round trip: the best a TCP protocol can do.
 - ours: :class:`~kvtier.server.client.RemoteTier` ``put`` / ``get`` (one round trip per frame, the
-  server verifies each PUT's xxh3 checksum; the client returns fresh ``bytes``), and the pipelined
-  ``put_many`` / ``get_many``.
+  server verifies each PUT's xxh3 checksum; the client returns fresh ``bytes``), and the batched
+  ``put_many`` (MPUT) / ``get_many`` (MGET: one request, frames streamed back and consumed one by one
+  as they arrive, like the manager verifying and copying them) and ``get_many_into`` (MGET with each
+  payload received straight into a preallocated destination, as the engine's zero-copy path does).
 
-Frames are real wire frames of random bf16 KV (SmolLM2-135M geometry, raw codec).
+Frames are real wire frames of random bf16 KV (SmolLM2-135M geometry, raw codec); the default, 32
+chunks of 256 tokens, is an 8K-token prompt (~189 MB).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import typer
 
 from kvtier.bench.common import stop_process
 
-OPS = ("put", "get", "put_many", "get_many")
+OPS = ("put", "get", "put_many", "get_many", "get_many_into")
 
 # The ceiling's other end: ``P<n>`` receives n frames and acks; ``G<n>`` sends n frames.
 _SINK = r"""
@@ -97,12 +100,13 @@ def _exact(sock: socket.socket, view: memoryview) -> None:
         view = view[n:]
 
 
-def run(chunk_tokens: int = 256, chunks: int = 16, repeat: int = 5, out_dir: str = "results") -> dict[str, Any]:
+def run(chunk_tokens: int = 256, chunks: int = 32, repeat: int = 5, out_dir: str = "results") -> dict[str, Any]:
     import struct
 
     import numpy as np
     import torch
 
+    from kvtier import wire
     from kvtier.bench.common import Timing, bar_plot, ratio, write_results
     from kvtier.frames import pack
     from kvtier.keys import Chunker, Namespace
@@ -153,17 +157,30 @@ def run(chunk_tokens: int = 256, chunks: int = 16, repeat: int = 5, out_dir: str
                 if tier.get(k) is None:
                     raise RuntimeError("server lost a frame during the benchmark")
 
+        items = [(k, (f,)) for k, f in zip(keys, frames, strict=True)]
+
         def ours_put_many() -> None:
-            if tier.put_many(zip(keys, frames, strict=True)) != len(frames):
+            refused = tier.stats().get("puts_refused", 0)
+            tier.put_many(items)
+            if tier.stats().get("puts_refused", 0) != refused:
                 raise RuntimeError("server refused frames during the benchmark")
 
         def ours_get_many() -> None:  # consume each frame as it arrives, like the manager decoding it
             if tier.get_each(keys, lambda _i, _frame: None) != len(keys):
                 raise RuntimeError("server lost a frame during the benchmark")
 
+        payload_len = wire.read_header(frames[0]).payload_len
+        head_len = size - payload_len
+        dests = [memoryview(bytearray(payload_len)) for _ in keys]
+
+        def ours_get_many_into() -> None:
+            if any(h is None for h in tier.get_many_into(keys, dests)):
+                raise RuntimeError("server lost a frame during the benchmark")
+
         pairs: dict[str, tuple[Callable[[], None], Callable[[], None]]] = {
             "put": (raw_put, ours_put), "get": (raw_get, ours_get),
             "put_many": (raw_put, ours_put_many), "get_many": (raw_get, ours_get_many),
+            "get_many_into": (raw_get, ours_get_many_into),
         }
         runs: dict[str, tuple[list[float], list[float]]] = {op: ([], []) for op in OPS}
         for i in range(repeat + 1):  # run 0 warms up; the two sides alternate order every run
@@ -174,8 +191,8 @@ def run(chunk_tokens: int = 256, chunks: int = 16, repeat: int = 5, out_dir: str
                     fn()
                     if i:
                         runs[op][side].append(time.perf_counter() - start)
-        if tier.get_many(keys) != frames:
-            raise RuntimeError("RemoteTier.get returned different bytes than were stored")
+        if tier.get_many(keys) != frames or any(bytes(d) != f[head_len:] for d, f in zip(dests, frames, strict=True)):
+            raise RuntimeError("RemoteTier returned different bytes than were stored")
         server_stats = tier.server_stats()
         tier.close()
         raw.close()
@@ -211,7 +228,7 @@ def register(app: typer.Typer) -> None:
     @app.command("server")
     def server_cmd(
         chunk_tokens: int = typer.Option(256, help="Tokens per chunk (SmolLM2-shaped bf16 KV)."),
-        chunks: int = typer.Option(16, help="Frames moved per timed run."),
+        chunks: int = typer.Option(32, help="Frames moved per timed run (32 x 256 tokens = 8K tokens)."),
         repeat: int = typer.Option(5, min=3, help="Timed runs (min/median/max reported)."),
         out: str = typer.Option("results", help="Output directory."),
     ) -> None:

@@ -25,7 +25,8 @@ IMPORTS = {
 }
 STARTS = {
     "kvtier controller": ["-m", "kvtier.cli", "controller", "--port", "0", "--log-level", "warning"],
-    "kvtier router": ["-m", "kvtier.cli", "router", "--port", "0", "--log-level", "warning"],
+    "kvtier router": ["-m", "kvtier.cli", "router", "--port", "0", "--log-level", "warning",
+                      "--backend", "http://127.0.0.1:9"],  # a backend is required; never contacted here
     "kvtier server": ["-m", "kvtier.server", "--port", "0", "--log-level", "warning"],
 }
 

@@ -12,7 +12,12 @@ and it is then admitted into the local CPU tier (a second request does not touch
 
 Invariants:
 - The peer tier is read-only (``read_only = True``: write-back skips it; put/delete/clear do nothing)
-  and the peer server refuses PUT, DELETE and CLEAR: peers can read each other's chunks, never write.
+  and the peer server answers HELLO, PING, GET, MGET and EXISTS only (:data:`PEER_OPS`; LIST, STATS,
+  PUT, DELETE and CLEAR get FORBIDDEN): peers can fetch chunks whose key they know, nothing else.
+- The peer server requires the agent's token whenever the agent has one (the agent needs one exactly
+  when the controller requires one) and refuses a non-loopback address without it.
+- The fetching side caps every reply by its own ``max_frame_bytes``, never by what a peer announces:
+  a peer that streams more is a counted miss (``peer_failures``) with bounded memory.
 - ``exists`` asks the controller who holds the keys (raising :class:`TierUnavailable` only when the
   controller cannot be reached, so the manager backs off); ``get`` tries the holders in turn and a
   dead or misbehaving peer is a miss (its own circuit breaker makes the next try instant), never an
@@ -33,6 +38,7 @@ from kvtier.config import ServerConfig
 from kvtier.errors import ConfigError, KvtierError, TierUnavailable
 from kvtier.frame_auth import FrameKeys
 from kvtier.keys import ChunkKey
+from kvtier.server import protocol as P
 from kvtier.server.app import CacheServer, is_loopback
 from kvtier.server.client import RemoteTier
 from kvtier.server.store import ChunkStore, Frame
@@ -43,6 +49,8 @@ log = logging.getLogger(__name__)
 
 # keys -> per key, the ``host:port`` addresses of peers holding it (raises TierUnavailable)
 Locator = Callable[[list[ChunkKey]], list[list[str]]]
+PEER_OPS = frozenset({P.Op.GET, P.Op.MGET, P.Op.EXISTS})
+MAX_FRAME_BYTES = 256 << 20  # default cap of a frame fetched from a peer
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -74,18 +82,18 @@ class EngineChunkStore(ChunkStore):
         self.cpu = cpu
         self.auth = auth
 
-    async def put(self, key: bytes, frame: Frame) -> bool:
+    async def put(self, tenant: str, key: bytes, frame: Frame) -> str:
         self.counters["puts_refused"] += 1
         raise KvtierError("this is a read-only kvtier peer: chunks are fetched from it, never pushed")
 
-    async def get(self, key: bytes) -> Frame | None:
+    async def get(self, tenant: str, key: bytes) -> Frame | None:
         frame = await asyncio.to_thread(frame_of, self.cpu, key, self.auth)
         self.counters["served" if frame is not None else "misses"] += 1
         if frame is not None:
             self.counters["bytes_served"] += len(frame)
         return frame
 
-    def exists(self, keys: Sequence[bytes]) -> list[bool]:
+    def exists(self, tenant: str, keys: Sequence[bytes]) -> list[bool]:
         out = []
         for key in keys:
             got = self.cpu.acquire_key(key)
@@ -94,13 +102,13 @@ class EngineChunkStore(ChunkStore):
             out.append(got is not None)
         return out
 
-    async def delete(self, keys: Sequence[bytes]) -> list[bool]:
+    async def delete(self, tenant: str, keys: Sequence[bytes]) -> list[bool]:
         return [False] * len(keys)
 
     async def clear(self) -> int:
         return 0
 
-    def sorted_keys(self) -> list[bytes]:
+    def sorted_keys(self, tenant: str) -> list[bytes]:
         return sorted(self.cpu.keys())
 
     def stats(self) -> dict[str, int | float]:
@@ -145,7 +153,7 @@ class PeerServer:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         try:
-            self._server = CacheServer(self.config, store=self.store)
+            self._server = CacheServer(self.config, store=self.store, ops=PEER_OPS)
             self.port = await self._server.start()
         except Exception as exc:
             self._error = exc
@@ -173,8 +181,9 @@ class PeerTier(Tier):
     read_only = True
 
     def __init__(self, locate: Locator, token: str = "", timeout_s: float = 1.0, *, holder_ttl_s: float = 5.0,
-                 max_peers: int = 32, max_cached_keys: int = 65536) -> None:
+                 max_peers: int = 32, max_cached_keys: int = 65536, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
         self._locate = locate
+        self.max_frame_bytes = max_frame_bytes
         self.token = token
         self.timeout_s = timeout_s
         self.holder_ttl_s = holder_ttl_s
@@ -198,7 +207,7 @@ class PeerTier(Tier):
                 return peer
             host, port = split_address(address)
             peer = RemoteTier(host, port, self.token, self.timeout_s, pool_size=2, retries=0,
-                              breaker_cooldown_s=0.2, max_cooldown_s=2.0)
+                              breaker_cooldown_s=0.2, max_cooldown_s=2.0, max_reply_bytes=self.max_frame_bytes)
             self._peers[address] = peer
             while len(self._peers) > self.max_peers:
                 _addr, old = self._peers.popitem(last=False)

@@ -2,17 +2,31 @@
 
 Invariants:
 - Binds 127.0.0.1 by default and refuses (``ConfigError``) any non-loopback address without a token.
-  With a token, a connection must authenticate (HELLO, compared with :func:`hmac.compare_digest`)
-  before any command but PING; before that its bodies are capped at ``PRE_AUTH_MAX_BODY``.
+  With tokens configured, a connection must authenticate (HELLO, compared with
+  :func:`hmac.compare_digest`) before any command but PING; before that its bodies are capped at
+  ``PRE_AUTH_MAX_BODY`` and it is closed ``auth_timeout_s`` after it opened, whatever it sends (a PING
+  does not extend that deadline), so strangers cannot hold connection slots.
+- Identities: the token a connection presented decides its tenant (``tenants`` maps tokens to tenant
+  names; ``token`` is the default tenant) and whether it is admin (``admin_token``; without an admin
+  token and without tenants the one trust domain is admin). A tenant reads and writes only its own
+  namespace (:mod:`kvtier.server.store`); LIST, STATS and CLEAR are admin-only (FORBIDDEN otherwise).
+  A server may also be restricted to a set of opcodes (a P2P peer serves GET/MGET/EXISTS only).
 - A header is validated before its body is read; a body above ``max_message_bytes`` is refused.
   Malformed input gets one error reply and closes *that* connection; nothing a peer sends stops the
   server or another connection.
-- Memory is bounded: the store holds at most ``capacity`` bytes; request bodies being read or processed
-  plus GET responses not yet taken by the kernel hold at most ``max_inflight_bytes`` (a reader waits
-  for budget, which back-pressures its client through TCP); each connection has one fixed 64 KiB
-  scratch buffer; at most ``max_connections`` connections exist (more get BUSY and are closed).
+- Memory is bounded and grows with what arrives: a body buffer grows in bounded steps as its bytes
+  are received (a header alone allocates at most :data:`BODY_STEP`); the store holds at most
+  ``capacity`` bytes; large request bodies being read or processed hold at most ``max_inflight_bytes``
+  (taken once the body's first byte arrived; a reader waits for budget, which back-pressures its
+  client through TCP), and large GET replies not
+  yet taken by the kernel hold at most ``max_inflight_bytes`` of a separate budget. Bodies up to
+  :data:`SMALL_BODY` take no budget, so a PING or a key lookup never waits behind large transfers. A
+  whole request must arrive within ``read_timeout_s``; an authenticated connection may idle
+  ``idle_timeout_s`` between requests. Each connection has one fixed 64 KiB scratch buffer; at most
+  ``max_connections`` connections exist (more get BUSY and are closed).
 - A PUT frame is verified (wire header, lengths, xxh3 checksum, key) before it is stored; corrupt puts
-  are refused with CORRUPT and nothing changes.
+  are refused with CORRUPT and nothing changes. A PUT is acknowledged OK only once the store holds it
+  as promised (memory, or the disk when persistence is on); otherwise the reply is REFUSED.
 - Responses on a connection are written in request order (pipelining).
 - On SIGTERM/SIGINT: stop accepting, close idle connections, let requests in progress finish (up to
   ``shutdown_grace_s``), then close the store (persisted data is on disk) and return.
@@ -27,13 +41,15 @@ import hmac
 import ipaddress
 import logging
 import os
+import re
 import signal
 import socket
+import struct
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -41,7 +57,7 @@ from kvtier import wire
 from kvtier.config import ServerConfig
 from kvtier.errors import ConfigError, CorruptChunk, KvtierError, ProtocolError
 from kvtier.server import protocol as P
-from kvtier.server.store import ChunkStore
+from kvtier.server.store import ChunkStore, Frame
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +65,14 @@ SCRATCH_BYTES = 64 * 1024
 SMALL_BODY = 16 * 1024  # bodies up to this size are read through the scratch buffer
 WRITE_SLICE = 256 * 1024  # largest piece of a response handed to the transport at once
 DIRECT_IO = 256 * 1024  # bodies at least this large move through a worker thread's socket calls
+STALL_S = 0.25  # an I/O thread gives a transfer back to the event loop after the peer stalls this long
+MGET_GROUP = 32 << 20  # MGET replies handed to the socket at once, at most (plus one frame)
+BODY_STEP = 1 << 20  # a body buffer starts this large and at most doubles per step as bytes arrive
+BODY_STEP_MAX = 16 << 20  # largest growth step of a body buffer
+_ZEROS = memoryview(bytes(BODY_STEP_MAX))  # calloc'd: never touched, costs no resident memory
+ADMIN_OPS = frozenset({P.Op.LIST, P.Op.STATS, P.Op.CLEAR})
+TENANT_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+T = TypeVar("T")
 _hello = msgspec.msgpack.Decoder(P.Hello)
 _list_req = msgspec.msgpack.Decoder(P.ListRequest)
 _enc = msgspec.msgpack.Encoder()
@@ -82,6 +106,43 @@ def check_bind(host: str, token: str) -> None:
         )
 
 
+Identity = tuple[bytes, str, bool]  # token, tenant, admin
+
+
+def identities(config: ServerConfig) -> list[Identity]:
+    """The tokens a server accepts and who each one is; ``ConfigError`` (never showing a token) for an
+    unusable tenant table. Empty when the server requires no token."""
+    single_domain = not config.admin_token and not config.tenants
+    out: list[Identity] = []
+    if config.admin_token:
+        out.append((config.admin_token.encode(), "", True))
+    if config.token:
+        out.append((config.token.encode(), "", single_domain))
+    for token, tenant in config.tenants.items():
+        if not TENANT_NAME.fullmatch(tenant):
+            raise ConfigError(f"server.tenants: tenant name {tenant!r} must be 1-64 letters, digits, '_' or '-'")
+        if not token:
+            raise ConfigError(f"server.tenants: tenant {tenant!r} has an empty token")
+        out.append((token.encode(), tenant, False))
+    unknown = set(config.tenant_quotas) - set(config.tenants.values())
+    if unknown:
+        raise ConfigError(f"server.tenant_quotas names tenants no token maps to: {sorted(unknown)}")
+    if len({token for token, _t, _a in out}) != len(out):
+        raise ConfigError("server.token, server.admin_token and server.tenants must all use different tokens")
+    return out
+
+
+def authenticate(known: list[Identity], presented: str) -> tuple[str, bool] | None:
+    """``(tenant, admin)`` of the identity whose token is ``presented``, comparing with every token in
+    constant time per token; ``None`` if none matches."""
+    given = presented.encode()
+    match = None
+    for token, tenant, admin in known:
+        if hmac.compare_digest(given, token):
+            match = (tenant, admin)
+    return match
+
+
 class ByteBudget:
     """FIFO counting semaphore over bytes: ``acquire(n)`` waits until ``used + n <= cap``."""
 
@@ -90,6 +151,13 @@ class ByteBudget:
         self.used = 0
         self.peak = 0
         self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
+
+    def try_acquire(self, n: int) -> bool:
+        """Take ``n`` bytes if that needs no waiting (and nobody waits before us)."""
+        if n <= self.cap and not self._waiters and self.used + n <= self.cap:
+            self._take(n)
+            return True
+        return False
 
     async def acquire(self, n: int) -> None:
         if n > self.cap:
@@ -151,8 +219,11 @@ class Connection(asyncio.BufferedProtocol):
         self.target_got = 0
         self.closed = False
         self.busy = False  # between a request's header and its response
-        self.authed = not server.token
+        self.authed = not server.auth_required
+        self.tenant = ""
+        self.admin = not server.auth_required and server.single_domain
         self.peer = ""
+        self.must_close = False  # close after the current reply (a forbidden request's body was not read)
         self._paused = False
         self._waiter: asyncio.Future[None] | None = None
         self._drain: asyncio.Future[None] | None = None
@@ -160,7 +231,7 @@ class Connection(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.task: asyncio.Task[None] | None = None
         self._dup: socket.socket | None = None
-        self._io: asyncio.Future[None] | None = None
+        self._io: asyncio.Future[Any] | None = None
 
     # ---- protocol callbacks ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -274,20 +345,42 @@ class Connection(asyncio.BufferedProtocol):
         if take == len(dest):
             self._resume()
             return
-        rest = dest[take:]
-        if len(rest) >= DIRECT_IO and self._thread_socket() is not None:
-            self._pause()  # the transport must not read while the thread does
-            await self._in_thread(_recv_exact, rest)
-            self.server.counters["bytes_in"] += len(rest)
-            self._resume()
-            return
-        self.target, self.target_got = rest, 0
+        self.target, self.target_got = dest[take:], 0
         try:
             self._resume()
             while self.target is not None:
                 await self._wait()
         finally:
             self.target = None
+
+    async def wait_data(self) -> None:
+        """Return once at least one unread byte is buffered (a header alone does not count)."""
+        while not self.buffered:
+            self._resume()
+            await self._wait()
+
+    async def read_body(self, n: int) -> bytearray:
+        """The next ``n`` bytes in a buffer that grows as they arrive (see :func:`_grow`): what a peer
+        announces but does not send costs at most :data:`BODY_STEP` of memory, never ``n``."""
+        body = bytearray()
+        take = min(self.buffered, n)
+        body += self.view[self.start : self.start + take]
+        self.start += take
+        if self.start == self.end:
+            self.start = self.end = 0
+        if n - take >= DIRECT_IO and self._thread_socket() is not None:
+            self._pause()  # the transport must not read while the thread does
+            await self._transfer(_recv_some, [body, n, take], writable=False)
+            self.server.counters["bytes_in"] += n - take
+            self._resume()
+            return body
+        while len(body) < n:
+            got = len(body)
+            _grow(body, n)
+            with memoryview(body) as whole:
+                await self.read_into(whole[got:])
+        self._resume()
+        return body
 
     # ---- writes ----------------------------------------------------------------------------------
     def write(self, *parts: bytes | bytearray | memoryview) -> None:
@@ -305,20 +398,50 @@ class Connection(asyncio.BufferedProtocol):
             if sock is None or self.closed:
                 return None
             self._dup = socket.socket(fileno=os.dup(sock.fileno()))
-            self._dup.settimeout(self.server.config.read_timeout_s)
         return self._dup
 
-    async def _in_thread(self, fn: Callable[[socket.socket, Any], None], arg: Any) -> None:
+    async def _transfer(self, fn: Callable[[socket.socket, Any], bool], state: Any, *, writable: bool) -> None:
+        """Run ``fn(dup_socket, state)`` in the I/O pool until it returns True. ``fn`` gives its thread
+        back (returning False, its progress kept in ``state``) whenever the peer stalls for
+        :data:`STALL_S`; the event loop then waits, without a thread, until the socket is ready again.
+        So stalled peers cannot occupy the pool; the caller's deadline bounds the whole transfer."""
+        while True:
+            if self.closed:
+                raise _Closed
+            if await self._in_thread(fn, state):
+                return
+            await self._ready(writable)
+
+    async def _ready(self, writable: bool) -> None:
+        """Wait until the duplicate socket is readable (or writable), or the connection closed."""
+        assert self._dup is not None
+        fd = self._dup.fileno()
+        loop = asyncio.get_running_loop()
+        if writable:
+            loop.add_writer(fd, self._wake)
+        else:
+            loop.add_reader(fd, self._wake)
+        try:
+            await self._wait()
+        finally:
+            if writable:
+                loop.remove_writer(fd)
+            else:
+                loop.remove_reader(fd)
+
+    async def _in_thread(self, fn: Callable[[socket.socket, Any], bool], arg: Any) -> bool:
         """Run ``fn(dup_socket, arg)`` in the I/O pool; socket errors close the connection."""
         dup = self._thread_socket()
-        assert dup is not None and self.server.io_pool is not None
+        if dup is None or self.server.io_pool is None:
+            raise _Closed
         fut = asyncio.get_running_loop().run_in_executor(self.server.io_pool, fn, dup, arg)
         self._io = fut
         try:
-            await asyncio.shield(fut)
+            return await asyncio.shield(fut)
         except asyncio.CancelledError:
             with contextlib.suppress(OSError):
                 dup.shutdown(socket.SHUT_RDWR)  # wake the thread; it fails at once
+            fut.add_done_callback(_consume)  # its failure is expected: never "exception never retrieved"
             await asyncio.wait([fut], timeout=5.0)
             raise
         except TimeoutError:
@@ -346,7 +469,8 @@ class Connection(asyncio.BufferedProtocol):
                 await self.drain()
             if self.closed:
                 raise _Closed
-            await self._in_thread(_send_parts, parts)
+            async with asyncio.timeout(timeout_s):
+                await self._transfer(_send_some, [P.byte_view(p) for p in parts if len(p)], writable=True)
             self.server.counters["bytes_out"] += total
             return
         for part in parts:
@@ -377,17 +501,69 @@ class Connection(asyncio.BufferedProtocol):
         self._close_dup()
 
 
-def _send_parts(sock: socket.socket, parts: list[Any]) -> None:
-    for part in parts:
-        sock.sendall(part)
+def _consume(fut: asyncio.Future[Any]) -> None:
+    """Mark a finished future's outcome as seen (for transfers abandoned on purpose)."""
+    if not fut.cancelled():
+        fut.exception()
 
 
-def _recv_exact(sock: socket.socket, view: memoryview) -> None:
-    while len(view):
-        n = sock.recv_into(view)
-        if n == 0:
-            raise ConnectionError("peer closed the connection mid-message")
-        view = view[n:]
+def _grow(body: bytearray, n: int) -> None:
+    """Extend ``body`` (towards ``n`` bytes) by one step: :data:`BODY_STEP` at first, then doubling,
+    at most :data:`BODY_STEP_MAX`. Zeros come from a calloc'd source, so memory is committed only as
+    the buffer grows, and the buffer's size stays within twice what was received plus one step."""
+    got = len(body)
+    body += _ZEROS[: min(n - got, BODY_STEP_MAX, max(BODY_STEP, got))]
+
+
+@contextlib.contextmanager
+def _blocking(sock: socket.socket) -> Iterator[None]:
+    """Make the duplicate socket blocking, with kernel send/receive timeouts of :data:`STALL_S`, for
+    one thread transfer (the kernel then moves a whole step per call, without a poll per piece), and
+    non-blocking again afterwards: the flag is shared with the event loop's socket, which does not
+    touch it meanwhile (reading is paused, its write buffer drained)."""
+    seconds = int(STALL_S)
+    tv = struct.pack("ll", seconds, int((STALL_S - seconds) * 1e6))
+    sock.setblocking(True)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+        yield
+    finally:
+        sock.setblocking(False)
+
+
+def _recv_some(sock: socket.socket, state: list[Any]) -> bool:
+    """Receive into ``state = [body, n, filled]`` until ``filled == n``, growing ``body`` by
+    :func:`_grow` steps as bytes arrive; False (progress kept) once the peer sent nothing for
+    :data:`STALL_S`. Raises ``ConnectionError`` if the peer closes mid-message."""
+    body, n = state[0], state[1]
+    with _blocking(sock):
+        while state[2] < n:
+            if len(body) == state[2]:
+                _grow(body, n)
+            with memoryview(body) as whole:
+                part = whole[state[2] :]
+                try:
+                    got = sock.recv_into(part, len(part), socket.MSG_WAITALL)
+                except BlockingIOError:  # SO_RCVTIMEO expired with nothing received
+                    return False
+                finally:
+                    part.release()  # no export may outlive the step: the next step resizes ``body``
+            if got == 0:
+                raise ConnectionError("peer closed the connection mid-message")
+            state[2] += got
+    return True
+
+
+def _send_some(sock: socket.socket, views: list[memoryview]) -> bool:
+    """Send ``views`` (consumed as they go); False (the rest kept) once the peer took nothing for
+    :data:`STALL_S`."""
+    with _blocking(sock):
+        try:
+            P.send_views(sock, views)
+        except BlockingIOError:  # SO_SNDTIMEO expired with nothing sent
+            return False
+    return True
 
 
 # status, body parts, key count, flags, budget bytes to release once the response is drained
@@ -395,24 +571,30 @@ Reply = tuple[P.Status, list[Any], int, int, int]
 
 
 class CacheServer:
-    """The server object; :meth:`start` binds, :meth:`shutdown` drains. One event loop, one thread."""
+    """The server object; :meth:`start` binds, :meth:`shutdown` drains. One event loop, one thread.
 
-    def __init__(self, config: ServerConfig, store: ChunkStore | None = None) -> None:
-        check_bind(config.host, config.token)
+    ``ops`` restricts the opcodes served (others get FORBIDDEN); ``None`` serves all of them."""
+
+    def __init__(self, config: ServerConfig, store: ChunkStore | None = None,
+                 ops: frozenset[P.Op] | None = None) -> None:
+        check_bind(config.host, config.token or config.admin_token or ",".join(config.tenants))
         if config.max_message_bytes > config.max_inflight_bytes:
             raise ConfigError(
                 f"server.max_message_bytes ({config.max_message_bytes}) must not exceed "
                 f"server.max_inflight_bytes ({config.max_inflight_bytes})"
             )
         self.config = config
-        self.token = config.token
+        self.identities = identities(config)
+        self.auth_required = bool(self.identities)
+        self.single_domain = not config.admin_token and not config.tenants
+        self.ops = ops
         self.store = store if store is not None else build_store(config)
         self.counters: Counter[str] = Counter()
         self.connections: set[Connection] = set()
         self.closing = False
         self.started = time.monotonic()
         self.port = 0
-        self._budget: ByteBudget | None = None
+        self._budgets: tuple[ByteBudget, ByteBudget] | None = None
         self.io_pool = (ThreadPoolExecutor(config.io_threads, thread_name_prefix="kvtier-server-io")
                         if config.io_threads else None)
         self._server: asyncio.Server | None = None
@@ -420,9 +602,19 @@ class CacheServer:
 
     @property
     def budget(self) -> ByteBudget:
-        if self._budget is None:
-            self._budget = ByteBudget(self.config.max_inflight_bytes)
-        return self._budget
+        """Bytes of large request bodies being received or processed."""
+        return self._budget_pair()[0]
+
+    @property
+    def reply_budget(self) -> ByteBudget:
+        """Bytes of large replies handed to the kernel but not yet taken."""
+        return self._budget_pair()[1]
+
+    def _budget_pair(self) -> tuple[ByteBudget, ByteBudget]:
+        if self._budgets is None:  # created on the event loop that uses them
+            cap = self.config.max_inflight_bytes
+            self._budgets = (ByteBudget(cap), ByteBudget(cap))
+        return self._budgets
 
     async def start(self) -> int:
         """Bind and listen; return the port (useful with port 0)."""
@@ -454,27 +646,23 @@ class CacheServer:
     # ---- per-connection loop ---------------------------------------------------------------------
     async def _serve(self, conn: Connection) -> None:
         cfg = self.config
+        loop = asyncio.get_running_loop()
+        auth_deadline = loop.time() + cfg.auth_timeout_s  # fixed at connect: no message moves it
         header: P.Header | None = None
         try:
             while not self.closing:
                 header = None
-                # unauthenticated peers get the short timeout, so idle strangers cannot hold connection slots
                 idle = conn.buffered == 0 and conn.authed
-                timeout = cfg.idle_timeout_s if idle else cfg.read_timeout_s
-                async with asyncio.timeout(timeout):
+                when = loop.time() + (cfg.idle_timeout_s if idle else cfg.read_timeout_s)
+                async with asyncio.timeout_at(when if conn.authed else min(when, auth_deadline)):
                     raw = await conn.read_exact(P.HEADER_BYTES)
                 conn.busy = True
                 header = P.unpack_header(raw)
-                status, parts, count, flags, hold = await self._request(conn, header)
-                try:
-                    body_len = sum(len(p) for p in parts)
-                    head = P.pack_header(header.opcode, header.request_id, status=status, flags=flags,
-                                         key_count=count, body_len=body_len)
-                    await conn.send([head, *parts], cfg.read_timeout_s)
-                finally:
-                    if hold:
-                        self.budget.release(hold)
-                if status in P.CLOSING:
+                async with asyncio.timeout_at(None if conn.authed else auth_deadline):
+                    reply = await self._request(conn, header)
+                    if reply is not None:
+                        await self._respond(conn, header, reply)
+                if reply is not None and (reply[0] in P.CLOSING or conn.must_close):
                     break
                 conn.busy = False
         except _Closed:
@@ -494,61 +682,171 @@ class CacheServer:
             conn.close()
             self.connections.discard(conn)
 
+    async def _respond(self, conn: Connection, h: P.Header, reply: Reply) -> None:
+        status, parts, count, flags, hold = reply
+        try:
+            body_len = sum(len(p) for p in parts)
+            head = P.pack_header(h.opcode, h.request_id, status=status, flags=flags, key_count=count,
+                                 body_len=body_len)
+            await conn.send([head, *parts], self.config.read_timeout_s)
+        finally:
+            if hold:
+                self.reply_budget.release(hold)
+
     def _fail(self, conn: Connection, header: P.Header | None, status: P.Status, message: str) -> None:
         body = P.error_body(message)
         op = header.opcode if header is not None else P.Op.PING
         rid = header.request_id if header is not None else 0
         conn.write(P.pack_header(op, rid, status=status, body_len=len(body)), body)
 
-    async def _request(self, conn: Connection, h: P.Header) -> Reply:
+    async def _request(self, conn: Connection, h: P.Header) -> Reply | None:
+        """Read the body of request ``h`` and handle it; ``None`` if the handler already replied."""
         P.check_request_shape(h)
         op = P.Op(h.opcode)
         self.counters[f"op_{op.name.lower()}"] += 1
         limit = self.config.max_message_bytes if conn.authed else P.PRE_AUTH_MAX_BODY
+        if op == P.Op.MPUT and conn.authed:  # read item by item; each frame is checked against the limit
+            limit = h.key_count * (P.MPUT_ITEM.size + self.config.max_message_bytes)
         if h.body_len > limit:
             self.counters["refused_oversize"] += 1
             return self._error(P.Status.TOO_LARGE, f"body of {h.body_len} bytes exceeds the limit of {limit}")
         if not conn.authed and op not in (P.Op.HELLO, P.Op.PING):
             self.counters["refused_unauthenticated"] += 1
             return self._error(P.Status.AUTH_REQUIRED, "this server requires a token: send HELLO first")
-        budget = self.budget
+        denied = self._denied(conn, op)
+        if denied:
+            self.counters["refused_forbidden"] += 1
+            if h.body_len > SMALL_BODY:  # not worth reading just to skip it
+                conn.must_close = True
+            elif h.body_len:
+                await self._timed(conn.read_exact(h.body_len))
+            return self._error(P.Status.FORBIDDEN, denied)
+        if op == P.Op.MPUT:
+            return await self._mput(conn, h)
+        if op == P.Op.PUT:
+            key = await self._timed(conn.read_exact(P.KEY_BYTES))
+            return await self._put_body(conn, key, h.body_len - P.KEY_BYTES)
+        body: bytes | bytearray = b""
+        if h.body_len:
+            body = await self._timed(conn.read_exact(h.body_len) if h.body_len <= SMALL_BODY
+                                     else self._large_body(conn, h.body_len))
+        if op == P.Op.MGET:
+            await self._mget(conn, h, P.split_keys(body, h.key_count))
+            return None
+        return await self._dispatch(conn, op, h, body)
+
+    async def _timed(self, aw: Awaitable[T]) -> T:
         async with asyncio.timeout(self.config.read_timeout_s):
-            await budget.acquire(h.body_len)
+            return await aw
+
+    async def _large_body(self, conn: Connection, n: int) -> bytearray:
+        """Receive a body above :data:`SMALL_BODY` under the request budget (released once received:
+        these bodies are key lists and HELLO/LIST records, handled at once)."""
+        await self.budget.acquire(n)
         try:
-            async with asyncio.timeout(self.config.read_timeout_s):
-                if op == P.Op.PUT:
-                    key = await conn.read_exact(P.KEY_BYTES)
-                    frame = bytearray(h.body_len - P.KEY_BYTES)
-                    await conn.read_into(memoryview(frame))
-                    return await self._put(key, frame)
-                if h.body_len <= SMALL_BODY:
-                    body: bytes | bytearray = await conn.read_exact(h.body_len) if h.body_len else b""
-                else:
-                    body = bytearray(h.body_len)
-                    await conn.read_into(memoryview(body))
-            return await self._dispatch(conn, op, h, body)
+            return await conn.read_body(n)
         finally:
-            budget.release(h.body_len)
+            self.budget.release(n)
+
+    def _denied(self, conn: Connection, op: P.Op) -> str:
+        """Why ``conn`` may not use ``op`` here ('' if it may)."""
+        if self.ops is not None and op not in self.ops and op not in (P.Op.HELLO, P.Op.PING):
+            return f"{op.name} is not served here (this server answers {sorted(o.name for o in self.ops)})"
+        if op in ADMIN_OPS and not conn.admin:
+            return f"{op.name} needs the admin token"
+        return ""
 
     @staticmethod
     def _error(status: P.Status, message: str) -> Reply:
         return status, [P.error_body(message)], 0, 0, 0
 
-    async def _put(self, key: bytes, frame: bytearray) -> Reply:
+    async def _put_body(self, conn: Connection, key: bytes, size: int) -> Reply:
+        """Receive a ``size``-byte frame for ``key`` (under the request budget), verify and store it."""
+        small = size <= SMALL_BODY
+        if not small:  # a header whose body never comes holds no budget (and no I/O thread)
+            await self._timed(conn.wait_data())
+            await self._timed(self.budget.acquire(size))
+        try:
+            frame = await self._timed(conn.read_body(size))
+            return await self._put(conn, key, frame)
+        finally:
+            if not small:
+                self.budget.release(size)
+
+    async def _put(self, conn: Connection, key: bytes, frame: bytearray) -> Reply:
         try:
             wire.check_frame(frame, key)
         except CorruptChunk as exc:
             self.counters["refused_corrupt"] += 1
             return self._error(P.Status.CORRUPT, f"frame for key {key.hex()} refused: {exc}")
         try:
-            stored = await self.store.put(key, frame)
+            refused = await self.store.put(conn.tenant, key, frame)
         except KvtierError as exc:
             self.counters["store_errors"] += 1
-            return self._error(P.Status.REFUSED, f"cannot store chunk: {exc}")
-        if not stored:
-            return self._error(P.Status.REFUSED, f"frame of {len(frame)} bytes exceeds the store capacity "
-                                                 f"of {self.store.memory.capacity_bytes}")
+            return self._error(P.Status.REFUSED, f"cannot store chunk {key.hex()}: {exc}")
+        if refused:
+            self.counters["refused_store"] += 1
+            return self._error(P.Status.REFUSED, f"chunk {key.hex()} not stored: {refused}")
         return P.Status.OK, [], 0, 0, 0
+
+    async def _mput(self, conn: Connection, h: P.Header) -> Reply:
+        """Items ``key | u64 length | frame`` read and stored one at a time; one status byte each."""
+        left = h.body_len
+        statuses = bytearray()
+        for i in range(h.key_count):
+            key, size = P.MPUT_ITEM.unpack(await self._timed(conn.read_exact(P.MPUT_ITEM.size)))
+            left -= P.MPUT_ITEM.size
+            last = i == h.key_count - 1
+            if size > self.config.max_message_bytes or size > left or (last and size != left):
+                raise ProtocolError(f"MPUT item {i} announces {size} bytes with {left} left in the body "
+                                    f"(limit {self.config.max_message_bytes})")
+            left -= size
+            status = (await self._put_body(conn, key, size))[0]
+            statuses.append(status)
+        return P.Status.OK, [bytes(statuses)], h.key_count, 0, 0
+
+    async def _get_frame(self, conn: Connection, key: bytes) -> tuple[Frame | None, int]:
+        """The frame of ``key`` in the connection's namespace and the reply budget it holds."""
+        frame = await self.store.get(conn.tenant, key)
+        if frame is None or len(frame) <= SMALL_BODY:
+            return frame, 0
+        await self._timed(self.reply_budget.acquire(len(frame)))  # released once the kernel took it
+        return frame, len(frame)
+
+    async def _mget(self, conn: Connection, h: P.Header, keys: list[bytes]) -> None:
+        """Stream one reply per key (see the protocol docstring). Items are handed to the socket in
+        groups of up to :data:`MGET_GROUP` bytes (one worker-thread handoff per group, not per frame);
+        a group is sent early whenever the next frame's reply budget is not free at once, so a
+        connection never waits for budget while holding some."""
+        group: list[Any] = []
+        held = 0
+        for i, key in enumerate(keys):
+            frame = await self.store.get(conn.tenant, key)
+            size = 0 if frame is None else len(frame)
+            hold = size if size > SMALL_BODY else 0
+            if hold and not self.reply_budget.try_acquire(hold):
+                held = await self._flush(conn, group, held)
+                await self._timed(self.reply_budget.acquire(hold))
+            held += hold
+            status = P.Status.NOT_FOUND if frame is None else P.Status.OK
+            group.append(P.pack_header(h.opcode, h.request_id, status=status, key_count=i, body_len=size,
+                                       flags=P.FLAG_MORE if i + 1 < len(keys) else 0))
+            if frame is not None:
+                group.append(frame)
+            if held >= MGET_GROUP:
+                held = await self._flush(conn, group, held)
+        await self._flush(conn, group, held)
+
+    async def _flush(self, conn: Connection, parts: list[Any], held: int) -> int:
+        """Send ``parts`` (then empty the list) and release ``held`` reply budget; return 0."""
+        try:
+            if parts:
+                await conn.send(parts, self.config.read_timeout_s)
+        finally:
+            parts.clear()
+            if held:
+                self.reply_budget.release(held)
+        return 0
 
     async def _dispatch(self, conn: Connection, op: P.Op, h: P.Header, body: bytes | bytearray) -> Reply:
         ok = P.Status.OK
@@ -557,17 +855,15 @@ class CacheServer:
         if op == P.Op.HELLO:
             return self._hello(conn, body)
         if op == P.Op.GET:
-            frame = await self.store.get(bytes(body))
+            frame, hold = await self._get_frame(conn, bytes(body))
             if frame is None:
                 return P.Status.NOT_FOUND, [], 0, 0, 0
-            async with asyncio.timeout(self.config.read_timeout_s):
-                await self.budget.acquire(len(frame))  # released once the kernel took the response
-            return ok, [frame], 0, 0, len(frame)
+            return ok, [frame], 0, 0, hold
         if op == P.Op.EXISTS:
-            found = self.store.exists(P.split_keys(body, h.key_count))
+            found = self.store.exists(conn.tenant, P.split_keys(body, h.key_count))
             return ok, [bytes(found)], 0, 0, 0
         if op == P.Op.DELETE:
-            gone = await self.store.delete(P.split_keys(body, h.key_count))
+            gone = await self.store.delete(conn.tenant, P.split_keys(body, h.key_count))
             return ok, [bytes(gone)], 0, 0, 0
         if op == P.Op.LIST:
             return self._list(body)
@@ -583,14 +879,17 @@ class CacheServer:
             hello = _hello.decode(body)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise ProtocolError(f"bad HELLO body: {exc}") from exc
-        if self.token and not hmac.compare_digest(hello.token.encode(), self.token.encode()):
-            self.counters["auth_failures"] += 1
-            log.warning("connection %s presented a wrong token", conn.peer)
-            return self._error(P.Status.AUTH_FAILED, "wrong token")
-        conn.authed = True
+        if self.auth_required:
+            match = authenticate(self.identities, hello.token)
+            if match is None:
+                self.counters["auth_failures"] += 1
+                log.warning("connection %s presented a wrong token", conn.peer)
+                return self._error(P.Status.AUTH_FAILED, "wrong token")
+            conn.tenant, conn.admin = match
+            conn.authed = True
         info = P.ServerInfo(
             version=P.VERSION,
-            auth_required=bool(self.token),
+            auth_required=self.auth_required,
             max_message_bytes=self.config.max_message_bytes,
             capacity_bytes=self.store.memory.capacity_bytes,
             persistent=self.store.persistent,
@@ -604,7 +903,7 @@ class CacheServer:
             raise ProtocolError(f"bad LIST body: {exc}") from exc
         room = max(0, (self.config.max_message_bytes - P.HEADER_BYTES) // P.KEY_BYTES)
         limit = max(0, min(req.limit, room))
-        keys = [k for k in self.store.sorted_keys() if k > req.after]
+        keys = [k for k in self.store.sorted_keys(req.tenant) if k > req.after]
         more = len(keys) > limit
         keys = keys[:limit]
         return P.Status.OK, [b"".join(keys)], len(keys), P.FLAG_MORE if more else 0, 0
@@ -615,6 +914,8 @@ class CacheServer:
             connections=len(self.connections),
             inflight_bytes=self.budget.used,
             inflight_peak_bytes=self.budget.peak,
+            reply_inflight_bytes=self.reply_budget.used,
+            reply_inflight_peak_bytes=self.reply_budget.peak,
             max_inflight_bytes=self.budget.cap,
             uptime_s=round(time.monotonic() - self.started, 3),
         )
@@ -669,14 +970,27 @@ def _raise_fd_limit(want: int) -> None:
 
 
 def build_store(config: ServerConfig) -> ChunkStore:
-    """The in-memory store, backed by a :class:`~kvtier.storage.disk.DiskTier` if ``persist_path``."""
-    disk = None
+    """The in-memory store, backed by :class:`~kvtier.storage.disk.DiskTier`\\ s if ``persist_path``: the
+    default tenant's at ``persist_path``, each configured tenant's at ``persist_path/tenants/<name>``
+    (capped by ``persist_capacity`` and the tenant's quota)."""
+    quotas = {name: int(q) for name, q in config.tenant_quotas.items() if q}
+    disks = {}
     if config.persist_path:
+        from pathlib import Path
+
         from kvtier.storage.disk import DiskTier  # imports torch via kvtier.keys: only when persisting
 
-        disk = DiskTier(config.persist_path, config.persist_capacity, config.policy,
-                        fsync=config.persist_fsync)
-    return ChunkStore(config.capacity, config.policy, disk)
+        root = Path(config.persist_path).expanduser()
+        paths = {"": root, **{name: root / "tenants" / name for name in set(config.tenants.values())}}
+        try:
+            for name, path in paths.items():
+                cap = min(config.persist_capacity, quotas.get(name) or config.persist_capacity)
+                disks[name] = DiskTier(path, cap, config.policy, fsync=config.persist_fsync)
+        except BaseException:
+            for disk in disks.values():
+                disk.close()
+            raise
+    return ChunkStore(config.capacity, config.policy, disks, quotas)
 
 
 async def serve(config: ServerConfig, on_ready: Callable[[CacheServer], None] | None = None) -> None:

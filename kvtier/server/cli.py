@@ -36,7 +36,8 @@ def register(app: typer.Typer) -> None:
 
         def ready(srv: CacheServer) -> None:
             where = f"persisting to {cfg.persist_path}" if cfg.persist_path else "memory only"
-            auth = "token required" if cfg.token else "no token (loopback only)"
+            auth = (f"token required; {len(set(cfg.tenants.values()))} tenants; admin token "
+                    f"{'set' if cfg.admin_token else 'unset'}" if srv.auth_required else "no token (loopback only)")
             print(f"kvtier server listening on {cfg.host}:{srv.port} ({where}; {auth}; capacity "
                   f"{cfg.capacity} bytes)", flush=True)
 

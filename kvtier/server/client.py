@@ -15,7 +15,14 @@ Invariants:
   probes the server; success closes the breaker. So while the server is down every call is a fast
   miss, and the tier reconnects by itself when the server is back.
 - Public methods raise only :class:`TierUnavailable` (the Tier contract). A PUT the server refuses
-  (corrupt frame, frame above its limits) is counted and dropped, not raised: it is not an outage.
+  (corrupt frame, frame above its limits or quota, persistence refused it) is counted
+  (``puts_refused``) and dropped, not raised: it is not an outage.
+- Replies are bounded by this client's own ``max_reply_bytes``, never by the limit the server
+  announces: a larger reply header closes the connection before any of its body is read, and a reply
+  must arrive within ``timeout_s`` plus its size at 100 MB/s, so a hostile or broken server can neither
+  exhaust this process's memory nor hold a call for ever (both are failed calls, i.e. misses).
+- ``get_many`` / ``get_each`` / ``put_many`` use the batched MGET / MPUT ops: one request for many
+  keys, replies streamed and each frame received into its own ``bytes`` object as it arrives.
 - Reads use kernel socket timeouts on blocking sockets, so one ``recv(n, MSG_WAITALL)`` receives a
   whole GET frame straight into the ``bytes`` object returned (no copy); headers and other bodies are
   received with ``recv_into`` into the connection's preallocated buffers. Sends are one ``sendmsg``
@@ -32,21 +39,26 @@ import struct
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import msgspec
 
+from kvtier import wire
 from kvtier.config import RemoteConfig
-from kvtier.errors import AuthError, ProtocolError, TierUnavailable
+from kvtier.errors import AuthError, CorruptChunk, ProtocolError, TierUnavailable
 from kvtier.keys import ChunkKey
 from kvtier.server import protocol as P
+from kvtier.server.protocol import byte_view
 from kvtier.storage.base import Tier
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-EXISTS_BATCH = 4096  # keys per EXISTS / DELETE message (64 KiB)
+EXISTS_BATCH = 4096  # keys per EXISTS / DELETE / MGET message (64 KiB)
+MPUT_BATCH = 64  # items per MPUT message
+MIN_RATE = 100e6  # bytes/s a reply must at least arrive at, on top of timeout_s
+DEFAULT_MAX_REPLY = 512 << 20
 _enc = msgspec.msgpack.Encoder()
 _info = msgspec.msgpack.Decoder(P.ServerInfo)
 _stats = msgspec.msgpack.Decoder(dict[str, int | float])
@@ -72,7 +84,10 @@ class Connection:
     than Python's poll-then-recv timeouts, so one ``recv(..., MSG_WAITALL)`` can take a whole frame.
     """
 
-    def __init__(self, host: str, port: int, token: str, timeout_s: float) -> None:
+    def __init__(self, host: str, port: int, token: str, timeout_s: float,
+                 max_reply_bytes: int = DEFAULT_MAX_REPLY) -> None:
+        self.timeout_s = timeout_s
+        self.max_reply = max(max_reply_bytes, P.MAX_ERROR_BYTES)
         self.sock = socket.create_connection((host, port), timeout=timeout_s)
         try:
             self.sock.settimeout(None)
@@ -87,14 +102,14 @@ class Connection:
             self._buf = bytearray(64 * 1024)
             self._view = memoryview(self._buf)
             self._rid = 0
-            self.max_body = 1 << 31
+            self.max_body = P.PRE_AUTH_MAX_BODY  # what the server accepts from us (from its HELLO reply)
             hello = _enc.encode(P.Hello(token=token, client=f"kvtier/{os.getpid()}"))
             h, body = self.call(P.Op.HELLO, (hello,))
             if h.status in (P.Status.AUTH_FAILED, P.Status.AUTH_REQUIRED):
                 raise AuthError(f"server {host}:{port} refused the token: {bytes(body).decode(errors='replace')}")
             _check_status(h, body)
             self.info = _info.decode(body)
-            self.max_body = self.info.max_message_bytes
+            self.max_body = self.info.max_message_bytes  # only ever used to avoid sending what it refuses
         except BaseException:
             self.sock.close()
             raise
@@ -102,23 +117,19 @@ class Connection:
     def send(self, opcode: int, parts: Sequence[_Body], key_count: int = 0) -> int:
         """Send one request (header and body parts in one ``sendmsg``, no joining); return its id."""
         self._rid = (self._rid + 1) & 0xFFFFFFFF
-        views = [v for v in (byte_view(p) for p in parts) if v.nbytes]
-        body_len = sum(v.nbytes for v in views)
-        views.insert(0, memoryview(P.pack_header(opcode, self._rid, key_count=key_count, body_len=body_len)))
-        while views:
-            try:
-                sent = self.sock.sendmsg(views)
-            except BlockingIOError as exc:  # SO_SNDTIMEO expired
-                raise TimeoutError("timed out sending to the cache server") from exc
-            while sent:
-                if sent >= views[0].nbytes:
-                    sent -= views.pop(0).nbytes
-                else:
-                    views[0] = views[0][sent:]
-                    sent = 0
+        body_len = sum(byte_view(p).nbytes for p in parts)
+        head = P.pack_header(opcode, self._rid, key_count=key_count, body_len=body_len)
+        try:
+            P.send_parts(self.sock, [head, *parts])
+        except BlockingIOError as exc:  # SO_SNDTIMEO expired
+            raise TimeoutError("timed out sending to the cache server") from exc
         return self._rid
 
+    def _deadline(self, size: int) -> float:
+        return time.monotonic() + self.timeout_s + size / MIN_RATE
+
     def _recv_exact(self, view: memoryview) -> None:
+        deadline = self._deadline(len(view))
         while len(view):
             try:
                 n = self.sock.recv_into(view, len(view), socket.MSG_WAITALL)
@@ -127,11 +138,14 @@ class Connection:
             if n == 0:
                 raise ConnectionError("server closed the connection")
             view = view[n:]
+            if len(view) and time.monotonic() > deadline:  # a trickle: each recv returned something
+                raise TimeoutError("the cache server sends too slowly")
 
     def _recv_bytes(self, size: int) -> bytes:
         """``size`` bytes as a new ``bytes`` object received in place (no copy on the usual path)."""
         pieces: list[bytes] = []
         left = size
+        deadline = self._deadline(size)
         while left:
             try:
                 piece = self.sock.recv(left, socket.MSG_WAITALL)
@@ -141,11 +155,12 @@ class Connection:
                 raise ConnectionError("server closed the connection")
             pieces.append(piece)
             left -= len(piece)
+            if left and time.monotonic() > deadline:
+                raise TimeoutError("the cache server sends too slowly")
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
-    def recv(self, expect_rid: int, expect_op: int, *, fresh: bool = False) -> tuple[P.Header, _Body]:
-        """Read one response. The body is a view of the connection's buffer, valid until the next
-        ``recv``, or with ``fresh`` (for frames) a ``bytes`` object the caller owns."""
+    def _reply_header(self, expect_rid: int, expect_op: int) -> P.Header:
+        """The next reply header, checked against the request it must answer and this client's cap."""
         self._recv_exact(self._hdr_view)
         h = P.unpack_header(self._hdr)
         if h.request_id != expect_rid or h.opcode != expect_op:
@@ -153,8 +168,15 @@ class Connection:
                 raise _Dropped(f"server refused the connection: {P.Status(h.status).name}")
             raise ProtocolError(f"reply to request {h.request_id} (op {h.opcode}) while waiting for "
                                 f"request {expect_rid} (op {expect_op})")
-        if h.body_len > max(self.max_body, P.MAX_ERROR_BYTES) + P.HEADER_BYTES:
-            raise ProtocolError(f"reply body of {h.body_len} bytes exceeds the server's own limit")
+        if h.body_len > self.max_reply:
+            raise ProtocolError(f"reply body of {h.body_len} bytes exceeds this client's limit of {self.max_reply}")
+        return h
+
+    def recv(self, expect_rid: int, expect_op: int, *, fresh: bool = False) -> tuple[P.Header, _Body]:
+        """Read one response. The body is a view of the connection's buffer, valid until the next
+        ``recv``, or with ``fresh`` (for frames) a ``bytes`` object the caller owns. A body above this
+        client's ``max_reply`` raises :class:`ProtocolError` before any of it is read."""
+        h = self._reply_header(expect_rid, expect_op)
         if fresh and h.status == P.Status.OK:
             return h, self._recv_bytes(h.body_len)
         if h.body_len > len(self._buf):
@@ -164,18 +186,48 @@ class Connection:
         self._recv_exact(body)
         return h, body
 
+    def recv_into(self, expect_rid: int, expect_op: int, payload: memoryview) -> tuple[P.Header, bytes | None]:
+        """Read one frame reply, its payload straight into ``payload`` (zero copy) and return the head
+        (wire header + metadata, unverified). The head is ``None`` when the reply is not OK or the frame
+        is not exactly ``payload.nbytes`` of payload; its body is then consumed, ``payload`` is
+        untouched, and the connection stays in step."""
+        h = self._reply_header(expect_rid, expect_op)
+        fixed = wire.HEADER_BYTES
+        if h.status != P.Status.OK or h.body_len < fixed:
+            body = self._view[: min(h.body_len, len(self._buf))]
+            self._recv_exact(body)
+            self._skip(h.body_len - len(body))
+            _check_status(h, body)
+            return h, None
+        head = bytearray(fixed)
+        self._recv_exact(memoryview(head))
+        try:
+            header = wire.read_header(head)
+        except CorruptChunk:  # not a frame: the caller's fallback read reports it
+            header = None
+        if header is None or header.payload_len != payload.nbytes or (
+                fixed + header.meta_len + header.payload_len != h.body_len):
+            self._skip(h.body_len - fixed)
+            return h, None
+        meta_len = header.meta_len
+        head += bytes(meta_len)
+        self._recv_exact(memoryview(head)[fixed:])
+        self._recv_exact(payload.cast("B") if payload.format != "B" or payload.ndim != 1 else payload)
+        return h, bytes(head)
+
+    def _skip(self, n: int) -> None:
+        """Receive and drop ``n`` bytes (through the scratch buffer)."""
+        while n:
+            piece = self._view[: min(n, len(self._buf))]
+            self._recv_exact(piece)
+            n -= len(piece)
+
     def call(self, opcode: int, parts: Sequence[_Body] = (), key_count: int = 0, *,
              fresh: bool = False) -> tuple[P.Header, _Body]:
         return self.recv(self.send(opcode, parts, key_count), opcode, fresh=fresh)
 
     def close(self) -> None:
         self.sock.close()
-
-
-def byte_view(part: _Body) -> memoryview:
-    """A flat byte view of ``part`` (a tensor-backed memoryview may have another format or shape)."""
-    view = memoryview(part)
-    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
 
 def _check_status(h: P.Header, body: _Body, *, put: bool = False) -> None:
@@ -187,7 +239,8 @@ def _check_status(h: P.Header, body: _Body, *, put: bool = False) -> None:
     name = getattr(status, "name", str(status))
     if h.status in (P.Status.AUTH_FAILED, P.Status.AUTH_REQUIRED):
         raise AuthError(f"server: {name}: {message}")
-    if put and h.status in (P.Status.CORRUPT, P.Status.REFUSED, P.Status.TOO_LARGE):
+    if h.status == P.Status.FORBIDDEN or (put and h.status in (P.Status.CORRUPT, P.Status.REFUSED,
+                                                                 P.Status.TOO_LARGE)):
         raise _Refused(f"{name}: {message}", closed=h.status in P.CLOSING)
     if h.status in P.CLOSING:
         raise _Dropped(f"server closed the connection: {name}: {message}")
@@ -258,10 +311,12 @@ class RemoteTier(Tier):
         backoff_s: float = 0.01,
         breaker_cooldown_s: float = 0.1,
         max_cooldown_s: float = 2.0,
+        max_reply_bytes: int = DEFAULT_MAX_REPLY,
     ) -> None:
         if pool_size < 1:
             raise ValueError("pool_size must be at least 1")
         self.host, self.port, self.token = host, port, token
+        self.max_reply_bytes = max_reply_bytes
         self.timeout_s = timeout_s
         self.retries = retries
         self.backoff_s = backoff_s
@@ -276,7 +331,7 @@ class RemoteTier(Tier):
     def from_config(cls, cfg: RemoteConfig) -> RemoteTier:
         """Build from the ``remote`` config section."""
         return cls(cfg.host, cfg.port, cfg.token, cfg.timeout_s, cfg.pool_size, retries=cfg.retries,
-                   breaker_cooldown_s=cfg.breaker_cooldown_s)
+                   breaker_cooldown_s=cfg.breaker_cooldown_s, max_reply_bytes=cfg.max_reply_bytes)
 
     def _count(self, name: str, n: int = 1) -> None:
         with self._lock:
@@ -291,7 +346,7 @@ class RemoteTier(Tier):
         except queue.Empty:
             pass
         try:
-            conn = Connection(self.host, self.port, self.token, self.timeout_s)
+            conn = Connection(self.host, self.port, self.token, self.timeout_s, self.max_reply_bytes)
         except BaseException:
             self._slots.release()
             raise
@@ -312,8 +367,10 @@ class RemoteTier(Tier):
             except queue.Empty:
                 return
 
-    def _run(self, op: str, fn: Callable[[Connection], T]) -> T:
-        """Run ``fn`` on a pooled connection with retries and the circuit breaker."""
+    def _run(self, op: str, fn: Callable[[Connection], T], *, refusable: bool = False) -> T:
+        """Run ``fn`` on a pooled connection with retries and the circuit breaker. A refusal (a PUT the
+        server would not store, or an opcode this identity may not use) is not an outage: it raises
+        ``_Refused`` where ``refusable``, else :class:`TierUnavailable`, and leaves the breaker closed."""
         if self._closed:
             raise TierUnavailable("remote tier is closed")
         self.breaker.before()
@@ -335,7 +392,9 @@ class RemoteTier(Tier):
             except _Refused as exc:
                 ok = not exc.closed
                 self.breaker.success()
-                raise
+                if refusable:
+                    raise
+                raise TierUnavailable(f"cache server {self.host}:{self.port} refused {op}: {exc}") from exc
             except AuthError as exc:
                 last = exc
                 break
@@ -371,7 +430,7 @@ class RemoteTier(Tier):
             _check_status(h, body, put=True)
 
         try:
-            self._run("put", call)
+            self._run("put", call, refusable=True)
         except _Refused as exc:
             self._count("puts_refused")
             log.debug("cache server refused chunk %s: %s", key.hex(), exc)
@@ -440,12 +499,13 @@ class RemoteTier(Tier):
 
         return self._run("ping", call)
 
-    def list_keys(self, page: int = 65536) -> list[ChunkKey]:
-        """Every key on the server, in byte order (fetched in pages)."""
+    def list_keys(self, page: int = 65536, tenant: str = "") -> list[ChunkKey]:
+        """Every key of ``tenant`` on the server, in byte order (fetched in pages; needs the admin
+        token where the server has one)."""
         out: list[ChunkKey] = []
         after = b""
         while True:
-            req = _enc.encode(P.ListRequest(after=after, limit=page))
+            req = _enc.encode(P.ListRequest(after=after, limit=page, tenant=tenant))
 
             def call(conn: Connection, data: bytes = req) -> tuple[list[bytes], bool]:
                 h, body = conn.call(P.Op.LIST, (data,))
@@ -466,67 +526,115 @@ class RemoteTier(Tier):
 
         return self._run("stats", call)
 
-    def put_many(self, items: Iterable[tuple[ChunkKey, bytes]], window: int = 32) -> int:
-        """Pipelined PUTs on one connection (at most ``window`` unanswered); return how many stored."""
-        batch = list(items)
+    def put_many(self, items: Sequence[tuple[ChunkKey, Sequence[bytes | memoryview]]]) -> None:
+        """Store every ``(key, frame parts)`` item with batched MPUTs (one message per
+        :data:`MPUT_BATCH` items, all sent before the replies are read). Refused items are counted
+        (``puts_refused``), as with :meth:`put`."""
+        batch = []
+        for key, parts in items:
+            _check_key(key)
+            views = [v for v in (byte_view(p) for p in parts) if v.nbytes]
+            batch.append((key, views, sum(v.nbytes for v in views)))
+        if not batch:
+            return
 
-        def call(conn: Connection) -> int:
-            stored = 0
-            pending: list[int] = []
-            for key, frame in batch:
-                if len(frame) + P.KEY_BYTES > conn.max_body:
-                    continue  # the server would refuse it and close the connection
-                pending.append(conn.send(P.Op.PUT, (key, frame), key_count=1))
-                if len(pending) >= window:
-                    stored += _put_reply(conn, pending.pop(0))
-            while pending:
-                stored += _put_reply(conn, pending.pop(0))
+        def call(conn: Connection) -> list[bool]:
+            sendable = [i for i, item in enumerate(batch) if item[2] + P.KEY_BYTES <= conn.max_body]
+            sent: list[tuple[int, list[int]]] = []
+            for at in range(0, len(sendable), MPUT_BATCH):
+                group = sendable[at : at + MPUT_BATCH]
+                parts: list[_Body] = []
+                for i in group:
+                    key, views, size = batch[i]
+                    parts.append(P.MPUT_ITEM.pack(key, size))
+                    parts.extend(views)
+                sent.append((conn.send(P.Op.MPUT, parts, key_count=len(group)), group))
+            stored = [False] * len(batch)
+            for rid, group in sent:
+                h, body = conn.recv(rid, P.Op.MPUT)
+                _check_status(h, body)
+                if len(body) != len(group):
+                    raise ProtocolError(f"MPUT of {len(group)} items answered with {len(body)} statuses")
+                for i, status in zip(group, bytes(body), strict=True):
+                    stored[i] = status == P.Status.OK
             return stored
 
-        stored = self._run("put_many", call)
-        self._count("puts", stored)
-        self._count("puts_refused", len(batch) - stored)
-        return stored
+        outcome = self._run("put_many", call)
+        done = sum(outcome)
+        self._count("puts", done)
+        self._count("puts_refused", len(outcome) - done)
+        self._count("bytes_put", sum(size for (_k, _v, size), ok in zip(batch, outcome, strict=True) if ok))
 
-    def get_each(self, keys: Sequence[ChunkKey], fn: Callable[[int, bytes | None], None], window: int = 32) -> int:
-        """Pipelined GETs on one connection: ``fn(i, frame_or_None)`` for each key as its reply arrives
-        (so the caller can consume and drop each frame); return the number of hits. After a retry
-        ``fn`` may see an index again."""
+    def get_each(self, keys: Sequence[ChunkKey], fn: Callable[[int, bytes | None], None]) -> int:
+        """Batched GET (MGET, :data:`EXISTS_BATCH` keys per message): ``fn(i, frame_or_None)`` for each
+        key as its frame arrives (so the caller can verify and copy frame i while i+1 is on the wire,
+        and drop it); return the number of hits. After a retry ``fn`` may see an index again."""
+        for key in keys:
+            _check_key(key)
 
         def call(conn: Connection) -> int:
             hits = 0
-            pending: list[tuple[int, int]] = []
-
-            def take() -> None:
-                nonlocal hits
-                i, rid = pending.pop(0)
-                h, body = conn.recv(rid, P.Op.GET, fresh=True)
-                _check_status(h, body)
-                frame = None if h.status == P.Status.NOT_FOUND else _owned(body)
-                hits += frame is not None
-                fn(i, frame)
-
-            for i, key in enumerate(keys):
-                pending.append((i, conn.send(P.Op.GET, (key,), key_count=1)))
-                if len(pending) >= window:
-                    take()
-            while pending:
-                take()
+            for start in range(0, len(keys), EXISTS_BATCH):
+                batch = keys[start : start + EXISTS_BATCH]
+                rid = conn.send(P.Op.MGET, (b"".join(batch),), key_count=len(batch))
+                for i in range(len(batch)):
+                    h, body = conn.recv(rid, P.Op.MGET, fresh=True)
+                    _check_status(h, body)
+                    if h.key_count != i or bool(h.flags & P.FLAG_MORE) != (i + 1 < len(batch)):
+                        raise ProtocolError(f"MGET item {h.key_count} (flags {h.flags}) while expecting {i}")
+                    frame = None if h.status == P.Status.NOT_FOUND else _owned(body)
+                    hits += frame is not None
+                    fn(start + i, frame)
             return hits
 
-        hits = self._run("get_many", call)
+        hits = self._run("get_many", call) if keys else 0
         self._count("hits", hits)
         self._count("misses", len(keys) - hits)
         return hits
 
-    def get_many(self, keys: Sequence[ChunkKey], window: int = 32) -> list[bytes | None]:
-        """Pipelined GETs on one connection, results in order."""
-        out: list[bytes | None] = [None] * len(keys)
+    def get_into(self, key: ChunkKey, payload: memoryview) -> bytes | memoryview | None:
+        return self.get_many_into([key], [payload])[0]
+
+    def get_many_into(
+        self, keys: Sequence[ChunkKey], payloads: Sequence[memoryview]
+    ) -> list[bytes | memoryview | None]:
+        """Batched zero-copy GET (MGET): the payload of ``keys[i]`` is received straight into
+        ``payloads[i]`` (which must be exactly its size) and its head (wire header + metadata,
+        unverified; see :func:`kvtier.wire.unpack_head_into`) returned; ``None`` for a miss or a size
+        mismatch (that payload is then untouched; the caller falls back to ``get_view``/``get``).
+        After a failure mid-way a payload may hold partial bytes of a frame whose head is not returned."""
+        if len(keys) != len(payloads):
+            raise ValueError(f"{len(keys)} keys but {len(payloads)} payload buffers")
+        for key in keys:
+            _check_key(key)
+
+        def call(conn: Connection) -> list[bytes | memoryview | None]:
+            heads: list[bytes | memoryview | None] = []
+            for start in range(0, len(keys), EXISTS_BATCH):
+                batch = keys[start : start + EXISTS_BATCH]
+                rid = conn.send(P.Op.MGET, (b"".join(batch),), key_count=len(batch))
+                for i in range(len(batch)):
+                    h, head = conn.recv_into(rid, P.Op.MGET, payloads[start + i])
+                    if h.key_count != i:
+                        raise ProtocolError(f"MGET item {h.key_count} while expecting {i}")
+                    heads.append(head)
+            return heads
+
+        heads = self._run("get_many", call) if keys else []
+        hits = sum(head is not None for head in heads)
+        self._count("hits", hits)
+        self._count("gets_zero_copy", hits)
+        self._count("misses", len(keys) - hits)
+        return heads
+
+    def get_many(self, keys: Sequence[ChunkKey]) -> list[bytes | memoryview | None]:
+        """Batched GET: the frames of ``keys`` in order (``None`` = miss)."""
+        out: list[bytes | memoryview | None] = [None] * len(keys)
 
         def keep(i: int, frame: bytes | None) -> None:
             out[i] = frame
 
-        self.get_each(keys, keep, window)
+        self.get_each(keys, keep)
         return out
 
     def stats(self) -> dict[str, int | float]:
@@ -548,15 +656,6 @@ def _check_key(key: bytes) -> None:
 
 def _owned(body: _Body) -> bytes:
     return body if isinstance(body, bytes) else bytes(body)
-
-
-def _put_reply(conn: Connection, rid: int) -> int:
-    h, body = conn.recv(rid, P.Op.PUT)
-    try:
-        _check_status(h, body, put=True)
-    except _Refused:
-        return 0
-    return 1
 
 
 __all__ = ["CircuitBreaker", "Connection", "RemoteTier"]

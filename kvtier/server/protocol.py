@@ -8,7 +8,7 @@ bytes::
     4      1     version (1)
     5      1     opcode (:class:`Op`); a response repeats the opcode of its request
     6      1     status (:class:`Status`; 0 in requests)
-    7      1     flags (:data:`FLAG_MORE` on a truncated LIST reply; 0 otherwise)
+    7      1     flags (:data:`FLAG_MORE` on a truncated LIST reply and on every MGET item but the last)
     8      4     request id, chosen by the client and echoed in the response
     12     4     key count
     16     8     body length
@@ -27,18 +27,31 @@ DELETE        N keys                                       N bytes, 1 = was pres
 LIST          msgpack :class:`ListRequest` (may be empty)  key count N, N keys (sorted, after the cursor)
 STATS         empty                                        msgpack ``dict[str, int | float]``
 CLEAR         empty                                        msgpack ``{"removed": n}``
+MGET          N keys                                       N replies (see below)
+MPUT          N items ``key | u64 length | frame``         N bytes, the :class:`Status` of each item
 ============  ==========================================  ==============================================
+
+MGET is answered by N messages, one per key in request order, each a full header (opcode MGET, the
+request id, status OK or NOT_FOUND, key count = the item's index, :data:`FLAG_MORE` on all but the last)
+followed by that key's frame (empty on NOT_FOUND): the client can consume frame i while frame i+1 is
+on the wire, and receive each straight into its destination. A non-OK, non-NOT_FOUND status ends the
+reply early (its body is the explanation). MPUT's body is read item by item (each frame at most the
+server's message limit, each stored before the next is read) and answered once; a refused item
+(CORRUPT, REFUSED) does not stop the others.
 
 A non-OK response carries a UTF-8 explanation as its body. Invariants: a receiver validates the header
 (magic, version, opcode, key count vs. body length, body length vs. its limit) *before* reading the
 body; responses on one connection come in request order, so a client may pipeline many requests and
 match replies by id. No pickle: structured bodies are msgspec records, chunk frames are opaque bytes.
+A receiver caps every body by its *own* configured limit, never by a limit its peer announced.
 """
 
 from __future__ import annotations
 
 import enum
+import socket
 import struct
+from collections.abc import Sequence
 
 import msgspec
 
@@ -65,6 +78,8 @@ class Op(enum.IntEnum):
     LIST = 7
     STATS = 8
     CLEAR = 9
+    MGET = 10
+    MPUT = 11
 
 
 class Status(enum.IntEnum):
@@ -78,7 +93,9 @@ class Status(enum.IntEnum):
     BUSY = 7  # connection limit reached
     SHUTTING_DOWN = 8
     SERVER_ERROR = 9
-    REFUSED = 10  # PUT not stored (frame larger than the store, or the persistence tier failed)
+    REFUSED = 10  # PUT not stored (frame larger than the store or quota, or the persistence tier refused it)
+    FORBIDDEN = 11  # this identity may not use the opcode here (LIST/CLEAR/STATS need admin; a P2P peer
+    # serves GET/EXISTS only); the connection stays open
 
 
 #: Statuses after which the server closes the connection.
@@ -103,10 +120,14 @@ class ServerInfo(msgspec.Struct, frozen=True):
 
 
 class ListRequest(msgspec.Struct, frozen=True):
-    """Keys strictly greater than ``after`` (byte order), at most ``limit`` of them."""
+    """Keys of ``tenant`` strictly greater than ``after`` (byte order), at most ``limit`` of them."""
 
     after: bytes = b""
     limit: int = 65536
+    tenant: str = ""
+
+
+MPUT_ITEM = struct.Struct("<16sQ")  # key, frame length: the head of each MPUT item
 
 
 class Header(msgspec.Struct, frozen=True, array_like=True):
@@ -149,7 +170,10 @@ def check_request_shape(h: Header) -> None:
     elif op == Op.PUT:
         if h.key_count != 1 or h.body_len <= KEY_BYTES:
             raise ProtocolError(f"PUT takes 1 key and a frame, got {h.key_count} keys, {h.body_len} bytes")
-    elif op in (Op.GET, Op.EXISTS, Op.DELETE):
+    elif op == Op.MPUT:
+        if not 0 < h.key_count <= MAX_KEYS or h.body_len <= h.key_count * MPUT_ITEM.size:
+            raise ProtocolError(f"MPUT with {h.key_count} keys cannot have a body of {h.body_len} bytes")
+    elif op in (Op.GET, Op.EXISTS, Op.DELETE, Op.MGET):
         if op == Op.GET and h.key_count != 1:
             raise ProtocolError(f"GET takes 1 key, got {h.key_count}")
         if not 0 < h.key_count <= MAX_KEYS or h.body_len != h.key_count * KEY_BYTES:
@@ -171,6 +195,34 @@ def join_keys(keys: list[bytes] | tuple[bytes, ...]) -> bytes:
         if len(key) != KEY_BYTES:
             raise ProtocolError(f"key of {len(key)} bytes, expected {KEY_BYTES}")
     return b"".join(keys)
+
+
+IOV_MAX = 512  # buffers per sendmsg call (the kernel refuses more than 1024)
+
+
+def byte_view(part: bytes | bytearray | memoryview) -> memoryview:
+    """A flat byte view of ``part`` (a tensor-backed memoryview may have another format or shape)."""
+    view = memoryview(part)
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
+def send_parts(sock: socket.socket, parts: Sequence[bytes | bytearray | memoryview]) -> None:
+    """Send every part, in order, with as few ``sendmsg`` calls as the kernel allows (no joining).
+    ``BlockingIOError`` (a send timeout of a blocking socket) propagates."""
+    send_views(sock, [v for v in (byte_view(p) for p in parts) if v.nbytes])
+
+
+def send_views(sock: socket.socket, views: list[memoryview]) -> None:
+    """Send ``views`` in order, consuming the list as bytes go out: after a timeout exception the list
+    holds exactly what is left, so the caller can resume."""
+    while views:
+        sent = sock.sendmsg(views[:IOV_MAX])
+        while sent:
+            if sent >= views[0].nbytes:
+                sent -= views.pop(0).nbytes
+            else:
+                views[0] = views[0][sent:]
+                sent = 0
 
 
 def error_body(message: str) -> bytes:

@@ -62,7 +62,7 @@ class Tier(ABC):
     def get_into(self, key: ChunkKey, payload: memoryview) -> bytes | memoryview | None:
         """Zero-copy read: place the stored payload of ``key`` straight into ``payload`` (which must be
         exactly its size) and return the frame's head (fixed header + metadata), unverified (see
-        :func:`kvtier.wire.unpack_head_into`). ``None`` when the key is missing, the sizes differ or the
+        :func:`kvtier.frames.unpack_head_into`). ``None`` when the key is missing, the sizes differ or the
         tier cannot read into caller memory; the caller then falls back to ``get_view``. Default: None."""
         return None
 

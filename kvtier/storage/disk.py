@@ -15,7 +15,12 @@ Invariants:
   (:func:`kvtier.wire.peek_meta`); a file whose head is unreadable, names another key or whose size
   disagrees with its header is quarantined instead of indexed.
 - The sum of indexed sizes plus writes in flight never exceeds ``capacity_bytes``: space is reserved
-  (evicting by policy) before a write starts and given back if the write fails.
+  (evicting by policy) before a write starts and given back if the write fails. A chunk that cannot
+  fit even in an empty tier (larger than ``capacity_bytes`` minus the writes in flight) is refused
+  *before* anything is evicted, so one oversize put never costs the chunks already stored.
+- Only regular files are ever opened (``O_NONBLOCK``, then ``fstat``): a FIFO, socket or device named
+  like a chunk file is skipped and counted (``skipped_not_regular``), so it can neither hang a reader
+  nor be served.
 - A failed write removes its temp file and leaves every indexed file untouched. A full filesystem
   (``ENOSPC``/``EDQUOT``) is counted and the write dropped (writes pause for ``FULL_PAUSE_S``) without
   raising, so reads keep being served; any other I/O error raises ``TierUnavailable``.
@@ -35,6 +40,7 @@ import fcntl
 import itertools
 import logging
 import os
+import stat
 import threading
 import time
 from collections import Counter
@@ -74,6 +80,29 @@ def key_of(name: str) -> ChunkKey | None:
         return bytes.fromhex(stem)
     except ValueError:
         return None
+
+
+class NotRegularFile(OSError):
+    """A chunk-file name that is a FIFO, socket, device or directory (never opened for reading)."""
+
+
+def open_regular(path: Path) -> int:
+    """``os.open`` for reading that never blocks on a FIFO or device: opened with ``O_NONBLOCK`` (and
+    without following a final symlink), then checked to be a regular file, else :class:`NotRegularFile`.
+    ``O_NONBLOCK`` does not change reads of regular files."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # a symlink
+            raise NotRegularFile(f"{path} is a symbolic link") from exc
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotRegularFile(f"{path} is not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def iter_files(root: Path) -> Iterator[os.DirEntry[str]]:
@@ -283,6 +312,10 @@ class DiskTier(Tier):
             key = key_of(entry.name)
             if key is None:
                 continue
+            if not entry.is_file(follow_symlinks=False):
+                log.warning("disk tier %s: skipping %s: not a regular file", self.root, entry.name)
+                self.counters["skipped_not_regular"] += 1
+                continue
             checked = self._check_file(Path(entry.path), key)
             if checked is not None:
                 found.append((checked[1], key, checked[0]))
@@ -300,7 +333,10 @@ class DiskTier(Tier):
     def _check_file(self, path: Path, key: ChunkKey) -> tuple[int, int] | None:
         """``(size, mtime_ns)`` of a published file whose head is sound; quarantine it otherwise."""
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = open_regular(path)
+        except NotRegularFile:
+            self.counters["skipped_not_regular"] += 1
+            return None
         except FileNotFoundError:
             return None
         try:
@@ -348,7 +384,10 @@ class DiskTier(Tier):
         return size
 
     def _reserve(self, size: int) -> bool:
-        """Make room for ``size`` more bytes, evicting by policy (lock held)."""
+        """Make room for ``size`` more bytes, evicting by policy (lock held); False, with nothing
+        evicted, if ``size`` cannot fit even once every indexed chunk is gone."""
+        if self._pending + size > self.capacity_bytes:
+            return False
         victims: list[ChunkKey] = []
         while self._used + self._pending + size > self.capacity_bytes:
             victim = self._policy.victim(lambda _k: True)
@@ -398,14 +437,19 @@ class DiskTier(Tier):
         self.put_parts(key, (frame,))
 
     def put_parts(self, key: ChunkKey, parts: Sequence[Buffer]) -> None:
+        self.write(key, parts)
+
+    def write(self, key: ChunkKey, parts: Sequence[Buffer]) -> bool:
+        """``put_parts`` that says whether the chunk is now stored (False: dropped and counted, because it
+        is larger than the tier or the filesystem is full). Raises ``TierUnavailable`` on I/O errors."""
         size = sum(memoryview(p).nbytes for p in parts)
         with self._lock:
             if time.monotonic() < self._full_until:
                 self.counters["dropped_disk_full"] += 1
-                return
+                return False
             if not self._reserve(size):
                 self.counters["dropped_no_space"] += 1
-                return
+                return False
         final = chunk_path(self.root, key)
         try:
             try:
@@ -425,7 +469,7 @@ class DiskTier(Tier):
                     self._full_until = time.monotonic() + FULL_PAUSE_S
             if full:
                 log.warning("disk tier %s: filesystem full, dropping writes for %.1fs", self.root, FULL_PAUSE_S)
-                return
+                return False
             raise TierUnavailable(f"disk tier {self.root}: cannot write chunk {key.hex()}: {exc}") from exc
         with self._lock:
             self._pending -= size
@@ -442,6 +486,7 @@ class DiskTier(Tier):
                 with self._lock:
                     self.counters["write_errors"] += 1
                 raise TierUnavailable(f"disk tier {self.root}: cannot sync directory: {exc}") from exc
+        return True
 
     def get(self, key: ChunkKey) -> bytes | None:
         data = self._read(key, None)
@@ -460,7 +505,7 @@ class DiskTier(Tier):
                 return None
             self._policy.touch(key)
         try:
-            fd = os.open(chunk_path(self.root, key), os.O_RDONLY | os.O_CLOEXEC)
+            fd = open_regular(chunk_path(self.root, key))
         except OSError:
             return None  # get_view sorts out what happened
         try:
@@ -485,7 +530,7 @@ class DiskTier(Tier):
         if nxt is None:
             return
         with contextlib.suppress(OSError):
-            fd = os.open(chunk_path(self.root, nxt), os.O_RDONLY | os.O_CLOEXEC)
+            fd = open_regular(chunk_path(self.root, nxt))
             try:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
             finally:
@@ -499,7 +544,13 @@ class DiskTier(Tier):
             self._policy.touch(key)
         path = chunk_path(self.root, key)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = open_regular(path)
+        except NotRegularFile:  # replaced by a FIFO/device under us: never read it
+            with self._lock:
+                self.counters["skipped_not_regular"] += 1
+                self._drop(key)
+                self._policy.remove(key)
+            return None
         except FileNotFoundError:  # evicted or deleted meanwhile
             self._forget_if(key, size)
             return None
@@ -589,7 +640,7 @@ class DiskTier(Tier):
                 "capacity_bytes": self.capacity_bytes,
             }
             for name in ("quarantined", "evictions", "write_errors", "enospc", "dropped_no_space",
-                         "dropped_disk_full"):
+                         "dropped_disk_full", "skipped_not_regular"):
                 out[name] = self.counters[name]
             out.update({k: v for k, v in self.counters.items() if k not in out})
         return out

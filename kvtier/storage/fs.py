@@ -12,6 +12,8 @@ Invariants:
   case is a miss, never an error.
 - ``get`` returns a frame only if its length equals what its fixed header announces; anything else is
   quarantined. Checksums are left to the caller (the manager verifies every frame).
+- Only regular files are read (see :func:`kvtier.storage.disk.open_regular`): anything else named like
+  a chunk is a counted miss (``skipped_not_regular``), never a blocked open.
 - Temp files are removed by their writer on failure; ones left by a crashed writer are removed at
   start once older than ``stale_temp_s`` (younger ones may belong to a live writer).
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import threading
 import time
 import uuid
@@ -35,12 +38,14 @@ from kvtier.storage.disk import (
     SUFFIX,
     TEMP_SUFFIX,
     Buffer,
+    NotRegularFile,
     ReadBuffers,
     chunk_path,
     frame_length,
     fsync_dir,
     iter_files,
     key_of,
+    open_regular,
     publish,
     read_exact,
     read_frame_into,
@@ -111,7 +116,7 @@ class FsTier(Tier):
 
     def get_into(self, key: ChunkKey, payload: memoryview) -> bytes | None:
         try:
-            fd = os.open(chunk_path(self.root, key), os.O_RDONLY | os.O_CLOEXEC)
+            fd = open_regular(chunk_path(self.root, key))
         except OSError:
             return None  # get_view sorts out what happened
         try:
@@ -130,7 +135,11 @@ class FsTier(Tier):
     def _read(self, key: ChunkKey, buffers: ReadBuffers | None) -> bytes | memoryview | None:
         path = chunk_path(self.root, key)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = open_regular(path)
+        except NotRegularFile:  # a FIFO or device named like a chunk: never read, never removed
+            self._count("skipped_not_regular")
+            self._count("misses")
+            return None
         except FileNotFoundError:
             self._count("misses")
             return None
@@ -158,8 +167,7 @@ class FsTier(Tier):
         out = []
         for key in keys:
             try:
-                os.stat(chunk_path(self.root, key))
-                out.append(True)
+                out.append(stat.S_ISREG(os.lstat(chunk_path(self.root, key)).st_mode))
             except FileNotFoundError:
                 out.append(False)
             except OSError as exc:

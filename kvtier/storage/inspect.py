@@ -76,7 +76,7 @@ def scan_dir(root: Path, verify: bool = True, progress: bool = True) -> DirRepor
             if entry.name.endswith(TEMP_SUFFIX):
                 report.temp_files += 1
                 continue
-            if key_of(entry.name) is None:
+            if key_of(entry.name) is None or not entry.is_file(follow_symlinks=False):  # never open a FIFO
                 report.other += 1
                 continue
             file = check_file(Path(entry.path), verify)

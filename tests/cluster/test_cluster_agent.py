@@ -124,8 +124,8 @@ def test_corrupt_peer_frame_is_rejected_and_recomputed(controller: ThreadedContr
         store = a.agent.peer_server.store
         real_get = store.get
 
-        async def tampered(key: bytes) -> Any:
-            frame = await real_get(key)
+        async def tampered(tenant: str, key: bytes) -> Any:
+            frame = await real_get(tenant, key)
             if frame is None:
                 return None
             bad = bytearray(frame)

@@ -64,3 +64,43 @@ def test_wire_partial_chunk_with_cachegen() -> None:
     out = torch.zeros_like(kv)
     unpack_into(frame, spec_for("bfloat16", chunk=32), out)
     assert_within_bound(LOSSY["cachegen"], kv, out)
+
+
+def test_page_record_round_trips_as_a_page() -> None:
+    from kvtier.record import ChunkRecord, Kind
+
+    spec = spec_for("bfloat16", chunk=32)
+    kv = kv_like(spec, 32, seed=3)
+    record = ChunkRecord(b"\7" * 16, b"\0" * 16, bytes(range(32)), Kind.PAGE, 32)
+    meta = unpack_into(pack(record, kv, spec), spec, torch.zeros_like(kv), record.key)
+    assert meta.record() == record and meta.kind == Kind.PAGE
+
+
+def test_version_1_frames_and_bad_flags_are_corrupt() -> None:
+    frame, kv, _chunk = frame_for("raw")
+    spec = spec_for("bfloat16", chunk=32)
+    old = bytearray(frame)
+    old[4:6] = (1).to_bytes(2, "little")
+    with pytest.raises(CorruptChunk, match="unsupported wire version 1"):
+        unpack_into(bytes(old), spec, torch.zeros_like(kv))
+    flagged = bytearray(frame)
+    flagged[6] = 1  # claims a MAC but names no key
+    with pytest.raises(CorruptChunk, match="flags"):
+        unpack_into(bytes(flagged), spec, torch.zeros_like(kv))
+
+
+def test_a_version_1_file_in_a_disk_tier_is_quarantined_at_start(tmp_path) -> None:
+    from kvtier.storage.disk import DiskTier, chunk_path
+
+    frame, _kv, chunk = frame_for("raw")
+    old = bytearray(frame)
+    old[4:6] = (1).to_bytes(2, "little")
+    path = chunk_path(tmp_path, chunk.key)  # type: ignore[attr-defined]
+    path.parent.mkdir(parents=True)
+    path.write_bytes(bytes(old))
+    tier = DiskTier(tmp_path, 1 << 20)
+    try:
+        assert tier.exists([chunk.key]) == [False]  # type: ignore[attr-defined]
+        assert tier.stats()["quarantined"] == 1 and not path.exists()
+    finally:
+        tier.close()

@@ -241,3 +241,25 @@ def test_secret_config(tmp_path: Path) -> None:
         FrameKeys.from_config(load_config(environ={}, overrides={
             "auth": {"secret": SECRET, "secret_file": str(secret_file)}}).auth)
     assert SECRET not in repr(load_config(environ={}, overrides={"auth": {"secret": SECRET}}))
+
+
+def test_peer_frames_carry_the_engines_mac() -> None:
+    """What a P2P server hands out is MAC'd with the serving engine's current key, so a fetching engine
+    of the same tenant accepts it and anyone else's keyring rejects it."""
+    from kvtier.cluster.p2p import frame_of
+    from kvtier.storage.cpu import CpuTier
+
+    cpu = CpuTier(SPEC, 4 * SPEC.chunk_bytes)
+    record = token_record(make_chunks()[0], TOKENS)
+    kv = torch.randn(SPEC.chunk_shape(record.num_tokens))
+    slot = cpu.reserve()
+    assert slot is not None
+    cpu.arena.view(slot, record.num_tokens).copy_(kv)
+    assert cpu.commit(record, slot)
+    keys = FrameKeys(SECRET.encode())
+    frame = frame_of(cpu, record.key, keys)
+    assert frame is not None and wire.read_header(frame).key_id == keys.key_id
+    out = torch.empty_like(kv)
+    assert unpack_into(frame, SPEC, out, record.key, keys).record() == record and torch.equal(out, kv)
+    with pytest.raises(FrameAuthError):
+        unpack_into(frame, SPEC, out, record.key, FrameKeys(OTHER.encode()))

@@ -94,7 +94,8 @@ def test_persisted_data_survives_sigkill(tmp_path: Path) -> None:
     try:
         tier = RemoteTier("127.0.0.1", srv.port, timeout_s=5.0, pool_size=1)
         frames = make_frames(20, seed=5)  # ~170 KB: more than memory holds, all of it on disk
-        assert tier.put_many(frames) == 20
+        tier.put_many([(k, (f,)) for k, f in frames])
+        assert tier.stats()["puts"] == 20
         engine = _engine(RemoteTier("127.0.0.1", srv.port, timeout_s=5.0, pool_size=1))
         tokens, kv = _prompt(77)
         assert _hits_from_remote(engine, tokens, kv)

@@ -8,11 +8,12 @@ import pytest
 from server_support import make_frames
 
 from kvtier import keys, wire
+from kvtier.config import ServerConfig
 from kvtier.errors import ConfigError, CorruptChunk, ProtocolError, TierUnavailable
 from kvtier.server import protocol as P
-from kvtier.server.app import check_bind, is_loopback
+from kvtier.server.app import authenticate, check_bind, identities, is_loopback
 from kvtier.server.client import CircuitBreaker, RemoteTier
-from kvtier.server.store import ENTRY_OVERHEAD, MemoryStore
+from kvtier.server.store import ENTRY_OVERHEAD, MemoryStore, namespace
 
 
 def test_protocol_keys_are_chunk_keys() -> None:
@@ -58,6 +59,36 @@ def test_memory_store_never_exceeds_capacity() -> None:
     n = len(store)
     assert store.clear() == n
     assert store.used_bytes == 0 and len(store) == 0
+
+
+def test_memory_store_quota_evicts_only_the_tenants_own_chunks() -> None:
+    store = MemoryStore(100_000, "lru")
+    a, b = namespace("a"), namespace("b")
+    assert store.put(a + bytes(16), bytes(1000))
+    for i in range(10):
+        assert store.put(b + i.to_bytes(16, "little"), bytes(1000), quota=3 * (1000 + ENTRY_OVERHEAD))
+    assert store.ns_bytes[b] <= 3 * (1000 + ENTRY_OVERHEAD) and a + bytes(16) in store
+    assert [b + i.to_bytes(16, "little") in store for i in range(10)] == [False] * 7 + [True] * 3
+    evictions = store.counters["evictions"]
+    assert not store.put(b + b"x" * 16, bytes(5000), quota=3 * (1000 + ENTRY_OVERHEAD))  # above the quota
+    assert store.counters["evictions"] == evictions  # refused before evicting anything
+
+
+def test_identities_and_their_config_errors_never_show_a_token() -> None:
+    cfg = ServerConfig(tenants={"tok-a": "alpha", "tok-b": "beta"}, admin_token="tok-admin", token="tok-d")
+    known = identities(cfg)
+    assert authenticate(known, "tok-a") == ("alpha", False)
+    assert authenticate(known, "tok-admin") == ("", True)
+    assert authenticate(known, "tok-d") == ("", False)  # with tenants or an admin token, not admin
+    assert authenticate(known, "tok-") is None and authenticate(known, "") is None
+    assert authenticate(identities(ServerConfig(token="t")), "t") == ("", True)  # one trust domain
+    for bad, match in (({"sekrit1": "../up"}, "tenant name"), ({"sekrit1": "x", "tok-admin": "y"}, "different"),
+                       ({"": "x"}, "empty token")):
+        with pytest.raises(ConfigError, match=match) as err:
+            identities(ServerConfig(tenants=bad, admin_token="tok-admin"))
+        assert "sekrit1" not in str(err.value) and "tok-admin" not in str(err.value)
+    with pytest.raises(ConfigError, match="tenant_quotas"):
+        identities(ServerConfig(tenants={"t": "x"}, tenant_quotas={"y": 10}))
 
 
 def test_bind_rules() -> None:

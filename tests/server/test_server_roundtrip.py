@@ -18,6 +18,7 @@ from server_support import (
     stats_of,
 )
 
+from kvtier import wire
 from kvtier.errors import TierUnavailable
 from kvtier.layout import KVSpec
 from kvtier.server import protocol as P
@@ -115,10 +116,11 @@ def test_pipelined_requests_answer_in_order(server: ServerProcess, tier: RemoteT
     gets = [got[r] for r, op, _s in expected if op == P.Op.GET]
     assert gets == [f for _k, f in frames]
     assert got[rid] == b"\x01" * 50 + b"\x00"
-    # the client's own pipelining
+    # the client's batched MPUT / MGET
     tier.clear()
-    assert tier.put_many(frames, window=8) == 50
-    assert tier.get_many([k for k, _ in frames], window=8) == [f for _k, f in frames]
+    tier.put_many([(k, (f[:100], memoryview(f)[100:])) for k, f in frames])
+    assert tier.stats()["puts"] == 50 and not tier.stats().get("puts_refused")
+    assert tier.get_many([k for k, _ in frames] + [b"\x01" * 16]) == [f for _k, f in frames] + [None]
 
 
 def test_oversize_frame_refused_before_its_body(server: ServerProcess, tier: RemoteTier) -> None:
@@ -217,3 +219,56 @@ def test_kvtier_cli_entry_point(tmp_path: Path) -> None:
 
     out = CliRunner().invoke(app, ["server", "--help"])
     assert out.exit_code == 0 and "--persist" in out.stdout and "--token" in out.stdout
+
+
+def test_mget_streams_one_reply_per_key_in_order(server: ServerProcess, tier: RemoteTier) -> None:
+    frames = make_frames(3, seed=41)
+    for key, frame in frames:
+        tier.put(key, frame)
+    absent = b"\x07" * 16
+    keys = [frames[0][0], absent, frames[1][0], frames[2][0]]
+    with server.connect() as sock:
+        sock.sendall(hello() + request(P.Op.MGET, 5, b"".join(keys), key_count=4) + request(P.Op.PING, 6))
+        read_reply(sock)
+        replies = [read_reply(sock) for _ in keys]
+        assert [(h.request_id, h.opcode, h.key_count, h.flags) for h, _b in replies] == [
+            (5, P.Op.MGET, i, P.FLAG_MORE if i < 3 else 0) for i in range(4)]
+        assert [h.status for h, _b in replies] == [P.Status.OK, P.Status.NOT_FOUND, P.Status.OK, P.Status.OK]
+        assert [b for _h, b in replies] == [frames[0][1], b"", frames[1][1], frames[2][1]]
+        assert read_reply(sock)[0].request_id == 6  # the next request's reply follows the last item
+
+
+def test_mput_answers_each_item_and_keeps_the_connection(server: ServerProcess, tier: RemoteTier) -> None:
+    frames = make_frames(3, seed=42)
+    bad = bytearray(frames[1][1])
+    bad[-1] ^= 1
+    items = [(frames[0][0], frames[0][1]), (frames[1][0], bytes(bad)), (frames[2][0], frames[2][1])]
+    body = b"".join(P.MPUT_ITEM.pack(k, len(f)) + f for k, f in items)
+    with server.connect() as sock:
+        sock.sendall(hello() + request(P.Op.MPUT, 2, body, key_count=3) + request(P.Op.PING, 3))
+        read_reply(sock)
+        h, statuses = read_reply(sock)
+        assert h.status == P.Status.OK and list(statuses) == [P.Status.OK, P.Status.CORRUPT, P.Status.OK]
+        assert read_reply(sock)[0].request_id == 3
+    assert tier.exists([k for k, _f in frames]) == [True, False, True]
+    lying = P.MPUT_ITEM.pack(frames[0][0], len(body)) + frames[0][1]  # announces more than the body holds
+    with server.connect() as sock:
+        sock.sendall(hello() + request(P.Op.MPUT, 2, lying, key_count=1))
+        read_reply(sock)
+        assert P.unpack_header(read_until_closed(sock, 10)[: P.HEADER_BYTES]).status == P.Status.BAD_REQUEST
+
+
+def test_get_many_into_receives_payloads_in_place(tier: RemoteTier) -> None:
+    frames = make_frames(3, seed=43)
+    tier.put_many([(k, (f,)) for k, f in frames])
+    head_len = len(frames[0][1]) - wire.read_header(frames[0][1]).payload_len
+    dests = [memoryview(bytearray(len(f) - head_len)) for _k, f in frames]
+    wrong = memoryview(bytearray(7))  # a size mismatch: a miss, the buffer untouched, the stream in step
+    heads = tier.get_many_into([frames[0][0], b"\x09" * 16, frames[1][0], frames[2][0]],
+                               [dests[0], memoryview(bytearray(len(dests[0]))), wrong, dests[2]])
+    assert heads[1] is None and heads[2] is None and bytes(wrong) == bytes(7)
+    for i in (0, 2):
+        _key, frame = frames[i]
+        assert heads[0 if i == 0 else 3] == frame[:head_len] and bytes(dests[i]) == frame[head_len:]
+    assert tier.get_into(frames[1][0], dests[1]) == frames[1][1][:head_len]
+    assert bytes(dests[1]) == frames[1][1][head_len:]
