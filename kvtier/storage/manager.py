@@ -104,8 +104,8 @@ class StorageManager:
         base_backoff_s: float = 0.2,
         max_backoff_s: float = 10.0,
         auth: FrameKeys | None = None,
-        read_batch: int = 2,
-        read_ahead: int = 3,
+        read_batch: int = 8,
+        read_ahead: int = 2,
     ) -> None:
         if read_batch < 1 or read_ahead < 1:
             raise ValueError(f"read_batch and read_ahead must be >= 1, got {read_batch} and {read_ahead}")
