@@ -49,9 +49,9 @@ def _disk(path: Path, fsync: bool, spec: KVSpec) -> Tier:
 
 def _tier_round(pages: torch.Tensor, pages_per_object: int, path: Path, fsync: bool,
                 repeat: int) -> dict[str, Any]:
-    """Write then read ``pages`` ([n, layers, 2, PAGE, heads, dim]) as objects of ``pages_per_object``."""
-    n = pages.shape[0]
-    spec = KVSpec(pages.shape[1], pages.shape[4], pages.shape[5], "bfloat16", PAGE * pages_per_object)
+    """Write then read ``pages`` ([n, layers, 2, page, heads, dim]) as objects of ``pages_per_object``."""
+    n, page = pages.shape[0], pages.shape[3]
+    spec = KVSpec(pages.shape[1], pages.shape[4], pages.shape[5], "bfloat16", page * pages_per_object)
     objects = [torch.cat(list(pages[i : i + pages_per_object]), dim=2).contiguous()
                for i in range(0, n, pages_per_object)]
     records = [ChunkRecord(i.to_bytes(16, "little"), bytes(16), i.to_bytes(32, "little"), Kind.PAGE, spec.chunk_tokens)
@@ -79,16 +79,16 @@ def _adapter_round(pages: torch.Tensor, path: Path, fsync: bool, repeat: int) ->
     """The same pages through :class:`KvtierStorage` (page objects, the shipped code path)."""
     from kvtier.integrations.sglang import KvtierStorage
 
-    n, layers, _two, _page, heads, dim = pages.shape
+    n, layers, _two, page, heads, dim = pages.shape
     pool = SimpleNamespace(layout="layer_first", kv_buffer=pages.permute(2, 1, 0, 3, 4, 5).reshape(
-        2, layers, n * PAGE, heads, dim).contiguous(), page_size=PAGE, layer_num=layers, head_num=heads,
+        2, layers, n * page, heads, dim).contiguous(), page_size=page, layer_num=layers, head_num=heads,
         head_dim=dim, dtype=pages.dtype)
     config = SimpleNamespace(tp_rank=0, tp_size=1, pp_rank=0, pp_size=1, is_mla_model=False, model_name="bench",
                              extra_config={"kvtier": {"disk": {"enabled": True, "path": str(path), "fsync": fsync}}})
     storage = KvtierStorage(config)
     storage.register_mem_pool_host(pool)
     keys = [f"{i:064x}" for i in range(n)]
-    slots = torch.arange(n * PAGE)
+    slots = torch.arange(n * page)
     w = time_runs(lambda: storage.batch_set_v1(keys, slots), repeat=repeat, warmup=1, setup=storage.clear)
     r = time_runs(lambda: storage.batch_get_v1(keys, slots), repeat=repeat, warmup=1)
     assert all(storage.batch_get_v1(keys, slots))
@@ -101,14 +101,19 @@ def _io_result(write: Timing, read: Timing, nbytes: int, calls: int) -> dict[str
             "write_GBps": write.rate(nbytes / 1e9), "read_GBps": read.rate(nbytes / 1e9)}
 
 
+def _storage_name(args: argparse.Namespace) -> str:
+    """Results name: ``sglang_storage`` for the default 16-token pages, else with the page size."""
+    return "sglang_storage" if args.page_tokens == PAGE else f"sglang_storage_page{args.page_tokens}"
+
+
 def storage_bench(args: argparse.Namespace) -> dict[str, Any]:
     g = torch.Generator().manual_seed(0)
-    shape = (args.pages, SMOLLM2["layers"], 2, PAGE, SMOLLM2["heads"], SMOLLM2["dim"])
+    shape = (args.pages, SMOLLM2["layers"], 2, args.page_tokens, SMOLLM2["heads"], SMOLLM2["dim"])
     pages = torch.randn(shape, generator=g).to(torch.bfloat16)
     nbytes = pages.numel() * pages.element_size()
     dst = torch.empty_like(pages)
     ceiling = time_runs(lambda: dst.copy_(pages), repeat=args.repeat)
-    results: dict[str, Any] = {"page_bytes": nbytes // args.pages, "pages": args.pages,
+    results: dict[str, Any] = {"page_bytes": nbytes // args.pages, "pages": args.pages, "page_tokens": args.page_tokens,
                                "ceiling_copy": {**ceiling.summary(), "GBps": ceiling.rate(nbytes / 1e9)},
                                "runs": {}}
     with tempfile.TemporaryDirectory(prefix="kvtier-sglang-bench-", dir=args.disk_dir) as tmp:
@@ -131,7 +136,8 @@ def storage_bench(args: argparse.Namespace) -> dict[str, Any]:
     print(f"ceiling: copy_ {results['ceiling_copy']['GBps']['median']:.2f} GB/s")
     labels = [f"{label}\n{name}" for label, runs in results["runs"].items() for name in runs]
     flat = [r for runs in results["runs"].values() for r in runs.values()]
-    bar_plot(Path(args.out) / "sglang_storage.png", f"{args.pages} SGLang pages ({nbytes / 2**20:.0f} MiB) "
+    bar_plot(Path(args.out) / f"{_storage_name(args)}.png", f"{args.pages} SGLang pages of {args.page_tokens} tokens "
+             f"({nbytes / 2**20:.0f} MiB) "
              "through the disk tier (GB/s, median, min-max)", labels,
              {"write": [r["write_GBps"]["median"] for r in flat], "read": [r["read_GBps"]["median"] for r in flat]},
              "GB/s", {"write": ([r["write_GBps"]["min"] for r in flat], [r["write_GBps"]["max"] for r in flat]),
@@ -171,7 +177,8 @@ def ttft_bench(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="kvtier-sglang-ttft-", dir=args.disk_dir) as tmp:
         cfg = Path(tmp) / "kvtier.yaml"
         cfg.write_text(f"disk:\n  enabled: true\n  path: {Path(tmp) / 'disk'}\n")
-        argv = sglang_server_command(port=free_port(), config=str(cfg), prefetch_threshold=PAGE)
+        argv = sglang_server_command(port=free_port(), config=str(cfg), prefetch_threshold=PAGE,
+                                     cpu_test_rig=True)
         with running_server(argv, Path(tmp) / "server.log") as url:
             generate(url, [1, 2, 3], 1)  # one-off warm-up
             for size in sizes:
@@ -240,6 +247,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("part", choices=("storage", "ttft"))
     p.add_argument("--pages", type=int, default=128, help="storage: pages per round (one SGLang batch)")
+    p.add_argument("--page-tokens", type=int, default=PAGE, help="storage: tokens per SGLang page (--page-size)")
     p.add_argument("--sizes", default="1024,2048", help="ttft: prompt sizes in tokens")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--disk-dir", default=None, help="where the disk tier lives (default: the temp dir)")
@@ -249,7 +257,7 @@ def main() -> None:
     load_before = os.getloadavg()
     data = storage_bench(args) if args.part == "storage" else ttft_bench(args)
     data.update(params=vars(args), load_average={"before": load_before, "after": os.getloadavg()})
-    path = write_results(f"sglang_{args.part}", data, args.out)
+    path = write_results(_storage_name(args) if args.part == "storage" else "sglang_ttft", data, args.out)
     print(f"wrote {path}")
 
 

@@ -239,8 +239,8 @@ def _explain(err: ValidationError) -> ConfigError:
 
 
 # KVTIER_* variables that are not config keys (read elsewhere); every other KVTIER_* name must be one.
-RESERVED_ENV = frozenset({"KVTIER_CONFIG", "KVTIER_HOME", "KVTIER_CONTROLLER_TOKEN", "KVTIER_SKIP_VLLM",
-                          "KVTIER_SKIP_SGLANG"})
+RESERVED_ENV = frozenset({"KVTIER_CONFIG", "KVTIER_HOME", "KVTIER_CONTROLLER_TOKEN", "KVTIER_LOG_LEVEL",
+                          "KVTIER_SKIP_VLLM", "KVTIER_SKIP_SGLANG"})
 
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:

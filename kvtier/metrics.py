@@ -6,6 +6,12 @@ one, so several engines in one process, as in tests, do not collide).
   histograms are fed by the engine's and the storage manager's ``observers`` hooks.
 - :class:`ControllerMetrics`: the cluster controller (instances, index size, events, operations, HTTP).
 
+Label names never collide with the labels Prometheus attaches to every scraped target (``instance``,
+``job``): a kvtier instance is ``kvtier_instance``.
+
+Logging: :func:`configure_logging` makes the ``kvtier`` logger follow a host's logger (vLLM's, SGLang's)
+in level and handlers; ``KVTIER_LOG_LEVEL`` overrides the level.
+
 Exposition: :meth:`EngineMetrics.serve` starts an opt-in HTTP endpoint bound to 127.0.0.1 unless told
 otherwise (the metrics carry no KV, but do reveal load and model names). This module imports neither
 torch nor the engine.
@@ -14,6 +20,8 @@ torch nor the engine.
 from __future__ import annotations
 
 import ipaddress
+import logging
+import os
 import re
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -25,13 +33,16 @@ from prometheus_client.registry import Collector
 
 from kvtier.errors import ConfigError
 
+# a kvtier instance id as a label; never ``instance`` or ``job``, which Prometheus sets on every target
+# (a clash renames ours to ``exported_instance``)
+INSTANCE_LABEL = "kvtier_instance"
 LATENCY_BUCKETS = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0)
 Stats = Mapping[str, Mapping[str, Any]]
 
 # manager per-tier counter -> (family, label value); see kvtier.storage.manager
-_TIER_READS = {"hits": "hit", "misses": "miss", "corrupt": "corrupt"}
-_TIER_WRITES = {"writes": "ok", "writes_failed": "failed", "writes_skipped_unhealthy": "skipped_unhealthy"}
-_TIER_BYTES = {"bytes_read": "read", "bytes_written": "written"}
+TIER_READS = {"hits": "hit", "misses": "miss", "corrupt": "corrupt"}
+TIER_WRITES = {"writes": "ok", "writes_failed": "failed", "writes_skipped_unhealthy": "skipped_unhealthy"}
+TIER_BYTES = {"bytes_read": "read", "bytes_written": "written"}
 _ENGINE_SECTIONS = ("engine", "cpu", "manager")
 
 
@@ -108,7 +119,7 @@ class _StatsCollector(Collector):
         for tier, values in stats.items():
             if tier in _ENGINE_SECTIONS or "healthy" not in values:
                 continue
-            for table, family in ((_TIER_READS, reads), (_TIER_WRITES, writes), (_TIER_BYTES, nbytes)):
+            for table, family in ((TIER_READS, reads), (TIER_WRITES, writes), (TIER_BYTES, nbytes)):
                 for key, label in table.items():
                     family.add_metric([tier, label], get(tier, values, key))
             errors.add_metric([tier], get(tier, values, "errors"))
@@ -224,9 +235,9 @@ class _ControllerCollector(Collector):
                                   "Admits dropped because the index was at its cap.",
                                   value=ctl.index.counters["admits_dropped"])
         keys = GaugeMetricFamily("kvtier_controller_instance_keys", "Keys per instance and tier.",
-                                 labels=["instance", "tier"])
+                                 labels=[INSTANCE_LABEL, "tier"])
         queued = GaugeMetricFamily("kvtier_controller_command_queue_depth", "Commands waiting for a worker.",
-                                   labels=["instance"])
+                                   labels=[INSTANCE_LABEL])
         for inst, worker in list(ctl.workers.items()):
             for tier, n in ctl.index.counts(inst).items():
                 keys.add_metric([inst, tier], n)
@@ -240,3 +251,34 @@ class _ControllerCollector(Collector):
         for status in ("pending", "running", "done", "failed"):
             ops.add_metric([status], by_status.get(status, 0))
         yield ops
+
+
+LOG_LEVEL_ENV = "KVTIER_LOG_LEVEL"
+_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
+
+
+def configure_logging(follow: logging.Logger | None = None) -> int:
+    """Set the ``kvtier`` logger's level and return it: ``$KVTIER_LOG_LEVEL`` when set (a level name,
+    any case, or a number), else ``follow``'s effective level (the engine's), else left as is. When
+    ``follow`` has handlers and ``kvtier`` has none, kvtier's records go through ``follow``'s handlers
+    (so they land where the engine's own lines do, in its format) and stop propagating to the root
+    logger. Idempotent. Raise :class:`ConfigError` naming a bad ``KVTIER_LOG_LEVEL`` value."""
+    logger = logging.getLogger("kvtier")
+    raw = os.environ.get(LOG_LEVEL_ENV, "").strip()
+    if raw:
+        if raw.isdigit():
+            level = int(raw)
+        elif raw.upper() in _LEVELS:
+            level = int(getattr(logging, raw.upper()))
+        else:
+            raise ConfigError(f"{LOG_LEVEL_ENV}={raw!r} is not a log level; expected one of {_LEVELS} or a number")
+    elif follow is not None:
+        level = follow.getEffectiveLevel()
+    else:
+        return logger.getEffectiveLevel()
+    logger.setLevel(level)
+    if follow is not None and follow.handlers and not logger.handlers:
+        for handler in follow.handlers:
+            logger.addHandler(handler)
+        logger.propagate = False
+    return level

@@ -109,3 +109,63 @@ def test_endpoint_is_loopback_unless_allowed() -> None:
     assert sample(text, "kvtier_stat", 'name="events_sent",section="agent"') == 3
     metrics.close()
     engine.close()
+
+
+def test_controller_labels_do_not_collide_with_prometheus_target_labels() -> None:
+    """Prometheus sets ``instance`` and ``job`` on every scraped target; a metric label of that name
+    would be renamed ``exported_instance``. kvtier's instance label is ``kvtier_instance``."""
+    import queue
+    from types import SimpleNamespace
+
+    from kvtier.cluster.index import ChunkIndex
+    from kvtier.metrics import INSTANCE_LABEL, ControllerMetrics
+
+    index = ChunkIndex()
+    index.admit("vllm-a", "cpu", [b"k" * 16])
+    ctl = SimpleNamespace(workers={"vllm-a": SimpleNamespace(queue=queue.Queue())}, index=index, ops={})
+    text = ControllerMetrics(ctl).render()[0].decode()
+    assert INSTANCE_LABEL == "kvtier_instance"
+    assert sample(text, "kvtier_controller_instance_keys", 'kvtier_instance="vllm-a",tier="cpu"') == 1
+    assert sample(text, "kvtier_controller_command_queue_depth", 'kvtier_instance="vllm-a"') == 0
+    labels = {name.split("=")[0] for line in text.splitlines() if "{" in line and not line.startswith("#")
+              for name in line.split("{", 1)[1].split("}")[0].split(",")}
+    assert not labels & {"instance", "job"}
+
+
+@pytest.fixture
+def kvtier_logger():
+    import logging
+
+    logger = logging.getLogger("kvtier")
+    saved = (logger.level, list(logger.handlers), logger.propagate)
+    yield logger
+    logger.setLevel(saved[0])
+    logger.handlers[:] = saved[1]
+    logger.propagate = saved[2]
+
+
+def test_logging_follows_the_engine_unless_overridden(kvtier_logger, monkeypatch: pytest.MonkeyPatch) -> None:
+    import logging
+
+    from kvtier.metrics import configure_logging
+
+    engine = logging.getLogger("fake-engine-for-kvtier-test")
+    handler = logging.StreamHandler()
+    engine.addHandler(handler)
+    engine.setLevel(logging.DEBUG)
+    monkeypatch.delenv("KVTIER_LOG_LEVEL", raising=False)
+    try:
+        assert configure_logging(engine) == logging.DEBUG
+        assert kvtier_logger.level == logging.DEBUG
+        assert handler in kvtier_logger.handlers and kvtier_logger.propagate is False
+        configure_logging(engine)  # idempotent: no second copy of the handler
+        assert kvtier_logger.handlers.count(handler) == 1
+        monkeypatch.setenv("KVTIER_LOG_LEVEL", "warning")
+        assert configure_logging(engine) == logging.WARNING
+        assert load_config().chunk_tokens > 0  # not mistaken for a config key
+        assert logging.getLogger("kvtier.engine").getEffectiveLevel() == logging.WARNING
+        monkeypatch.setenv("KVTIER_LOG_LEVEL", "loud")
+        with pytest.raises(ConfigError, match="KVTIER_LOG_LEVEL='loud'"):
+            configure_logging(engine)
+    finally:
+        engine.removeHandler(handler)

@@ -49,6 +49,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -61,6 +62,7 @@ import torch
 from kvtier.config import KvtierConfig, load_config
 from kvtier.errors import ConfigError, LayoutError
 from kvtier.frame_auth import FrameKeys
+from kvtier.integrations.sglang_stats import IoStats
 from kvtier.keys import KEY_BYTES, ChunkKey, Namespace
 from kvtier.layout import KVSpec
 from kvtier.record import ChunkRecord, Kind
@@ -250,6 +252,7 @@ class KvtierStorage(_Base):
         self.model_id = namespace_model(model, storage_config.tp_rank, storage_config.tp_size,
                                         storage_config.pp_rank, storage_config.pp_size)
         self.counters: Counter[str] = Counter()
+        self.io = IoStats()
         self.keys: PageKeys | None = None
         self.view: PoolView | None = None
         self.manager: StorageManager | None = None
@@ -309,6 +312,7 @@ class KvtierStorage(_Base):
         if self.manager is None or self.keys is None:
             return out
         staging = self._page_buffer()
+        start = time.perf_counter()
         for i, tier in enumerate(self._present(keys)):
             if not self.manager.load(tier, self.keys.record(keys[i]), staging):
                 self.counters["read_failures"] += 1
@@ -316,6 +320,7 @@ class KvtierStorage(_Base):
             copy_page(targets[i], staging)
             out[i] = True
         hits = sum(out)
+        self.io.record("prefetch", hits, hits * self.manager.spec.chunk_bytes, time.perf_counter() - start)
         self.counters["read_pages"] += hits
         self.counters["read_misses"] += len(keys) - hits
         return out
@@ -351,6 +356,7 @@ class KvtierStorage(_Base):
         manager, spec = self.manager, self.view.spec
         out: list[bool] = []
         before = self._write_failures()
+        began = time.perf_counter()
         for start in range(0, len(keys), self.config.store_queue):  # never overfill the write queue
             for h, src in zip(keys[start : start + self.config.store_queue],
                               sources[start : start + self.config.store_queue]):
@@ -359,6 +365,8 @@ class KvtierStorage(_Base):
                 out.append(manager.write_back(self.keys.record(h), page, _noop))
             manager.flush()
         failed = self._write_failures() - before
+        if failed == 0:
+            self.io.record("backup", sum(out), sum(out) * spec.chunk_bytes, time.perf_counter() - began)
         self.counters["write_pages"] += sum(out)
         self.counters["write_failures"] += failed + out.count(False)
         return out if failed == 0 else [False] * len(keys)
@@ -393,8 +401,10 @@ class KvtierStorage(_Base):
         if self.manager is not None:
             self.manager.clear()
 
-    def get_stats(self) -> None:
-        return None  # SGLang expects its own metrics type; kvtier's numbers are in stats()
+    def get_stats(self) -> Any:
+        """Pages and GB/s of every read and write since the last call, as SGLang's ``StorageMetrics``
+        (see :mod:`kvtier.integrations.sglang_stats`); kvtier's own counters are in :meth:`stats`."""
+        return self.io.drain()
 
     def stats(self) -> dict[str, Any]:
         """This backend's counters and the tiers' (as ``CacheEngine.stats()`` reports them)."""

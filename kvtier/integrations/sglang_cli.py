@@ -48,13 +48,17 @@ def backend_extra_config(config: str | None = None, overrides: dict[str, Any] | 
     return extra
 
 
-def _default_device() -> str:
-    try:
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    except ImportError:
-        return "cpu"
+# What production SGLang uses for HiCache on a GPU: the page-major host layout (one contiguous page per
+# key, which kvtier reads as one strided view) moved by SGLang's copy kernel, and 64-token pages.
+PRODUCTION_HICACHE = ("--hicache-mem-layout", "page_first", "--hicache-io-backend", "kernel")
+PRODUCTION_PAGE_SIZE = 64
+# The CPU test rig (tests/sglang_cpu): stock SGLang 0.5.23 has no CPU copy kernel and forces page_first
+# to page_first_direct with the direct backend, so the rig runs layer_first + direct on plain CPU memory,
+# with small pages and a small KV pool for a 2-core, 24 GB machine.
+CPU_RIG_HICACHE = ("--hicache-mem-layout", "layer_first", "--hicache-io-backend", "direct")
+CPU_RIG_PAGE_SIZE = 16
+CPU_RIG_MAX_TOTAL_TOKENS = 32768
+CPU_RIG_HICACHE_GB = 1
 
 
 def sglang_server_command(
@@ -66,45 +70,55 @@ def sglang_server_command(
     overrides: dict[str, Any] | None = None,
     served_model_name: str | None = None,
     device: str | None = None,
-    page_size: int = 16,
-    max_total_tokens: int | None = 32768,
-    hicache_size_gb: int = 1,
+    page_size: int | None = None,
+    max_total_tokens: int | None = None,
+    hicache_size_gb: int | None = None,
     prefetch_threshold: int | None = None,
     kvtier: bool = True,
+    cpu_test_rig: bool = False,
     extra_args: list[str] | None = None,
 ) -> list[str]:
     """The argv that starts SGLang (``python -m sglang.launch_server`` of this interpreter).
 
-    ``kvtier=True``: hierarchical cache on, kvtier as its storage backend, host layout
-    ``layer_first`` with the ``direct`` copy (the combination that also runs on CPU).
+    ``kvtier=True``: hierarchical cache on, kvtier as its storage backend (``dynamic``, zero-copy v1).
+    Production defaults: host layout ``page_first`` with the ``kernel`` copy, 64-token pages, SGLang's
+    own device choice and pool sizes. ``cpu_test_rig=True``: the settings of this project's CPU test
+    setup (``--device cpu``, ``layer_first`` + ``direct``, 16-token pages, a 32K-token pool, 1 GB of
+    host cache); they need tests/sglang_cpu installed and are never the default.
     ``kvtier=False``: plain SGLang without the hierarchical cache, same settings otherwise (the
-    baseline of tests and benchmarks). Defaults: the embedded SmolLM2, loopback only.
+    baseline of tests and benchmarks). Defaults: the embedded SmolLM2, loopback only. Explicit
+    arguments win over both sets of defaults.
     """
     if model is None:
         from kvtier.models import EMBEDDED_MODEL_ID, ensure_embedded_model
 
         model = str(ensure_embedded_model())
         served_model_name = served_model_name or EMBEDDED_MODEL_ID
+    if cpu_test_rig:
+        device = device or "cpu"
+        page_size = page_size or CPU_RIG_PAGE_SIZE
+        max_total_tokens = max_total_tokens or CPU_RIG_MAX_TOTAL_TOKENS
+        hicache_size_gb = hicache_size_gb or CPU_RIG_HICACHE_GB
     argv = [
         sys.executable, "-m", "sglang.launch_server",
         "--model-path", model,
         "--host", host,
         "--port", str(port),
-        "--device", device or _default_device(),
-        "--page-size", str(page_size),
+        "--page-size", str(page_size or PRODUCTION_PAGE_SIZE),
         "--enable-cache-report",
     ]
+    if device:
+        argv += ["--device", device]
     if max_total_tokens:
         argv += ["--max-total-tokens", str(max_total_tokens)]
     if served_model_name:
         argv += ["--served-model-name", served_model_name]
     if kvtier:
         extra = backend_extra_config(config, overrides, served_model_name, prefetch_threshold)
+        argv += ["--enable-hierarchical-cache", *(CPU_RIG_HICACHE if cpu_test_rig else PRODUCTION_HICACHE)]
+        if hicache_size_gb:
+            argv += ["--hicache-size", str(hicache_size_gb)]
         argv += [
-            "--enable-hierarchical-cache",
-            "--hicache-mem-layout", "layer_first",
-            "--hicache-io-backend", "direct",
-            "--hicache-size", str(hicache_size_gb),
             "--hicache-storage-backend", "dynamic",
             "--hicache-storage-backend-extra-config", json.dumps(extra),
         ]
@@ -112,11 +126,11 @@ def sglang_server_command(
 
 
 def sglang_server_env(base: dict[str, str] | None = None, device: str | None = None) -> dict[str, str]:
-    """Environment for the server: offline hub; on CPU ``SGLANG_USE_CPU_ENGINE=1`` (SGLang's CPU model
-    path) and torch threads = CPUs unless set."""
+    """Environment for the server: offline hub; with ``device="cpu"`` also ``SGLANG_USE_CPU_ENGINE=1``
+    (SGLang's CPU model path) and torch threads = CPUs unless set."""
     env = dict(os.environ if base is None else base)
     env.setdefault("HF_HUB_OFFLINE", "1")
-    if (device or _default_device()) == "cpu":
+    if device == "cpu":
         env.setdefault("SGLANG_USE_CPU_ENGINE", "1")
         env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     return env
@@ -132,7 +146,8 @@ def running_server(argv: list[str], log_path: Path | str, env: dict[str, str] | 
     port = argv[argv.index("--port") + 1]
     url = f"http://127.0.0.1:{port}"
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen(argv, env=env or sglang_server_env(), stdout=log, stderr=subprocess.STDOUT,
+        device = argv[argv.index("--device") + 1] if "--device" in argv else None
+        proc = subprocess.Popen(argv, env=env or sglang_server_env(device=device), stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         try:
             wait_healthy(url, proc, timeout_s, what="SGLang")
@@ -182,8 +197,9 @@ def flush_cache(url: str, timeout_s: float = 120.0) -> None:
 
 
 def launch(model: str | None, *, host: str, port: int, config: str | None, served_model_name: str | None,
-           device: str | None = None, page_size: int = 16, max_total_tokens: int | None = 32768,
-           kvtier: bool = True, dry_run: bool = False, extra_args: list[str] | None = None) -> None:
+           device: str | None = None, page_size: int | None = None, max_total_tokens: int | None = None,
+           kvtier: bool = True, cpu_test_rig: bool = False, dry_run: bool = False,
+           extra_args: list[str] | None = None) -> None:
     """Check the config, then replace this process with SGLang's server (or print its command line).
     Shared by ``kvtier serve-sglang`` and ``kvtier serve --engine sglang``."""
     if importlib.util.find_spec("sglang") is None and not dry_run:
@@ -195,11 +211,12 @@ def launch(model: str | None, *, host: str, port: int, config: str | None, serve
         load_config(config)  # fail here, with kvtier's message, rather than inside SGLang's start-up
     argv = sglang_server_command(model, host=host, port=port, config=config, served_model_name=served_model_name,
                                  device=device, page_size=page_size, max_total_tokens=max_total_tokens,
-                                 kvtier=kvtier, extra_args=extra_args)
+                                 kvtier=kvtier, cpu_test_rig=cpu_test_rig, extra_args=extra_args)
     if dry_run:
         typer.echo(shlex.join(argv))
         return
-    os.execve(argv[0], argv, sglang_server_env(device=device))  # signals go straight to the server
+    env = sglang_server_env(device="cpu" if cpu_test_rig else device)
+    os.execve(argv[0], argv, env)  # signals go straight to the server
 
 
 def register(app: typer.Typer) -> None:
@@ -214,13 +231,20 @@ def register(app: typer.Typer) -> None:
         port: int = typer.Option(30000, help="HTTP port."),
         config: str = typer.Option(None, "--config", "-c", help="kvtier YAML config (default: $KVTIER_CONFIG)."),
         served_model_name: str = typer.Option(None, help="Name clients use; also the model part of kvtier keys."),
-        device: str = typer.Option(None, help="SGLang --device (default: cuda if available, else cpu)."),
-        page_size: int = typer.Option(16, help="SGLang --page-size (tokens per page = per kvtier object)."),
-        max_total_tokens: int = typer.Option(32768, help="SGLang --max-total-tokens (0: SGLang's default)."),
+        device: str = typer.Option(None, help="SGLang --device (default: SGLang's choice)."),
+        page_size: int = typer.Option(None, help="SGLang --page-size, tokens per page = per kvtier object "
+                                                 f"(default {PRODUCTION_PAGE_SIZE}; {CPU_RIG_PAGE_SIZE} with "
+                                                 "--cpu-test-rig)."),
+        max_total_tokens: int = typer.Option(None, help="SGLang --max-total-tokens (default: SGLang's; "
+                                                        f"{CPU_RIG_MAX_TOTAL_TOKENS} with --cpu-test-rig)."),
         no_kvtier: bool = typer.Option(False, "--no-kvtier", help="Plain SGLang (baseline), same settings."),
+        cpu_test_rig: bool = typer.Option(False, "--cpu-test-rig", help="This project's CPU test settings "
+                                                                        "(needs tests/sglang_cpu installed): "
+                                                                        "--device cpu, layer_first + direct, "
+                                                                        "small pages and pools."),
         dry_run: bool = typer.Option(False, help="Print the command instead of running it."),
     ) -> None:
         """Start SGLang's server with kvtier as its HiCache storage backend (extra arguments go to SGLang)."""
         launch(model, host=host, port=port, config=config, served_model_name=served_model_name, device=device,
                page_size=page_size, max_total_tokens=max_total_tokens or None, kvtier=not no_kvtier,
-               dry_run=dry_run, extra_args=list(ctx.args))
+               cpu_test_rig=cpu_test_rig, dry_run=dry_run, extra_args=list(ctx.args))

@@ -11,8 +11,9 @@ Extra config keys (all optional): ``kvtier_config`` (YAML file; default ``$KVTIE
 (a mapping of config overrides), ``kvtier_model_id`` (the model part of every key; default the served
 model name), ``kvtier_layout`` (force a layout of :mod:`kvtier.integrations.vllm_layout`),
 ``kvtier_flush_timeout_s`` (how long a ``kv_producer`` waits per step for its lower-tier writes; default
-10). ``KVTIER_*`` environment variables apply as everywhere else. ``chunk_tokens``, unless set, follows
-vLLM's block size (:func:`_chunk_default`).
+10), ``kvtier_load_async`` (load off the critical path, default false; see below). ``KVTIER_*``
+environment variables apply as everywhere else. ``chunk_tokens``, unless set, follows vLLM's block
+size (:func:`_chunk_default`).
 
 How it works:
 
@@ -26,7 +27,10 @@ How it works:
   whole prompt when its partial last chunk is stored), capped at ``num_tokens - 1`` because vLLM must
   compute the last token; not rounded to vLLM's block size (vLLM accepts any count and the slot
   mapping addresses single tokens, so any chunk size works; a multiple of the block size is fastest).
-  Loading is synchronous (before the step's forward pass): on CPU there is no copy engine to overlap.
+  Loading is synchronous (before the step's forward pass) unless ``kvtier_load_async``: then vLLM
+  admits the request without scheduling it, a loader thread in the worker fills its blocks while other
+  requests keep running, and ``get_finished`` reports it done; vLLM schedules it in the next step. A
+  request aborted meanwhile keeps its blocks until the load is done (``request_finished``).
 - Saving: after each step, the prompt's whole chunks computed so far (chunked prefill stores them as
   they complete), the partial last chunk at the end of prefill, never decode tokens; copied out of the
   paged cache in ``wait_for_save``. Requests with a cache salt, a LoRA adapter, multimodal inputs or
@@ -55,7 +59,9 @@ import atexit
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -69,14 +75,21 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from kvtier.config import KvtierConfig, load_config
 from kvtier.engine import CacheEngine
 from kvtier.errors import ConfigError, KvtierError, LayoutError
-from kvtier.integrations import vllm_layout, vllm_lookup
+from kvtier.integrations import vllm_layout, vllm_lookup, vllm_stats
 from kvtier.integrations.vllm_cli import CONNECTOR_NAME, KV_ROLES, MODULE_PATH, kv_transfer_config
 from kvtier.integrations.vllm_plan import LoadReq, Planner, SaveReq
 from kvtier.layout import KVSpec
+from kvtier.metrics import configure_logging
 from kvtier.tensors import dtype_name
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
+        KVConnectorPromMetrics,
+        KVConnectorStats,
+        PromMetric,
+        PromMetricT,
+    )
     from vllm.forward_context import ForwardContext
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
@@ -88,7 +101,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 __all__ = ["CONNECTOR_NAME", "MODULE_PATH", "KvtierConnector", "kv_transfer_config", "reset_engines", "shared_engine"]
 
-EXTRA_KEYS = ("kvtier_config", "kvtier", "kvtier_model_id", "kvtier_layout", "kvtier_flush_timeout_s")
+EXTRA_KEYS = ("kvtier_config", "kvtier", "kvtier_model_id", "kvtier_layout", "kvtier_flush_timeout_s",
+              "kvtier_load_async")
 
 
 # ---- one engine per process ------------------------------------------------------------------------
@@ -206,6 +220,8 @@ class KvtierConnector(KVConnectorBase_V1):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
+        configure_logging(logging.getLogger("vllm"))  # kvtier's lines go where vLLM's go, at its level
+
         self._cache_hit_source = CacheHitSource.HOST
         transfer = vllm_config.kv_transfer_config
         extra: dict[str, Any] = dict(transfer.kv_connector_extra_config or {})
@@ -224,6 +240,9 @@ class KvtierConnector(KVConnectorBase_V1):
         if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout < 0:
             raise ConfigError(f"kvtier_flush_timeout_s must be a number of seconds >= 0, got {timeout!r}")
         self._flush_timeout_s = float(timeout)
+        load_async = extra.get("kvtier_load_async", False)
+        if not isinstance(load_async, bool):
+            raise ConfigError(f"kvtier_load_async must be true or false, got {load_async!r}")
         self.spec = _spec_from_vllm(vllm_config, self.config.chunk_tokens)
         self.model_id = _model_id(vllm_config, extra)
         backend = vllm_config.parallel_config.distributed_executor_backend
@@ -248,7 +267,7 @@ class KvtierConnector(KVConnectorBase_V1):
             self.engine = self._shared.engine
             lookup = self.engine.lookup
         self._planner = Planner(lookup, self.config.chunk_tokens, self.config.save_partial_chunks,
-                                store=self.kv_role != "kv_consumer")
+                                store=self.kv_role != "kv_consumer", load_async=load_async)
         self._forced_layout: str | None = extra.get("kvtier_layout")
         self._layout = self._forced_layout or ""
         if kv_cache_config is not None and len(kv_cache_config.kv_cache_groups) > 1:
@@ -261,11 +280,16 @@ class KvtierConnector(KVConnectorBase_V1):
         # worker side
         self._layer_names: list[str] = []
         self._layers: list[torch.Tensor] = []
-        self._staging: torch.Tensor | None = None
+        self._stacked: torch.Tensor | None = None  # all layers as one view, when vLLM allocated them so
+        self._staging: dict[str, torch.Tensor] = {}
         self._load_errors: set[int] = set()
         self._failed_loads: set[str] = set()
         self._step_errors: set[int] = set()
         self.counters: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._loader: ThreadPoolExecutor | None = None  # asynchronous loads, one at a time
+        self._loading: dict[str, Future[None]] = {}  # request -> its asynchronous load
+        self._stats = vllm_stats.StatsTracker()
         self.max_model_len = int(vllm_config.model_config.max_model_len)
 
     @property
@@ -288,7 +312,8 @@ class KvtierConnector(KVConnectorBase_V1):
         self._planner = Planner(lambda _tokens: 0, self.config.chunk_tokens, store=False)  # kvtier is off
 
     def _count(self, name: str, amount: int = 1) -> None:
-        self.counters[name] = self.counters.get(name, 0) + amount
+        with self._lock:  # the asynchronous loader counts too
+            self.counters[name] = self.counters.get(name, 0) + amount
 
     # ==== scheduler side ===============================================================================
     @staticmethod
@@ -309,7 +334,15 @@ class KvtierConnector(KVConnectorBase_V1):
         except Exception:  # a lookup must never break scheduling
             log.exception("kvtier lookup failed; treating it as a miss")
             return 0, False
-        return need, False  # synchronous load (nothing to overlap with on CPU)
+        load_async = self._planner.load_async and need > 0
+        log.debug("kvtier: request %s: %d external tokens (async %s)", request.request_id, need, load_async)
+        return need, load_async
+
+    def get_loaded_kv_cache_group_ids(self, request: Request) -> tuple[int, ...]:
+        """kvtier writes the request's own blocks (whether or not vLLM's prefix cache is on): vLLM must
+        not zero them after a load."""
+        groups = self._kv_cache_config.kv_cache_groups if self._kv_cache_config is not None else [None]
+        return tuple(range(len(groups)))
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         if self._bypass(request) or not self.usable:
@@ -335,7 +368,12 @@ class KvtierConnector(KVConnectorBase_V1):
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._planner.forget(request.request_id)
-        return False, None  # saves finish inside wait_for_save: the blocks can be freed now
+        # saves finish inside wait_for_save: the blocks can be freed now, unless an asynchronous load is
+        # still writing into them (aborted while waiting); the worker's "finished receiving" frees them
+        return request.request_id in self._planner.loading, None
+
+    def update_connector_output(self, connector_output: Any) -> None:
+        self._planner.loaded(connector_output.finished_recving or ())
 
     # ==== worker side ==================================================================================
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -351,6 +389,7 @@ class KvtierConnector(KVConnectorBase_V1):
         names = sorted(kv_caches, key=index)
         self._layer_names = names
         self._layers = [kv_caches[n] for n in names]
+        self._stacked = vllm_layout.stack_layers(self._layers)
         try:
             self._layout = self._forced_layout or self._detect_layout(self._layers[0])
             self._check_layers()
@@ -362,8 +401,9 @@ class KvtierConnector(KVConnectorBase_V1):
             engine = self.engine
             assert engine is not None
             self._lookup_server = vllm_lookup.LookupServer(self._lookup_path, engine.lookup, self._authkey)
-        log.info("kvtier: %d layers, layout %s, block size %d, chunk %d tokens",
-                 len(self._layers), self._layout, self.block_size, self.config.chunk_tokens)
+        log.info("kvtier: %d layers (%s), layout %s, block size %d, chunk %d tokens", len(self._layers),
+                 "one buffer" if self._stacked is not None else "separate buffers", self._layout,
+                 self.block_size, self.config.chunk_tokens)
 
     @staticmethod
     def _worker_rank() -> int:
@@ -403,14 +443,16 @@ class KvtierConnector(KVConnectorBase_V1):
         ):
             raise LayoutError("the CPU kernel's block layout differs from kvtier's 'cpu' adapter")
 
-    def _stage(self, tokens: int) -> torch.Tensor:
-        """A canonical ``[layers, 2, tokens, heads, dim]`` view of the reusable staging buffer."""
-        if self._staging is None or self._staging.shape[2] < tokens:
+    def _stage(self, tokens: int, user: str = "step") -> torch.Tensor:
+        """A canonical ``[layers, 2, tokens, heads, dim]`` view of a reusable staging buffer: one for
+        the step's own loads and saves (``"step"``), one for the asynchronous loader (``"async"``)."""
+        staging = self._staging.get(user)
+        if staging is None or staging.shape[2] < tokens:
             chunk = self.config.chunk_tokens
             size = max(tokens, min(self.max_model_len, 4 * chunk))
             size = -(-size // chunk) * chunk
-            self._staging = torch.empty(self.spec.chunk_shape(size), dtype=self.spec.torch_dtype)
-        return self._staging[:, :, :tokens]
+            staging = self._staging[user] = torch.empty(self.spec.chunk_shape(size), dtype=self.spec.torch_dtype)
+        return staging[:, :, :tokens]
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         if not self.has_connector_metadata():
@@ -419,37 +461,52 @@ class KvtierConnector(KVConnectorBase_V1):
         if not isinstance(meta, KvtierMetadata):
             return
         for load in meta.loads:
+            if load.is_async:
+                if self._loader is None:
+                    self._loader = ThreadPoolExecutor(1, thread_name_prefix="kvtier-load")
+                self._loading[load.req_id] = self._loader.submit(self._run_load, load, "async")
+                self._count("async_loads")
+                log.debug("kvtier: asynchronous load of %s [%d, %d) started", load.req_id, load.start, load.end)
+            else:
+                self._run_load(load, "step")
+
+    def _run_load(self, load: LoadReq, staging: str) -> None:
+        """Load, time and, when fewer tokens than promised arrived, report the blocks for recompute."""
+        loaded = 0
+        began = time.perf_counter()
+        try:
+            if self._layers and self.usable:
+                loaded = self._load(load, staging)
+        except Exception:
+            log.exception("kvtier load for %s failed; vLLM will recompute", load.req_id)
             loaded = 0
-            try:
-                if self._layers and self.usable:
-                    loaded = self._load(load)
-            except Exception:
-                log.exception("kvtier load for %s failed; vLLM will recompute", load.req_id)
-                loaded = 0
-            if loaded < load.end:
-                bs = self.block_size
-                first = max(loaded, load.start) // bs
-                last = -(-load.end // bs)
-                self._load_errors.update(load.block_ids[first:last])
+        self._stats.time("load", time.perf_counter() - began)
+        if loaded >= load.end:
+            return
+        bs = self.block_size
+        first = max(loaded, load.start) // bs
+        last = -(-load.end // bs)
+        with self._lock:
+            self._load_errors.update(load.block_ids[first:last])
+            if not load.is_async:  # this step attends to them: nothing it computes may be stored
                 self._step_errors.update(load.block_ids[first:last])
                 self._failed_loads.add(load.req_id)
-                self._count("load_failures")
-                self._count("load_failed_tokens", load.end - max(loaded, load.start))
-                log.warning("kvtier: request %s loaded %d of %d tokens; reporting %d blocks for recompute",
-                            load.req_id, max(loaded - load.start, 0), load.end - load.start, last - first)
+        self._count("load_failures")
+        self._count("load_failed_tokens", load.end - max(loaded, load.start))
+        log.warning("kvtier: request %s loaded %d of %d tokens; reporting %d blocks for recompute",
+                    load.req_id, max(loaded - load.start, 0), load.end - load.start, last - first)
 
-    def _load(self, load: LoadReq) -> int:
+    def _load(self, load: LoadReq, user: str = "step") -> int:
         """Copy ``[start, end)`` of the cached prefix into vLLM's blocks; return the end of what was
         actually written (``end`` on success)."""
         assert self.engine is not None  # worker side
-        staging = self._stage(len(load.tokens))
+        staging = self._stage(len(load.tokens), user)
         hit = self.engine.retrieve(load.tokens, staging)
         end = min(hit, load.end)
         if end <= load.start:
             return 0
-        slots = vllm_layout.slot_mapping(load.block_ids, self.block_size, load.start, end)
-        vllm_layout.scatter_layers(self._layout, self._layers, slots, self.spec.head_dim,
-                                   staging[:, :, load.start : end])
+        vllm_layout.scatter_span(self._layout, self._layers, load.block_ids, load.start, end,
+                                 staging[:, :, load.start : end], self.spec.head_dim, self._stacked)
         self._count("loaded_tokens", end - load.start)
         return end
 
@@ -470,12 +527,14 @@ class KvtierConnector(KVConnectorBase_V1):
         for save in meta.saves:
             if save.req_id in self._failed_loads or step_errors.intersection(save.block_ids):
                 continue  # this step attended to unloaded KV: nothing it computed may be stored
+            began = time.perf_counter()
             try:
                 self._save(save)
                 saved = True
             except Exception:
                 log.exception("kvtier save for %s failed; continuing without it", save.req_id)
                 self._count("save_failures")
+            self._stats.time("save", time.perf_counter() - began)
         self._failed_loads.clear()
         self._step_errors = set()
         if saved and self.kv_role == "kv_producer":
@@ -496,20 +555,48 @@ class KvtierConnector(KVConnectorBase_V1):
         n = len(save.tokens)
         skip = min(save.skip, n)
         staging = self._stage(n)
-        slots = vllm_layout.slot_mapping(save.block_ids, self.block_size, skip, n)
-        vllm_layout.gather_layers(self._layout, self._layers, slots, self.spec.head_dim, staging[:, :, skip:n])
+        vllm_layout.gather_span(self._layout, self._layers, save.block_ids, skip, n, staging[:, :, skip:n],
+                                self.spec.head_dim, self._stacked)
         assert self.engine is not None  # worker side
         cached = self.engine.store(save.tokens, staging, skip_tokens=skip)
         self._count("saved_tokens", max(cached - skip, 0))
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        return None, None
+        """Asynchronous loads done (well or not: a failure's blocks are in this step's load errors,
+        reported in the same pass, as vLLM requires)."""
+        done = {req_id for req_id, future in self._loading.items() if future.done()}
+        for req_id in done:
+            del self._loading[req_id]
+        if done:
+            log.debug("kvtier: asynchronous loads done: %s", sorted(done))
+        return None, (done or None)
+
+    # ==== metrics (see kvtier.integrations.vllm_stats) =================================================
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        if self.engine is None or not self._layers:  # scheduler side, or a worker without KV caches
+            return None
+        counters, gauges = vllm_stats.engine_samples(self.engine.stats(), self.counters,
+                                                       self.spec.bytes_per_token)
+        return self._stats.take(counters, gauges)
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
+        return vllm_stats.KvtierConnectorStats.from_data(data)
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config: VllmConfig, metric_types: dict[type[PromMetric], type[PromMetricT]],
+                           labelnames: list[str], per_engine_labelvalues: dict[int, list[object]],
+                           ) -> KVConnectorPromMetrics | None:
+        return vllm_stats.KvtierPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
-        errors, self._load_errors = self._load_errors, set()
+        with self._lock:
+            errors, self._load_errors = self._load_errors, set()
         return errors
 
     def shutdown(self) -> None:
+        if self._loader is not None:
+            self._loader.shutdown(wait=True)
         if self._lookup_server is not None:
             self._lookup_server.close()
         if self._lookup_client is not None:

@@ -63,6 +63,7 @@ def server_command(
     prefix_caching: bool = False,
     kvtier: bool = True,
     kv_role: str = "kv_both",
+    load_async: bool = False,
     extra_args: list[str] | None = None,
 ) -> list[str]:
     """The argv that starts the server. ``kvtier=False`` gives plain vLLM with the same settings (the
@@ -92,6 +93,8 @@ def server_command(
             extra["kvtier"] = overrides
         if served_model_name:
             extra["kvtier_model_id"] = served_model_name
+        if load_async:
+            extra["kvtier_load_async"] = True
         argv += ["--kv-transfer-config", json.dumps(kv_transfer_config(extra, kv_role))]
     return argv + extra_args
 
@@ -124,6 +127,8 @@ def register(app: typer.Typer) -> None:
         no_kvtier: bool = typer.Option(False, "--no-kvtier", help="Plain vLLM (baseline), same settings."),
         kv_role: str = typer.Option("kv_both", help="kv_both, kv_producer (prefill instance: saves, never "
                                                     "loads) or kv_consumer (decode instance: loads, never saves)."),
+        load_async: bool = typer.Option(False, help="Load hits off the critical path (pays when they come from "
+                                                    "disk, a cache server, Redis or a peer)."),
         dry_run: bool = typer.Option(False, help="Print the command instead of running it."),
         engine: str = typer.Option("vllm", help="vllm, or sglang (same as `kvtier serve-sglang` with its "
                                                 "defaults; the vLLM-only options do not apply)."),
@@ -147,7 +152,7 @@ def register(app: typer.Typer) -> None:
         argv = server_command(model, host=host, port=port, config=config, dtype=dtype,
                               max_model_len=max_model_len, served_model_name=served_model_name,
                               prefix_caching=prefix_caching, kvtier=not no_kvtier, kv_role=kv_role,
-                              extra_args=list(ctx.args))
+                              load_async=load_async, extra_args=list(ctx.args))
         if dry_run:
             typer.echo(shlex.join(argv))
             return

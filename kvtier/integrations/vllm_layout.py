@@ -6,6 +6,10 @@ p % block_size``. What differs between attention backends is how a page is laid 
 adapter here reduces a layer tensor to two strided *token views* ``K4, V4`` shaped
 ``[num_blocks, block_size, kv_heads, head_dim]`` (no copy), so that gathering or scattering the tokens
 of a slot mapping is one advanced-indexing operation per layer and per K/V: no Python loop per token.
+Moving a request's span of tokens (:func:`gather_span` / :func:`scatter_span`, what the connector
+uses) copies its whole blocks as strided block-to-block copies instead — one per run of consecutive
+block ids, for all layers at once when they lie at a constant stride in one buffer (vLLM allocates them
+so; :func:`stack_layers`) — and only a partial first or last block through the slot mapping.
 
 Supported layouts (name: per-layer tensor):
 
@@ -24,7 +28,7 @@ a K and a V axis.
 
 Invariant: ``scatter(layout, x, slots, *gather(layout, x, slots))`` leaves ``x`` unchanged, and
 ``gather(layout, scatter(layout, x, slots, k, v), slots) == (k, v)`` bit for bit, for any slot mapping
-without duplicates.
+without duplicates; the span functions move exactly the bytes the slot-mapping ones would.
 """
 
 from __future__ import annotations
@@ -44,29 +48,39 @@ def token_views(layout: str, layer: torch.Tensor, head_dim: int) -> tuple[torch.
         if layer.dim() != 4 or layer.shape[-1] != 2 * head_dim:
             raise LayoutError(f"cpu layout expects [blocks, heads, block_size, {2 * head_dim}], got "
                               f"{tuple(layer.shape)}")
-        nb, heads, bs, _ = layer.shape
+        bs = layer.shape[2]
         if layer.stride(3) != 1 or layer.stride(2) != 2 * head_dim or layer.stride(1) != 2 * head_dim * bs:
             raise LayoutError(f"cpu layout expects contiguous (block, head) slabs, got strides {layer.stride()}")
-        slab = layer.view(nb, heads, 2 * bs * head_dim)
-        k_t = slab[:, :, : bs * head_dim].unflatten(2, (head_dim, bs))  # [nb, H, D, bs]
-        v = slab[:, :, bs * head_dim :].unflatten(2, (bs, head_dim))  # [nb, H, bs, D]
-        return k_t.permute(0, 3, 1, 2), v.permute(0, 2, 1, 3)
-    if layout == "bhnc":
+    elif layout == "bhnc":
         if layer.dim() != 4 or layer.shape[-1] != 2 * head_dim:
             raise LayoutError(f"bhnc layout expects [blocks, heads, block_size, {2 * head_dim}], got "
                               f"{tuple(layer.shape)}")
-        return layer[..., :head_dim].transpose(1, 2), layer[..., head_dim:].transpose(1, 2)
-    if layout == "flash":
+    elif layout == "flash":
         if layer.dim() != 5 or layer.shape[0] != 2 or layer.shape[-1] != head_dim:
             raise LayoutError(f"flash layout expects [2, blocks, block_size, heads, {head_dim}], got "
                               f"{tuple(layer.shape)}")
-        return layer[0], layer[1]
-    if layout == "flashinfer":
+    elif layout == "flashinfer":
         if layer.dim() != 5 or layer.shape[1] != 2 or layer.shape[-1] != head_dim:
             raise LayoutError(f"flashinfer layout expects [blocks, 2, block_size, heads, {head_dim}], got "
                               f"{tuple(layer.shape)}")
-        return layer[:, 0], layer[:, 1]
-    raise LayoutError(f"unknown vLLM KV layout {layout!r}; expected one of {LAYOUTS}")
+    else:
+        raise LayoutError(f"unknown vLLM KV layout {layout!r}; expected one of {LAYOUTS}")
+    return _views(layout, layer, head_dim)
+
+
+def _views(layout: str, t: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`token_views` without the checks, for a layer or a stack of layers (any leading dims)."""
+    if layout == "cpu":
+        bs = t.shape[-2]
+        slab = t.flatten(-2)  # [..., nb, H, 2 * bs * D]
+        k_t = slab[..., : bs * head_dim].unflatten(-1, (head_dim, bs))  # [..., nb, H, D, bs]
+        v = slab[..., bs * head_dim :].unflatten(-1, (bs, head_dim))  # [..., nb, H, bs, D]
+        return k_t.movedim(-1, -3), v.transpose(-3, -2)
+    if layout == "bhnc":
+        return t[..., :head_dim].transpose(-3, -2), t[..., head_dim:].transpose(-3, -2)
+    if layout == "flash":
+        return t.select(-5, 0), t.select(-5, 1)
+    return t.select(-4, 0), t.select(-4, 1)  # flashinfer
 
 
 def geometry(layout: str, layer: torch.Tensor, head_dim: int) -> tuple[int, int, int]:
@@ -138,6 +152,96 @@ def scatter_layers(layout: str, layers: Sequence[torch.Tensor], slots: torch.Ten
         raise LayoutError(f"input {tuple(kv.shape)} does not match {len(layers)} layers × {len(slots)} slots")
     for i, layer in enumerate(layers):
         scatter(layout, layer, slots, kv[i, 0], kv[i, 1], head_dim)
+
+
+def stack_layers(layers: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """One ``[layers, ...]`` view over ``layers`` when they have the same shape, strides and dtype and
+    lie at a constant distance in one storage (vLLM's CPU backend allocates them so); else None."""
+    if len(layers) < 2:
+        return layers[0].unsqueeze(0) if layers else None
+    first = layers[0]
+    size = first.element_size()
+    delta = layers[1].data_ptr() - first.data_ptr()
+    if delta <= 0 or delta % size:
+        return None
+    for i, layer in enumerate(layers):
+        if (layer.shape != first.shape or layer.stride() != first.stride() or layer.dtype != first.dtype
+                or layer.device != first.device
+                or layer.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+                or layer.data_ptr() - first.data_ptr() != i * delta):
+            return None
+    return first.as_strided((len(layers), *first.shape), (delta // size, *first.stride()))
+
+
+def block_runs(block_ids: Sequence[int], first: int, count: int) -> list[tuple[int, int, int]]:
+    """``(block_id, index, n)`` for each run of consecutive ids in ``block_ids[first:first + count]``:
+    blocks ``block_id .. block_id + n - 1`` hold the request's blocks ``index .. index + n - 1``."""
+    runs: list[tuple[int, int, int]] = []
+    for i in range(first, first + count):
+        b = int(block_ids[i])
+        if runs and runs[-1][0] + runs[-1][2] == b:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((b, i, 1))
+    return runs
+
+
+def _span_move(layout: str, layers: Sequence[torch.Tensor], stacked: torch.Tensor | None,
+               block_ids: Sequence[int], start: int, end: int, kv: torch.Tensor, head_dim: int,
+               *, into_paged: bool) -> None:
+    if kv.shape[0] != len(layers) or kv.shape[2] != end - start:
+        raise LayoutError(f"canonical KV {tuple(kv.shape)} does not match {len(layers)} layers × "
+                          f"positions [{start}, {end})")
+    if end <= start:
+        return
+    bs = int(token_views(layout, layers[0], head_dim)[0].shape[1])
+    first = -(-start // bs)  # first whole block
+    last = end // bs  # one past the last whole block
+    edges = [(start, min(end, first * bs))] if first * bs > start else []
+    if last > first:
+        if last > len(block_ids):
+            raise LayoutError(f"block table of {len(block_ids)} blocks does not cover position {end - 1}")
+        targets = [stacked] if stacked is not None else list(layers)
+        for block, index, n in block_runs(block_ids, first, last - first):
+            lo = index * bs - start
+            for li, target in enumerate(targets):
+                k4, v4 = _views(layout, target, head_dim)
+                src = kv[:, :, lo : lo + n * bs] if stacked is not None else kv[li, :, lo : lo + n * bs]
+                pk = k4[..., block : block + n, :, :, :]
+                pv = v4[..., block : block + n, :, :, :]
+                ck, cv = src.select(-4, 0).unflatten(-3, (n, bs)), src.select(-4, 1).unflatten(-3, (n, bs))
+                if into_paged:
+                    pk.copy_(ck)
+                    pv.copy_(cv)
+                else:
+                    ck.copy_(pk)
+                    cv.copy_(pv)
+        edges.append((max(start, last * bs), end))
+    elif not edges:
+        edges = [(start, end)]
+    for lo, hi in edges:
+        if hi <= lo:
+            continue
+        slots = slot_mapping(block_ids, bs, lo, hi)
+        part = kv[:, :, lo - start : hi - start]
+        (scatter_layers if into_paged else gather_layers)(layout, layers, slots, head_dim, part)
+
+
+def scatter_span(layout: str, layers: Sequence[torch.Tensor], block_ids: Sequence[int], start: int, end: int,
+                 kv: torch.Tensor, head_dim: int, stacked: torch.Tensor | None = None) -> None:
+    """Write canonical ``kv`` (``[layers, 2, end - start, kv_heads, head_dim]``) into positions
+    ``[start, end)`` of the request whose block table is ``block_ids``. Whole blocks move as one
+    strided copy per run of consecutive block ids (per layer, or once for all when ``stacked`` is
+    :func:`stack_layers` of ``layers``); a partial first or last block goes through its slots.
+    Precondition: ``block_ids`` covers position ``end - 1`` and holds no id twice."""
+    _span_move(layout, layers, stacked, block_ids, start, end, kv, head_dim, into_paged=True)
+
+
+def gather_span(layout: str, layers: Sequence[torch.Tensor], block_ids: Sequence[int], start: int, end: int,
+                out: torch.Tensor, head_dim: int, stacked: torch.Tensor | None = None) -> torch.Tensor:
+    """Inverse of :func:`scatter_span`: fill canonical ``out`` from positions ``[start, end)``."""
+    _span_move(layout, layers, stacked, block_ids, start, end, out, head_dim, into_paged=False)
+    return out
 
 
 def verify_cpu_layout(dtype: torch.dtype, block_size: int, kv_heads: int, head_dim: int,

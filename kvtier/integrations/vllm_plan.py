@@ -11,6 +11,8 @@ Rules (C = chunk_tokens):
 
 - Hit = the kvtier lookup of all the request's tokens (whole chunks, or the whole sequence when its
   partial last chunk is stored), capped at ``num_tokens - 1``: vLLM computes the last token itself.
+  vLLM asks again every step a request waits for admission; the lookup runs once per request and
+  token count (a hit gone stale meanwhile is a failed load, recomputed like any other).
   External tokens = hit − what vLLM already has (its block-aligned local prefix-cache hit).
 - A load covers ``[local, local + external)`` and is emitted once, in the request's first scheduled
   step after admission; it carries the token ids of the whole stored prefix so the stored chunks (a
@@ -23,6 +25,13 @@ Rules (C = chunk_tokens):
   drops to that point, so the recomputed chunks are stored again.
 - Preempted, finished or aborted requests are forgotten; a resumed request is looked up afresh.
 - ``store=False`` (vLLM's ``kv_consumer`` role) plans loads only, never a store.
+- Asynchronous loads (``load_async=True``): vLLM admits the request but does not schedule it until the
+  worker reports the load finished, so the load is emitted in the step of admission (``is_async``),
+  not in the first scheduled step. Until that report (:meth:`Planner.loaded`) the request is
+  ``loading``: if it finishes meanwhile (abort), vLLM must keep its blocks, which the worker is still
+  writing (``request_finished`` then delays freeing; the worker's "finished receiving" report frees
+  them). When such a load fails outright vLLM frees the blocks and admits the request again: kvtier
+  then reports no hit for it, so it is recomputed instead of failing the same load in a loop.
 """
 
 from __future__ import annotations
@@ -54,6 +63,7 @@ class LoadReq:
     start: int
     end: int
     block_ids: list[int]
+    is_async: bool = False  # load off the critical path; the worker reports it in get_finished
 
 
 @dataclass
@@ -81,41 +91,82 @@ class _Tracker:
     saved: int  # prompt tokens known to be in kvtier
     admitted: bool = False  # its first step has been planned
     last_end: int = 0  # tokens computed at the end of the last planned step
+    load_async: bool = False  # the load is emitted at admission, not in the first scheduled step
 
 
 class Planner:
     """Per-request load/store plans. Not thread-safe: vLLM's scheduler calls it from one thread."""
 
     def __init__(self, lookup: Callable[[list[int]], int], chunk_tokens: int, save_partial: bool = True,
-                 store: bool = True) -> None:
+                 store: bool = True, load_async: bool = False) -> None:
         self._lookup = lookup
         self.chunk = chunk_tokens
         self.save_partial = save_partial
         self.store = store
+        self.load_async = load_async
+        self.loading: set[str] = set()  # asynchronous loads emitted and not yet reported finished
         self._trackers: dict[str, _Tracker] = {}
-        self._hits: dict[str, int] = {}
+        self._hits: dict[str, tuple[int, int]] = {}  # request -> (num_tokens looked up, hit)
 
     def __len__(self) -> int:
         return len(self._trackers)
 
     def lookup(self, request: RequestLike, num_computed_tokens: int) -> int:
         """External tokens kvtier can supply beyond vLLM's ``num_computed_tokens`` (0 if none)."""
-        hit = self._lookup(list(request.all_token_ids))
-        self._hits[request.request_id] = hit
+        num_tokens = int(request.num_tokens)
+        tracker = self._trackers.get(request.request_id)
+        if tracker is not None and tracker.load_async:
+            # vLLM retries a request whose asynchronous load failed outright: recompute (and store
+            # again) rather than fail the same load in a loop
+            del self._trackers[request.request_id]
+            self._hits[request.request_id] = (num_tokens, 0)
+            return 0
+        known = self._hits.get(request.request_id)
+        if known is not None and known[0] == num_tokens:
+            hit = known[1]
+        else:
+            hit = self._lookup(list(request.all_token_ids))
+            self._hits[request.request_id] = (num_tokens, hit)
         need = min(hit, request.num_tokens - 1) - num_computed_tokens
         return max(need, 0)
 
     def allocated(self, request: RequestLike, num_external_tokens: int) -> None:
         """vLLM admitted ``request`` and will load ``num_external_tokens`` external tokens."""
-        hit = self._hits.pop(request.request_id, 0)
+        prior = self._trackers.get(request.request_id)
+        if prior is not None and prior.load_async and num_external_tokens == 0:
+            prior.load_async = False  # scheduled now that its asynchronous load is done: nothing changes
+            return
+        hit = self._hits.pop(request.request_id, (0, 0))[1]
         if num_external_tokens > hit:
             raise ValueError(f"vLLM granted {num_external_tokens} external tokens, kvtier had {hit}")
         self._trackers[request.request_id] = _Tracker(request, hit, num_external_tokens,
-                                                      saved=min(hit, request.num_prompt_tokens))
+                                                      saved=min(hit, request.num_prompt_tokens),
+                                                      load_async=self.load_async and num_external_tokens > 0)
 
     def forget(self, req_id: str) -> None:
         self._trackers.pop(req_id, None)
         self._hits.pop(req_id, None)
+
+    def loaded(self, req_ids: Iterable[str]) -> None:
+        """The worker reported these asynchronous loads finished (successfully or not)."""
+        self.loading.difference_update(req_ids)
+
+    def _load(self, tracker: _Tracker, req_id: str, block_ids: Callable[[str], list[int] | None],
+              is_async: bool) -> LoadReq:
+        """The load of a just-admitted request (vLLM already counts its external tokens as computed)."""
+        request = tracker.request
+        before = int(request.num_computed_tokens)
+        start = before - tracker.load
+        blocks = block_ids(req_id) or []
+        tokens = list(request.all_token_ids[: tracker.hit])
+        if not 0 <= start < before <= tracker.hit:
+            # cannot happen with vLLM 0.32; if it does, an empty load makes the worker report the blocks
+            # as failed so vLLM recomputes them (vLLM already counts them computed)
+            tokens, start = [], max(start, 0)
+        tracker.load = 0
+        if is_async:
+            self.loading.add(req_id)
+        return LoadReq(req_id, tokens, start, before, blocks, is_async)
 
     def plan(self, num_scheduled_tokens: Mapping[str, int], finished: Iterable[str],
              preempted: Iterable[str], block_ids: Callable[[str], list[int] | None]) -> StepPlan:
@@ -127,6 +178,9 @@ class Planner:
             if tracker is not None and tracker.admitted:  # not one re-admitted in this very step
                 self.forget(req_id)
         step = StepPlan()
+        for req_id, tracker in self._trackers.items():
+            if tracker.load_async and tracker.load > 0:  # admitted this step, waits for its KV
+                step.loads.append(self._load(tracker, req_id, block_ids, is_async=True))
         c = self.chunk
         for req_id, scheduled in num_scheduled_tokens.items():
             tracker = self._trackers.get(req_id)
@@ -142,14 +196,9 @@ class Planner:
             if not tracker.admitted:
                 tracker.admitted = True
                 if tracker.load > 0:
-                    start = before - tracker.load  # vLLM counts the external tokens as computed
-                    blocks = block_ids(req_id) or []
-                    tokens = list(request.all_token_ids[: tracker.hit])
-                    if not 0 <= start < before <= tracker.hit:
-                        # cannot happen with vLLM 0.32; if it does, an empty load makes the worker report
-                        # the blocks as failed so vLLM recomputes them (vLLM already counts them computed)
-                        tokens, start = [], max(start, 0)
-                    step.loads.append(LoadReq(req_id, tokens, start, before, blocks))
+                    load = self._load(tracker, req_id, block_ids, is_async=False)
+                    blocks = load.block_ids
+                    step.loads.append(load)
             prompt = int(request.num_prompt_tokens)
             limit = min(after, prompt)
             end = prompt if limit == prompt and self.save_partial else limit - limit % c

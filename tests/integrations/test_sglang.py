@@ -5,7 +5,7 @@ Three server starts (about 45 s each on 2 cores) share one prompt of about 600 t
 1. SGLang without the hierarchical cache: the reference greedy text.
 2. SGLang + kvtier (disk tier in a temp dir): a cold request (kvtier miss), then ``/flush_cache`` (SGLang
    keeps nothing of its own) and the same request again: a kvtier hit, reported by SGLang's own
-   ``cached_tokens_details``.
+   ``cached_tokens_details`` and, through the backend's ``get_stats()``, by SGLang's ``/metrics``.
 3. After server 2 exited, one stored page file gets a flipped byte; a fresh server on the same disk
    tier hits every page before the damaged one and recomputes from there.
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +81,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _command(workdir: Path, kvtier: bool) -> list[str]:
     return sglang_server_command(port=free_port(), config=str(workdir / "kvtier.yaml"), kvtier=kvtier,
-                                 prefetch_threshold=PAGE)
+                                 prefetch_threshold=PAGE, cpu_test_rig=True, extra_args=["--enable-metrics"])
 
 
 @pytest.fixture(scope="module")
@@ -89,14 +90,36 @@ def baseline(prompt: list[int], workdir: Path) -> str:
         return str(generate(url, prompt, NEW_TOKENS)["text"])
 
 
+def _metric(url: str, name: str) -> float:
+    """Sum of every sample of ``name`` on SGLang's ``/metrics`` (all label sets)."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=30) as reply:
+        text = reply.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{") or line.startswith(name + " "))
+
+
+def _wait_metric_above(url: str, name: str, floor: float, timeout_s: float = 30.0) -> float:
+    """SGLang drains ``get_stats()`` on its scheduler loop, after the request: poll until it rose."""
+    deadline = time.monotonic() + timeout_s
+    value = _metric(url, name)
+    while value <= floor and time.monotonic() < deadline:
+        time.sleep(0.5)
+        value = _metric(url, name)
+    return value
+
+
 @pytest.fixture(scope="module")
-def first_server(prompt: list[int], workdir: Path) -> dict[str, dict[str, Any]]:
+def first_server(prompt: list[int], workdir: Path) -> dict[str, Any]:
     with running_server(_command(workdir, kvtier=True), workdir / "server1.log") as url:
         miss = generate(url, prompt, NEW_TOKENS)
         _wait_stored(workdir / "disk", PROMPT_TOKENS // PAGE)
+        backups = _wait_metric_above(url, "sglang:backup_pgs_sum", 0)
         flush_cache(url)
+        reads_before = _metric(url, "sglang:prefetch_pgs_sum")
         hit = generate(url, prompt, NEW_TOKENS)
-    return {"miss": miss, "hit": hit}
+        reads_after = _wait_metric_above(url, "sglang:prefetch_pgs_sum", reads_before)
+    return {"miss": miss, "hit": hit, "metrics": {"backup_pages": backups, "prefetch_pages_before": reads_before,
+                                                  "prefetch_pages_after": reads_after}}
 
 
 def _page_key_file(prompt: list[int], disk: Path, page: int) -> Path:
@@ -111,7 +134,7 @@ def _page_key_file(prompt: list[int], disk: Path, page: int) -> Path:
     return disk / key[:2] / f"{key}.kvt"
 
 
-def test_greedy_text_identical_on_kvtier_miss_and_hit(baseline: str, first_server: dict[str, dict[str, Any]]) -> None:
+def test_greedy_text_identical_on_kvtier_miss_and_hit(baseline: str, first_server: dict[str, Any]) -> None:
     miss, hit = first_server["miss"], first_server["hit"]
     assert _storage_tokens(miss) == 0
     assert miss["text"] == baseline
@@ -123,8 +146,16 @@ def test_greedy_text_identical_on_kvtier_miss_and_hit(baseline: str, first_serve
     assert _storage_tokens(hit) == PAGE * (PROMPT_TOKENS // PAGE)
 
 
+def test_kvtier_io_shows_in_sglangs_own_metrics(first_server: dict[str, Any]) -> None:
+    """get_stats() feeds SGLang's sglang:backup_pgs / sglang:prefetch_pgs histograms (--enable-metrics)."""
+    metrics = first_server["metrics"]
+    assert metrics["backup_pages"] >= PROMPT_TOKENS // PAGE  # every page of the cold request was written
+    assert metrics["prefetch_pages_before"] == 0
+    assert metrics["prefetch_pages_after"] == PROMPT_TOKENS // PAGE  # the hit read them all from kvtier
+
+
 def test_restarted_server_hits_kvtier_and_a_damaged_page_is_a_miss(
-    prompt: list[int], workdir: Path, baseline: str, first_server: dict[str, dict[str, Any]]
+    prompt: list[int], workdir: Path, baseline: str, first_server: dict[str, Any]
 ) -> None:
     damaged = _page_key_file(prompt, workdir / "disk", DAMAGED_PAGE)
     data = bytearray(damaged.read_bytes())

@@ -18,16 +18,30 @@ def _arg(argv: list[str], name: str) -> str:
 def test_command_loads_kvtier_through_the_dynamic_backend(tmp_path: Path) -> None:
     cfg = tmp_path / "kv.yaml"
     argv = sglang_server_command("/models/m", port=31000, config=str(cfg), overrides={"tenant": "a"},
-                                 served_model_name="m", device="cpu", prefetch_threshold=16)
+                                 served_model_name="m", prefetch_threshold=16)
     assert argv[1:3] == ["-m", "sglang.launch_server"]
     assert _arg(argv, "--model-path") == "/models/m" and _arg(argv, "--host") == "127.0.0.1"
-    assert _arg(argv, "--page-size") == "16" and "--enable-hierarchical-cache" in argv
-    assert _arg(argv, "--hicache-mem-layout") == "layer_first" and _arg(argv, "--hicache-io-backend") == "direct"
-    assert _arg(argv, "--hicache-storage-backend") == "dynamic"
+    assert "--enable-hierarchical-cache" in argv and _arg(argv, "--hicache-storage-backend") == "dynamic"
     extra = json.loads(_arg(argv, "--hicache-storage-backend-extra-config"))
     assert extra == backend_extra_config(str(cfg), {"tenant": "a"}, "m", 16)
     assert extra["module_path"] == "kvtier.integrations.sglang" and extra["class_name"] == "KvtierStorage"
     assert extra["interface_v1"] == 1 and extra["kvtier_config"] == str(cfg.resolve())
+
+
+def test_production_defaults_force_no_cpu_test_settings() -> None:
+    argv = sglang_server_command("/models/m")
+    assert _arg(argv, "--hicache-mem-layout") == "page_first" and _arg(argv, "--hicache-io-backend") == "kernel"
+    assert _arg(argv, "--page-size") == "64"
+    assert not {"--device", "--max-total-tokens", "--hicache-size"} & set(argv)  # SGLang's own choices
+
+
+def test_cpu_test_rig_is_opt_in_and_explicit_values_win() -> None:
+    argv = sglang_server_command("/models/m", cpu_test_rig=True)
+    assert _arg(argv, "--device") == "cpu" and _arg(argv, "--page-size") == "16"
+    assert _arg(argv, "--hicache-mem-layout") == "layer_first" and _arg(argv, "--hicache-io-backend") == "direct"
+    assert _arg(argv, "--max-total-tokens") == "32768" and _arg(argv, "--hicache-size") == "1"
+    argv = sglang_server_command("/models/m", cpu_test_rig=True, page_size=32, max_total_tokens=4096)
+    assert _arg(argv, "--page-size") == "32" and _arg(argv, "--max-total-tokens") == "4096"
 
 
 def test_baseline_has_no_hierarchical_cache_and_extra_args_pass_through() -> None:
@@ -40,16 +54,20 @@ def test_env_selects_the_cpu_engine_and_keeps_what_is_set() -> None:
     env = sglang_server_env({"OMP_NUM_THREADS": "1"}, device="cpu")
     assert env["SGLANG_USE_CPU_ENGINE"] == "1" and env["OMP_NUM_THREADS"] == "1" and env["HF_HUB_OFFLINE"] == "1"
     assert "SGLANG_USE_CPU_ENGINE" not in sglang_server_env({}, device="cuda")
+    assert "SGLANG_USE_CPU_ENGINE" not in sglang_server_env({})  # never by default
 
 
 def test_cli_dry_run(tmp_path: Path) -> None:
     cfg = tmp_path / "kv.yaml"
     cfg.write_text("disk:\n  enabled: true\n")
-    result = CliRunner().invoke(app, ["serve-sglang", "--model", "/models/m", "--config", str(cfg), "--device",
-                                      "cpu", "--dry-run", "--", "--log-level", "debug"])
+    result = CliRunner().invoke(app, ["serve-sglang", "--model", "/models/m", "--config", str(cfg), "--dry-run",
+                                      "--", "--log-level", "debug"])
     assert result.exit_code == 0, result.output
     assert "sglang.launch_server" in result.output and "KvtierStorage" in result.output
     assert result.output.strip().endswith("--log-level debug")
+    assert "--device" not in result.output and "page_first" in result.output
+    rig = CliRunner().invoke(app, ["serve-sglang", "--model", "/models/m", "--cpu-test-rig", "--dry-run"])
+    assert rig.exit_code == 0 and "--device cpu" in rig.output and "layer_first" in rig.output
 
 
 def test_serve_engine_sglang_is_serve_sglang(tmp_path: Path) -> None:

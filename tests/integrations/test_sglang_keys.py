@@ -20,6 +20,7 @@ import torch
 
 from kvtier.errors import ConfigError, LayoutError
 from kvtier.integrations.sglang import KvtierStorage, PageKeys, PoolView, copy_page, namespace_model
+from kvtier.integrations.sglang_stats import IoStats
 from kvtier.keys import Namespace
 from kvtier.layout import KVSpec
 from kvtier.record import Kind
@@ -148,6 +149,28 @@ def test_store_then_load_into_another_pool(tmp_path: Path) -> None:
     for d, s in zip([0, 3, 4, 6], [5, 1, 2, 7]):
         assert torch.equal(PoolView(dst).page(d * PAGE), PoolView(src).page(s * PAGE))
     assert reader.counters["read_pages"] == 4
+
+
+def test_get_stats_reports_pages_and_bandwidth_in_sglangs_shape(tmp_path: Path) -> None:
+    """get_stats() drains one record per read / write: pages moved and GB/s (SGLang's StorageMetrics)."""
+    storage = backend(tmp_path)
+    empty = storage.get_stats()
+    assert (empty.prefetch_pgs, empty.backup_pgs, empty.prefetch_bandwidth, empty.backup_bandwidth) == ([], [], [], [])
+    assert storage.batch_set_v1(HASHES[:3], slots([0, 1, 2])) == [True] * 3
+    assert storage.batch_get_v1(HASHES[:5], slots([3, 4, 5, 6, 7])) == [True] * 3 + [False] * 2
+    assert storage.batch_get_v1(HASHES[5:6], slots([3])) == [False]  # moved nothing: not recorded
+    stats = storage.get_stats()
+    assert stats.backup_pgs == [3] and stats.prefetch_pgs == [3]
+    assert len(stats.backup_bandwidth) == 1 and stats.backup_bandwidth[0] > 0
+    assert len(stats.prefetch_bandwidth) == 1 and stats.prefetch_bandwidth[0] > 0
+    assert storage.get_stats().prefetch_pgs == []  # drained
+
+
+def test_io_stats_hold_at_most_max_records() -> None:
+    io = IoStats(max_records=2)
+    for pages in (1, 2, 3):
+        io.record("backup", pages, pages * 100, 0.001)
+    assert io.drain().backup_pgs == [2, 3]
 
 
 def test_exists_has_prefix_semantics(tmp_path: Path) -> None:

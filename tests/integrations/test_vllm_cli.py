@@ -63,3 +63,12 @@ def test_kv_role_reaches_the_transfer_config() -> None:
     assert '"kv_role": "kv_consumer"' in result.output
     with pytest.raises(ConfigError, match="kv_role"):
         kv_transfer_config(kv_role="kv_decoder")
+
+
+def test_load_async_reaches_the_connector() -> None:
+    argv = server_command("/models/x", load_async=True)
+    assert json.loads(_arg(argv, "--kv-transfer-config"))["kv_connector_extra_config"]["kvtier_load_async"] is True
+    assert "kvtier_load_async" not in _arg(server_command("/models/x"), "--kv-transfer-config")
+    result = CliRunner().invoke(app, ["serve", "--model", "/m", "--load-async", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert '"kvtier_load_async": true' in result.output

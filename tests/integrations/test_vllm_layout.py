@@ -1,9 +1,13 @@
 """Layout adapters between vLLM paged KV tensors and canonical chunks: exact round trips on CPU tensors
-for every supported layout, and the CPU layout checked against vLLM's own CPU kernel when installed."""
+for every supported layout, and the CPU layout checked against vLLM's own CPU kernel when installed.
+
+``LAYOUT_TEST_DEVICE=cuda`` (scripts/gpu-check.sh) puts the paged tensors on the GPU for the round
+trips, with canonical chunks staying in CPU memory as the connector keeps them."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
 import torch
@@ -12,9 +16,14 @@ from kvtier.errors import LayoutError
 from kvtier.integrations import vllm_layout as vl
 
 NB, BS, H, D = 6, 16, 3, 8
+DEVICE = torch.device(os.environ.get("LAYOUT_TEST_DEVICE", "cpu"))
 
 
 def _paged(layout: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return _cpu_paged(layout, dtype).to(DEVICE)
+
+
+def _cpu_paged(layout: str, dtype: torch.dtype) -> torch.Tensor:
     gen = torch.Generator().manual_seed(1)
     if layout == "cpu":
         return torch.randn(NB, H, BS, 2 * D, generator=gen).to(dtype)
@@ -27,7 +36,8 @@ def _paged(layout: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
 
 def _kv(tokens: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(2)
-    return (torch.randn(tokens, H, D, generator=gen).to(dtype), torch.randn(tokens, H, D, generator=gen).to(dtype))
+    return (torch.randn(tokens, H, D, generator=gen).to(dtype).to(DEVICE),
+            torch.randn(tokens, H, D, generator=gen).to(dtype).to(DEVICE))
 
 
 @pytest.mark.parametrize("layout", vl.LAYOUTS)
@@ -67,6 +77,54 @@ def test_layers_round_trip_canonical(layout: str) -> None:
     staging = torch.zeros(3, 2, len(slots) + 10, H, D)
     vl.gather_layers(layout, layers, slots, D, staging[:, :, 10:])
     assert torch.equal(staging[:, :, 10:], canon)
+
+
+def _layers_in_one_buffer(layout: str, count: int) -> list[torch.Tensor]:
+    """``count`` layers back to back in one buffer, as vLLM's CPU backend allocates them."""
+    one = _paged(layout)
+    buf = torch.randn(count, *one.shape, generator=torch.Generator().manual_seed(3))
+    if layout == "bhnc":  # keep the physical [B, N, H, 2D] order of _paged
+        buf = torch.randn(count, NB, BS, H, 2 * D, generator=torch.Generator().manual_seed(3)).transpose(2, 3)
+    return [buf[i] for i in range(count)]
+
+
+@pytest.mark.parametrize("layout", vl.LAYOUTS)
+@pytest.mark.parametrize("one_buffer", [True, False])
+@pytest.mark.parametrize(("start", "end"), [(0, 3 * BS + 5), (BS, 3 * BS), (5, 4 * BS + 7), (3, 9), (0, 7),
+                                            (2 * BS, 2 * BS + 1), (4, 4)])
+def test_span_moves_what_the_slot_mapping_moves(layout: str, one_buffer: bool, start: int, end: int) -> None:
+    """scatter_span / gather_span (whole blocks as block copies, runs of consecutive ids at once) write
+    and read exactly the bytes of the per-token slot mapping, for partial and whole blocks alike."""
+    layers = _layers_in_one_buffer(layout, 3) if one_buffer else [_paged(layout) for _ in range(3)]
+    stacked = vl.stack_layers(layers)
+    assert (stacked is not None) == one_buffer
+    block_ids = [1, 2, 5, 0, 3]  # a run (1, 2), then scattered ids
+    canon = torch.randn(3, 2, end - start, H, D, generator=torch.Generator().manual_seed(4))
+    expected = [layer.clone() for layer in layers]
+    vl.scatter_layers(layout, expected, vl.slot_mapping(block_ids, BS, start, end), D, canon)
+    vl.scatter_span(layout, layers, block_ids, start, end, canon, D, stacked)
+    for got, want in zip(layers, expected):
+        assert torch.equal(got, want)  # nothing else touched either
+    out = torch.zeros(3, 2, end - start + 4, H, D)[:, :, 4:]  # a strided window, as the staging buffer
+    vl.gather_span(layout, layers, block_ids, start, end, out, D, stacked)
+    assert torch.equal(out, canon)
+
+
+def test_stack_layers_only_for_one_evenly_spaced_buffer() -> None:
+    layers = _layers_in_one_buffer("cpu", 4)
+    stacked = vl.stack_layers(layers)
+    assert stacked is not None and stacked.shape == (4, *layers[0].shape)
+    stacked[2, 1, 0, 0, 0] = 42.0  # a view: writes land in the layer itself
+    assert layers[2][1, 0, 0, 0] == 42.0
+    assert vl.stack_layers([_paged("cpu") for _ in range(3)]) is None  # separate allocations
+    assert vl.stack_layers([layers[0], layers[2], layers[1]]) is None  # not in order
+    assert vl.stack_layers([layers[0], layers[1].to(torch.bfloat16)]) is None
+
+
+def test_span_rejects_a_short_block_table() -> None:
+    layers = [_paged("cpu")]
+    with pytest.raises(LayoutError):
+        vl.scatter_span("cpu", layers, [1, 2], 0, 3 * BS, torch.zeros(1, 2, 3 * BS, H, D), D)
 
 
 def test_cpu_layout_is_k_transposed_then_v() -> None:

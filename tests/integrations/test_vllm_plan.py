@@ -163,3 +163,73 @@ def test_consumer_loads_but_never_stores() -> None:
     assert [(ld.start, ld.end) for ld in plan.loads] == [(0, 32)]
     assert plan.saves == []  # the prompt's last 8 tokens were computed here, yet nothing is stored
     assert _step(p, req, 1).saves == []
+
+
+def test_lookup_runs_once_per_request_while_it_waits() -> None:
+    """vLLM asks again every step a request waits for admission: one kvtier round trip is enough."""
+    calls: list[int] = []
+
+    def lookup(tokens: list[int]) -> int:
+        calls.append(len(tokens))
+        return 32
+
+    p = Planner(lookup, C)
+    req = FakeRequest("a", list(range(40)), 40)
+    assert [p.lookup(req, 0) for _ in range(5)] == [32] * 5
+    assert calls == [40]
+    req.all_token_ids.append(7)  # the request changed: ask again
+    assert p.lookup(req, 0) == 32 and calls == [40, 41]
+    p.allocated(req, 32)
+    p.forget("a")  # preempted or finished: a resumed request is looked up afresh
+    p.lookup(req, 0)
+    assert calls == [40, 41, 41]
+
+
+def test_async_load_is_emitted_at_admission_and_tracked_until_reported() -> None:
+    """With load_async vLLM admits the request without scheduling it: the load goes out in that very
+    step, the first scheduled step loads nothing, and the request counts as loading until the worker
+    reports it (so an abort meanwhile must keep its blocks)."""
+    req = FakeRequest("a", list(range(50)), 50)
+    p = Planner(lambda tokens: min(48, len(tokens)), C, load_async=True)
+    assert p.lookup(req, 0) == 48
+    p.allocated(req, 48)
+    req.num_computed_tokens = 48  # vLLM counts the external tokens as computed at admission
+    plan = p.plan({}, (), (), lambda _id: req.blocks)  # admitted, not scheduled: waits for its KV
+    assert [(ld.start, ld.end, ld.is_async) for ld in plan.loads] == [(0, 48, True)]
+    assert p.loading == {"a"}
+    assert p.plan({}, (), (), lambda _id: req.blocks).loads == []  # emitted once
+    p.loaded({"a"})
+    assert p.loading == set()
+    p.allocated(req, 0)  # vLLM schedules it now (and says so with no external tokens)
+    plan = _step(p, req, 2)  # computes the rest, stores only the partial last chunk
+    assert plan.loads == [] and [(s.skip, len(s.tokens)) for s in plan.saves] == [(48, 50)]
+
+
+def test_sync_loads_unchanged_when_async_is_off() -> None:
+    req = FakeRequest("a", list(range(40)), 40)
+    p = _planner(stored=32)
+    p.lookup(req, 0)
+    p.allocated(req, 32)
+    assert p.plan({}, (), (), lambda _id: req.blocks).loads == []  # nothing before it is scheduled
+    req.num_computed_tokens = 32
+    assert [(ld.start, ld.end, ld.is_async) for ld in _step(p, req, 8).loads] == [(0, 32, False)]
+    assert p.loading == set()
+
+
+def test_failed_async_load_is_not_offered_again() -> None:
+    """vLLM frees the blocks of a request whose asynchronous load failed outright and admits it again:
+    offering the same hit would fail the same way forever, so the retry recomputes."""
+    req = FakeRequest("a", list(range(50)), 50)
+    p = Planner(lambda tokens: min(48, len(tokens)), C, load_async=True)
+    p.lookup(req, 0)
+    p.allocated(req, 48)
+    req.num_computed_tokens = 48
+    p.plan({}, (), (), lambda _id: req.blocks)
+    p.loaded({"a"})  # reported finished, its blocks reported invalid: vLLM resets and retries
+    req.num_computed_tokens = 0
+    assert p.lookup(req, 0) == 0
+    p.allocated(req, 0)
+    plan = _step(p, req, 50)
+    assert plan.loads == [] and [(s.skip, len(s.tokens)) for s in plan.saves] == [(0, 50)]
+    p.forget("a")  # a preempted or new request is looked up afresh
+    assert p.lookup(req, 0) == 48
