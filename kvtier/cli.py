@@ -39,11 +39,39 @@ BENCH_MODULES = (
     "kvtier.bench.server",
     "kvtier.bench.redis",
     "kvtier.bench.tiers",
+    "kvtier.bench.lower",
     "kvtier.bench.codecs",
     "kvtier.bench.blend",
     "kvtier.bench.auth",
     "kvtier.bench.startup",
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"kvtier {installed_version()}")
+        raise typer.Exit()
+
+
+def installed_version() -> str:
+    """The version in kvtier's installed package metadata (``kvtier.__version__`` when run from a source
+    tree that was never installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kvtier")
+    except PackageNotFoundError:
+        import kvtier
+
+        return kvtier.__version__
+
+
+@app.callback()
+def _root(
+    _version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                  help="Print kvtier's version and exit."),
+) -> None:
+    """kvtier: a tiered KV-cache layer for LLM inference engines."""
 
 
 @config_app.command("show")

@@ -114,6 +114,23 @@ class FsConfig(_Section):
     fsync: bool = Field(True, description="fsync each file before publishing it (crash safety).")
 
 
+class MooncakeConfig(_Section):
+    """Mooncake Store tier (``mooncake-transfer-engine-non-cuda``): a ``mooncake_master`` plus the
+    memory segments its clients (every kvtier process using it) contribute."""
+
+    enabled: bool = Field(False, description="Use a Mooncake Store as a tier.")
+    master: str = Field("127.0.0.1:50051", description="host:port of mooncake_master's RPC service.")
+    metadata_server: str = Field("http://127.0.0.1:8080/metadata", description="Transfer-engine metadata URL.")
+    local_hostname: str = Field("127.0.0.1", description="Address other Mooncake clients reach this one at.")
+    protocol: Literal["tcp", "rdma"] = Field("tcp", description="Transfer protocol.")
+    device: str = Field("", description="RDMA device names (protocol rdma only).")
+    segment: ByteSize = Field(1 * GiB, description="Memory this process contributes to the store.")
+    buffer: ByteSize = Field(256 * MiB, description="Client-local transfer buffer.")
+    key_prefix: str = Field("kvtier:", description="Prefix of every Mooncake key kvtier writes.")
+    max_frame_bytes: ByteSize = Field(256 * MiB, description="Largest frame read back (bigger is a miss).")
+    codec: CodecName = Field("raw", description="Codec for chunks sent to Mooncake.")
+
+
 class ServerConfig(_Section):
     """``kvtier server``: the asyncio cache server."""
 
@@ -172,14 +189,21 @@ class ClusterConfig(_Section):
     advertise_host: str = Field("", description="Address peers dial (default p2p_host; required for 0.0.0.0).")
 
 
+def _comma_list(value: Any) -> Any:
+    """A ``KVTIER_*`` value arrives as one string: ``"a,b"`` -> ``("a", "b")``."""
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    return value
+
+
 class AuthConfig(_Section):
     """Authenticated chunks (:mod:`kvtier.frame_auth`): a per-tenant secret that MACs every frame this
     process writes to a lower tier and is required on every frame it reads from one."""
 
     secret: str = Field("", description="Tenant secret (>= 16 bytes; '' = frames carry only a checksum).")
     secret_file: str = Field("", description="File holding the tenant secret (instead of auth.secret).")
-    previous_secrets: tuple[str, ...] = Field(
-        (), description="Retired secrets still accepted for reading (key rotation)."
+    previous_secrets: Annotated[tuple[str, ...], BeforeValidator(_comma_list)] = Field(
+        (), description="Retired secrets still accepted for reading (key rotation; comma-separated in env)."
     )
 
     def __repr__(self) -> str:  # never print secrets
@@ -201,6 +225,7 @@ class KvtierConfig(_Section):
     remote: RemoteConfig = Field(default_factory=RemoteConfig)
     redis: RedisConfig = Field(default_factory=RedisConfig)
     fs: FsConfig = Field(default_factory=FsConfig)
+    mooncake: MooncakeConfig = Field(default_factory=MooncakeConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
     blend: BlendConfig = Field(default_factory=BlendConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
@@ -238,9 +263,10 @@ def _explain(err: ValidationError) -> ConfigError:
     return ConfigError("; ".join(lines))
 
 
-# KVTIER_* variables that are not config keys (read elsewhere); every other KVTIER_* name must be one.
+# KVTIER_* variables that are not config keys (read elsewhere, KVTIER_HF_PYTHON by the cross-engine test);
+# every other KVTIER_* name must be one.
 RESERVED_ENV = frozenset({"KVTIER_CONFIG", "KVTIER_HOME", "KVTIER_CONTROLLER_TOKEN", "KVTIER_LOG_LEVEL",
-                          "KVTIER_SKIP_VLLM", "KVTIER_SKIP_SGLANG"})
+                          "KVTIER_SKIP_VLLM", "KVTIER_SKIP_SGLANG", "KVTIER_HF_PYTHON", "KVTIER_PROTOCOL_FD"})
 
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:

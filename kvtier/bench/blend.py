@@ -260,10 +260,9 @@ def summarize(rows: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
 
 
 def plot(path: Path, summary: dict[str, Any]) -> Path:
-    import matplotlib
+    from kvtier.bench.common import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     methods = list(summary)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))

@@ -257,10 +257,9 @@ def run_codecs_bench(codecs: tuple[str, ...] = DEFAULT_CODECS, context_tokens: i
 
 def plot(rows: list[dict[str, Any]], path: Path) -> Path:
     """Three panels: ratio, decode MB/s (one core), perplexity increase."""
-    import matplotlib
+    from kvtier.bench.common import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     labels = [r["codec"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))

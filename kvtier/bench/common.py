@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import json
 import platform
-import socket
 import statistics
-import subprocess
 import time
-import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+# the process helpers live in kvtier.procs; re-exported for the benchmarks and integrations that import them here
+from kvtier.extras import require
+from kvtier.procs import free_port as free_port
+from kvtier.procs import stop_process as stop_process
+from kvtier.procs import wait_healthy as wait_healthy
 
 
 @dataclass(frozen=True)
@@ -69,40 +72,6 @@ def ratio(ours: Timing, ceiling: Timing) -> dict[str, float]:
     }
 
 
-def stop_process(proc: subprocess.Popen[Any], timeout_s: float = 15.0) -> None:
-    """Terminate a helper process a benchmark started; kill it if it ignores SIGTERM for ``timeout_s``."""
-    proc.terminate()
-    try:
-        proc.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-def free_port() -> int:
-    """A TCP port free on loopback now (the OS may hand it out again once the caller binds nothing)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_healthy(url: str, proc: subprocess.Popen[Any], timeout_s: float = 300.0, what: str = "server") -> None:
-    """Block until ``url/health`` answers 200; raise ``RuntimeError`` if ``proc`` exits first and
-    ``TimeoutError`` after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode} before it was ready")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as reply:
-                if reply.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(1.0)
-    raise TimeoutError(f"{what} at {url} was not ready after {timeout_s:.0f} s")
-
-
 def machine() -> dict[str, Any]:
     import os
 
@@ -127,14 +96,17 @@ def write_results(name: str, data: dict[str, Any], out_dir: Path | str = "result
     return path
 
 
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the non-interactive Agg backend (the ``bench`` extra installs matplotlib)."""
+    matplotlib = require("matplotlib", "bench")
+    matplotlib.use("Agg")
+    return require("matplotlib.pyplot", "bench")
+
+
 def bar_plot(path: Path | str, title: str, labels: list[str], series: dict[str, list[float]],
              ylabel: str, errors: dict[str, tuple[list[float], list[float]]] | None = None) -> Path:
     """Grouped bar chart; ``errors[name] = (low, high)`` absolute values drawn as min/max whiskers."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(labels) * max(1, len(series))), 4))
     width = 0.8 / max(1, len(series))
     for i, (name, values) in enumerate(series.items()):

@@ -22,10 +22,7 @@ import argparse
 import itertools
 import json
 import os
-import re
-import select
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -35,49 +32,48 @@ from typing import Any
 
 import httpx
 
-from kvtier.bench.common import free_port, stop_process, wait_healthy
+from kvtier.procs import Child, free_port, wait_healthy
 
 SERVED = "smol"
 TOKEN = "router-bench-token"
 
 
 class Service:
-    """A started process (kvtier subcommand or vLLM server) with its log file; ``url`` once known."""
+    """A started process (kvtier subcommand or vLLM server) with its log file; ``url`` once known.
+
+    kvtier subcommands print their address on stdout (read by :class:`kvtier.procs.Child`'s reader
+    thread) and log on stderr; vLLM servers write everything to the log."""
 
     def __init__(self, argv: list[str], log: Path, env: dict[str, str], url: str = "") -> None:
         self.log_path = log
-        self._log = log.open("w")
         self.url = url
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE if not url else self._log,
-                                     stderr=self._log if not url else subprocess.STDOUT, text=True, env=env)
+        self.child = Child(argv, log=log, env=env, channel=None if url else "stdout")
+        self.proc = self.child.proc
 
     def read_url(self, timeout_s: float = 120.0) -> str:
         """For kvtier subcommands: the ``HOST:PORT`` their ready line names."""
-        assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout_s)
-        line = self.proc.stdout.readline() if ready else ""
-        match = re.search(r"(?:http://)?[\d.]+:(\d+)", line)
-        if not match:
-            raise RuntimeError(f"{self.proc.args!r} did not start: {line!r}\n{self.log_path.read_text()[-3000:]}")
-        self.url = f"http://127.0.0.1:{match.group(1)}"
+        port = self.child.expect(r"(?:http://)?[\d.]+:(\d+)", timeout_s).group(1)
+        self.url = f"http://127.0.0.1:{port}"
         return self.url
 
     def wait_healthy(self, timeout_s: float = 600.0) -> None:
         try:
             wait_healthy(self.url, self.proc, timeout_s)
         except (RuntimeError, TimeoutError) as exc:
-            raise RuntimeError(f"{exc}\n{self.log_path.read_text()[-4000:]}") from exc
+            raise RuntimeError(f"{exc}\n{self.child.log_tail()}") from exc
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            stop_process(self.proc, 30)
-        self._log.close()
+        self.child.stop(30)
 
 
 def kvtier_service(args: list[str], log: Path, env: dict[str, str] | None = None) -> Service:
     """``python -m kvtier.cli ARGS`` of this interpreter, once it printed its address."""
     svc = Service([sys.executable, "-m", "kvtier.cli", *args], log, {**os.environ, **(env or {})})
-    svc.read_url()
+    try:
+        svc.read_url()
+    except BaseException:
+        svc.stop()
+        raise
     return svc
 
 

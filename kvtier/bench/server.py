@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -28,7 +27,7 @@ from typing import Any
 
 import typer
 
-from kvtier.bench.common import stop_process
+from kvtier.procs import Child
 
 OPS = ("put", "get", "put_many", "get_many", "get_many_into")
 
@@ -62,34 +61,19 @@ while True:
 
 
 @contextlib.contextmanager
-def _process(args: list[str], pattern: Callable[[str], int | None]) -> Iterator[int]:
-    """Start ``args``; yield the port parsed from its first matching stdout line; terminate it."""
-    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            text=True)
-    try:
-        assert proc.stdout is not None
-        deadline = time.monotonic() + 60
-        port = None
-        while port is None:
-            line = proc.stdout.readline()
-            if not line or time.monotonic() > deadline:
-                raise RuntimeError(f"{args[:4]} did not start")
-            port = pattern(line)
-        yield port
-    finally:
-        stop_process(proc)
+def _process(args: list[str], pattern: str) -> Iterator[int]:
+    """Start ``args``; yield the port (group 1 of ``pattern``) of its first matching stdout line; stop it."""
+    with Child(args) as child:
+        yield int(child.expect(pattern, 60).group(1))
 
 
 def kvtier_server(capacity: int) -> contextlib.AbstractContextManager[int]:
     """A throwaway ``kvtier server`` on a free loopback port holding ``capacity`` bytes; yields the port."""
     return _process([sys.executable, "-m", "kvtier.server", "--port", "0", "--capacity", str(capacity),
-                     "--log-level", "warning"], _server_port)
+                     "--log-level", "warning"], _SERVER_PORT)
 
 
-def _server_port(line: str) -> int | None:
-    if "listening on" not in line:
-        return None
-    return int(line.split("listening on", 1)[1].split()[0].rsplit(":", 1)[1])
+_SERVER_PORT = r"listening on \S+:(\d+)"
 
 
 def _exact(sock: socket.socket, view: memoryview) -> None:
@@ -130,7 +114,7 @@ def run(chunk_tokens: int = 256, chunks: int = 32, repeat: int = 5, out_dir: str
                   "--log-level", "warning"]
     sink_cmd = [sys.executable, "-c", _SINK, str(size)]
 
-    with _process(server_cmd, _server_port) as port, _process(sink_cmd, lambda s: int(s)) as sink_port:
+    with _process(server_cmd, _SERVER_PORT) as port, _process(sink_cmd, r"^(\d+)$") as sink_port:
         tier = RemoteTier("127.0.0.1", port, timeout_s=30.0, pool_size=1)
         raw = socket.create_connection(("127.0.0.1", sink_port))
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

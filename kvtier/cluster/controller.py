@@ -176,14 +176,13 @@ class Tokenizers:
     def _load(self, model: str) -> Callable[[str], list[int]]:
         where = Path(self.paths.get(model, model)).expanduser()
         file = where if where.is_file() else where / "tokenizer.json"
+        from kvtier.extras import require
+
         if file.is_file():
-            from tokenizers import Tokenizer
-
-            tok = Tokenizer.from_file(str(file))
+            tok = require("tokenizers", "router").Tokenizer.from_file(str(file))
             return lambda text: list(tok.encode(text).ids)
-        from transformers import AutoTokenizer
-
-        hf = AutoTokenizer.from_pretrained(str(where) if where.exists() else model, local_files_only=True)
+        auto = require("transformers", "router").AutoTokenizer
+        hf = auto.from_pretrained(str(where) if where.exists() else model, local_files_only=True)
         return lambda text: list(hf(text)["input_ids"])
 
     async def encode(self, model: str, text: str) -> list[int]:
@@ -301,7 +300,7 @@ class Controller:
     async def poll(self, req: S.PollRequest) -> S.PollResponse:
         worker = self.session(req.session)
         commands: list[S.Command] = []
-        with contextlib.suppress(TimeoutError):
+        with contextlib.suppress(asyncio.TimeoutError):  # wait_for's (TimeoutError from 3.11 on)
             commands.append(await asyncio.wait_for(worker.queue.get(), req.wait_s))
             while len(commands) < req.max_commands and not worker.queue.empty():
                 commands.append(worker.queue.get_nowait())
@@ -344,7 +343,7 @@ class Controller:
         timeout = self.settings.command_timeout_s
         try:
             result = await asyncio.wait_for(fut, timeout)
-        except TimeoutError:
+        except asyncio.TimeoutError:
             self.metrics.count("command_timeouts")
             raise OpFailed(f"instance {worker.instance_id} did not answer {kind} within {timeout:g}s") from None
         finally:
@@ -470,7 +469,7 @@ class Controller:
         try:
             detail = await asyncio.wait_for(self.call(worker, "health", {}), req.timeout_s)
             status = "ok"
-        except TimeoutError:
+        except asyncio.TimeoutError:
             detail, status = {"error": f"no answer within {req.timeout_s:g}s"}, "timeout"
         except OpFailed as exc:
             detail, status = {"error": str(exc)}, "error"

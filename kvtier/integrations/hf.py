@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from kvtier.config import KvtierConfig, load_config
 from kvtier.engine import CacheEngine
 from kvtier.layout import KVSpec
 from kvtier.tensors import dtype_name
@@ -41,6 +42,27 @@ def kv_spec_for(model: Any, chunk_tokens: int = 256) -> KVSpec:
     kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
     head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
     return KVSpec(int(cfg.num_hidden_layers), kv_heads, head_dim, dtype_name(model.dtype), chunk_tokens)
+
+
+def model_id_for(model: Any) -> str:
+    """The model part of kvtier's key namespace for an HF model: the hub id or path it was loaded from
+    (``config.name_or_path``). vLLM's kvtier connector uses the same string by default (its served
+    model name, which defaults to the ``--model`` argument), so an HF process and a vLLM server loading
+    the same path share chunks; pass ``model_id`` / ``kvtier_model_id`` on both sides otherwise."""
+    name = str(getattr(model.config, "name_or_path", "") or "")
+    if not name:
+        raise ValueError("the model has no config.name_or_path; pass model_id explicitly")
+    return name
+
+
+def cache_engine_for(model: Any, config: KvtierConfig | None = None, *, model_id: str | None = None) -> CacheEngine:
+    """A :class:`CacheEngine` for ``model`` keyed like vLLM's kvtier connector keys the same model:
+    model id :func:`model_id_for` (unless given), the model's KV geometry and parameter dtype, and the
+    config's ``chunk_tokens`` and ``tenant``. Sharing with vLLM also needs vLLM's ``--dtype`` equal to
+    the model's dtype here and the same ``chunk_tokens`` on both sides (vLLM's connector defaults to its
+    block size, 128 on CPU, when the config does not set it)."""
+    config = config or load_config()
+    return CacheEngine(kv_spec_for(model, config.chunk_tokens), model_id or model_id_for(model), config)
 
 
 @dataclass(frozen=True)

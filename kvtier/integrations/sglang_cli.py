@@ -141,7 +141,7 @@ def running_server(argv: list[str], log_path: Path | str, env: dict[str, str] | 
                    timeout_s: float = 300.0) -> Iterator[str]:
     """Run the server of ``argv`` (from :func:`sglang_server_command`) for a script or test; yield its
     base URL once healthy; stop it (SIGTERM, then SIGKILL) on exit. Output goes to ``log_path``."""
-    from kvtier.bench.common import wait_healthy
+    from kvtier.procs import wait_healthy
 
     port = argv[argv.index("--port") + 1]
     url = f"http://127.0.0.1:{port}"
@@ -161,7 +161,7 @@ def _stop_group(proc: subprocess.Popen[Any], timeout_s: float = 30.0) -> None:
     detokenizer are its children; the server stops them itself on SIGTERM)."""
     import signal
 
-    from kvtier.bench.common import stop_process
+    from kvtier.procs import stop_process
 
     stop_process(proc, timeout_s)
     with contextlib.suppress(ProcessLookupError, PermissionError):

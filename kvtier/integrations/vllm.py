@@ -11,7 +11,8 @@ Extra config keys (all optional): ``kvtier_config`` (YAML file; default ``$KVTIE
 (a mapping of config overrides), ``kvtier_model_id`` (the model part of every key; default the served
 model name), ``kvtier_layout`` (force a layout of :mod:`kvtier.integrations.vllm_layout`),
 ``kvtier_flush_timeout_s`` (how long a ``kv_producer`` waits per step for its lower-tier writes; default
-10), ``kvtier_load_async`` (load off the critical path, default false; see below). ``KVTIER_*``
+10), ``kvtier_load_async`` (load off the critical path, default false; see below), ``kvtier_events``
+(publish vLLM KV events for kvtier's tiers, :mod:`kvtier.integrations.vllm_events`). ``KVTIER_*``
 environment variables apply as everywhere else. ``chunk_tokens``, unless set, follows vLLM's block
 size (:func:`_chunk_default`).
 
@@ -102,7 +103,7 @@ log = logging.getLogger(__name__)
 __all__ = ["CONNECTOR_NAME", "MODULE_PATH", "KvtierConnector", "kv_transfer_config", "reset_engines", "shared_engine"]
 
 EXTRA_KEYS = ("kvtier_config", "kvtier", "kvtier_model_id", "kvtier_layout", "kvtier_flush_timeout_s",
-              "kvtier_load_async")
+              "kvtier_load_async", "kvtier_events")
 
 
 # ---- one engine per process ------------------------------------------------------------------------
@@ -111,6 +112,7 @@ class _Shared:
     engine: CacheEngine
     agent: Agent | None = None  # the cluster agent reporting this engine (``cluster.enabled``)
     usable: bool = True  # False once a worker found the engine's KV cache unusable (layout, spec)
+    events: Any = None  # the engine's kvtier.events.EventBridge (``kvtier_events``), closed with it
 
 
 _ENGINES: dict[tuple[str, KVSpec, str], _Shared] = {}
@@ -149,6 +151,8 @@ def reset_engines() -> None:
     for shared in engines:
         if shared.agent is not None:
             shared.agent.stop()
+        if shared.events is not None:
+            shared.events.close()
         shared.engine.close()
 
 
@@ -266,6 +270,12 @@ class KvtierConnector(KVConnectorBase_V1):
             self._shared = shared_engine(self.spec, self.model_id, self.config, instance)
             self.engine = self._shared.engine
             lookup = self.engine.lookup
+            # ---- KV events in vLLM's format (kvtier.integrations.vllm_events) ----
+            if extra.get("kvtier_events") is not None:
+                from kvtier.integrations.vllm_events import ensure_events
+
+                ensure_events(self._shared, vllm_config, extra["kvtier_events"])
+            # ---- end KV events ----
         self._planner = Planner(lookup, self.config.chunk_tokens, self.config.save_partial_chunks,
                                 store=self.kv_role != "kv_consumer", load_async=load_async)
         self._forced_layout: str | None = extra.get("kvtier_layout")

@@ -25,9 +25,10 @@ class PromptTokens:
     def _tokenizer(self) -> Any:
         with self._lock:
             if self._tok is None:
-                from transformers import AutoTokenizer
+                from kvtier.extras import require
 
-                self._tok = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+                transformers = require("transformers", "router")
+                self._tok = transformers.AutoTokenizer.from_pretrained(self.path, local_files_only=True)
             return self._tok
 
     def load(self) -> None:

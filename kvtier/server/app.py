@@ -54,6 +54,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from kvtier import wire
+from kvtier.compat import async_timeout
 from kvtier.config import ServerConfig
 from kvtier.errors import ConfigError, CorruptChunk, KvtierError, ProtocolError
 from kvtier.server import protocol as P
@@ -465,11 +466,11 @@ class Connection(asyncio.BufferedProtocol):
         every ``send``, which is quadratic; slices keep it small)."""
         total = sum(len(p) for p in parts)
         if total >= DIRECT_IO and self._thread_socket() is not None:
-            async with asyncio.timeout(timeout_s):
+            async with async_timeout(timeout_s):
                 await self.drain()
             if self.closed:
                 raise _Closed
-            async with asyncio.timeout(timeout_s):
+            async with async_timeout(timeout_s):
                 await self._transfer(_send_some, [P.byte_view(p) for p in parts if len(p)], writable=True)
             self.server.counters["bytes_out"] += total
             return
@@ -478,7 +479,7 @@ class Connection(asyncio.BufferedProtocol):
             for i in range(0, len(view), WRITE_SLICE):
                 self.write(view[i : i + WRITE_SLICE])
                 if self._write_paused:
-                    async with asyncio.timeout(timeout_s):
+                    async with async_timeout(timeout_s):
                         await self.drain()
 
     async def drain(self) -> None:
@@ -654,11 +655,11 @@ class CacheServer:
                 header = None
                 idle = conn.buffered == 0 and conn.authed
                 when = loop.time() + (cfg.idle_timeout_s if idle else cfg.read_timeout_s)
-                async with asyncio.timeout_at(when if conn.authed else min(when, auth_deadline)):
+                async with async_timeout((when if conn.authed else min(when, auth_deadline)) - loop.time()):
                     raw = await conn.read_exact(P.HEADER_BYTES)
                 conn.busy = True
                 header = P.unpack_header(raw)
-                async with asyncio.timeout_at(None if conn.authed else auth_deadline):
+                async with async_timeout(None if conn.authed else auth_deadline - loop.time()):
                     reply = await self._request(conn, header)
                     if reply is not None:
                         await self._respond(conn, header, reply)
@@ -736,7 +737,7 @@ class CacheServer:
         return await self._dispatch(conn, op, h, body)
 
     async def _timed(self, aw: Awaitable[T]) -> T:
-        async with asyncio.timeout(self.config.read_timeout_s):
+        async with async_timeout(self.config.read_timeout_s):
             return await aw
 
     async def _large_body(self, conn: Connection, n: int) -> bytearray:

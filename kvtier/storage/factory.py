@@ -1,4 +1,4 @@
-"""Build the lower tiers named in the config, in order: disk, remote server, Redis, shared fs."""
+"""Build the lower tiers named in the config, in order: disk, remote server, Redis, shared fs, Mooncake."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def build_tiers(config: KvtierConfig, spec: KVSpec) -> list[tuple[Tier, str]]:
 
 def _build(config: KvtierConfig, tiers: list[tuple[Tier, str]]) -> None:
     """Append the enabled tiers in order; one branch per config section."""
-    for section in ("disk", "remote", "redis", "fs"):
+    for section in ("disk", "remote", "redis", "fs", "mooncake"):
         if getattr(config, section).enabled:
             get_codec(getattr(config, section).codec)  # unknown codec -> ConfigError at start
     if config.disk.enabled:
@@ -46,3 +46,7 @@ def _build(config: KvtierConfig, tiers: list[tuple[Tier, str]]) -> None:
         if not config.fs.path:
             raise ConfigError("fs.path must name the shared directory when fs.enabled is true")
         tiers.append((FsTier(config.fs.path, fsync=config.fs.fsync), config.fs.codec))
+    if config.mooncake.enabled:
+        from kvtier.storage.mooncake import MooncakeTier
+
+        tiers.append((MooncakeTier.from_config(config.mooncake), config.mooncake.codec))

@@ -42,6 +42,7 @@ from kvtier.errors import CorruptChunk, FrameAuthError, KvtierError, LayoutError
 from kvtier.frame_auth import FrameKeys, warn_unauthenticated
 from kvtier.keys import ChunkKey
 from kvtier.layout import KVSpec
+from kvtier.queues import wait_done
 from kvtier.record import ChunkRecord, verify
 from kvtier.storage.base import Tier
 
@@ -120,6 +121,8 @@ class StorageManager:
         self.counters: Counter[str] = Counter()
         # ``observer(tier_name, op, seconds, ok)`` after every tier call (metrics); must not raise
         self.observers: list[Callable[[str, str, float, bool], None]] = []
+        # ``put_listener(tier_name, key)`` after a chunk was written to a tier (KV events); must not raise
+        self.put_listeners: list[Callable[[str, bytes], None]] = []
         # a tier with ``read_only = True`` (e.g. the P2P tier) is only read: write-back skips it
         self._writable = any(not getattr(tier, "read_only", False) for tier, _codec in tiers)
         self._base_backoff = base_backoff_s
@@ -388,6 +391,8 @@ class StorageManager:
                     encoded[slot.codec] = batch
                 self._call(slot, "put", partial(slot.tier.put_many, batch))
                 slot.counters["writes"] += len(batch)
+                for key, _parts in batch:
+                    self._notify_put(slot.tier.name, key)
                 slot.counters["bytes_written"] += sum(memoryview(p).nbytes for _key, parts in batch for p in parts)
             except TierUnavailable:
                 slot.counters["writes_failed"] += len(items)
@@ -424,17 +429,16 @@ class StorageManager:
                 missed += 1
         return missed
 
+    def _notify_put(self, tier: str, key: bytes) -> None:
+        for listener in self.put_listeners:
+            try:
+                listener(tier, key)
+            except Exception:
+                log.exception("put listener failed")
+
     def flush(self, timeout_s: float = 30.0) -> bool:
         """Wait until queued writes are done; False if ``timeout_s`` passed first."""
-        deadline = time.monotonic() + timeout_s
-        done = self._queue.all_tasks_done
-        with done:
-            while self._queue.unfinished_tasks:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                done.wait(left)
-        return True
+        return wait_done(self._queue, timeout_s)
 
     # ---- management ------------------------------------------------------------------------------
     def delete(self, key: ChunkKey) -> int:

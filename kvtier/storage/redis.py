@@ -200,7 +200,8 @@ class RedisTier(Tier):
             )
         addresses, master_kwargs = _sentinel_addresses(self.url)
         timeouts = {"socket_timeout": self.timeout_s, "socket_connect_timeout": self.timeout_s}
-        self._sentinel = redis.sentinel.Sentinel(addresses, sentinel_kwargs=timeouts, **timeouts)
+        self._sentinel = redis.sentinel.Sentinel(addresses, sentinel_kwargs=timeouts, socket_timeout=self.timeout_s,
+                                                 socket_connect_timeout=self.timeout_s)
         return self._sentinel.master_for(self._sentinel_master, **self._options, **master_kwargs)
 
     def _redis(self) -> Any:

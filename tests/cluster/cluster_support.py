@@ -3,10 +3,9 @@ worker processes running ``worker_proc.py``)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import re
-import select
 import subprocess
 import sys
 import threading
@@ -18,6 +17,8 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+
+from kvtier.procs import Child
 
 TOKEN = "cluster-test-token"
 MODEL = "test-model"
@@ -31,39 +32,28 @@ def tokens(seed: int, n: int) -> list[int]:
     return np.random.RandomState(seed).randint(0, 50_000, size=n).tolist()
 
 
-def _readline(proc: subprocess.Popen[str], timeout_s: float) -> str:
-    assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], timeout_s)
-    if not ready:
-        raise TimeoutError(f"process {proc.args!r} said nothing for {timeout_s}s")
-    line = proc.stdout.readline()
-    if not line:
-        raise RuntimeError(f"process {proc.args!r} exited with {proc.wait()}")
-    return line
-
-
 class WorkerProc:
-    """A worker process driven over stdin/stdout JSON lines."""
+    """A worker process driven over stdin/stdout JSON lines (its logging goes to ``<name>.log``)."""
 
     def __init__(self, name: str, url: str, chunks: int, log_dir: Path, disk: Path | None = None) -> None:
         self.name = name
-        self.log = (log_dir / f"{name}.log").open("w")
         args = [sys.executable, str(WORKER), url, name, TOKEN, str(chunks)] + ([str(disk)] if disk else [])
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
-                                     text=True, env=env)
+        self.child = Child(args, log=log_dir / f"{name}.log", env=env, stdin=True)
+        self.proc = self.child.proc
         self.info: dict[str, Any] = {}
 
+    def _reply(self, timeout_s: float) -> dict[str, Any]:
+        out: dict[str, Any] = json.loads(self.child.expect(r"^\{", timeout_s).string)
+        return out
+
     def wait_ready(self, timeout_s: float = 120.0) -> None:
-        self.info = json.loads(_readline(self.proc, timeout_s))
+        self.info = self._reply(timeout_s)
         assert self.info["ready"], f"worker {self.name} did not register"
 
     def call(self, op: str, toks: list[int] | None = None, timeout_s: float = 30.0) -> dict[str, Any]:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps({"op": op, "tokens": toks or []}) + "\n")
-        self.proc.stdin.flush()
-        out: dict[str, Any] = json.loads(_readline(self.proc, timeout_s))
-        return out
+        self.child.send(json.dumps({"op": op, "tokens": toks or []}))
+        return self._reply(timeout_s)
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -71,14 +61,23 @@ class WorkerProc:
             self.proc.wait(10)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            assert self.proc.stdin is not None
-            self.proc.stdin.close()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self.log.close()
+        """End the worker's input (it exits); stop it if it has not within 15 s."""
+        self.child.close_stdin()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(15)
+        self.child.stop()
+
+
+def start_kvtier(args: list[str], log: Path, env: dict[str, str] | None = None) -> tuple[Child, str]:
+    """``kvtier ARGS`` (a subcommand that prints ``http://HOST:PORT`` when ready): the child and its
+    loopback URL; raises with the log when it does not start within 120 s."""
+    child = Child([sys.executable, "-m", "kvtier.cli", *args], log=log, env={**os.environ, **(env or {})})
+    try:
+        port = child.expect(r"http://[^:\s]+:(\d+)", 120).group(1)
+    except BaseException:
+        child.stop()
+        raise
+    return child, f"http://127.0.0.1:{port}"
 
 
 class Cluster:
@@ -117,19 +116,13 @@ def wait_until(check: Callable[[], bool], timeout_s: float = 5.0, what: str = "c
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     logs = tmp_path_factory.mktemp("cluster")
-    cmd = [sys.executable, "-m", "kvtier.cli", "controller", "--port", "0", "--heartbeat-ttl", str(TTL_S),
+    cmd = ["controller", "--port", "0", "--heartbeat-ttl", str(TTL_S),
            "--heartbeat", "0.25", "--command-timeout", "10", "--log-level", "warning"]
     if TOKENIZER.is_file():
         cmd += ["--tokenizer", f"{MODEL}={TOKENIZER}"]
-    ctl_log = (logs / "controller.log").open("w")
-    controller = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=ctl_log, text=True,
-                                  env={**os.environ, "KVTIER_CONTROLLER_TOKEN": TOKEN})
+    controller, url = start_kvtier(cmd, logs / "controller.log", {"KVTIER_CONTROLLER_TOKEN": TOKEN})
     workers: dict[str, WorkerProc] = {}
     try:
-        line = _readline(controller, 60)
-        match = re.search(r"http://[\d.]+:(\d+)", line)
-        assert match, line
-        url = f"http://127.0.0.1:{match.group(1)}"
         workers = {"A": WorkerProc("A", url, 32, logs), "B": WorkerProc("B", url, 32, logs),
                    "C": WorkerProc("C", url, 32, logs, disk=logs / "disk-C")}
         for worker in workers.values():
@@ -138,12 +131,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     finally:
         for worker in workers.values():
             worker.stop()
-        controller.terminate()
-        try:
-            controller.wait(10)
-        except subprocess.TimeoutExpired:
-            controller.kill()
-        ctl_log.close()
+        controller.stop(10)
 
 
 class ThreadedController:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import select
 import subprocess
 import sys
 import textwrap
@@ -24,6 +23,8 @@ from typing import Any
 import pytest
 import vllm_support
 from vllm_support import CONTROLLER_TOKEN, MAX_TOKENS, PROMPTS, _kvtier_extra, controller, controller_call, free_port
+
+from kvtier.procs import Child, ChildExited
 
 pytest.importorskip("vllm")
 
@@ -40,6 +41,8 @@ INSTANCE_SCRIPT = textwrap.dedent(
     from vllm.config import KVTransferConfig
     from vllm.distributed.kv_transfer import get_kv_transfer_group
     from kvtier.integrations.vllm import kv_transfer_config, reset_engines
+    from kvtier.procs import protocol_stream
+    protocol = protocol_stream()  # vLLM logs to stdout: replies go to their own pipe
     args = json.loads(sys.argv[1])
     llm = LLM(model=args["model"], dtype="float32", max_model_len=2048, enforce_eager=True,
               distributed_executor_backend="uni", enable_prefix_caching=False, seed=0,
@@ -53,7 +56,8 @@ INSTANCE_SCRIPT = textwrap.dedent(
         return out
 
     def reply(tag, body):
-        print(tag + " " + json.dumps(body, default=str), flush=True)
+        protocol.write(tag + " " + json.dumps(body, default=str) + "\\n")
+        protocol.flush()
 
     reply("READY", stats())
     for line in sys.stdin:
@@ -74,37 +78,29 @@ INSTANCE_SCRIPT = textwrap.dedent(
 
 
 class Instance:
-    """One vLLM process running :data:`INSTANCE_SCRIPT`; stderr goes to ``log``."""
+    """One vLLM process running :data:`INSTANCE_SCRIPT`: replies on the protocol pipe, vLLM's own output
+    (stdout and stderr) in ``log``."""
 
     def __init__(self, name: str, args: dict[str, Any], env: dict[str, str], log: Path) -> None:
         self.name = name
-        self.log = log
-        with log.open("w") as err:
-            self.proc = subprocess.Popen([sys.executable, "-c", INSTANCE_SCRIPT, json.dumps(args)],
-                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
-                                         env={**os.environ, **env})
+        self.child = Child([sys.executable, "-c", INSTANCE_SCRIPT, json.dumps(args)], log=log,
+                           env={**os.environ, **env}, channel="fd", stdin=True)
+        self.proc = self.child.proc
 
     def _read(self, tag: str, timeout_s: float) -> dict[str, Any]:
-        """The JSON of the next ``tag`` line on stdout, within ``timeout_s`` (else the test fails)."""
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + timeout_s
-        while True:
-            left = deadline - time.monotonic()
-            ready, _, _ = select.select([self.proc.stdout], [], [], max(left, 0))
-            assert ready, f"{self.name}: no {tag} within {timeout_s}s\n{self.log.read_text()[-4000:]}"
-            line = self.proc.stdout.readline()
-            assert line, f"{self.name} exited ({self.proc.poll()})\n{self.log.read_text()[-4000:]}"
-            if line.startswith(tag + " "):
-                result: dict[str, Any] = json.loads(line[len(tag) + 1 :])
-                return result
+        """The JSON of the next ``tag`` line, within ``timeout_s`` (else the test fails with the log)."""
+        try:
+            match = self.child.expect(rf"^{tag} (.*)$", timeout_s)
+        except (TimeoutError, ChildExited) as exc:
+            pytest.fail(f"{self.name}: {exc}")
+        result: dict[str, Any] = json.loads(match.group(1))
+        return result
 
     def ready(self, timeout_s: float = 400) -> dict[str, Any]:
         return self._read("READY", timeout_s)
 
     def call(self, op: str, timeout_s: float = 300, **kw: Any) -> dict[str, Any]:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps({"op": op, **kw}) + "\n")
-        self.proc.stdin.flush()
+        self.child.send(json.dumps({"op": op, **kw}))
         return self._read("RESULT", timeout_s)
 
     def generate(self, prompts: list[str], timeout_s: float = 300) -> tuple[list[list[Any]], dict[str, Any]]:
@@ -113,20 +109,13 @@ class Instance:
         return got["outputs"], got["stats"]
 
     def close(self) -> None:
+        """Ask the instance to exit (it flushes kvtier); stop it if it does not within 30 s."""
         if self.proc.poll() is None:
             with contextlib.suppress(OSError, ValueError):
-                assert self.proc.stdin is not None
-                self.proc.stdin.write(json.dumps({"op": "exit"}) + "\n")
-                self.proc.stdin.flush()
-            try:
+                self.child.send(json.dumps({"op": "exit"}))
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        for pipe in (self.proc.stdin, self.proc.stdout):
-            with contextlib.suppress(OSError, ValueError):
-                if pipe is not None:
-                    pipe.close()
+        self.child.stop()
 
 
 def _wait_until(check: Callable[[], bool], timeout_s: float, what: str) -> None:

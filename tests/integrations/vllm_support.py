@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from kvtier.bench.common import free_port, stop_process  # noqa: F401 - free_port re-exported to the vLLM tests
+from kvtier.procs import Child, free_port  # noqa: F401 - free_port re-exported to the vLLM tests
 
 CHUNK = 256
 MAX_TOKENS = 8
@@ -36,24 +36,13 @@ CONTROLLER_TOKEN = "vllm-cluster-token"
 def controller(port: int, log: Path, tokenizers: dict[str, Path] | None = None,
                heartbeat_ttl: float = 5.0) -> Iterator[str]:
     """A real ``kvtier controller`` process on ``port`` (token :data:`CONTROLLER_TOKEN`); yields its URL."""
-    import re
-    import select
-
     cmd = [sys.executable, "-m", "kvtier.cli", "controller", "--port", str(port), "--heartbeat-ttl", str(heartbeat_ttl),
            "--heartbeat", "0.25", "--log-level", "warning"]
     for model, path in (tokenizers or {}).items():
         cmd += ["--tokenizer", f"{model}={path}"]
-    with log.open("a") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True,
-                                env={**os.environ, "KVTIER_CONTROLLER_TOKEN": CONTROLLER_TOKEN})
-    try:
-        assert proc.stdout is not None
-        ready, _, _ = select.select([proc.stdout], [], [], 60)
-        line = proc.stdout.readline() if ready else ""
-        assert re.search(rf"http://[\d.]+:{port}", line), f"controller did not start: {line!r} {log.read_text()}"
+    with Child(cmd, log=log, env={**os.environ, "KVTIER_CONTROLLER_TOKEN": CONTROLLER_TOKEN}) as proc:
+        proc.expect(rf"http://[\d.]+:{port}\b", 60)
         yield f"http://127.0.0.1:{port}"
-    finally:
-        stop_process(proc, 10)
 
 
 def controller_call(url: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:

