@@ -40,6 +40,7 @@ BENCH_MODULES = (
     "kvtier.bench.server",
     "kvtier.bench.redis",
     "kvtier.bench.tiers",
+    "kvtier.bench.lower",
     "kvtier.bench.codecs",
     "kvtier.bench.blend",
     "kvtier.bench.auth",

@@ -7,7 +7,13 @@ Semantics (all methods are thread-safe):
   and returns once the copy is done; writes to lower tiers continue in the background through a
   bounded queue. Returns the length of the cached prefix after the call (a refused chunk stops it).
 - ``retrieve(tokens, into)`` writes the longest cached prefix into ``into`` and returns its length;
-  exactly positions ``[0, hit)`` were written, nothing else. Lower-tier hits are promoted to CPU.
+  exactly positions ``[0, hit)`` were written, nothing else. Lower-tier hits are promoted to CPU: they
+  are read in batches ahead of the chunk being verified and copied out (``StorageManager.load_many``),
+  straight into the CPU slots they are admitted to; the first chunk that misses or fails verification
+  ends the hit.
+- Every chunk enters the CPU tier through one admission path (:meth:`CpuTier.admit`): store, the
+  layer-wise store, promotion and chunks fetched by the cluster agent (:meth:`admit_frame`).
+- The KV spec's ``chunk_tokens`` must equal the config's (a :class:`ConfigError` otherwise).
 - ``prefetch(tokens)`` promotes lower-tier chunks to CPU in the background.
 - ``layerwise_store`` / ``layerwise_retrieve`` do the same one layer at a time so an engine can overlap
   transfers with compute.
@@ -23,23 +29,27 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 
+from kvtier import frames
 from kvtier.config import KvtierConfig, load_config
+from kvtier.errors import ConfigError, KvtierError
 from kvtier.frame_auth import FrameKeys
 from kvtier.keys import Chunk, Chunker, Namespace, Tokens
 from kvtier.layout import KVSpec
 from kvtier.namespace_probe import NamespaceProbe
-from kvtier.record import ChunkRecord, token_record
+from kvtier.record import ChunkRecord, token_record, verify
 from kvtier.storage.base import Tier
 from kvtier.storage.cpu import CpuTier
-from kvtier.storage.manager import StorageManager
+from kvtier.storage.manager import Load, StorageManager
 from kvtier.tensors import KVLike, check_kv, copy_in, copy_in_run, copy_out, copy_out_run
 
 log = logging.getLogger(__name__)
+
+STORE_GROUP_BYTES = 32 << 20  # store admits (and queues for write-back) this many bytes of chunks at a time
 
 
 class CacheEngine:
@@ -54,8 +64,11 @@ class CacheEngine:
         tiers: Sequence[tuple[Tier, str]] | None = None,
     ) -> None:
         self.config = config or load_config()
-        if spec.chunk_tokens != self.config.chunk_tokens:
-            spec = KVSpec(spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.dtype, self.config.chunk_tokens)
+        if spec.chunk_tokens != self.config.chunk_tokens:  # keys, slots and frames all depend on it
+            raise ConfigError(
+                f"chunk_tokens: the KV spec says {spec.chunk_tokens}, the config says {self.config.chunk_tokens}; "
+                "build the spec with the config's chunk_tokens or set chunk_tokens in the config"
+            )
         self.spec = spec
         self.namespace = Namespace(model=model, spec=spec, codec="raw", tenant=self.config.tenant)
         self.chunker = Chunker(self.namespace, partial=self.config.save_partial_chunks)
@@ -67,10 +80,10 @@ class CacheEngine:
         self.storage = StorageManager(spec, tiers, queue_depth=self.config.store_queue,
                                       auth=FrameKeys.from_config(self.config.auth))
         self.probe = NamespaceProbe(self.namespace, self.storage)  # namespace misses are counted, not silent
-        self.counters: Counter[str] = Counter()
-        # ``observer(op, seconds)`` after every lookup / store / retrieve (metrics); must not raise
         # ``chunk_listener(tokens, chunks)`` before chunks of ``tokens`` enter the CPU tier (KV events)
         self.chunk_listeners: list[Callable[[np.ndarray, list[Chunk]], None]] = []
+        self.counters: Counter[str] = Counter()
+        # ``observer(op, seconds)`` after every lookup / store / retrieve (metrics); must not raise
         self.observers: list[Callable[[str, float], None]] = []
         self._lock = threading.Lock()
         self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-prefetch")
@@ -118,44 +131,51 @@ class CacheEngine:
         if not chunks:
             return 0
         check_kv(self.spec, kv, chunks[-1].end)
-        cached = 0
-        plan: list[tuple[Chunk, int]] = []  # chunks to copy, each with its reserved (referenced) slot
-        for chunk in chunks:
-            if chunk.end <= skip_tokens or self.cpu.contains(token_record(chunk, arr)):
-                cached = chunk.end
-                continue
-            slot = self.cpu.reserve()
-            if slot is None:
-                break
-            plan.append((chunk, slot))
-            cached = chunk.end
+        todo = [c for c in chunks if c.end > skip_tokens and not self.cpu.contains(token_record(c, arr))]
+        group = max(1, STORE_GROUP_BYTES // self.spec.chunk_bytes)
+        stored = done = 0
+        held: list[int] = []  # this store's slots stay referenced to the end: a later group must not evict them
         try:
-            self._move(plan, kv, into_arena=True)
-        except BaseException:
-            for _chunk, slot in plan:
-                self.cpu.abort(slot)
-            raise
-        for listener in self.chunk_listeners:
-            listener(arr, [chunk for chunk, _slot in plan])
-        stored = 0
-        for chunk, slot in plan:
-            if self.cpu.commit(token_record(chunk, arr), slot):
-                stored += chunk.num_tokens
-                self._write_back(chunk, arr)
-                if chunk.number == 0:
-                    self.probe.on_store(arr)
+            while done < len(todo):  # group by group: write-back of one overlaps the copy of the next
+                part = todo[done : done + group]
+
+                def fill(slots: list[int], part: list[Chunk] = part) -> int:
+                    self._move(list(zip(part, slots)), kv, into_arena=True)
+                    for listener in self.chunk_listeners:
+                        listener(arr, part[: len(slots)])
+                    return len(slots)
+
+                records = [token_record(c, arr) for c in part]
+                admitted = self.cpu.admit(records, fill, keep=True)
+                for record, slot in zip(records, admitted):
+                    if slot is None:  # stored meanwhile by another thread
+                        continue
+                    held.append(slot)
+                    stored += record.num_tokens
+                    if record.key == chunks[0].key:
+                        self.probe.on_store(arr)
+                    ref = self.cpu.acquire(record)  # the write-back's own reference
+                    if ref is not None:
+                        self._write_back(record, ref)
+                done += len(admitted)
+                if len(admitted) < len(part):
+                    break
+        finally:
+            for slot in held:
+                self.cpu.release(slot)
+        # the cached prefix ends before the first chunk no slot was free for
+        cached = todo[done].start if done < len(todo) else chunks[-1].end
         self._count(stores=1, stored_tokens=stored, store_refused_tokens=len(arr) - cached)
         self._observe("store", start)
         return cached
 
-    def _write_back(self, chunk: Chunk, arr: np.ndarray) -> None:
+    def _write_back(self, record: ChunkRecord, slot: int) -> None:
+        """Queue the chunk in referenced ``slot`` for the lower tiers; the reference is released when
+        the write is done (or at once without lower tiers)."""
         if not self.storage.enabled:
+            self.cpu.release(slot)
             return
-        record = token_record(chunk, arr)
-        slot = self.cpu.acquire(record)
-        if slot is None:
-            return
-        view = self.cpu.arena.view(slot, chunk.num_tokens)
+        view = self.cpu.arena.view(slot, record.num_tokens)
         self.storage.write_back(record, view, lambda: self.cpu.release(slot))
 
     def _move(self, plan: Sequence[tuple[Chunk, int]], kv: KVLike, *, into_arena: bool) -> None:
@@ -179,45 +199,89 @@ class CacheEngine:
             i += count
 
     # ---- retrieve --------------------------------------------------------------------------------
-    def _acquire_all(self, tokens: Tokens) -> tuple[np.ndarray, list[Chunk], list[int]]:
-        """Reference the CPU slots of the leading present run, promoting lower-tier hits to CPU."""
-        arr, chunks, where = self._present(tokens)
-        slots: list[int] = []
-        for chunk, tier in zip(chunks, where):
-            record = token_record(chunk, arr)
-            if tier is not None:
-                for listener in self.chunk_listeners:  # a promotion admits it to the CPU tier
-                    listener(arr, [chunk])
-            slot = self.cpu.acquire(record) if tier is None else self._promote(tier, record)
-            if slot is None:
-                break
-            slots.append(slot)
-        return arr, chunks[: len(slots)], slots
+    def _acquire(self, tokens: Tokens, into: KVLike | None) -> tuple[np.ndarray, int, list[tuple[Chunk, int | None]]]:
+        """Hold the cached prefix of ``tokens`` in CPU, promoting lower-tier hits.
 
-    def _promote(self, tier: int, record: ChunkRecord) -> int | None:
-        """Load ``record`` from lower tier ``tier`` into a CPU slot; the slot comes back referenced."""
-        slot = self.cpu.reserve()
-        if slot is None:
-            return None
-        if not self.storage.load(tier, record, self.cpu.arena.view(slot, record.num_tokens)):
-            self.cpu.abort(slot)
-            return None
-        self._count(promoted_chunks=1)
-        self.cpu.commit(record, slot)  # False: someone else promoted it meanwhile; acquire theirs
-        return self.cpu.acquire(record)
+        Returns the token ids, the hit length and, per hit chunk, its CPU slot (referenced: release
+        it). With ``into``, lower-tier chunks are copied into it while the next ones are still being
+        read, and come back with slot ``None``; the caller copies the others. Without ``into`` every
+        slot is held. Exactly the chunks of ``[0, hit)`` are copied."""
+        arr, chunks, where = self._present(tokens)
+        n = len(where)
+        if into is not None and n:
+            check_kv(self.spec, into, chunks[n - 1].end)
+        records = [token_record(c, arr) for c in chunks[:n]]
+        held: list[int | None] = [None] * n
+        for i in range(n):  # CPU hits first, so reserving slots for lower-tier hits cannot evict them
+            if where[i] is None:
+                held[i] = self.cpu.acquire(records[i])
+                if held[i] is None:
+                    n = i
+                    break
+        lower = [i for i in range(n) if where[i] is not None]
+        try:
+            if lower:
+                n = self._promote(lower, where, records, chunks, held, into, n, arr)
+        except BaseException:
+            for slot in held:
+                if slot is not None:
+                    self.cpu.release(slot)
+            raise
+        for slot in held[n:]:
+            if slot is not None:
+                self.cpu.release(slot)
+        hit = chunks[n - 1].end if n else 0
+        return arr, hit, [(chunks[i], held[i]) for i in range(n)]
+
+    def _promote(self, lower: list[int], where: list[int | None], records: list[ChunkRecord],
+                 chunks: list[Chunk], held: list[int | None], into: KVLike | None, n: int,
+                 arr: np.ndarray) -> int:
+        """Admit the lower-tier hits ``lower`` into CPU through one pipelined read (copying each into
+        ``into`` as it is verified); fill ``held``; return the new hit length in chunks."""
+
+        def fill(slots: list[int]) -> int:
+            loads = [Load(cast(int, where[i]), records[i], self.cpu.arena.view(slot, records[i].num_tokens))
+                     for i, slot in zip(lower, slots)]
+            reads = self.storage.load_many(loads)
+            done = 0
+            try:
+                for ok in reads:
+                    if not ok:
+                        break
+                    for listener in self.chunk_listeners:  # a promotion admits it to the CPU tier
+                        listener(arr, [chunks[lower[done]]])
+                    if into is not None:
+                        chunk = chunks[lower[done]]
+                        copy_out(loads[done].out, into, chunk.start, chunk.end, one_thread=True)
+                    done += 1
+            finally:
+                reads.close()  # no read may still target a slot the admission gives back
+            return done
+
+        admitted = self.cpu.admit([records[i] for i in lower], fill, keep=True)
+        self._count(promoted_chunks=len(admitted))
+        for i, slot in zip(lower, admitted):
+            if into is not None:  # copied out while reading: nothing left to hold
+                if slot is not None:
+                    self.cpu.release(slot)
+                continue
+            if slot is None:  # indexed meanwhile by another thread: hold that entry instead
+                slot = self.cpu.acquire(records[i])
+                if slot is None:
+                    return i
+            held[i] = slot
+        return lower[len(admitted)] if len(admitted) < len(lower) else n
 
     def retrieve(self, tokens: Tokens, into: KVLike) -> int:
         """Write the cached prefix of ``tokens`` into ``into``; return its length."""
         start = time.perf_counter()
-        arr, chunks, slots = self._acquire_all(tokens)
+        arr, hit, held = self._acquire(tokens, into)
         try:
-            if chunks:
-                check_kv(self.spec, into, chunks[-1].end)
-            self._move(list(zip(chunks, slots)), into, into_arena=False)
+            self._move([(c, slot) for c, slot in held if slot is not None], into, into_arena=False)
         finally:
-            for slot in slots:
-                self.cpu.release(slot)
-        hit = chunks[-1].end if chunks else 0
+            for _c, slot in held:
+                if slot is not None:
+                    self.cpu.release(slot)
         self._count(retrieves=1, retrieve_tokens=len(arr), retrieve_hit_tokens=hit)
         self._observe("retrieve", start)
         return hit
@@ -229,12 +293,55 @@ class CacheEngine:
         """
 
         def run() -> int:
-            _arr, chunks, slots = self._acquire_all(tokens)
-            for slot in slots:
-                self.cpu.release(slot)
-            return chunks[-1].end if chunks else 0
+            _arr, hit, held = self._acquire(tokens, None)
+            for _chunk, slot in held:
+                if slot is not None:
+                    self.cpu.release(slot)
+            return hit
 
         return self._prefetcher.submit(run)
+
+    # ---- frames (cluster agent) ------------------------------------------------------------------
+    def admit_frame(self, record: ChunkRecord, frame: bytes | memoryview) -> str:
+        """Verify wire ``frame`` (e.g. from a peer) against ``record`` and admit it to the CPU tier.
+        Returns ``"fetched"``, ``"present"`` (already cached), ``"full"`` (no slot free),
+        ``"mismatch"`` (a valid frame of another chunk) or ``"corrupt"``."""
+        if self.cpu.contains(record):
+            return "present"
+        outcome = "full"
+
+        def fill(slots: list[int]) -> int:
+            nonlocal outcome
+            if not slots:
+                return 0
+            view = self.cpu.arena.view(slots[0], record.num_tokens)
+            try:
+                meta = frames.unpack_into(frame, self.spec, view, record.key, self.storage.auth)
+            except KvtierError:
+                outcome = "corrupt"
+                return 0
+            outcome = "fetched" if verify(meta.record(), record) else "mismatch"
+            return int(outcome == "fetched")
+
+        admitted = self.cpu.admit([record], fill)
+        return "present" if admitted == [None] else outcome
+
+    def encode_chunk(self, record: ChunkRecord, codec: str) -> bytes | None:
+        """The chunk of ``record`` as a wire frame encoded with ``codec`` (and the engine's keyring):
+        from the CPU tier if there, else read and verified from the first lower tier holding it;
+        ``None`` if no tier has it."""
+        slot = self.cpu.acquire(record)
+        if slot is not None:
+            try:
+                return frames.pack(record, self.cpu.arena.view(slot, record.num_tokens), self.spec, codec,
+                                   self.storage.auth)
+            finally:
+                self.cpu.release(slot)
+        where = self.storage.locate([record.key])
+        scratch = torch.empty(self.spec.chunk_shape(record.num_tokens), dtype=self.spec.torch_dtype)
+        if not where or not self.storage.load(where[0], record, scratch):
+            return None
+        return frames.pack(record, scratch, self.spec, codec, self.storage.auth)
 
     # ---- layerwise -------------------------------------------------------------------------------
     @contextmanager
@@ -311,28 +418,24 @@ class CacheEngine:
 
 
 class LayerwiseStore:
-    """Per-layer writer created by :meth:`CacheEngine.layerwise_store`."""
+    """Per-layer writer created by :meth:`CacheEngine.layerwise_store`: one CPU-tier admission whose
+    fill is the caller's ``layer`` calls."""
 
     def __init__(self, engine: CacheEngine, tokens: Tokens, skip_tokens: int) -> None:
         self._engine = engine
-        self._arr, chunks = engine.chunker.chunks(tokens)
-        self._pending: list[tuple[Chunk, int]] = []
-        self.cached = 0
-        for chunk in chunks:
-            if chunk.end <= skip_tokens or engine.cpu.contains(token_record(chunk, self._arr)):
-                self.cached = chunk.end
-                continue
-            slot = engine.cpu.reserve()
-            if slot is None:
-                break
-            self._pending.append((chunk, slot))
-            self.cached = chunk.end
+        arr, chunks = engine.chunker.chunks(tokens)
+        todo = [c for c in chunks if c.end > skip_tokens and not engine.cpu.contains(token_record(c, arr))]
+        self._admission = engine.cpu.reserve([token_record(c, arr) for c in todo])
+        self._chunks = todo[: len(self._admission)]
+        # the cached prefix ends before the first chunk no slot was free for
+        complete = len(self._chunks) == len(todo)
+        self.cached = todo[len(self._chunks)].start if not complete else (chunks[-1].end if chunks else 0)
         self._layers_done: set[int] = set()
 
     def layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Copy layer ``layer`` (``k``, ``v`` shaped ``[tokens, kv_heads, head_dim]``) into the slots."""
-        for chunk, slot in self._pending:
-            view = self._engine.cpu.arena.view(slot, chunk.num_tokens)
+        for i, chunk in enumerate(self._chunks):
+            view = self._admission.view(i)
             view[layer, 0].copy_(k[chunk.start : chunk.end])
             view[layer, 1].copy_(v[chunk.start : chunk.end])
         self._layers_done.add(layer)
@@ -340,22 +443,19 @@ class LayerwiseStore:
     def finish(self) -> int:
         """Commit every chunk (all layers must have been written); return the cached prefix length."""
         missing = set(range(self._engine.spec.num_layers)) - self._layers_done
-        if missing and self._pending:
+        if missing and self._chunks:
             self.abort()
             raise ValueError(f"layerwise store finished without layers {sorted(missing)}")
         stored = 0
-        for chunk, slot in self._pending:
-            if self._engine.cpu.commit(token_record(chunk, self._arr), slot):
-                stored += chunk.num_tokens
-                self._engine._write_back(chunk, self._arr)
-        self._pending = []
+        for record, slot in zip(self._admission.records, self._admission.commit(len(self._admission))):
+            if slot is not None:
+                stored += record.num_tokens
+                self._engine._write_back(record, slot)
         self._engine._count(stores=1, stored_tokens=stored)
         return self.cached
 
     def abort(self) -> None:
-        for _chunk, slot in self._pending:
-            self._engine.cpu.abort(slot)
-        self._pending = []
+        self._admission.abort()
 
 
 class LayerwiseRetrieve:
@@ -364,8 +464,9 @@ class LayerwiseRetrieve:
 
     def __init__(self, engine: CacheEngine, tokens: Tokens) -> None:
         self._engine = engine
-        arr, self._chunks, self._slots = engine._acquire_all(tokens)
-        self.hit_tokens = self._chunks[-1].end if self._chunks else 0
+        arr, self.hit_tokens, held = engine._acquire(tokens, None)
+        self._chunks = [chunk for chunk, _slot in held]
+        self._slots = [cast(int, slot) for _chunk, slot in held]  # without ``into`` every slot is held
         engine._count(retrieves=1, retrieve_tokens=len(arr), retrieve_hit_tokens=self.hit_tokens)
 
     def layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:

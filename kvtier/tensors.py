@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from kvtier.errors import LayoutError
@@ -119,12 +120,31 @@ def copy_out_run(run: torch.Tensor, kv: KVLike, start: int) -> None:
         copy_out(run[i], kv, start + i * c, start + (i + 1) * c)
 
 
-def copy_out(chunk: torch.Tensor, kv: KVLike, start: int, end: int) -> None:
-    """Copy canonical ``chunk[:, :, :end-start]`` into positions ``[start, end)`` of ``kv``."""
+def copy_out(chunk: torch.Tensor, kv: KVLike, start: int, end: int, *, one_thread: bool = False) -> None:
+    """Copy canonical ``chunk[:, :, :end-start]`` into positions ``[start, end)`` of ``kv``.
+
+    ``one_thread``: copy on the calling thread only, for callers whose other cores are busy (e.g. with
+    reads in flight): torch splits a large ``copy_`` over all its threads and waits for the slowest,
+    which on a busy core is several times slower than one thread's copy."""
     n = end - start
+    copy = _copy_one_thread if one_thread else _copy
     if isinstance(kv, torch.Tensor):
-        kv[:, :, start:end].copy_(chunk[:, :, :n])
+        copy(kv[:, :, start:end], chunk[:, :, :n])
         return
     for layer, (k, v) in enumerate(kv):
-        k[start:end].copy_(chunk[layer, 0, :n])
-        v[start:end].copy_(chunk[layer, 1, :n])
+        copy(k[start:end], chunk[layer, 0, :n])
+        copy(v[start:end], chunk[layer, 1, :n])
+
+
+def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+    dst.copy_(src)
+
+
+def _copy_one_thread(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst.copy_(src)`` done by numpy on this thread (CPU tensors of one dtype whose last axis is
+    contiguous, else ``copy_``)."""
+    if (dst.device.type != "cpu" or src.device.type != "cpu" or dst.dtype != src.dtype or dst.dim() == 0
+            or dst.shape != src.shape or dst.stride(-1) != 1 or src.stride(-1) != 1):
+        dst.copy_(src)
+        return
+    np.copyto(dst.detach().view(torch.uint8).numpy(), src.detach().view(torch.uint8).numpy())

@@ -7,10 +7,12 @@ import threading
 import pytest
 import torch
 
+from kvtier import frames
 from kvtier.config import load_config
 from kvtier.engine import CacheEngine
 from kvtier.errors import ConfigError, LayoutError
 from kvtier.layout import KVSpec
+from kvtier.record import ChunkRecord, token_record
 
 SPEC = KVSpec(num_layers=3, num_kv_heads=2, head_dim=8, dtype="float32", chunk_tokens=16)
 
@@ -213,3 +215,99 @@ def test_fragmented_arena_round_trips_exactly() -> None:
     for i, toks in enumerate(fillers[1::2]):
         out = torch.zeros(SPEC.num_layers, 2, 16, SPEC.num_kv_heads, SPEC.head_dim)
         assert e.retrieve(toks, out) == 16 and torch.equal(out, kv_for(16, seed=101 + 2 * i))
+
+
+def test_chunk_tokens_mismatch_is_a_config_error_naming_both() -> None:
+    cfg = load_config(environ={}, overrides={"chunk_tokens": 32, "cpu": {"capacity": 8 * SPEC.chunk_bytes}})
+    with pytest.raises(ConfigError, match="spec says 16, the config says 32"):
+        CacheEngine(SPEC, "m", cfg, tiers=[])
+
+
+# ---- the one admission path -----------------------------------------------------------------------
+def records_for(e: CacheEngine, tokens: list[int]) -> list[ChunkRecord]:
+    arr, chunks = e.chunker.chunks(tokens)
+    return [token_record(c, arr) for c in chunks]
+
+
+def test_admit_commits_the_filled_prefix_and_gives_back_the_rest() -> None:
+    e = make(slots=8)
+    recs = records_for(e, list(range(64)))  # 4 chunks
+    seen: list[int] = []
+
+    def fill(slots: list[int]) -> int:
+        seen.extend(slots)
+        for slot, rec in zip(slots, recs):
+            e.cpu.arena.view(slot, rec.num_tokens).fill_(float(rec.key[0]))
+        return 2  # only the first two verified
+
+    admitted = e.cpu.admit(recs, fill, keep=True)
+    assert len(seen) == 4 and len(admitted) == 2 and all(s is not None for s in admitted)
+    assert [e.cpu.contains(r) for r in recs] == [True, True, False, False]
+    assert e.cpu.arena.free_slots == 8 - 2  # the two unfilled slots came back
+    for slot in admitted:
+        assert e.cpu.arena.busy(slot)  # kept for the caller
+        e.cpu.release(slot)
+    assert e.cpu.admit(recs[:1], lambda slots: 1) == [None]  # already indexed: ours dropped, theirs stays
+    assert e.cpu.arena.free_slots == 6
+
+
+def test_admit_fill_error_gives_back_every_slot() -> None:
+    e = make(slots=4)
+    recs = records_for(e, list(range(48)))
+
+    def fill(slots: list[int]) -> int:
+        raise RuntimeError("copy failed")
+
+    with pytest.raises(RuntimeError, match="copy failed"):
+        e.cpu.admit(recs, fill)
+    assert e.cpu.arena.free_slots == 4 and len(e.cpu) == 0
+
+
+def test_admit_reserves_only_what_fits() -> None:
+    e = make(slots=2)
+    recs = records_for(e, list(range(64)))
+    admission = e.cpu.reserve(recs)
+    assert len(admission) == 2 and admission.records == recs[:2]
+    assert e.cpu.reserve(recs[2:]).slots == []  # every slot reserved: nothing evictable
+    admission.abort()
+    assert e.cpu.arena.free_slots == 2
+    with pytest.raises(RuntimeError, match="already finished"):
+        admission.commit(0)
+
+
+def test_admit_frame_outcomes() -> None:
+    e = make(slots=2)
+    tokens = list(range(48))
+    kv = kv_for(48)
+    a, b, _c = records_for(e, tokens)
+    frame_a = frames.pack(a, kv[:, :, :16].contiguous(), SPEC)
+    assert e.admit_frame(b, frame_a) == "corrupt"  # frame of another key
+    assert e.admit_frame(a._replace(identity=bytes(64)), frame_a) == "mismatch"
+    broken = bytearray(frame_a)
+    broken[-1] ^= 1
+    assert e.admit_frame(a, bytes(broken)) == "corrupt"
+    assert e.admit_frame(a, frame_a) == "fetched"
+    assert e.admit_frame(a, frame_a) == "present"
+    out = torch.zeros_like(kv)
+    assert e.retrieve(tokens[:16], out[:, :, :16]) == 16 and torch.equal(out[:, :, :16], kv[:, :, :16])
+    assert e.cpu.arena.free_slots == 1
+
+
+def test_colliding_key_with_other_tokens_is_a_counted_miss() -> None:
+    e = make(slots=8)
+    tokens = list(range(64))
+    recs = records_for(e, tokens)
+    forged = recs[2]._replace(identity=bytes(reversed(recs[2].identity)))  # same key, other tokens
+    assert len(e.cpu.admit([*recs[:2], forged, recs[3]], lambda slots: len(slots))) == 4
+    assert e.lookup(tokens) == 32  # chunks 0-1 verified; chunk 2 is a collision, not a hit
+    assert e.cpu.counters["collisions"] == 1
+    assert e.retrieve(tokens, torch.zeros_like(kv_for(64))) == 32
+
+
+def test_store_in_groups_never_evicts_its_own_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("kvtier.engine.STORE_GROUP_BYTES", 3 * SPEC.chunk_bytes)
+    e = make(slots=5)  # no lower tier: nothing else holds the first group's slots
+    tokens = list(range(12 * 16))
+    assert e.store(tokens, kv_for(12 * 16)) == 5 * 16
+    assert e.lookup(tokens) == 5 * 16 and len(e.cpu) == 5
+    assert e.cpu.arena.free_slots == 0 and not any(e.cpu.arena.busy(s) for s in range(5))

@@ -22,7 +22,6 @@ Invariants:
 
 from __future__ import annotations
 
-import dataclasses
 import heapq
 import logging
 import os
@@ -35,16 +34,15 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from kvtier import frames, wire
+from kvtier import wire
 from kvtier.cluster import schema as S
 from kvtier.cluster.p2p import PeerServer, PeerTier
 from kvtier.codec.base import codec_names, get_codec
 from kvtier.errors import ConfigError, KvtierError, TierUnavailable
 from kvtier.keys import ChunkKey, chain_key
-from kvtier.record import ChunkRecord, Kind, token_records, verify
+from kvtier.record import ChunkRecord, Kind, token_records
 from kvtier.server.client import RemoteTier
 from kvtier.storage.base import Tier
 
@@ -53,7 +51,6 @@ if TYPE_CHECKING:
     from kvtier.engine import CacheEngine
     from kvtier.frame_auth import FrameKeys
     from kvtier.layout import KVSpec
-    from kvtier.storage.manager import TierSlot
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -152,7 +149,7 @@ class Agent:
             raise RuntimeError("agent already started")
         self.engine = engine
         if self.peer_tier is not None:
-            if not any(slot.tier is self.peer_tier for slot in engine.storage.slots):
+            if not engine.storage.has_tier(self.peer_tier):
                 log.warning("engine was built without agent.tiers(): it will serve peers but not fetch from them")
             host = self.config.advertise_host or self.config.p2p_host
             if host in ("0.0.0.0", "::", ""):
@@ -401,7 +398,7 @@ class Agent:
     def _cmd_health(self, args: dict[str, Any]) -> dict[str, Any]:
         engine = self._need_engine()
         return {"storage": engine.storage.healthy(), "cpu_chunks": len(engine.cpu),
-                "cpu_used_bytes": engine.cpu.used_bytes, "cpu_capacity_bytes": engine.cpu.arena.capacity_bytes,
+                "cpu_used_bytes": engine.cpu.used_bytes, "cpu_capacity_bytes": engine.cpu.capacity_bytes,
                 "events_queued": len(self._events)}
 
     def _cmd_clear(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -453,29 +450,6 @@ class Agent:
         host, port = split_address(address)
         return RemoteTier(host, port, self.config.token, self.config.peer_timeout_s, pool_size=1, retries=1)
 
-    def _admit(self, frame: bytes | memoryview, record: ChunkRecord) -> str:
-        """Verify ``frame`` against ``record`` and put it in the CPU tier; return what happened."""
-        engine = self._need_engine()
-        cpu = engine.cpu
-        if cpu.contains(record):
-            return "present"
-        slot = cpu.reserve()
-        if slot is None:
-            return "full"
-        try:
-            meta = frames.unpack_into(frame, engine.spec, cpu.arena.view(slot, record.num_tokens), record.key,
-                                      engine.storage.auth)
-            if not verify(meta.record(), record):
-                cpu.abort(slot)
-                return "mismatch"
-        except KvtierError:
-            cpu.abort(slot)
-            return "corrupt"
-        except BaseException:
-            cpu.abort(slot)
-            raise
-        return "fetched" if cpu.commit(record, slot) else "present"
-
     def _cmd_fetch(self, args: dict[str, Any]) -> dict[str, Any]:
         """Pull chunks from peer ``args["peer"]``: a prompt's (``token_ids``) or listed ``keys``."""
         engine = self._need_engine()
@@ -502,7 +476,7 @@ class Agent:
                         continue
                 else:
                     record = item
-                what = self._admit(frame, record)
+                what = engine.admit_frame(record, frame)
                 outcome[what] += 1
                 if what in ("fetched", "present"):
                     held.append(record.key.hex())
@@ -527,7 +501,7 @@ class Agent:
         engine = self._need_engine()
         codec = str(args["codec"])
         get_codec(codec)
-        targets = [s for s in engine.storage.slots if not getattr(s.tier, "read_only", False)]
+        targets = engine.storage.writable_tiers()
         if not targets:
             raise KvtierError("this instance has no serialized tier (disk, server, redis, fs) to re-encode into")
         if args.get("token_ids") is not None:
@@ -545,44 +519,17 @@ class Agent:
                 items.append(record)
         raw = encoded = done = missing = failed = 0
         for record in items:
-            frame = self._encode(engine, record, codec, targets)
+            frame = engine.encode_chunk(record, codec)
             if frame is None:
                 missing += 1
                 continue
             done += 1
             raw += record.num_tokens * engine.spec.bytes_per_token
             encoded += len(frame)
-            for target in targets:
-                try:
-                    target.tier.put(record.key, frame)
-                except TierUnavailable:
-                    failed += 1
+            failed += engine.storage.put_frame(record.key, frame)
         return {"chunks": done, "missing": missing, "raw_bytes": raw, "encoded_bytes": encoded,
                 "ratio": round(raw / encoded, 4) if encoded else 0.0, "codec": codec,
-                "tiers": [s.tier.name for s in targets], "tier_writes_failed": failed}
-
-    @staticmethod
-    def _encode(engine: CacheEngine, record: ChunkRecord, codec: str, targets: list[TierSlot]) -> bytes | None:
-        """``record`` encoded with ``codec``: from the CPU tier if there, else decoded from a lower tier."""
-        auth = engine.storage.auth
-        slot = engine.cpu.acquire(record)
-        if slot is not None:
-            try:
-                return frames.pack(record, engine.cpu.arena.view(slot, record.num_tokens), engine.spec, codec, auth)
-            finally:
-                engine.cpu.release(slot)
-        scratch = torch.empty(engine.spec.chunk_shape(record.num_tokens), dtype=engine.spec.torch_dtype)
-        for target in targets:
-            try:
-                frame = target.tier.get(record.key)
-                if frame is None:
-                    continue
-                meta = frames.unpack_into(frame, engine.spec, scratch, record.key, auth)
-            except KvtierError:
-                continue
-            if verify(meta.record(), record):
-                return frames.pack(record, scratch, engine.spec, codec, auth)
-        return None
+                "tiers": targets, "tier_writes_failed": failed}
 
     # ---- numbers ---------------------------------------------------------------------------------
     def stats(self) -> dict[str, dict[str, int | float]]:
@@ -622,9 +569,7 @@ def start_engine(spec: KVSpec, model: str, agent_config: AgentConfig,
     from kvtier.storage.factory import build_tiers
 
     cfg = config or load_config()
-    if spec.chunk_tokens != cfg.chunk_tokens:
-        spec = dataclasses.replace(spec, chunk_tokens=cfg.chunk_tokens)
-    agent = Agent(agent_config)
+    agent = Agent(agent_config)  # a spec whose chunk_tokens differs from the config's is CacheEngine's ConfigError
     engine = CacheEngine(spec, model, cfg, tiers=[*build_tiers(cfg, spec), *agent.tiers()])
     try:
         agent.start(engine)

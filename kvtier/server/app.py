@@ -653,7 +653,7 @@ class CacheServer:
                 conn.busy = False
         except _Closed:
             pass
-        except (TimeoutError, asyncio.TimeoutError):  # a socket's own, or async_timeout's (distinct on 3.10)
+        except TimeoutError:
             self.counters["timeouts"] += 1
         except ProtocolError as exc:
             self.counters["protocol_errors"] += 1

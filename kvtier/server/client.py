@@ -592,10 +592,12 @@ class RemoteTier(Tier):
         self._count("misses", len(keys) - hits)
         return hits
 
-    def get_into(self, key: ChunkKey, payload: memoryview) -> bytes | None:
+    def get_into(self, key: ChunkKey, payload: memoryview) -> bytes | memoryview | None:
         return self.get_many_into([key], [payload])[0]
 
-    def get_many_into(self, keys: Sequence[ChunkKey], payloads: Sequence[memoryview]) -> list[bytes | None]:
+    def get_many_into(
+        self, keys: Sequence[ChunkKey], payloads: Sequence[memoryview]
+    ) -> list[bytes | memoryview | None]:
         """Batched zero-copy GET (MGET): the payload of ``keys[i]`` is received straight into
         ``payloads[i]`` (which must be exactly its size) and its head (wire header + metadata,
         unverified; see :func:`kvtier.wire.unpack_head_into`) returned; ``None`` for a miss or a size
@@ -606,8 +608,8 @@ class RemoteTier(Tier):
         for key in keys:
             _check_key(key)
 
-        def call(conn: Connection) -> list[bytes | None]:
-            heads: list[bytes | None] = []
+        def call(conn: Connection) -> list[bytes | memoryview | None]:
+            heads: list[bytes | memoryview | None] = []
             for start in range(0, len(keys), EXISTS_BATCH):
                 batch = keys[start : start + EXISTS_BATCH]
                 rid = conn.send(P.Op.MGET, (b"".join(batch),), key_count=len(batch))

@@ -8,6 +8,10 @@ interprets the payload. Contract for every implementation:
 - ``get(key)`` returns the frame last put under ``key`` or ``None``. It need not verify the frame (the
   manager does) but must never return a partial one.
 - ``exists(keys)`` answers for many keys in one call, in order.
+- ``get_many(keys)`` / ``put_many(items)`` are ``get`` / ``put_parts`` of many keys in one call (a tier
+  batches them into fewer round trips or overlaps them); results come back in the order asked. A
+  failure of the store raises :class:`~kvtier.errors.TierUnavailable` for the whole call: the caller
+  treats every key of it as missed (reads) or not written (writes).
 - Every method raises :class:`~kvtier.errors.TierUnavailable` (and only that) when the backing store
   cannot be reached, so the manager can treat it as a miss and back off.
 - ``discard(key)`` is called by the manager when a frame failed verification: the tier removes it (a
@@ -34,8 +38,26 @@ class Tier(ABC):
         The parts may be views of memory the caller reuses once this returns."""
         self.put(key, b"".join(parts))
 
+    def put_many(self, items: Sequence[tuple[ChunkKey, Sequence[bytes | memoryview]]]) -> None:
+        """``put_parts`` of every ``(key, parts)`` (same atomicity per key; the parts may be views the
+        caller reuses once this returns). Default: one ``put_parts`` after the other."""
+        for key, parts in items:
+            self.put_parts(key, parts)
+
     @abstractmethod
     def get(self, key: ChunkKey) -> bytes | None: ...
+
+    def get_many(self, keys: Sequence[ChunkKey]) -> list[bytes | memoryview | None]:
+        """``get`` of every key, in order; the results are the caller's (never a buffer the tier
+        reuses). Default: one ``get`` after the other."""
+        return [self.get(key) for key in keys]
+
+    def get_many_into(
+        self, keys: Sequence[ChunkKey], payloads: Sequence[memoryview]
+    ) -> list[bytes | memoryview | None]:
+        """``get_into(keys[i], payloads[i])`` for every ``i``, in order (a ``None`` means: use
+        ``get_many`` for that key). Default: one ``get_into`` after the other."""
+        return [self.get_into(key, payload) for key, payload in zip(keys, payloads, strict=True)]
 
     def get_into(self, key: ChunkKey, payload: memoryview) -> bytes | memoryview | None:
         """Zero-copy read: place the stored payload of ``key`` straight into ``payload`` (which must be
@@ -49,17 +71,6 @@ class Tier(ABC):
         result may live in a buffer the tier reuses on this thread's next ``get_view`` (saves an
         allocation per read). Default: ``get``."""
         return self.get(key)
-
-    def get_many(self, keys: Sequence[ChunkKey]) -> list[bytes | memoryview | None]:
-        """The frames of ``keys`` in order (``None`` = miss), each as ``get`` would return it. A tier
-        that can fetch many keys in one round trip overrides it. Default: ``get`` per key."""
-        return [self.get(key) for key in keys]
-
-    def put_many(self, items: Sequence[tuple[ChunkKey, Sequence[bytes | memoryview]]]) -> None:
-        """``put_parts`` for each ``(key, frame parts)`` item, in order; a tier that can write many
-        frames in one round trip overrides it. Default: ``put_parts`` per item."""
-        for key, parts in items:
-            self.put_parts(key, parts)
 
     @abstractmethod
     def exists(self, keys: Sequence[ChunkKey]) -> list[bool]: ...

@@ -1,8 +1,16 @@
 """CPU tier: an index of verified chunks living in :class:`~kvtier.memory.Arena` slots.
 
 Invariants: every indexed key owns one slot holding exactly its ``num_tokens`` positions; a lookup
-succeeds only if the caller's record equals the stored one (:func:`kvtier.record.verify`); a referenced or pinned
-entry is never evicted; when every slot is busy a store is refused and counted, never grown.
+succeeds only if the caller's record equals the stored one (:func:`kvtier.record.verify`); a referenced
+or pinned entry is never evicted; when every slot is busy a store is refused and counted, never grown.
+
+Admission (the one way a chunk enters the tier, :meth:`CpuTier.admit` or, for a fill that spans several
+calls of the caller, :meth:`CpuTier.reserve` + :class:`Admission`): reserve slots for a prefix of the
+records (evicting by policy; stops at the first record no slot is free for) -> the caller fills them
+and verifies what it filled -> the filled, verified prefix is committed (indexed) and every other
+reserved slot is given back. A reserved slot is referenced, so it is never evicted or handed out twice
+while it is filled; a record whose key got indexed meanwhile by someone else keeps that entry and gives
+our slot back.
 """
 
 from __future__ import annotations
@@ -10,11 +18,12 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
 import numpy as np
+import torch
 
 from kvtier.keys import Chunk, ChunkKey
 from kvtier.layout import KVSpec
@@ -72,23 +81,40 @@ class CpuTier:
             return self._verified(record) is not None
 
     def leading_hits(self, chunks: list[Chunk], tokens: np.ndarray) -> int:
-        """How many of ``chunks``, from the first, are present and verified (one lock round)."""
-        data = tokens.tobytes()  # one copy; slicing bytes is ~2x cheaper than slicing the array per chunk
+        """How many of ``chunks``, from the first, are present and verified (one lock round).
+
+        The same check as :func:`kvtier.record.verify` of each chunk's token record, ordered for speed
+        (the lookup hot path): key, parent, kind and length per chunk, then the token ids of the whole
+        run in one compare; only when that compare fails are they compared chunk by chunk."""
         tokens_kind = Kind.TOKENS
         with self._lock:
             get = self._index.get
-            for count, c in enumerate(chunks):
+            stored: list[bytes] = []
+            for c in chunks:
                 entry = get(c.key)
                 if entry is None:
-                    return count
-                if not verify(entry.record, ChunkRecord(c.key, c.parent, data[c.start * 4 : c.end * 4],
-                                                        tokens_kind, c.end - c.start)):
+                    break
+                r = entry.record
+                if r.parent != c.parent or r.kind != tokens_kind or r.num_tokens != c.end - c.start:
                     self.counters["collisions"] += 1
-                    return count
-            return len(chunks)
+                    break
+                stored.append(r.identity)
+            if not stored:
+                return 0
+            data = tokens.tobytes()  # uint32-le ids: chunk i's identity is data[start * 4 : end * 4]
+            end = chunks[len(stored) - 1].end * 4
+            if b"".join(stored) == data[:end]:
+                return len(stored)
+            self.counters["collisions"] += 1  # the joined compare differed: find the first chunk that does
+            return next(i for i, (c, identity) in enumerate(zip(chunks, stored))
+                        if identity != data[c.start * 4 : c.end * 4])
 
     def __len__(self) -> int:
         return len(self._index)
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self.arena.capacity_bytes
 
     @property
     def used_bytes(self) -> int:
@@ -122,44 +148,73 @@ class CpuTier:
         return self.arena.busy(self._index[cast(ChunkKey, key)].slot)
 
     # ---- writing -------------------------------------------------------------------------------
-    def reserve(self) -> int | None:
-        """Take a slot for a new chunk, evicting by policy; ``None`` (counted) if all are busy.
+    def _reserve_one(self) -> int | None:
+        """A referenced free slot, evicting by policy (lock held); ``None`` (counted) if all are busy."""
+        slot = self.arena.allocate()
+        if slot is None:
+            victim = cast(ChunkKey | None, self._policy.victim(lambda k: not self._busy(k)))
+            if victim is None:
+                self.counters["store_refused_all_busy"] += 1
+                return None
+            slot = self._index.pop(victim).slot  # reuse the victim's slot directly
+            self.counters["evictions"] += 1
+            self._emit("evict", victim)
+        self.arena.ref(slot)
+        return slot
 
-        The returned slot is referenced: fill it, then :meth:`commit` or :meth:`abort`.
-        """
+    def reserve(self, records: Sequence[ChunkRecord]) -> Admission:
+        """Reserve slots for the longest prefix of ``records`` there is room for (see the module
+        docstring); finish the returned admission with ``commit`` or ``abort``."""
+        slots: list[int] = []
         with self._lock:
-            slot = self.arena.allocate()
-            if slot is None:
-                victim = cast(ChunkKey | None, self._policy.victim(lambda k: not self._busy(k)))
-                if victim is None:
-                    self.counters["store_refused_all_busy"] += 1
-                    return None
-                slot = self._index.pop(victim).slot  # reuse the victim's slot directly
-                self.counters["evictions"] += 1
-                self._emit("evict", victim)
-            self.arena.ref(slot)
-            return slot
+            for _record in records:
+                slot = self._reserve_one()
+                if slot is None:
+                    break
+                slots.append(slot)
+        slots.sort()  # ascending: consecutive slots let a store or retrieve copy a run of chunks at once
+        return Admission(self, list(records[: len(slots)]), slots)
 
-    def commit(self, record: ChunkRecord, slot: int) -> bool:
-        """Index the filled ``slot`` under ``record.key`` and drop the reservation's reference.
+    def admit(self, records: Sequence[ChunkRecord], fill: Callable[[list[int]], int], *,
+              keep: bool = False) -> list[int | None]:
+        """Reserve -> ``fill(slots)`` -> commit: ``fill`` gets the reserved slots (for a prefix of
+        ``records``), writes the chunks into them and returns how many of them, from the first, it
+        filled and verified; those are indexed and the rest given back. An exception from ``fill``
+        gives back every slot and propagates.
 
-        Returns False (and frees the slot) if the key is already present.
-        """
-        with self._lock:
-            self.arena.unref(slot)
-            if record.key in self._index:
-                self.arena.free(slot)
-                return False
-            self._index[record.key] = Entry(slot, record)
-            self._policy.insert(record.key)
-            self._emit("admit", record.key)
-            return True
+        Returns one item per admitted record: with ``keep``, its slot still referenced for the caller
+        (who must :meth:`release` it), or ``None`` where the key was already indexed (our copy was
+        dropped, the existing entry stays); without ``keep`` the slots are released here."""
+        admission = self.reserve(records)
+        try:
+            filled = fill(admission.slots)
+        except BaseException:
+            admission.abort()
+            raise
+        admitted = admission.commit(filled)
+        if not keep:
+            for slot in admitted:
+                if slot is not None:
+                    self.release(slot)
+        return admitted
 
-    def abort(self, slot: int) -> None:
-        """Give back a reserved slot that was not committed."""
-        with self._lock:
+    def _commit(self, record: ChunkRecord, slot: int) -> bool:
+        """Index the filled, referenced ``slot`` under ``record.key`` (lock held); False (slot freed) if
+        the key is already present."""
+        if record.key in self._index:
             self.arena.unref(slot)
             self.arena.free(slot)
+            return False
+        self._index[record.key] = Entry(slot, record)
+        self._policy.insert(record.key)
+        self._emit("admit", record.key)
+        return True
+
+    def _abort(self, slots: Sequence[int]) -> None:
+        with self._lock:
+            for slot in slots:
+                self.arena.unref(slot)
+                self.arena.free(slot)
 
     # ---- management ----------------------------------------------------------------------------
     def pin(self, key: ChunkKey) -> bool:
@@ -198,3 +253,44 @@ class CpuTier:
     def keys(self) -> list[ChunkKey]:
         with self._lock:
             return list(self._index)
+
+
+class Admission:
+    """Slots reserved by :meth:`CpuTier.reserve` for ``records`` (same length, same order). Fill
+    ``view(i)``, then call :meth:`commit` or :meth:`abort` exactly once."""
+
+    def __init__(self, cpu: CpuTier, records: list[ChunkRecord], slots: list[int]) -> None:
+        self._cpu = cpu
+        self.records = records
+        self.slots = slots
+        self._open = True
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def view(self, i: int) -> torch.Tensor:
+        """The canonical chunk view of reserved slot ``i`` (``records[i].num_tokens`` positions)."""
+        return self._cpu.arena.view(self.slots[i], self.records[i].num_tokens)
+
+    def commit(self, filled: int) -> list[int | None]:
+        """Index the first ``filled`` records (their slots hold verified chunks), give back the rest.
+        Returns, per indexed record, its slot still referenced for the caller (release it), or
+        ``None`` where the key was indexed meanwhile by someone else (our slot was given back)."""
+        if not self._open:
+            raise RuntimeError("admission already finished")
+        if not 0 <= filled <= len(self.slots):
+            raise ValueError(f"filled={filled}: expected 0..{len(self.slots)} reserved slots")
+        self._open = False
+        cpu = self._cpu
+        out: list[int | None] = []
+        with cpu._lock:
+            for record, slot in zip(self.records[:filled], self.slots[:filled]):
+                out.append(slot if cpu._commit(record, slot) else None)
+        cpu._abort(self.slots[filled:])
+        return out
+
+    def abort(self) -> None:
+        """Give back every reserved slot (nothing is indexed). A no-op after ``commit``/``abort``."""
+        if self._open:
+            self._open = False
+            self._cpu._abort(self.slots)

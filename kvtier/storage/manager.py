@@ -6,8 +6,17 @@ Invariants:
   (:func:`kvtier.record.verify`); otherwise it is counted (``corrupt``, ``mac_failures`` or
   ``collisions``), discarded from that tier when damaged, and treated as a miss.
 - With a keyring (``auth``) every frame written down carries a MAC under the current key.
+- Reads of many chunks (:meth:`StorageManager.load_many`) are pipelined: batches of up to
+  ``read_batch`` chunks (at most ``READ_BATCH_BYTES``) go to the tier in one ``get_many_into`` /
+  ``get_many`` call on a reader thread, at most ``read_ahead`` batches ahead of the chunk the caller is
+  verifying and copying. Chunks are verified and handed out strictly in order; the first chunk that
+  misses or fails verification ends the run (prefix semantics: it and every chunk after it are misses,
+  counted as ``misses`` / ``read_ahead_dropped``). When ``load_many`` returns or its iterator is closed,
+  no read into the caller's tensors is still in flight.
 - Writes go down through one bounded queue; when it is full the write is dropped and counted, so the
-  engine never waits for a slow tier. Queued writes hold a reference on their CPU slot until done.
+  engine never waits for a slow tier. Queued writes hold a reference on their CPU slot until done. The
+  writer takes what is queued (up to ``WRITE_BATCH_BYTES``) and hands it to each tier in one
+  ``put_many``; a failed batch counts every write in it as failed.
 - A tier that raised :class:`TierUnavailable` is skipped (fast miss) until its backoff expires; then it
   is probed again by the next call. Backoff doubles per failure up to ``max_backoff_s``.
 - No exception from a tier reaches the caller.
@@ -20,8 +29,9 @@ import logging
 import queue
 import threading
 import time
-from collections import Counter
-from collections.abc import Callable, Sequence
+from collections import Counter, deque
+from collections.abc import Callable, Generator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -38,6 +48,10 @@ from kvtier.storage.base import Tier
 
 log = logging.getLogger(__name__)
 
+READ_BATCH_BYTES = 64 << 20  # a read batch holds at most this many payload bytes (at least one chunk)
+WRITE_BATCH_BYTES = 64 << 20  # the writer hands at most this many payload bytes to one put_many
+WRITE_BATCH = 16  # ... and at most this many chunks
+
 
 @dataclass
 class TierSlot:
@@ -51,6 +65,27 @@ class TierSlot:
 
     def usable(self, now: float) -> bool:
         return self.failures == 0 or now >= self.retry_at
+
+    @property
+    def reads_into(self) -> bool:
+        """The tier can place payloads straight into caller memory (it overrides a ``get_into``)."""
+        cls = type(self.tier)
+        overridden = cls.get_into is not Tier.get_into or cls.get_many_into is not Tier.get_many_into
+        return self.codec == "raw" and overridden
+
+
+@dataclass(frozen=True)
+class Load:
+    """One chunk to read: from tier ``tier`` (an index into the manager's tiers), verified against
+    ``record``, decoded into ``out`` (a canonical chunk view of ``record.num_tokens`` positions)."""
+
+    tier: int
+    record: ChunkRecord
+    out: torch.Tensor
+
+
+# what the reader hands back per chunk: (head of a zero-copy read | whole frame | None, zero-copy?)
+_Fetched = tuple[bytes | memoryview | None, bool]
 
 
 @dataclass
@@ -70,8 +105,14 @@ class StorageManager:
         base_backoff_s: float = 0.2,
         max_backoff_s: float = 10.0,
         auth: FrameKeys | None = None,
+        read_batch: int = 8,
+        read_ahead: int = 2,
     ) -> None:
+        if read_batch < 1 or read_ahead < 1:
+            raise ValueError(f"read_batch and read_ahead must be >= 1, got {read_batch} and {read_ahead}")
         self.spec = spec
+        self.read_batch = read_batch
+        self.read_ahead = read_ahead
         self.auth = auth
         if auth is None:  # every lower tier can be written by another process (disk dir, server, ...)
             for tier, _codec in tiers:
@@ -88,7 +129,10 @@ class StorageManager:
         self._max_backoff = max_backoff_s
         self._queue: queue.Queue[_Write | None] = queue.Queue(maxsize=queue_depth)
         self._worker: threading.Thread | None = None
+        # reads of batches run here, ahead of the caller; two threads so a tier serves two batches at once
+        self._reader: ThreadPoolExecutor | None = None
         if self.slots:
+            self._reader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvtier-read")
             self._worker = threading.Thread(target=self._drain, name="kvtier-writeback", daemon=True)
             self._worker.start()
 
@@ -162,26 +206,110 @@ class StorageManager:
     def load(self, tier_index: int, record: ChunkRecord, out: torch.Tensor) -> bool:
         """Fetch ``record`` from one tier and decode it into ``out``; False on miss, damage, a failed
         MAC or a record that differs from ``record``."""
-        slot = self.slots[tier_index]
-        if not slot.usable(time.monotonic()):
-            return False
-        key = record.key
-        dest = frames.payload_view(out) if slot.codec == "raw" else None  # zero-copy read if the tier can
+        return all(self.load_many([Load(tier_index, record, out)]))
+
+    def load_many(self, loads: Sequence[Load]) -> Generator[bool, None, None]:
+        """Read, verify and decode ``loads`` in order, reading ahead (see the module invariants).
+
+        Yields True for each chunk now verified in its ``out``; after the first chunk that is not, yields
+        False once and stops. Close the iterator (or exhaust it) before reusing any ``out``."""
+        batches = self._batches(loads)
+        pending: deque[tuple[list[Load], Future[list[_Fetched]]]] = deque()
+        reader = self._reader
+
+        def submit() -> None:
+            if not batches:
+                return
+            batch = batches.popleft()
+            try:
+                if reader is None:
+                    raise RuntimeError("storage manager closed")
+                future = reader.submit(self._fetch, batch)
+            except RuntimeError:  # closed meanwhile: the batch is a miss
+                future = Future()
+                future.set_result([(None, False)] * len(batch))
+            pending.append((batch, future))
+
         try:
-            head = None if dest is None else self._call(slot, "get", partial(slot.tier.get_into, key, dest))
-            frame = head if head is not None else self._call(slot, "get", partial(slot.tier.get_view, key))
-        except TierUnavailable:
-            slot.counters["misses"] += 1
-            return False
-        if frame is None:
-            slot.counters["misses"] += 1
-            return False
-        try:
-            if head is not None:
-                meta = frames.unpack_head_into(head, self.spec, out, key, self.auth)  # type: ignore[arg-type]
+            for _ in range(self.read_ahead):
+                submit()
+            while pending:
+                batch, future = pending.popleft()
+                try:
+                    fetched = future.result()  # _fetch turns every tier failure into misses
+                except Exception:  # a bug below must not reach the engine: the batch is missed
+                    log.exception("reading a batch from tier %s failed", self.slots[batch[0].tier].tier.name)
+                    fetched = [(None, False)] * len(batch)
+                submit()
+                for i, (load, got) in enumerate(zip(batch, fetched)):
+                    if not self._verify(load, got):
+                        dropped = len(batch) - i - 1 + sum(len(b) for b, _f in pending) + sum(map(len, batches))
+                        self.counters["read_ahead_dropped"] += dropped
+                        yield False
+                        return
+                    yield True
+        finally:
+            for _batch, future in pending:  # nothing may still write into the caller's tensors
+                future.cancel()
+            for _batch, future in pending:
+                if not future.cancelled():
+                    with contextlib.suppress(Exception):
+                        future.result()
+
+    def _batches(self, loads: Sequence[Load]) -> deque[list[Load]]:
+        """Consecutive loads of one tier, at most ``read_batch`` chunks / ``READ_BATCH_BYTES`` each."""
+        out: deque[list[Load]] = deque()
+        size = 0
+        for load in loads:
+            nbytes = load.out.numel() * load.out.element_size()
+            last = out[-1] if out else None
+            if (last is None or last[0].tier != load.tier or len(last) >= self.read_batch
+                    or size + nbytes > READ_BATCH_BYTES):
+                out.append([load])
+                size = nbytes
             else:
-                meta = frames.unpack_into(frame, self.spec, out, key, self.auth)  # type: ignore[arg-type]
-            if not verify(meta.record(), record):
+                last.append(load)
+                size += nbytes
+        return out
+
+    def _fetch(self, batch: list[Load]) -> list[_Fetched]:
+        """Reader thread: the frames (or zero-copy heads) of ``batch``, ``None`` for each miss; a tier
+        failure makes every chunk of the batch a miss."""
+        slot = self.slots[batch[0].tier]
+        got: list[_Fetched] = [(None, False)] * len(batch)
+        if not slot.usable(time.monotonic()):
+            return got
+        keys = [load.record.key for load in batch]
+        try:
+            if slot.reads_into:
+                views = [frames.payload_view(load.out) for load in batch]
+                dests = [v for v in views if v is not None]
+                if len(dests) == len(batch):
+                    heads = self._call(slot, "get", partial(slot.tier.get_many_into, keys, dests))
+                    got = [(h, h is not None) for h in heads]  # type: ignore[attr-defined]
+            rest = [i for i, (data, _zero) in enumerate(got) if data is None]
+            if rest:
+                found = self._call(slot, "get", partial(slot.tier.get_many, [keys[i] for i in rest]))
+                for i, frame in zip(rest, found):  # type: ignore[call-overload]
+                    got[i] = (frame, False)
+        except TierUnavailable:
+            pass  # counted by _call; the chunks not fetched are misses
+        return got
+
+    def _verify(self, load: Load, got: _Fetched) -> bool:
+        """Check one fetched chunk (decoding a whole frame into ``load.out``); count the outcome."""
+        slot = self.slots[load.tier]
+        data, zero_copy = got
+        key, out = load.record.key, load.out
+        if data is None:
+            slot.counters["misses"] += 1
+            return False
+        try:
+            if zero_copy:
+                meta = frames.unpack_head_into(data, self.spec, out, key, self.auth)
+            else:
+                meta = frames.unpack_into(data, self.spec, out, key, self.auth)
+            if not verify(meta.record(), load.record):
                 slot.counters["collisions"] += 1
                 return False
         except FrameAuthError as exc:  # not discarded: the frame may be another tenant's, valid for it
@@ -199,7 +327,7 @@ class StorageManager:
             log.warning("cannot decode chunk %s from tier %s: %s", key.hex(), slot.tier.name, exc)
             return False
         slot.counters["hits"] += 1
-        slot.counters["bytes_read"] += len(frame) + (dest.nbytes if head is not None and dest else 0)  # type: ignore[arg-type]
+        slot.counters["bytes_read"] += len(data) + (out.numel() * out.element_size() if zero_copy else 0)
         return True
 
     # ---- writes ----------------------------------------------------------------------------------
@@ -219,39 +347,87 @@ class StorageManager:
 
     def _drain(self) -> None:
         while True:
-            item = self._queue.get()
+            batch = self._take_batch()
             try:
-                if item is None:
-                    return
-                self._write(item)
+                self._write([item for item in batch if item is not None])
             finally:
-                if item is not None:
-                    item.done()
-                self._queue.task_done()
+                for item in batch:
+                    if item is not None:
+                        item.done()
+                    self._queue.task_done()
+            if batch[-1] is None:
+                return
 
-    def _write(self, item: _Write) -> None:
-        encoded: dict[str, tuple[bytes, bytes | memoryview]] = {}
+    def _take_batch(self) -> list[_Write | None]:
+        """Block for one queued write, then take what else is queued (bounded); ``None`` = stop."""
+        batch: list[_Write | None] = [self._queue.get()]
+        size = 0
+        while batch[-1] is not None and len(batch) < WRITE_BATCH:
+            size += batch[-1].data.numel() * batch[-1].data.element_size()
+            if size >= WRITE_BATCH_BYTES:
+                break
+            try:
+                batch.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    def _write(self, items: list[_Write]) -> None:
+        if not items:
+            return
+        encoded: dict[str, list[tuple[ChunkKey, tuple[bytes, bytes | memoryview]]]] = {}
+        now = time.monotonic()
+        for slot in self.slots:
+            if getattr(slot.tier, "read_only", False):
+                continue
+            if not slot.usable(now):
+                slot.counters["writes_skipped_unhealthy"] += len(items)
+                continue
+            try:
+                batch = encoded.get(slot.codec)
+                if batch is None:  # (head, payload) per chunk: tiers write them without joining
+                    batch = [(item.record.key, frames.pack_parts(item.record, item.data, self.spec, slot.codec,
+                                                                 self.auth)) for item in items]
+                    encoded[slot.codec] = batch
+                self._call(slot, "put", partial(slot.tier.put_many, batch))
+                slot.counters["writes"] += len(batch)
+                for key, _parts in batch:
+                    self._notify_put(slot.tier.name, key)
+                slot.counters["bytes_written"] += sum(memoryview(p).nbytes for _key, parts in batch for p in parts)
+            except TierUnavailable:
+                slot.counters["writes_failed"] += len(items)
+            except KvtierError as exc:
+                slot.counters["writes_failed"] += len(items)
+                log.warning("cannot encode chunks for tier %s: %s", slot.tier.name, exc)
+
+    def writable_tiers(self) -> list[str]:
+        """Names of the tiers write-back goes to, in order."""
+        return [slot.tier.name for slot in self.slots if not getattr(slot.tier, "read_only", False)]
+
+    def has_tier(self, tier: Tier) -> bool:
+        """True if ``tier`` is one of this manager's tiers."""
+        return any(slot.tier is tier for slot in self.slots)
+
+    def put_frame(self, key: ChunkKey, frame: bytes) -> int:
+        """Write an encoded frame to every writable tier now, with the health checks and backoff of
+        write-back; return how many tiers did not take it (failed or skipped as unhealthy)."""
+        missed = 0
         now = time.monotonic()
         for slot in self.slots:
             if getattr(slot.tier, "read_only", False):
                 continue
             if not slot.usable(now):
                 slot.counters["writes_skipped_unhealthy"] += 1
+                missed += 1
                 continue
             try:
-                frame = encoded.get(slot.codec)
-                if frame is None:  # (head, payload): tiers write them without joining (put_parts)
-                    frame = frames.pack_parts(item.record, item.data, self.spec, slot.codec, self.auth)
-                    encoded[slot.codec] = frame
-                self._call(slot, "put", partial(slot.tier.put_parts, item.record.key, frame))
+                self._call(slot, "put", partial(slot.tier.put, key, frame))
                 slot.counters["writes"] += 1
-                slot.counters["bytes_written"] += sum(memoryview(p).nbytes for p in frame)
-                self._notify_put(slot.tier.name, item.record.key)
+                slot.counters["bytes_written"] += len(frame)
             except TierUnavailable:
                 slot.counters["writes_failed"] += 1
-            except KvtierError as exc:
-                slot.counters["writes_failed"] += 1
-                log.warning("cannot encode chunk for tier %s: %s", slot.tier.name, exc)
+                missed += 1
+        return missed
 
     def _notify_put(self, tier: str, key: bytes) -> None:
         for listener in self.put_listeners:
@@ -301,6 +477,9 @@ class StorageManager:
                 self._queue.put(None, timeout=1.0)
             self._worker.join(timeout=max(1.0, timeout_s))
             self._worker = None
+        if self._reader is not None:
+            self._reader.shutdown(wait=True)
+            self._reader = None
         for slot in self.slots:
             try:
                 slot.tier.close()

@@ -16,8 +16,10 @@ Invariants beyond the :class:`~kvtier.storage.base.Tier` contract:
   node that cannot be reached fails the whole call: a chunk prefix almost always spans every master, so
   answering for the live ones would rarely save a lookup.
 - Payload bytes are not copied here: ``get`` returns redis-py's reply object, ``put`` hands the frame
-  over as is, and ``put_parts`` writes header and payload views to the socket one after the other
-  (it joins them only when it falls back to ``put`` after a broken connection or a redirect).
+  over as is, and ``put_parts`` / ``put_many`` write header and payload views to the socket one after
+  the other (joining them only when falling back to ``put`` after a broken connection or a redirect).
+- Batches: ``get_many`` is one ``MGET`` (cluster: one per hash slot, ``mget_nonatomic``); ``put_many``
+  pipelines its ``SET`` commands, one connection per node, all sent before any reply is read.
 """
 
 from __future__ import annotations
@@ -92,24 +94,35 @@ def _byte_view(part: bytes | memoryview) -> memoryview:
     return view.cast("B") if view.format != "B" or view.ndim != 1 else view
 
 
-def _send_packed(client: Any, name: bytes, packed: list[bytes | memoryview], *, cluster: bool) -> bool:
-    """Send one packed ``SET`` on a pooled connection of the node owning ``name``; True once Redis
-    answered OK, False where the caller should use the regular client path instead."""
-    if cluster:
-        node = client.get_node_from_key(name)
-        if node is None or node.redis_connection is None:
-            return False
-        pool = node.redis_connection.connection_pool
-    else:
-        pool = client.connection_pool
+def _pool_of(client: Any, name: bytes, *, cluster: bool) -> Any:
+    """The connection pool of the node owning ``name``, or ``None`` where the caller should use the
+    regular client path (cluster node not known yet)."""
+    if not cluster:
+        return client.connection_pool
+    node = client.get_node_from_key(name)
+    if node is None or node.redis_connection is None:
+        return None
+    return node.redis_connection.connection_pool
+
+
+def _send_packed(pool: Any, commands: list[list[bytes | memoryview]]) -> bool:
+    """Pipeline packed ``SET`` commands on one pooled connection: send them all, then read every
+    reply. True once Redis answered all of them OK; False where the caller should send them again
+    through the regular client path (redirect, stale or broken connection). A server error such as
+    OOM is raised after every reply was read, so the connection stays in step."""
     conn = pool.get_connection()
     try:
-        conn.send_packed_command(packed)
-        conn.read_response()
-    except (MovedError, AskError):
-        return False
-    except redis.exceptions.ResponseError:
-        raise  # e.g. OOM: the reply was read, the connection is fine
+        for packed in commands:
+            conn.send_packed_command(packed)
+        redirected = False
+        error: redis.exceptions.ResponseError | None = None
+        for _packed in commands:
+            try:
+                conn.read_response()
+            except (MovedError, AskError):
+                redirected = True
+            except redis.exceptions.ResponseError as exc:
+                error = error or exc
     except (redis.exceptions.ConnectionError, OSError):
         conn.disconnect()
         return False  # stale pooled connection or dead node: let redis-py reconnect / refresh
@@ -118,6 +131,10 @@ def _send_packed(client: Any, name: bytes, packed: list[bytes | memoryview], *, 
         raise
     finally:
         pool.release(conn)
+    if redirected:
+        return False
+    if error is not None:
+        raise error
     return True
 
 
@@ -213,14 +230,42 @@ class RedisTier(Tier):
         self._run("put", lambda r: r.set(name, frame, ex=ex))
 
     def put_parts(self, key: ChunkKey, parts: Sequence[bytes | memoryview]) -> None:
-        """One ``SET`` whose value is ``parts`` back to back, written to the socket part by part.
+        self.put_many([(key, parts)])
 
-        redis-py takes a value as one object, so this sends the packed command itself on a pooled
-        connection of the key's node (saving the join, a copy of the whole frame). A refused or broken
-        connection, a redirect (cluster resharding) or a missing node falls back to :meth:`put`, which
-        has redis-py's reconnect and topology-refresh logic.
+    def put_many(self, items: Sequence[tuple[ChunkKey, Sequence[bytes | memoryview]]]) -> None:
+        """One ``SET`` per item whose value is its parts back to back, pipelined per node and written
+        to the socket part by part.
+
+        redis-py takes a value as one object, so this sends the packed commands itself on a pooled
+        connection of each key's node (saving the join, a copy of every frame). A refused or broken
+        connection, a redirect (cluster resharding) or an unknown node sends those items again through
+        :meth:`put`, which has redis-py's reconnect and topology-refresh logic.
         """
-        name = self._name(key)
+        if not items:
+            return
+        cluster = self.mode == "cluster"
+        names = [self._name(key) for key, _parts in items]
+        packed = [self._packed_set(name, parts) for name, (_key, parts) in zip(names, items)]
+
+        def send(r: Any) -> list[int]:
+            groups: dict[int, tuple[Any, list[int]]] = {}
+            retry: list[int] = []
+            for i, name in enumerate(names):
+                pool = _pool_of(r, name, cluster=cluster)
+                if pool is None:
+                    retry.append(i)
+                else:
+                    groups.setdefault(id(pool), (pool, []))[1].append(i)
+            for pool, idx in groups.values():
+                if not _send_packed(pool, [packed[i] for i in idx]):
+                    retry.extend(idx)
+            return retry
+
+        for i in sorted(self._run("put", send)):
+            self.put(items[i][0], b"".join(_byte_view(p) for p in items[i][1]))
+
+    def _packed_set(self, name: bytes, parts: Sequence[bytes | memoryview]) -> list[bytes | memoryview]:
+        """The RESP encoding of ``SET name <parts joined> [EX ttl]``, the value left in pieces."""
         views = [_byte_view(p) for p in parts]
         total = sum(v.nbytes for v in views)
         head = b"*%d\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n" % (5 if self.ttl_s else 3, len(name), name, total)
@@ -228,14 +273,21 @@ class RedisTier(Tier):
         if self.ttl_s:
             ttl = str(self.ttl_s).encode()
             tail += b"$2\r\nEX\r\n$%d\r\n%s\r\n" % (len(ttl), ttl)
-        packed: list[bytes | memoryview] = [head, *views, tail]
-        if not self._run("put", lambda r: _send_packed(r, name, packed, cluster=self.mode == "cluster")):
-            self.put(key, b"".join(views))
+        return [head, *views, tail]
 
     def get(self, key: ChunkKey) -> bytes | None:
         name = self._name(key)
         value: bytes | None = self._run("get", lambda r: r.get(name))
         return value
+
+    def get_many(self, keys: Sequence[ChunkKey]) -> list[bytes | memoryview | None]:
+        """One ``MGET`` (cluster: one per hash slot, pipelined per node by redis-py), in order."""
+        if not keys:
+            return []
+        names = [self._name(k) for k in keys]
+        if self.mode == "cluster":
+            return list(self._run("get", lambda r: r.mget_nonatomic(names)))
+        return list(self._run("get", lambda r: r.mget(names)))
 
     def exists(self, keys: Sequence[ChunkKey]) -> list[bool]:
         if not keys:

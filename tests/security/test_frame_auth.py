@@ -252,10 +252,12 @@ def test_peer_frames_carry_the_engines_mac() -> None:
     cpu = CpuTier(SPEC, 4 * SPEC.chunk_bytes)
     record = token_record(make_chunks()[0], TOKENS)
     kv = torch.randn(SPEC.chunk_shape(record.num_tokens))
-    slot = cpu.reserve()
-    assert slot is not None
-    cpu.arena.view(slot, record.num_tokens).copy_(kv)
-    assert cpu.commit(record, slot)
+
+    def fill(slots: list[int]) -> int:
+        cpu.arena.view(slots[0], record.num_tokens).copy_(kv)
+        return 1
+
+    assert cpu.admit([record], fill) not in ([], [None])
     keys = FrameKeys(SECRET.encode())
     frame = frame_of(cpu, record.key, keys)
     assert frame is not None and wire.read_header(frame).key_id == keys.key_id

@@ -54,10 +54,12 @@ def peer_server() -> tuple[PeerServer, bytes, bytes]:
     cpu = CpuTier(SPEC, 8 * SPEC.chunk_bytes)
     tokens = np.arange(SPEC.chunk_tokens, dtype=np.uint32)
     _arr, (chunk,) = Chunker(Namespace("p2p-sec", SPEC)).chunks(tokens)
-    slot = cpu.reserve()
-    assert slot is not None
-    cpu.arena.view(slot).copy_(torch.randn(SPEC.chunk_shape(SPEC.chunk_tokens)))
-    assert cpu.commit(token_record(chunk, tokens), slot)
+
+    def fill(slots: list[int]) -> int:
+        cpu.arena.view(slots[0]).copy_(torch.randn(SPEC.chunk_shape(SPEC.chunk_tokens)))
+        return 1
+
+    assert cpu.admit([token_record(chunk, tokens)], fill) not in ([], [None])
     server = PeerServer(cpu, token="peer-secret")
     server.start()
     yield server, chunk.key, b"\x05" * 16

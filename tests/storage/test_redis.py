@@ -129,6 +129,29 @@ def test_put_parts_writes_one_value(server: RedisServer) -> None:
         tier.clear()
 
 
+def test_batches_are_one_round_trip_each_and_exact(server: RedisServer) -> None:
+    tier = RedisTier(server.url, key_prefix="batch:", ttl_s=30)
+    ks = keys(12)
+    items = [(k, (b"h%d" % i, memoryview(bytes([i]) * (5000 + i)))) for i, k in enumerate(ks)]
+    raw = server.client()
+
+    def calls(command: str) -> int:
+        return int(raw.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0))
+
+    sets = calls("set")
+    tier.put_many(items)
+    assert calls("set") - sets == 12  # one SET each, pipelined
+    assert 0 < raw.pttl(b"batch:" + ks[3].hex().encode()) <= 30_000
+    gets, mgets = calls("get"), calls("mget")
+    got = tier.get_many([*ks[:6], keys(1, salt=9)[0], *ks[6:]])
+    assert calls("mget") - mgets == 1 and calls("get") == gets  # one MGET, no single GETs
+    assert got == [b"h%d" % i + bytes([i]) * (5000 + i) for i in range(6)] + [None] + [
+        b"h%d" % i + bytes([i]) * (5000 + i) for i in range(6, 12)]
+    assert tier.get_many([]) == [] and tier.put_many([]) is None
+    tier.clear()
+    tier.close()
+
+
 def test_server_refusal_is_unavailable(server: RedisServer) -> None:
     raw = server.client()
     raw.config_set("maxmemory", "1mb")
@@ -311,6 +334,17 @@ def test_cluster_keys_spread_over_all_masters(cluster: RedisClusterProcs) -> Non
     tier.close()
 
 
+def test_cluster_batches_span_every_master(cluster: RedisClusterProcs) -> None:
+    tier = RedisTier(cluster.url, mode="cluster", key_prefix="cbatch:")
+    ks = keys(60)
+    tier.put_many([(k, (b"c", bytes([i]) * 300)) for i, k in enumerate(ks)])
+    assert all(n.client().dbsize() > 0 for n in cluster.nodes)  # pipelined per node, not all to one
+    got = tier.get_many([*ks, keys(1, salt=3)[0]])
+    assert got == [b"c" + bytes([i]) * 300 for i in range(60)] + [None]
+    assert tier.clear() == 60
+    tier.close()
+
+
 def test_cluster_engine_round_trip(cluster: RedisClusterProcs) -> None:
     e = engine(cluster.url, mode="cluster")
     tokens = list(range(7000, 7160))  # 10 chunks
@@ -368,3 +402,12 @@ def test_bench_redis_smoke(tmp_path: Path) -> None:
     r = run(chunk_tokens=16, chunks=2, repeat=3, out_dir=str(tmp_path))
     assert (tmp_path / "bench_redis.json").exists() and (tmp_path / "bench_redis.png").exists()
     assert all(r[op]["paired_ratio"]["median"] > 0 for op in ("put", "put_parts", "get"))
+
+
+def test_bench_lower_redis_smoke(tmp_path: Path) -> None:
+    from kvtier.bench.lower import run
+
+    r = run("redis", tokens=512, repeat=3, out_dir=str(tmp_path))  # raises if a retrieve missed or differed
+    assert r["chunks"] == 2 and r["engine_counters"]["promoted_chunks"] >= 2
+    assert set(r["paired_ratios"]) == {"retrieve", "store"} and r["tier_counters"].get("corrupt", 0) == 0
+    assert (tmp_path / "bench_lower_redis.json").exists() and (tmp_path / "bench_lower_redis.png").exists()
