@@ -218,7 +218,7 @@ class AuthConfig(_Section):
     secret: str = Field("", description="Tenant secret (>= 16 bytes; '' = frames carry only a checksum).")
     secret_file: str = Field("", description="File holding the tenant secret (instead of auth.secret).")
     previous_secrets: Annotated[tuple[str, ...], BeforeValidator(_comma_list)] = Field(
-        (), description="Retired secrets still accepted for reading (key rotation; comma-separated in env)."
+        (), description="Retired secrets still accepted for reading (key rotation; a JSON list in env)."
     )
 
     def __repr__(self) -> str:  # never print secrets
