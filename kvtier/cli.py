@@ -79,6 +79,14 @@ def _root(
     """kvtier: a tiered KV-cache layer for LLM inference engines."""
 
 
+@bench_app.callback()
+def _bench() -> None:
+    """Benchmarks (JSON + PNG under results/)."""
+    from kvtier.extras import require
+
+    require("matplotlib", "bench")  # every benchmark plots: fail before measuring, not after
+
+
 @config_app.command("show")
 def config_show(
     file: str = typer.Option(None, "--file", "-f", help="YAML config file (default: $KVTIER_CONFIG)."),

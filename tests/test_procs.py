@@ -105,3 +105,17 @@ def test_expect_without_a_channel_is_an_error(tmp_path: Path) -> None:
     child = Child([sys.executable, "-c", "print('x')"], log=tmp_path / "c.log", channel=None)
     with child, pytest.raises(RuntimeError, match="without a protocol channel"):
         child.expect("x", 1)
+
+
+def test_rss_bytes_follows_touched_memory_and_is_none_for_a_gone_process() -> None:
+    from kvtier.procs import rss_bytes
+
+    before = rss_bytes()
+    assert before is not None and before > 1 << 20
+    block = b"\x01" * (64 << 20)  # every page written
+    after = rss_bytes()
+    assert after is not None and after - before >= 48 << 20
+    del block
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    assert rss_bytes(proc.pid) is None

@@ -905,12 +905,11 @@ class CacheServer:
             max_inflight_bytes=self.budget.cap,
             uptime_s=round(time.monotonic() - self.started, 3),
         )
-        try:
-            import psutil
+        from kvtier.procs import rss_bytes
 
-            out["rss_bytes"] = psutil.Process().memory_info().rss
-        except Exception:  # psutil missing or /proc unreadable: stats stay useful without it
-            pass
+        rss = rss_bytes()
+        if rss is not None:
+            out["rss_bytes"] = rss
         out.update({f"store_{k}": v for k, v in self.store.stats().items()})
         return out
 

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from redis_support import redis_server_binary
 
 needs_redis = pytest.mark.skipif(redis_server_binary() is None, reason="redis-server is not installed")
