@@ -61,12 +61,12 @@ def _without_extras(code: str, blocked: tuple[str, ...] = EXTRA_PACKAGES) -> sub
 
 @pytest.mark.parametrize("module", ["kvtier.engine", "kvtier.server.app", "kvtier.cluster.controller",
                                     "kvtier.cluster.agent", "kvtier.router.app", "kvtier.storage.factory",
-                                    "kvtier.integrations.sglang", "kvtier.integrations.vllm", "kvtier.cli"])
+                                    "kvtier.integrations.sglang", "kvtier.integrations.vllm.connector", "kvtier.cli"])
 def test_runtime_imports_without_any_extra(module: str) -> None:
     """What an engine image imports works with the core dependencies alone (the blocker proves the
     packages of the extras are really absent: it raises the error a missing package raises)."""
     blocked = EXTRA_PACKAGES
-    if module == "kvtier.integrations.vllm":
+    if module == "kvtier.integrations.vllm.connector":
         pytest.importorskip("vllm", reason="the vLLM connector is checked in vLLM's environment")
         blocked = BENCH_DEMO_PACKAGES
     out = _without_extras(f"import {module}\nprint('imported')", blocked)

@@ -66,7 +66,7 @@ class Ceiling:
 @contextlib.contextmanager
 def _server(frames: list[bytes], _work: Path) -> Iterator[Ceiling]:
     from kvtier.bench.server import SINK, exact, kvtier_server, process
-    from kvtier.server.client import RemoteTier
+    from kvtier.storage.remote import RemoteTier
 
     size = len(frames[0])
     with kvtier_server(3 * size * len(frames) + (64 << 20)) as port, \
