@@ -292,7 +292,7 @@ class Report:
         if show:
             from rich.console import Console
 
-            console = Console(width=max(Console().width, 120))
+            console = Console(width=max(Console().width, 140))
             console.print(self.table())
             console.print(f"wrote {path} and {png}")
         return record
@@ -300,7 +300,7 @@ class Report:
 
 def _cell(value: Cell) -> str:
     if isinstance(value, bool):
-        return "yes" if value else "NO"
+        return "yes" if value else "no"
     if isinstance(value, float):
         return f"{value:.3g}"
     return str(value)
