@@ -77,7 +77,7 @@ def _tier_round(pages: torch.Tensor, pages_per_object: int, path: Path, fsync: b
 
 def _adapter_round(pages: torch.Tensor, path: Path, fsync: bool, repeat: int) -> dict[str, Any]:
     """The same pages through :class:`KvtierStorage` (page objects, the shipped code path)."""
-    from kvtier.integrations.sglang import KvtierStorage
+    from kvtier.integrations.sglang.backend import KvtierStorage
 
     n, layers, _two, page, heads, dim = pages.shape
     pool = SimpleNamespace(layout="layer_first", kv_buffer=pages.permute(2, 1, 0, 3, 4, 5).reshape(
@@ -169,7 +169,7 @@ def _spread(values: list[float]) -> dict[str, float]:
 
 
 def ttft_bench(args: argparse.Namespace) -> dict[str, Any]:
-    from kvtier.integrations.sglang_cli import flush_cache, generate, running_server, sglang_server_command
+    from kvtier.integrations.sglang.cli import flush_cache, generate, running_server, sglang_server_command
 
     sizes = [int(s) for s in args.sizes.split(",")]
     prompts = _prompts(sizes, args.repeat)

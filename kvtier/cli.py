@@ -28,7 +28,7 @@ COMMAND_MODULES = (
     "kvtier.server.cli",
     "kvtier.storage.cli",
     "kvtier.integrations.vllm_cli",
-    "kvtier.integrations.sglang_cli",
+    "kvtier.integrations.sglang.cli",
     "kvtier.cluster.cli",
     "kvtier.router.cli",
 )

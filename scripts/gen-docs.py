@@ -20,8 +20,8 @@ API: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("kvtier", ("CacheEngine", "KVSpec", "load_config", "KvtierConfig", "Namespace", "Chunker", "KvtierError",
                 "ConfigError", "CorruptChunk", "TierUnavailable")),
     ("kvtier.integrations.vllm_cli", ("kv_transfer_config", "server_command")),
-    ("kvtier.integrations.sglang_cli", ("backend_extra_config", "sglang_server_command")),
-    ("kvtier.integrations.sglang", ("KvtierStorage",)),
+    ("kvtier.integrations.sglang.cli", ("backend_extra_config", "sglang_server_command")),
+    ("kvtier.integrations.sglang.backend", ("KvtierStorage",)),
     ("kvtier.integrations.hf", ("HFCachedLM", "kv_spec_for")),
     ("kvtier.metrics", ("EngineMetrics",)),
 )

@@ -77,6 +77,7 @@ from kvtier.config import KvtierConfig, load_config
 from kvtier.engine import CacheEngine
 from kvtier.errors import ConfigError, KvtierError, LayoutError
 from kvtier.integrations import vllm_layout, vllm_lookup, vllm_stats
+from kvtier.integrations.common import config_overrides
 from kvtier.integrations.vllm_cli import CONNECTOR_NAME, KV_ROLES, MODULE_PATH, kv_transfer_config
 from kvtier.integrations.vllm_plan import LoadReq, Planner, SaveReq
 from kvtier.layout import KVSpec
@@ -229,12 +230,7 @@ class KvtierConnector(KVConnectorBase_V1):
         self._cache_hit_source = CacheHitSource.HOST
         transfer = vllm_config.kv_transfer_config
         extra: dict[str, Any] = dict(transfer.kv_connector_extra_config or {})
-        unknown = [k for k in extra if k.startswith("kvtier") and k not in EXTRA_KEYS]
-        if unknown:
-            raise ConfigError(f"unknown kv_connector_extra_config keys {unknown}; kvtier knows {EXTRA_KEYS}")
-        overrides = extra.get("kvtier") or {}
-        if not isinstance(overrides, dict):
-            raise ConfigError(f"kv_connector_extra_config.kvtier must be a mapping, got {overrides!r}")
+        overrides = config_overrides(extra, EXTRA_KEYS, "kv_connector_extra_config")
         self.block_size = int(vllm_config.cache_config.block_size or 0)
         self.config = _chunk_default(load_config(extra.get("kvtier_config"), overrides=overrides), self.block_size)
         self.kv_role = str(transfer.kv_role or "kv_both")

@@ -25,13 +25,13 @@ import pytest
 pytest.importorskip("sglang")
 
 from kvtier.bench.common import free_port
-from kvtier.integrations.sglang import PageKeys, namespace_model
-from kvtier.integrations.sglang_cli import (
+from kvtier.integrations.sglang.cli import (
     flush_cache,
     generate,
     running_server,
     sglang_server_command,
 )
+from kvtier.integrations.sglang.pages import PageKeys, namespace_model
 from kvtier.keys import Namespace
 from kvtier.layout import KVSpec
 from kvtier.models import EMBEDDED_MODEL_ID, ensure_embedded_model

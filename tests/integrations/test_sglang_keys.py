@@ -19,8 +19,9 @@ import pytest
 import torch
 
 from kvtier.errors import ConfigError, LayoutError
-from kvtier.integrations.sglang import KvtierStorage, PageKeys, PoolView, copy_page, namespace_model
-from kvtier.integrations.sglang_stats import IoStats
+from kvtier.integrations.sglang.backend import KvtierStorage
+from kvtier.integrations.sglang.pages import PageKeys, PoolView, copy_page, namespace_model
+from kvtier.integrations.sglang.stats import IoStats
 from kvtier.keys import Namespace
 from kvtier.layout import KVSpec
 from kvtier.record import Kind
