@@ -40,10 +40,12 @@ CLASS_NAME = "KvtierStorage"
 def backend_extra_config(config: str | None = None, overrides: dict[str, Any] | None = None,
                          model_id: str | None = None, prefetch_threshold: int | None = None) -> dict[str, Any]:
     """The ``--hicache-storage-backend-extra-config`` mapping that loads kvtier (``dynamic`` backend,
-    zero-copy v1 interface). ``prefetch_threshold``: SGLang's minimum storage hit in tokens (its
+    zero-copy v1 interface, prefix keys passed). ``prefetch_threshold``: SGLang's minimum storage hit in tokens (its
     default is 256)."""
     extra: dict[str, Any] = {"backend_name": BACKEND_NAME, "module_path": MODULE_PATH,
-                             "class_name": CLASS_NAME, "interface_v1": 1}
+                             "class_name": CLASS_NAME, "interface_v1": 1,
+                             # page positions, so that several pages go into one stored object
+                             "hicache_storage_pass_prefix_keys": True}
     if config:
         extra["kvtier_config"] = str(Path(config).expanduser().resolve())
     if overrides:

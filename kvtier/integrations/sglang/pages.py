@@ -1,4 +1,5 @@
-"""SGLang pages as kvtier objects: keys, page identity and canonical views of SGLang's host pool.
+"""SGLang pages as kvtier objects: keys, multi-page objects, page identity and canonical views of
+SGLang's host pool.
 
 Pure (torch and blake3, no SGLang): unit tests and the benchmark use it without an engine.
 """
@@ -6,6 +7,9 @@ Pure (torch and blake3, no SGLang): unit tests and the benchmark use it without 
 from __future__ import annotations
 
 import functools
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +24,8 @@ from kvtier.record import ChunkRecord, Kind
 from kvtier.tensors import dtype_name
 from kvtier.wire import MAX_PAGE_IDENTITY
 
-__all__ = ["LAYOUTS", "PageKeys", "PoolView", "copy_page", "namespace_model"]
+__all__ = ["LAYOUTS", "PageIndex", "PageKeys", "PoolView", "Span", "auto_pages_per_object", "copy_page",
+           "matching_pages", "namespace_model", "pages_of", "spans"]
 
 LAYOUTS = ("layer_first", "page_first")  # host layouts whose page is one strided view
 
@@ -33,12 +38,30 @@ def namespace_model(model: str, tp_rank: int = 0, tp_size: int = 1, pp_rank: int
     return text
 
 
+PAGE_ID_BYTES = 32
+MAX_PAGES_PER_OBJECT = MAX_PAGE_IDENTITY // PAGE_ID_BYTES  # the identity holds one page id per page
+AUTO_OBJECT_BYTES = 4 << 20  # ``pages_per_object`` "auto": objects of at most this many bytes
+
+
+def auto_pages_per_object(page_bytes: int) -> int:
+    """The largest power of two of pages whose object stays within :data:`AUTO_OBJECT_BYTES` (at least 1;
+    a power of two so that groups tile SGLang's 128-page storage batches)."""
+    pages = 1
+    while pages * 2 <= MAX_PAGES_PER_OBJECT and pages * 2 * page_bytes <= AUTO_OBJECT_BYTES:
+        pages *= 2
+    return pages
+
+
 @dataclass(frozen=True)
 class PageKeys:
-    """Maps SGLang page hashes onto kvtier keys of one namespace. Stateless, thread-safe.
+    """Maps runs of SGLang page hashes onto kvtier objects of one namespace. Stateless, thread-safe.
 
-    Invariant: ``key(h)`` and ``identity(h)`` depend only on the namespace and ``h``; two hashes that
-    differ never share an identity (for pages of at least 8 tokens the identity *is* the hash).
+    An object holds consecutive pages ``hashes`` (1 to :data:`MAX_PAGES_PER_OBJECT`). Its key is
+    ``BLAKE3(namespace_root || u16 page count || last page hash)``: SGLang's hash of the last page
+    commits to every page before it, so a key names one exact content and two different runs never
+    share a key (no overwrite of one prompt's pages by another's). Its identity is the 32-byte
+    :meth:`page_id` of every page in order, verified on every hit, which is what lets a reader use a
+    leading part of an object whose later pages it does not know or that differ from its own.
     """
 
     namespace: Namespace
@@ -59,17 +82,100 @@ class PageKeys:
         except ValueError:
             return page_hash.encode()
 
-    def key(self, page_hash: str) -> ChunkKey:
-        return blake3.blake3(self.root + self.raw(page_hash)).digest(length=KEY_BYTES)
-
-    def identity(self, page_hash: str) -> bytes:
-        """The bytes a page is verified by: the raw hash, or a 32-byte BLAKE3 digest of an overlong one."""
+    def page_id(self, page_hash: str) -> bytes:
+        """The 32 bytes a page is verified by: SGLang's SHA-256 itself, or a BLAKE3 digest of any other
+        key text. Two hashes that differ never share an id."""
         raw = self.raw(page_hash)
-        return raw if 0 < len(raw) <= MAX_PAGE_IDENTITY else blake3.blake3(raw).digest()
+        return raw if len(raw) == PAGE_ID_BYTES else blake3.blake3(raw).digest()
 
-    def record(self, page_hash: str) -> ChunkRecord:
-        """The kvtier record of a page (kind ``PAGE``, parent = the namespace root)."""
-        return ChunkRecord(self.key(page_hash), self.root, self.identity(page_hash), Kind.PAGE, self.page_tokens)
+    def key(self, last_hash: str, pages: int) -> ChunkKey:
+        """Key of the object of ``pages`` pages whose last page is ``last_hash``."""
+        return blake3.blake3(self.root + pages.to_bytes(2, "little") + self.raw(last_hash)).digest(length=KEY_BYTES)
+
+    def record(self, hashes: Sequence[str]) -> ChunkRecord:
+        """The kvtier record of the object holding pages ``hashes`` (kind ``PAGE``, parent = the root)."""
+        if not 0 < len(hashes) <= MAX_PAGES_PER_OBJECT:
+            raise LayoutError(f"an object holds 1..{MAX_PAGES_PER_OBJECT} pages, not {len(hashes)}")
+        ids = b"".join(self.page_id(h) for h in hashes)
+        return ChunkRecord(self.key(hashes[-1], len(hashes)), self.root, ids, Kind.PAGE,
+                           len(hashes) * self.page_tokens)
+
+
+def pages_of(record: ChunkRecord) -> int:
+    """How many pages the object of ``record`` holds."""
+    return len(record.identity) // PAGE_ID_BYTES
+
+
+def matching_pages(record: ChunkRecord, ids: Sequence[bytes], offset: int = 0) -> int:
+    """How many pages of ``record``, from page ``offset`` on, equal ``ids[offset:]`` in order."""
+    n, stored = 0, record.identity
+    for i in range(offset, min(pages_of(record), len(ids))):
+        if stored[i * PAGE_ID_BYTES : (i + 1) * PAGE_ID_BYTES] != ids[i]:
+            break
+        n += 1
+    return n
+
+
+@dataclass(frozen=True)
+class Span:
+    """The pages of one call that fall into one object group, as absolute page positions in the
+    sequence: the group starts at ``start`` (a multiple of the group size), the call's pages in it are
+    ``[first, end)``."""
+
+    start: int
+    first: int
+    end: int
+
+
+def spans(first: int, count: int, group: int) -> list[Span]:
+    """Cut absolute pages ``[first, first + count)`` at multiples of ``group``. Groups sit at fixed
+    positions of the sequence, so every call, whatever radix boundary it starts at, names the same
+    objects for the same pages; only the first span can start inside its group, only the last end
+    before the group's end (a prompt's tail is a short object, never dropped)."""
+    if group < 1:
+        raise ValueError(f"group size must be >= 1, got {group}")
+    out: list[Span] = []
+    page, stop = first, first + count
+    while page < stop:
+        start = page - page % group
+        end = min(start + group, stop)
+        out.append(Span(start, page, end))
+        page = end
+    return out
+
+
+class PageIndex:
+    """Which object this process wrote or read holds a page: page id -> (object record, page offset).
+
+    Lets a reader find an object by a page in its middle, whose own key it cannot compute (the object
+    ends with pages the reader does not have). Bounded: at most ``max_pages`` entries, the least
+    recently added or found dropped first. Lost on restart (then only objects whose every page the
+    reader knows are found). Thread-safe.
+    """
+
+    def __init__(self, max_pages: int = 1 << 20) -> None:
+        self.max_pages = max_pages
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[bytes, tuple[ChunkRecord, int]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def add(self, record: ChunkRecord) -> None:
+        with self._lock:
+            for i in range(pages_of(record)):
+                page_id = record.identity[i * PAGE_ID_BYTES : (i + 1) * PAGE_ID_BYTES]
+                self._entries[page_id] = (record, i)
+                self._entries.move_to_end(page_id)
+            while len(self._entries) > self.max_pages:
+                self._entries.popitem(last=False)
+
+    def find(self, page_id: bytes) -> tuple[ChunkRecord, int] | None:
+        with self._lock:
+            found = self._entries.get(page_id)
+            if found is not None:
+                self._entries.move_to_end(page_id)
+            return found
 
 
 class PoolView:
