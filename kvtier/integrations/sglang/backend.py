@@ -59,6 +59,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -180,6 +181,7 @@ class KvtierStorage(_Base):
         self.view: PoolView | None = None
         self.manager: StorageManager | None = None
         self._warned_no_prefix = False
+        self._buffers = threading.local()
         if getattr(storage_config, "is_mla_model", False):
             log.error("kvtier: MLA models are not supported by the SGLang adapter; L3 stays empty")
 
@@ -275,7 +277,7 @@ class KvtierStorage(_Base):
         spec, page = self.view.spec, self.view.page_size
         hits = self._plan(chain, spans(first, count, group), group)
         numel = [pages_of(h.record) * page * spec.bytes_per_token // spec.itemsize for h in hits]
-        flat = torch.empty(sum(numel), dtype=spec.torch_dtype)
+        flat = self._staging("read", sum(numel))
         loads, offset = [], 0
         for hit, n in zip(hits, numel):
             out = flat[offset : offset + n].view(spec.chunk_shape(hit.record.num_tokens))
@@ -363,9 +365,15 @@ class KvtierStorage(_Base):
         written: list[ChunkRecord] = []
         before = self._write_failures()
         began = time.perf_counter()
-        for n, span in enumerate(spans(first, len(keys), group)):
-            # own buffer: SGLang may reuse the host slots once this call returns
-            obj = torch.empty(spec.chunk_shape((span.end - span.start) * page), dtype=spec.torch_dtype)
+        todo = spans(first, len(keys), group)
+        # own copy (SGLang may reuse the host slots once this call returns), in this thread's buffer
+        page_numel = page * spec.bytes_per_token // spec.itemsize
+        flat = self._staging("write", sum(s.end - s.start for s in todo) * page_numel)
+        offset = 0
+        for n, span in enumerate(todo):
+            numel = (span.end - span.start) * page_numel
+            obj = flat[offset : offset + numel].view(spec.chunk_shape((span.end - span.start) * page))
+            offset += numel
 
             def slot(p: int, obj: torch.Tensor = obj, span: Span = span) -> torch.Tensor:
                 i = p - span.start
@@ -382,8 +390,8 @@ class KvtierStorage(_Base):
                 written.append(record)
                 out[span.first - first : span.end - first] = [True] * (span.end - span.first)
             if (n + 1) % self.config.store_queue == 0:  # never overfill the write queue
-                manager.flush()
-        manager.flush()
+                self._flush()
+        self._flush()
         failed = self._write_failures() - before
         stored = sum(out)
         if failed == 0:
@@ -394,6 +402,24 @@ class KvtierStorage(_Base):
         self.counters["write_objects"] += len(written) if failed == 0 else 0
         self.counters["write_failures"] += failed + out.count(False)
         return out if failed == 0 else [False] * len(keys)
+
+    def _staging(self, use: str, numel: int) -> torch.Tensor:
+        """This thread's flat buffer for ``use`` ("read" or "write") of ``numel`` elements, reused across
+        calls (a fresh one per call costs a page fault per 4 KiB)."""
+        assert self.view is not None
+        buf: torch.Tensor | None = getattr(self._buffers, use, None)
+        if buf is None or buf.numel() < numel:
+            buf = torch.empty(numel, dtype=self.view.spec.torch_dtype)
+            setattr(self._buffers, use, buf)
+        return buf[:numel]
+
+    def _flush(self) -> None:
+        """Wait for the queued writes; if they are still running when the wait gives up, this thread's
+        write buffer is given up too (a late writer must never see the next call's pages)."""
+        assert self.manager is not None
+        if not self.manager.flush():
+            self.counters["write_flush_timeouts"] += 1
+            self._buffers.write = None
 
     def _write_failures(self) -> int:
         assert self.manager is not None
