@@ -233,7 +233,7 @@ def copy_page(dst: torch.Tensor, src: torch.Tensor) -> None:
     """``dst.copy_(src)`` for one page of any strides, single-threaded (numpy on an integer view).
 
     torch spreads a strided copy over every intra-op thread; for a 360 KiB page on a busy 2-core
-    machine that measured 11 ms against 0.02 ms here (benchmarks/sglang_bench.py), and SGLang's
+    machine that measured 11 ms against 0.02 ms here (kvtier bench sglang), and SGLang's
     forward pass needs those threads. Bytes are copied exactly (no dtype conversion).
     """
     if dst.dtype != src.dtype or dst.shape != src.shape:
