@@ -16,7 +16,7 @@ import typer
 
 from kvtier.errors import ConfigError
 
-__all__ = ["CONFIG_OPTION", "DRY_RUN_OPTION", "HOST_OPTION", "MODEL_OPTION", "NO_KVTIER_OPTION",
+__all__ = ["CONFIG_OPTION", "DRY_RUN_OPTION", "HOST_OPTION", "MODEL_OPTION", "NO_KVTIER_OPTION", "PASS_THROUGH",
            "SERVED_NAME_OPTION", "check_engine", "config_overrides", "exec_server"]
 
 
@@ -35,6 +35,7 @@ def config_overrides(extra: Mapping[str, Any], known: tuple[str, ...], where: st
 
 
 # ---- the serve commands -------------------------------------------------------------------------------
+PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}  # arguments kvtier does not know go on
 MODEL_OPTION: Any = typer.Option(None, "--model", "-m", help="HF model directory (default: the embedded SmolLM2).")
 HOST_OPTION: Any = typer.Option("127.0.0.1", help="Bind address (loopback by default).")
 CONFIG_OPTION: Any = typer.Option(None, "--config", "-c", help="kvtier YAML config (default: $KVTIER_CONFIG).")

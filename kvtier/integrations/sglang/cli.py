@@ -27,6 +27,7 @@ from kvtier.integrations.common import (
     HOST_OPTION,
     MODEL_OPTION,
     NO_KVTIER_OPTION,
+    PASS_THROUGH,
     SERVED_NAME_OPTION,
     check_engine,
     exec_server,
@@ -218,10 +219,7 @@ def launch(model: str | None, *, host: str, port: int, config: str | None, serve
 
 
 def register(app: typer.Typer) -> None:
-    @app.command(
-        "serve-sglang",
-        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-    )
+    @app.command("serve-sglang", context_settings=PASS_THROUGH)
     def serve_sglang(
         ctx: typer.Context,
         model: str = MODEL_OPTION,

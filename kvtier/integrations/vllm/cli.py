@@ -21,6 +21,7 @@ from kvtier.integrations.common import (
     HOST_OPTION,
     MODEL_OPTION,
     NO_KVTIER_OPTION,
+    PASS_THROUGH,
     SERVED_NAME_OPTION,
     check_engine,
     exec_server,
@@ -98,10 +99,7 @@ def server_env(base: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def register(app: typer.Typer) -> None:
-    @app.command(
-        "serve",
-        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-    )
+    @app.command("serve", context_settings=PASS_THROUGH)
     def serve(
         ctx: typer.Context,
         model: str = MODEL_OPTION,
