@@ -28,7 +28,7 @@ COMMAND_MODULES = (
     "kvtier.server.cli",
     "kvtier.storage.cli",
     "kvtier.integrations.vllm.cli",
-    "kvtier.integrations.sglang_cli",
+    "kvtier.integrations.sglang.cli",
     "kvtier.cluster.cli",
     "kvtier.router.cli",
 )
@@ -49,6 +49,7 @@ BENCH_MODULES = (
     "kvtier.bench.startup",
     # engine benchmarks
     "kvtier.bench.router",
+    "kvtier.bench.sglang",
 )
 
 

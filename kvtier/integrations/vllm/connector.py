@@ -76,6 +76,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from kvtier.config import KvtierConfig, load_config
 from kvtier.engine import CacheEngine
 from kvtier.errors import ConfigError, KvtierError, LayoutError
+from kvtier.integrations.common import config_overrides
 from kvtier.integrations.vllm import layout as vllm_layout
 from kvtier.integrations.vllm import lookup as vllm_lookup
 from kvtier.integrations.vllm import stats as vllm_stats
@@ -231,12 +232,7 @@ class KvtierConnector(KVConnectorBase_V1):
         self._cache_hit_source = CacheHitSource.HOST
         transfer = vllm_config.kv_transfer_config
         extra: dict[str, Any] = dict(transfer.kv_connector_extra_config or {})
-        unknown = [k for k in extra if k.startswith("kvtier") and k not in EXTRA_KEYS]
-        if unknown:
-            raise ConfigError(f"unknown kv_connector_extra_config keys {unknown}; kvtier knows {EXTRA_KEYS}")
-        overrides = extra.get("kvtier") or {}
-        if not isinstance(overrides, dict):
-            raise ConfigError(f"kv_connector_extra_config.kvtier must be a mapping, got {overrides!r}")
+        overrides = config_overrides(extra, EXTRA_KEYS, "kv_connector_extra_config")
         self.block_size = int(vllm_config.cache_config.block_size or 0)
         self.config = _chunk_default(load_config(extra.get("kvtier_config"), overrides=overrides), self.block_size)
         self.kv_role = str(transfer.kv_role or "kv_both")
