@@ -1,4 +1,4 @@
-"""CacheEngine over real DiskTier / FsTier directories: hits from disk, promotion, prefetch, damage,
+"""CacheEngine over real DiskTier / FsTier directories: hits from disk, promotion, damage,
 restart, disk full, two engines sharing an fs tier, and tiers built from config."""
 
 from __future__ import annotations
@@ -67,17 +67,6 @@ def test_hits_come_from_disk_and_are_promoted(engine: CacheEngine) -> None:
     out.zero_()
     assert engine.retrieve(TOKENS, out) == len(TOKENS) and torch.equal(out, kv)
     assert disk_stats(engine)["hits"] == N_CHUNKS  # the second retrieve was served from CPU
-
-
-def test_prefetch_makes_the_next_retrieve_a_cpu_hit(engine: CacheEngine) -> None:
-    kv = stored(engine)
-    engine.cpu.clear()
-    assert engine.prefetch(TOKENS).result(timeout=10) == len(TOKENS)
-    hits_after_prefetch = disk_stats(engine)["hits"]
-    assert hits_after_prefetch == N_CHUNKS and len(engine.cpu) == N_CHUNKS
-    out = torch.zeros_like(kv)
-    assert engine.retrieve(TOKENS, out) == len(TOKENS) and torch.equal(out, kv)
-    assert disk_stats(engine)["hits"] == hits_after_prefetch
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
