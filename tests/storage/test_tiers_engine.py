@@ -4,12 +4,12 @@ restart, disk full, two engines sharing an fs tier, and tiers built from config.
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from storage_support import tmpfs
 
 from kvtier.config import load_config
 from kvtier.engine import CacheEngine
@@ -109,13 +109,7 @@ def test_restart_serves_hits_from_the_same_directory(tmp_path: Path) -> None:
 
 
 def test_disk_full_is_counted_and_reads_keep_working(tmp_path: Path) -> None:
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", str(mnt)],
-                         capture_output=True, text=True)
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs to fill up (not root?): {res.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path, "128k") as mnt:
         e = make([(DiskTier(mnt / "disk", 1 << 30), "raw")], slots=256)
         try:
             first = stored(e)
@@ -129,8 +123,6 @@ def test_disk_full_is_counted_and_reads_keep_working(tmp_path: Path) -> None:
             assert e.retrieve(TOKENS, out) == len(TOKENS) and torch.equal(out, first)  # old data intact
         finally:
             e.close()
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_two_engines_share_an_fs_tier(tmp_path: Path) -> None:
