@@ -111,13 +111,7 @@ def config_reference_cmd() -> None:
 
 def _register(target: typer.Typer, modules: tuple[str, ...]) -> None:
     for name in modules:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name is not None and name.startswith(exc.name):
-                continue  # that part is not built (yet)
-            raise
-        module.register(target)
+        importlib.import_module(name).register(target)
 
 
 _register(app, COMMAND_MODULES)
