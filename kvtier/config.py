@@ -74,7 +74,7 @@ class _Section(BaseModel):
 
     def __repr_args__(self) -> Any:
         for name, value in super().__repr_args__():
-            yield name, ("***" if value and name and _is_secret(name) else value)
+            yield name, ("***" if value and name and is_secret(name) else value)
 
 
 class CpuConfig(_Section):
@@ -411,13 +411,13 @@ MAX_FILE_BYTES = 1 << 20
 _SECRET_NAME = re.compile(r"(^|_)(token|secrets?|passwords?|passwd|credentials?)($|_)|(^|_)keys?$", re.IGNORECASE)
 
 
-def _is_secret(name: str | int) -> bool:
+def is_secret(name: str | int) -> bool:
     return isinstance(name, str) and bool(_SECRET_NAME.search(name))
 
 
 def _shown(name: str | int, value: Any) -> Any:
     """``value`` of key ``name`` as it may appear in an error: secrets masked, URL credentials removed."""
-    if _is_secret(name):
+    if is_secret(name):
         return "<redacted>"
     if isinstance(value, Mapping):
         return {k: _shown(k, v) for k, v in value.items()}
@@ -508,7 +508,7 @@ def _env_value(name: str, parts: list[str], raw: str) -> Any:
         try:
             return json.loads(raw)
         except ValueError as exc:
-            shown = "<redacted>" if _is_secret(parts[-1]) else repr(raw)
+            shown = "<redacted>" if is_secret(parts[-1]) else repr(raw)
             raise ConfigError(f"environment variable {name} (config key {key!r}) must be JSON, got {shown}: "
                               f"{exc}") from None
     return raw
