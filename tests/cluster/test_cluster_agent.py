@@ -12,7 +12,7 @@ import torch
 from cluster_support import ThreadedController, tokens, wait_until
 
 from kvtier.cluster.agent import Agent, AgentConfig, start_engine
-from kvtier.cluster.controller import ControllerSettings
+from kvtier.config import ControllerConfig
 from kvtier.config import load_config
 from kvtier.engine import CacheEngine
 from kvtier.layout import KVSpec
@@ -20,7 +20,7 @@ from kvtier.layout import KVSpec
 TOKEN = "agent-test"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 SPEC = KVSpec(2, 2, 8, "float32", chunk_tokens=16)
-SETTINGS = ControllerSettings(token=TOKEN, ttl_s=3.0, heartbeat_s=0.2, command_timeout_s=5.0)
+SETTINGS = ControllerConfig(token=TOKEN, ttl_s=3.0, heartbeat_s=0.2, command_timeout_s=5.0)
 
 
 def kv_for(toks: list[int]) -> torch.Tensor:

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 
 from kvtier.cluster.agent import AgentConfig, start_engine
-from kvtier.cluster.controller import ControllerSettings
+from kvtier.config import ControllerConfig
 from kvtier.config import load_config
 from kvtier.layout import KVSpec
 
@@ -30,7 +30,7 @@ def impostor(url: str) -> httpx.Response:
 
 
 def test_agent_keeps_its_id_across_an_expiry() -> None:
-    controller = ThreadedController(ControllerSettings(token=TOKEN, ttl_s=1.0, heartbeat_s=0.2))
+    controller = ThreadedController(ControllerConfig(token=TOKEN, ttl_s=1.0, heartbeat_s=0.2))
     url = controller.start()
     cfg = load_config(environ={}, overrides={"chunk_tokens": 16, "cpu": {"capacity": 8 * SPEC.chunk_bytes}})
     engine, agent = start_engine(SPEC, "m", AgentConfig(controller_url=url, instance_id="x", token=TOKEN,
