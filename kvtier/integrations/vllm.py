@@ -73,7 +73,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
-from kvtier.config import KvtierConfig, load_config
+from kvtier.config import KvtierConfig, load_config, with_overrides
 from kvtier.engine import CacheEngine
 from kvtier.errors import ConfigError, KvtierError, LayoutError
 from kvtier.integrations import vllm_layout, vllm_lookup, vllm_stats
@@ -129,12 +129,12 @@ def shared_engine(spec: KVSpec, model: str, config: KvtierConfig, instance_id: s
         shared = _ENGINES.get(key)
         if shared is None:
             if config.cluster.enabled:
-                from kvtier.cluster.agent import agent_config_from, start_engine
+                from kvtier.cluster.agent import start_engine
 
-                overrides = {"instance_id": instance_id} if instance_id else {}
-                engine, agent = start_engine(spec, model, agent_config_from(config.cluster, **overrides), config)
+                own = with_overrides(config, {"cluster": {"instance_id": instance_id}}) if instance_id else config
+                engine, agent = start_engine(spec, model, own)
                 shared = _Shared(engine, agent)
-                log.info("kvtier agent %s reports to %s", agent.config.instance_id, agent.config.controller_url)
+                log.info("kvtier agent %s reports to %s", agent.instance_id, agent.config.controller_url)
             else:
                 shared = _Shared(CacheEngine(spec, model, config))
             _ENGINES[key] = shared

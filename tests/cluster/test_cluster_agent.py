@@ -11,9 +11,8 @@ import pytest
 import torch
 from cluster_support import ThreadedController, tokens, wait_until
 
-from kvtier.cluster.agent import Agent, AgentConfig, start_engine
-from kvtier.config import ControllerConfig
-from kvtier.config import load_config
+from kvtier.cluster.agent import Agent, start_engine
+from kvtier.config import ControllerConfig, load_config
 from kvtier.engine import CacheEngine
 from kvtier.layout import KVSpec
 
@@ -30,11 +29,12 @@ def kv_for(toks: list[int]) -> torch.Tensor:
 
 class Node:
     def __init__(self, url: str, name: str, chunks: int = 64, **agent: Any) -> None:
-        cfg = load_config(environ={}, overrides={"chunk_tokens": 16, "cpu": {"capacity": chunks * SPEC.chunk_bytes}})
+        cfg = load_config(environ={}, overrides={
+            "chunk_tokens": 16, "cpu": {"capacity": chunks * SPEC.chunk_bytes},
+            "cluster": {"controller_url": url, "instance_id": name, "token": TOKEN, "poll_wait_s": 1.0, **agent}})
         self.engine: CacheEngine
         self.agent: Agent
-        self.engine, self.agent = start_engine(SPEC, "m", AgentConfig(
-            controller_url=url, instance_id=name, token=TOKEN, poll_wait_s=1.0, **agent), cfg)
+        self.engine, self.agent = start_engine(SPEC, "m", cfg)
         assert self.agent.wait_registered(10)
 
     def close(self) -> None:

@@ -12,8 +12,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from kvtier.cluster.controller import create_app
-from kvtier.config import ControllerConfig
 from kvtier.cluster.index import chain_keys
+from kvtier.config import ControllerConfig
 from kvtier.errors import ConfigError
 
 TOKEN = "t0ken"
