@@ -529,11 +529,14 @@ def start_engine(spec: KVSpec, model: str, config: KvtierConfig | None = None) -
     from kvtier.storage.factory import build_tiers
 
     cfg = config or load_config()
-    agent = Agent(cfg.cluster)  # a spec whose chunk_tokens differs from the config's is CacheEngine's ConfigError
-    engine = CacheEngine(spec, model, cfg, tiers=[*build_tiers(cfg, spec), *agent.tiers()])
-    try:
+    agent = Agent(cfg.cluster)
+    engine: CacheEngine | None = None
+    try:  # a spec whose chunk_tokens differs from the config's is CacheEngine's ConfigError
+        engine = CacheEngine(spec, model, cfg, tiers=[*build_tiers(cfg, spec), *agent.tiers()])
         agent.start(engine)
     except BaseException:
-        engine.close()
+        agent.stop()
+        if engine is not None:
+            engine.close()
         raise
     return engine, agent

@@ -3,6 +3,7 @@ or awkward to reach with separate processes (controller restart, event overflow,
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,6 +15,7 @@ from cluster_support import ThreadedController, tokens, wait_until
 from kvtier.cluster.agent import Agent, start_engine
 from kvtier.config import ControllerConfig, load_config
 from kvtier.engine import CacheEngine
+from kvtier.errors import ConfigError
 from kvtier.layout import KVSpec
 
 TOKEN = "agent-test"
@@ -142,3 +144,14 @@ def test_corrupt_peer_frame_is_rejected_and_recomputed(controller: ThreadedContr
     finally:
         a.close()
         b.close()
+
+
+def test_chunk_tokens_differing_from_the_config_is_an_error_naming_both(controller: ThreadedController) -> None:
+    cfg = load_config(environ={}, overrides={
+        "chunk_tokens": 32, "cpu": {"capacity": 8 * SPEC.chunk_bytes},
+        "cluster": {"controller_url": f"http://127.0.0.1:{controller.port}", "instance_id": "mismatch",
+                    "token": TOKEN}})
+    with pytest.raises(ConfigError, match=r"KV spec says 16.*config says 32"):
+        start_engine(SPEC, "m", cfg)  # SPEC has 16-token chunks; nothing is rewritten silently
+    time.sleep(0.5)
+    assert "mismatch" not in controller.app.state.controller.workers  # the agent never registered
