@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -199,3 +200,62 @@ def test_option_names_and_mapping_options() -> None:
         bad.exception)
     bad = CliRunner().invoke(app, ["run", "--heartbeat-ttl", "-2"], env={})
     assert isinstance(bad.exception, ConfigError) and "controller.ttl_s" in str(bad.exception)
+
+
+# ---- one file, every process -------------------------------------------------------------------------
+def test_one_file_drives_server_controller_router_agent_and_serve(tmp_path: Path) -> None:
+    """Real processes: `kvtier server` (file via $KVTIER_CONFIG), `kvtier controller -c`, `kvtier router
+    --config`, an engine's cluster agent (load_config) and `kvtier serve --dry-run` read one YAML file."""
+    import httpx
+    import yaml
+
+    from kvtier.cluster.agent import start_engine
+    from kvtier.layout import KVSpec
+    from kvtier.procs import Child, free_port
+
+    token = "one-file-token"
+    port = {name: free_port() for name in ("server", "controller", "router", "dead")}
+    controller = f"http://127.0.0.1:{port['controller']}"
+    f = tmp_path / "kvtier.yaml"
+    f.write_text(yaml.safe_dump({
+        "chunk_tokens": 16, "cpu": {"capacity": "1MiB"}, "remote": {"enabled": True, "port": port["server"]},
+        "server": {"port": port["server"], "capacity": "64MiB"},
+        "controller": {"port": port["controller"], "ttl_s": 6, "heartbeat_s": 0.3},
+        "router": {"port": port["router"], "policy": "roundrobin", "controller_url": controller,
+                   "backends": [f"http://127.0.0.1:{port['dead']}=one"]},
+        "cluster": {"enabled": True, "controller_url": controller, "instance_id": "one", "poll_wait_s": 1.0},
+    }))
+    env = {**os.environ, "KVTIER_CONTROLLER_TOKEN": token}  # the one secret, as deployments pass it
+    cli = [sys.executable, "-m", "kvtier.cli"]
+    children = []
+    try:
+        for args, extra in ((["server"], {"KVTIER_CONFIG": str(f)}), (["controller", "-c", str(f)], {}),
+                            (["router", "--config", str(f)], {})):
+            children.append(Child([*cli, *args], log=tmp_path / f"{args[0]}.log", env={**env, **extra}))
+        server, ctl, router = children
+        assert server.expect(r"listening on 127\.0\.0\.1:(\d+)", 60).group(1) == str(port["server"])
+        assert ctl.expect(r"listening on http://127\.0\.0\.1:(\d+) \(tokens: admin", 60).group(1) == str(
+            port["controller"])
+        assert router.expect(r"listening on http://127\.0\.0\.1:(\d+) \(1 backends, policy roundrobin", 60).group(
+            1) == str(port["router"])
+
+        spec = KVSpec(2, 2, 8, "float32", chunk_tokens=16)
+        engine, agent = start_engine(spec, "m", load_config(f, environ={"KVTIER_CONTROLLER_TOKEN": token}))
+        try:
+            assert agent.wait_registered(20) and agent.instance_id == "one"
+            listed = httpx.get(f"{controller}/instances", headers={"Authorization": f"Bearer {token}"}, timeout=10)
+            assert "one" in listed.text, listed.text
+            assert engine.storage.writable_tiers()[0] == "remote"  # the file's remote section: the server
+        finally:
+            agent.stop()
+            engine.close()
+    finally:
+        for child in children:
+            child.stop()
+    dry = subprocess.run([*cli, "serve", "--dry-run", "-c", str(f)], capture_output=True, text=True, env=env)
+    assert dry.returncode == 0 and str(f) in dry.stdout, dry.stderr
+    f.write_text("router:\n  polcy: kv\n")
+    for args in (["controller", "-c", str(f)], ["router", "-c", str(f)], ["server", "-c", str(f)],
+                 ["serve", "--dry-run", "-c", str(f)]):
+        bad = subprocess.run([*cli, *args], capture_output=True, text=True, env=env, timeout=60)
+        assert bad.returncode == 2 and "unknown config key 'router.polcy'" in bad.stderr.replace("\n", " "), args
