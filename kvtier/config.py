@@ -106,9 +106,6 @@ class RemoteConfig(_Section):
     timeout_s: float = Field(2.0, gt=0, description="Per-request timeout in seconds.")
     pool_size: int = Field(4, ge=1, description="Connections kept open to the server.")
     retries: int = Field(2, ge=0, description="Retries of a failed request (with exponential backoff).")
-    breaker_cooldown_s: float = Field(
-        0.1, gt=0, description="Fast-fail time after the server failed; doubles per failure up to 2 s."
-    )
     max_reply_bytes: ByteSize = Field(
         512 * MiB, description="Largest reply body accepted (this client's cap, whatever the server says)."
     )

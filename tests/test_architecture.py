@@ -30,8 +30,6 @@ LAYERS: list[tuple[str, set[str]]] = [
 # Upward imports that exist today, each with its reason. The test fails when one disappears, so the
 # list only shrinks.
 KNOWN_EXCEPTIONS: dict[tuple[str, str], str] = {
-    # the remote tier still lives in server/client.py (issue 13: move it under storage/)
-    ("kvtier.storage.factory", "kvtier.server.client"): "remote tier lives in server/",
     # KVSpec.torch_dtype imports the tensor helpers lazily; only tensor-moving code calls it
     ("kvtier.layout", "kvtier.tensors"): "lazy KVSpec.torch_dtype",
 }

@@ -44,7 +44,7 @@ def _paired(ours: list[float], ceiling: list[float]) -> dict[str, float]:
 def _server_ceiling(frames: list[bytes]) -> Iterator[tuple[Callable[[], None], Callable[[], None], Any]]:
     """Raw loopback TCP read / write of ``frames`` and a RemoteTier on a fresh ``kvtier server``."""
     from kvtier.bench.server import _SINK, _exact, _process, kvtier_server
-    from kvtier.server.client import RemoteTier
+    from kvtier.storage.remote import RemoteTier
 
     size = len(frames[0])
     capacity = 3 * size * len(frames) + (64 << 20)

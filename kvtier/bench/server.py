@@ -5,7 +5,7 @@ Measured in one run, interleaved so machine noise hits both sides alike:
 - ceiling: a plain-socket sink process on loopback; "put" streams the same frames to it back to back
   (it ``recv_into``\\ s a preallocated buffer, one ack at the end); "get" has it stream them back into a
   preallocated buffer. No framing, no checksum, no per-frame round trip: the best a TCP protocol can do.
-- ours: :class:`~kvtier.server.client.RemoteTier` ``put`` / ``get`` (one round trip per frame, the
+- ours: :class:`~kvtier.storage.remote.RemoteTier` ``put`` / ``get`` (one round trip per frame, the
   server verifies each PUT's xxh3 checksum; the client returns fresh ``bytes``), and the batched
   ``put_many`` (MPUT) / ``get_many`` (MGET: one request, frames streamed back and consumed one by one
   as they arrive, like the manager verifying and copying them) and ``get_many_into`` (MGET with each
@@ -96,7 +96,7 @@ def run(chunk_tokens: int = 256, chunks: int = 32, repeat: int = 5, out_dir: str
     from kvtier.keys import Chunker, Namespace
     from kvtier.layout import KVSpec
     from kvtier.record import token_record
-    from kvtier.server.client import RemoteTier
+    from kvtier.storage.remote import RemoteTier
 
     spec = KVSpec(num_layers=30, num_kv_heads=3, head_dim=64, dtype="bfloat16", chunk_tokens=chunk_tokens)
     tokens = np.arange(chunks * chunk_tokens, dtype=np.uint32)

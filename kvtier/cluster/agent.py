@@ -42,8 +42,8 @@ from kvtier.codec.base import codec_names, get_codec
 from kvtier.errors import ConfigError, KvtierError, TierUnavailable
 from kvtier.keys import ChunkKey, chain_key
 from kvtier.record import ChunkRecord, Kind, token_records
-from kvtier.server.client import RemoteTier
 from kvtier.storage.base import Tier
+from kvtier.storage.remote import RemoteTier
 
 if TYPE_CHECKING:
     from kvtier.config import ClusterConfig, KvtierConfig

@@ -1,9 +1,9 @@
-"""``kvtier server``: an asyncio cache server for wire frames (protocol in :mod:`kvtier.server.protocol`).
+"""``kvtier server``: an asyncio cache server for wire frames (protocol in :mod:`kvtier.storage.remote_protocol`).
 
 Invariants:
 - Binds 127.0.0.1 by default and refuses (``ConfigError``) any non-loopback address without a token.
   With tokens configured, a connection must authenticate (HELLO, compared with
-  :func:`hmac.compare_digest`) before any command but PING; before that its bodies are capped at
+  :func:`kvtier.net.token_matches`) before any command but PING; before that its bodies are capped at
   ``PRE_AUTH_MAX_BODY`` and it is closed ``auth_timeout_s`` after it opened, whatever it sends (a PING
   does not extend that deadline), so strangers cannot hold connection slots.
 - Identities: the token a connection presented decides its tenant (``tenants`` maps tokens to tenant
@@ -37,7 +37,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import hmac
 import logging
 import os
 import re
@@ -56,9 +55,9 @@ from kvtier import wire
 from kvtier.compat import async_timeout
 from kvtier.config import ServerConfig
 from kvtier.errors import ConfigError, CorruptChunk, KvtierError, ProtocolError
-from kvtier.net import is_loopback
-from kvtier.server import protocol as P
+from kvtier.net import is_loopback, token_matches
 from kvtier.server.store import ChunkStore, Frame
+from kvtier.storage import remote_protocol as P
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +91,7 @@ def check_bind(host: str, token: str) -> None:
         )
 
 
-Identity = tuple[bytes, str, bool]  # token, tenant, admin
+Identity = tuple[str, str, bool]  # token, tenant, admin
 
 
 def identities(config: ServerConfig) -> list[Identity]:
@@ -101,15 +100,15 @@ def identities(config: ServerConfig) -> list[Identity]:
     single_domain = not config.admin_token and not config.tenants
     out: list[Identity] = []
     if config.admin_token:
-        out.append((config.admin_token.encode(), "", True))
+        out.append((config.admin_token, "", True))
     if config.token:
-        out.append((config.token.encode(), "", single_domain))
+        out.append((config.token, "", single_domain))
     for token, tenant in config.tenants.items():
         if not TENANT_NAME.fullmatch(tenant):
             raise ConfigError(f"server.tenants: tenant name {tenant!r} must be 1-64 letters, digits, '_' or '-'")
         if not token:
             raise ConfigError(f"server.tenants: tenant {tenant!r} has an empty token")
-        out.append((token.encode(), tenant, False))
+        out.append((token, tenant, False))
     unknown = set(config.tenant_quotas) - set(config.tenants.values())
     if unknown:
         raise ConfigError(f"server.tenant_quotas names tenants no token maps to: {sorted(unknown)}")
@@ -121,10 +120,9 @@ def identities(config: ServerConfig) -> list[Identity]:
 def authenticate(known: list[Identity], presented: str) -> tuple[str, bool] | None:
     """``(tenant, admin)`` of the identity whose token is ``presented``, comparing with every token in
     constant time per token; ``None`` if none matches."""
-    given = presented.encode()
     match = None
     for token, tenant, admin in known:
-        if hmac.compare_digest(given, token):
+        if token_matches(presented, token):
             match = (tenant, admin)
     return match
 

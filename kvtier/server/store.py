@@ -29,8 +29,8 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from kvtier.errors import CorruptChunk, KvtierError
-from kvtier.server.protocol import KEY_BYTES
 from kvtier.storage.policy import make_policy
+from kvtier.storage.remote_protocol import KEY_BYTES
 from kvtier.wire import check_frame
 
 if TYPE_CHECKING:

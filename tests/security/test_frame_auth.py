@@ -22,8 +22,8 @@ from kvtier.frame_auth import FrameKeys
 from kvtier.frames import pack, unpack_into
 from kvtier.layout import KVSpec
 from kvtier.record import token_record
-from kvtier.server.client import RemoteTier
 from kvtier.storage.disk import chunk_path
+from kvtier.storage.remote import RemoteTier
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
 from server_support import ServerProcess

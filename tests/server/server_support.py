@@ -21,7 +21,7 @@ from kvtier.frames import pack
 from kvtier.keys import Chunker, Namespace
 from kvtier.layout import KVSpec
 from kvtier.record import token_record
-from kvtier.server import protocol as P
+from kvtier.storage import remote_protocol as P
 
 SPEC = KVSpec(num_layers=4, num_kv_heads=2, head_dim=8, dtype="float32", chunk_tokens=16)
 
@@ -180,7 +180,7 @@ def read_until_closed(sock: socket.socket, timeout_s: float) -> bytes:
 
 
 def stats_of(server: ServerProcess, token: str = "") -> dict[str, Any]:
-    from kvtier.server.client import RemoteTier
+    from kvtier.storage.remote import RemoteTier
 
     tier = RemoteTier("127.0.0.1", server.port, token or server.token, timeout_s=5.0, pool_size=1)
     try:
