@@ -349,6 +349,22 @@ class RouterConfig(_Section):
             raise ConfigError(f"a backend URL is given twice: {[redact_url(u) for u in urls]}")
 
 
+class EventsConfig(_Section):
+    """KV events (:mod:`kvtier.events`): what the engine stores and evicts, published as vLLM KV-event
+    batches over ZMQ (vLLM: also enabled by ``kv_connector_extra_config.kvtier_events``, a mapping of
+    these keys)."""
+
+    enabled: bool = Field(False, description="Publish the engine's stores and evictions as KV events.")
+    endpoint: str = Field("tcp://127.0.0.1:5567", description="ZMQ PUB endpoint events are published on.")
+    replay_endpoint: str = Field("", description="ZMQ ROUTER endpoint answering replay requests ('' = none).")
+    topic: str = Field("kvtier", description="Topic of every message.")
+    buffer_steps: int = Field(10_000, ge=1, description="Batches kept for replay.")
+    max_queue: int = Field(10_000, ge=1, description="Batches queued before new ones are dropped (counted).")
+    allow_remote: bool = Field(False, description="Accept endpoints other than loopback / ipc / inproc (ZMQ has "
+                                                  "no authentication: only behind a network boundary).")
+    max_chunks: int = Field(65_536, ge=1, description="Chunk descriptions kept to name evicted blocks.")
+
+
 def _comma_list(value: Any) -> Any:
     """A ``KVTIER_*`` value arrives as one string: ``"a,b"`` -> ``("a", "b")``."""
     if isinstance(value, str):
@@ -386,6 +402,7 @@ class KvtierConfig(_Section):
     controller: ControllerConfig = Field(default_factory=ControllerConfig)
     router: RouterConfig = Field(default_factory=RouterConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
+    events: EventsConfig = Field(default_factory=EventsConfig)
 
 
 def _section_fields(model: type[BaseModel]) -> list[str]:

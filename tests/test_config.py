@@ -259,3 +259,12 @@ def test_one_file_drives_server_controller_router_agent_and_serve(tmp_path: Path
                  ["serve", "--dry-run", "-c", str(f)]):
         bad = subprocess.run([*cli, *args], capture_output=True, text=True, env=env, timeout=60)
         assert bad.returncode == 2 and "unknown config key 'router.polcy'" in bad.stderr.replace("\n", " "), args
+
+
+def test_events_section_replaces_the_separate_events_schema() -> None:
+    cfg = load_config(environ={"KVTIER_EVENTS__ENABLED": "true", "KVTIER_EVENTS__ENDPOINT": "ipc:///tmp/kv.sock"})
+    assert cfg.events.enabled and cfg.events.endpoint == "ipc:///tmp/kv.sock" and cfg.events.replay_endpoint == ""
+    with pytest.raises(ConfigError, match=r"'events.topc'.*did you mean 'topic'"):
+        with_overrides(cfg, {"events": {"topc": "x"}})  # what the vLLM connector does with kvtier_events
+    with pytest.raises(ConfigError, match=r"events.max_queue.*0"):
+        load_config(overrides={"events": {"max_queue": 0}}, environ={})

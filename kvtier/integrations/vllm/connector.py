@@ -238,7 +238,13 @@ class KvtierConnector(KVConnectorBase_V1):
         if not isinstance(overrides, dict):
             raise ConfigError(f"kv_connector_extra_config.kvtier must be a mapping, got {overrides!r}")
         self.block_size = int(vllm_config.cache_config.block_size or 0)
-        self.config = _chunk_default(load_config(extra.get("kvtier_config"), overrides=overrides), self.block_size)
+        config = load_config(extra.get("kvtier_config"), overrides=overrides)
+        events = extra.get("kvtier_events")
+        if events is not None:  # the events section, given in vLLM's own config
+            if not isinstance(events, dict):
+                raise ConfigError(f"kv_connector_extra_config.kvtier_events must be a mapping, got {events!r}")
+            config = with_overrides(config, {"events": {**events, "enabled": True}})
+        self.config = _chunk_default(config, self.block_size)
         self.kv_role = str(transfer.kv_role or "kv_both")
         if self.kv_role not in KV_ROLES:
             raise ConfigError(f"kvtier supports kv_role {KV_ROLES}, got {self.kv_role!r}")
@@ -273,10 +279,10 @@ class KvtierConnector(KVConnectorBase_V1):
             self.engine = self._shared.engine
             lookup = self.engine.lookup
             # ---- KV events in vLLM's format (kvtier.integrations.vllm.events) ----
-            if extra.get("kvtier_events") is not None:
+            if self.config.events.enabled:
                 from kvtier.integrations.vllm.events import ensure_events
 
-                ensure_events(self._shared, vllm_config, extra["kvtier_events"])
+                ensure_events(self._shared, vllm_config, self.config.events)
             # ---- end KV events ----
         self._planner = Planner(lookup, self.config.chunk_tokens, self.config.save_partial_chunks,
                                 store=self.kv_role != "kv_consumer", load_async=load_async)
