@@ -141,7 +141,7 @@ class Chunker:
             return arr, []
         # the hot path of every lookup (32K tokens: 128 chunks in ~50 us): one hash per chunk in a bare
         # loop over a view of the ids (no copy of the array), then the Chunk tuples built by C-level map
-        data = memoryview(arr).cast("B")
+        data = arr.data.cast("B")
         digest = _xxh3_128
         keys = [self._root]
         append = keys.append
