@@ -45,6 +45,7 @@ BENCH_MODULES = (
     "kvtier.bench.blend",
     "kvtier.bench.auth",
     "kvtier.bench.startup",
+    "kvtier.bench.vllm",
 )
 
 
