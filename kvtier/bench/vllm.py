@@ -284,21 +284,24 @@ def decode_run(port: int, tokens: int, fourth: str | None, fourth_after: int = 8
     """Three users stream ``tokens`` each; with ``fourth``, once all three have ``fourth_after`` tokens a
     fourth request sends it (2 output tokens). The others' inter-token gaps that overlap the fourth's
     wait for its first token (or, alone, those after the first ``fourth_after`` tokens)."""
-    ready = threading.Barrier(DECODERS + 1)
-    passed: set[int] = set()
+    ready = threading.Event()  # set once every decoder has streamed ``fourth_after`` tokens
+    lock = threading.Lock()
+    reached = [0]
+
+    def on_token(n: int) -> None:  # never blocks: a stalled reader would inflate the gaps measured
+        if n == fourth_after:
+            with lock:
+                reached[0] += 1
+                if reached[0] == DECODERS:
+                    ready.set()
 
     def user(u: int) -> Stream:
-        def on_token(n: int) -> None:
-            if n == fourth_after and u not in passed:
-                passed.add(u)
-                with contextlib.suppress(threading.BrokenBarrierError):
-                    ready.wait(600)
-
         return stream(port, f"User {u}: count from 1 to 1000: 1, 2, 3,", tokens, on_token, ignore_eos=True)
 
     with ThreadPoolExecutor(DECODERS) as pool:
         futures = [pool.submit(user, u) for u in range(DECODERS)]
-        ready.wait(600)
+        if not ready.wait(600):
+            raise RuntimeError("the decoding users did not start streaming within 600 s")
         load: Stream | None = stream(port, fourth, 2) if fourth is not None else None
         runs = [f.result() for f in futures]
     if load is None:
@@ -387,14 +390,17 @@ def _plot(scenario: str, results: dict[str, Any], report: dict[str, Any], out: P
              "ratio", errors)
 
 
-def run(scenario: str, configs: str, *, model: str | None = None, docs: int = 3, doc_words: int = 1000,
+def run(scenario: str, configs: str, *, model: str | None = None, docs: int = 3, doc_words: int | None = None,
         output_len: int = 8, users: int = 4, rounds: int = 3, system_words: int = 150, history_words: int = 350,
-        answer_len: int = 32, repeats: int = 3, decode_tokens: int = 64, chunk_tokens: int = 128,
+        answer_len: int = 32, repeats: int = 3, decode_tokens: int = 128, chunk_tokens: int = 128,
         cpu_capacity: str = "1GiB", layerwise: bool = False, kv_space_gib: int = 1, start_timeout: float = 600,
         out: str = "results") -> dict[str, Any]:
-    """Run one scenario; write ``results/vllm_<scenario>.json`` and a PNG; return the summary."""
+    """Run one scenario; write ``results/vllm_<scenario>.json`` and a PNG; return the summary.
+    ``doc_words`` defaults to 1,000 (≈2K tokens) for long-doc-qa, 2,040 (≈4K tokens) for async-itl."""
     if scenario not in SCENARIOS:
         raise typer.BadParameter(f"--scenario must be one of {SCENARIOS}, got {scenario!r}")
+    if doc_words is None:
+        doc_words = 2040 if scenario == "async-itl" else 1000
     os.environ.setdefault("OMP_NUM_THREADS", "2")
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="kvtier-vllm-bench-") as tmp:
@@ -443,13 +449,14 @@ def register(app: typer.Typer) -> None:
                                     help="TTFT scenarios: comma list of vllm, vllm+prefix, kvtier, kvtier+layerwise."),
         model: str = typer.Option(None, help="HF model directory (default: the embedded SmolLM2)."),
         docs: int = typer.Option(3, help="long-doc-qa: documents."),
-        doc_words: int = typer.Option(1000, help="long-doc-qa / async-itl: words per document (≈2 tokens each)."),
+        doc_words: int = typer.Option(None, help="Words per document, ≈2 tokens each (default: 1000 for "
+                                                 "long-doc-qa, 2040 for async-itl)."),
         output_len: int = typer.Option(8, help="long-doc-qa: tokens generated per request."),
         users: int = typer.Option(4, help="multi-round-qa: users chatting at once."),
         rounds: int = typer.Option(3, help="multi-round-qa: rounds per user."),
         answer_len: int = typer.Option(32, help="multi-round-qa: tokens per answer."),
         repeats: int = typer.Option(3, help="async-itl: loads measured per configuration."),
-        decode_tokens: int = typer.Option(64, help="async-itl: tokens each decoding user streams."),
+        decode_tokens: int = typer.Option(128, help="async-itl: tokens each decoding user streams."),
         chunk_tokens: int = typer.Option(128, help="kvtier chunk (128 = vLLM's CPU block)."),
         cpu_capacity: str = typer.Option("1GiB", help="TTFT scenarios: kvtier CPU tier size."),
         layerwise: bool = typer.Option(False, help="TTFT scenarios: add kvtier+layerwise."),
