@@ -49,6 +49,7 @@ BENCH_MODULES = (
     "kvtier.bench.startup",
     # engine benchmarks
     "kvtier.bench.router",
+    "kvtier.bench.vllm",
     "kvtier.bench.sglang",
 )
 
