@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from kvtier.bench.common import bar_plot, free_port, stop_process, wait_healthy, write_results
-from kvtier.integrations.vllm_cli import server_command, server_env
+from kvtier.integrations.vllm.cli import server_command, server_env
 
 MODEL_NAME = "bench-model"
 

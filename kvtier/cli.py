@@ -27,7 +27,7 @@ COMMAND_MODULES = (
     "kvtier.demo",
     "kvtier.server.cli",
     "kvtier.storage.cli",
-    "kvtier.integrations.vllm_cli",
+    "kvtier.integrations.vllm.cli",
     "kvtier.integrations.sglang_cli",
     "kvtier.cluster.cli",
     "kvtier.router.cli",

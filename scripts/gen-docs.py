@@ -19,14 +19,15 @@ DOCS = Path(__file__).resolve().parent.parent / "docs"
 API: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("kvtier", ("CacheEngine", "KVSpec", "load_config", "KvtierConfig", "Namespace", "Chunker", "KvtierError",
                 "ConfigError", "CorruptChunk", "TierUnavailable")),
-    ("kvtier.integrations.vllm_cli", ("kv_transfer_config", "server_command")),
+    ("kvtier.integrations.vllm", ("kv_transfer_config",)),
+    ("kvtier.integrations.vllm.cli", ("server_command",)),
     ("kvtier.integrations.sglang_cli", ("backend_extra_config", "sglang_server_command")),
     ("kvtier.integrations.sglang", ("KvtierStorage",)),
     ("kvtier.integrations.hf", ("HFCachedLM", "kv_spec_for")),
     ("kvtier.metrics", ("EngineMetrics",)),
 )
-# the vLLM connector class itself (kvtier.integrations.vllm) needs vLLM to import: vLLM builds it from
-# kv_transfer_config(), and its behaviour is documented in docs/vllm.md
+# the vLLM connector class itself (kvtier.integrations.vllm.connector) needs vLLM to import: vLLM builds
+# it from kv_transfer_config(), and its behaviour is documented in docs/vllm.md
 
 CONFIG_HEAD = """# Configuration reference
 

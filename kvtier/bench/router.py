@@ -79,7 +79,7 @@ def kvtier_service(args: list[str], log: Path, env: dict[str, str] | None = None
 
 def vllm_service(model_dir: Path, log: Path, overrides: dict[str, Any], kv_role: str = "kv_both") -> Service:
     """``kvtier serve``'s vLLM server on a free port (not waited for: call :meth:`Service.wait_healthy`)."""
-    from kvtier.integrations.vllm_cli import server_command, server_env
+    from kvtier.integrations.vllm.cli import server_command, server_env
 
     port = free_port()
     argv = server_command(str(model_dir), port=port, overrides=overrides, served_model_name=SERVED, kv_role=kv_role,

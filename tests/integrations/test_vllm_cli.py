@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 
 from kvtier.cli import app
 from kvtier.errors import ConfigError
-from kvtier.integrations.vllm_cli import kv_transfer_config, server_command, server_env
+from kvtier.integrations.vllm import kv_transfer_config
+from kvtier.integrations.vllm.cli import server_command, server_env
 
 
 def _arg(argv: list[str], name: str) -> str:

