@@ -28,7 +28,7 @@ COMMAND_MODULES = (
     "kvtier.server.cli",
     "kvtier.storage.cli",
     "kvtier.integrations.vllm.cli",
-    "kvtier.integrations.sglang_cli",
+    "kvtier.integrations.sglang.cli",
     "kvtier.cluster.cli",
     "kvtier.router.cli",
 )
@@ -49,6 +49,8 @@ BENCH_MODULES = (
     "kvtier.bench.startup",
     # engine benchmarks
     "kvtier.bench.router",
+    "kvtier.bench.vllm",
+    "kvtier.bench.sglang",
 )
 
 
@@ -110,13 +112,7 @@ def config_reference_cmd() -> None:
 
 def _register(target: typer.Typer, modules: tuple[str, ...]) -> None:
     for name in modules:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name is not None and name.startswith(exc.name):
-                continue  # that part is not built (yet)
-            raise
-        module.register(target)
+        importlib.import_module(name).register(target)
 
 
 _register(app, COMMAND_MODULES)
