@@ -24,6 +24,8 @@ from typing import Annotated, Any
 
 import typer
 
+from kvtier.extras import require
+
 log = logging.getLogger(__name__)
 
 DEFAULT_CODECS = ("raw", "lz4", "zstd", "int8", "fp8", "kivi", "cachegen", "cachegen-ans", "cachegen[a=0.3]",
@@ -80,6 +82,7 @@ def codec_for(label: str) -> Any:
 def load_workload(context_tokens: int, continuation: int, questions: int) -> Workload:
     """Prefill the embedded model over the document; keep the bf16 KV and the scoring inputs."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    require("transformers", "hf")  # the model benchmarks need the hf extra next to bench
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
