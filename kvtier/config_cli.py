@@ -27,7 +27,7 @@ import typer
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from kvtier.config import KvtierConfig, is_secret, load_config, parse_bytes
+from kvtier.config import KvtierConfig, fallback_note, is_secret, load_config, parse_bytes
 from kvtier.errors import ConfigError
 
 # Flags whose names are not derived from their key (kept as users and deploy/ manifests know them).
@@ -91,7 +91,8 @@ def _option(key: str, field: FieldInfo) -> typer.models.OptionInfo:
     extra = f" One of: {', '.join(choices)}." if choices else ""
     extra += " Repeatable KEY=VALUE." if _kind(field) == "map" else " Repeatable." if _kind(field) == "list" else ""
     metavar = {"map": "KEY=VALUE", "list": "VALUE"}.get(_kind(field))
-    return typer.Option(None, *flags, help=f"{field.description or ''}{extra} (config key {key})",
+    text = f"{field.description or ''}{extra}{fallback_note(key).replace('`', '')} (config key {key})"
+    return typer.Option(None, *flags, help=text,
                         show_default=False, metavar=metavar)
 
 
