@@ -24,8 +24,8 @@ API: tuple[tuple[str, tuple[str, ...]], ...] = (
                 "ConfigError", "CorruptChunk", "TierUnavailable")),
     ("kvtier.integrations.vllm", ("kv_transfer_config",)),
     ("kvtier.integrations.vllm.cli", ("server_command",)),
-    ("kvtier.integrations.sglang_cli", ("backend_extra_config", "sglang_server_command")),
-    ("kvtier.integrations.sglang", ("KvtierStorage",)),
+    ("kvtier.integrations.sglang.cli", ("backend_extra_config", "sglang_server_command")),
+    ("kvtier.integrations.sglang.backend", ("KvtierStorage",)),
     ("kvtier.integrations.hf", ("HFCachedLM", "kv_spec_for")),
     ("kvtier.metrics", ("EngineMetrics",)),
 )

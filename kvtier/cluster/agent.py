@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import httpx
 
 from kvtier import wire
+from kvtier.backoff import Backoff
 from kvtier.cluster import schema as S
 from kvtier.cluster.p2p import PeerServer, PeerTier
 from kvtier.codec.base import codec_names, get_codec
@@ -55,6 +56,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 FETCH_BATCH = 32  # chunks per pipelined GET batch during a move
 MAX_TIMED_PINS = 4096
+RETRY_BASE_S, RETRY_MAX_S = 0.05, 2.0  # controller calls after a failure: 50 ms doubling up to 2 s
 
 
 class _SessionLost(Exception):
@@ -294,7 +296,7 @@ class Agent:
         return True
 
     def _report_loop(self) -> None:
-        backoff = 0.05
+        retry = Backoff(RETRY_BASE_S, RETRY_MAX_S)
         last_contact = 0.0
         while not self._stop.is_set():
             session = self._session
@@ -308,26 +310,26 @@ class Agent:
                     elif time.monotonic() - last_contact >= self._heartbeat_s:
                         self._post("/v1/worker/heartbeat", {"session": session})
                         last_contact = time.monotonic()
-                backoff = 0.05
+                retry.succeeded()
             except _SessionLost:
                 self._lose_session(session or "")
                 continue
             except (httpx.HTTPError, _ControllerError) as exc:
                 self._count("controller_errors")
-                log.warning("controller %s: %s (retry in %.2fs)", self.config.controller_url, exc, backoff)
-                self._stop.wait(backoff)
-                backoff = min(2.0, backoff * 2)
+                delay = retry.failed()
+                log.warning("controller %s: %s (retry in %.2fs)", self.config.controller_url, exc, delay)
+                self._stop.wait(delay)
                 continue
             except Exception:
                 log.exception("agent report loop error")
-                self._stop.wait(backoff)
+                self._stop.wait(retry.failed())
                 continue
             self._wake.wait(self.config.flush_interval_s)
             self._wake.clear()
 
     # ---- commands --------------------------------------------------------------------------------
     def _poll_loop(self) -> None:
-        backoff = 0.05
+        retry = Backoff(RETRY_BASE_S, RETRY_MAX_S)
         wait = self.config.poll_wait_s
         while not self._stop.is_set():
             if not self._registered.wait(0.2):
@@ -338,7 +340,7 @@ class Agent:
             try:
                 resp = self._post("/v1/worker/poll", {"session": session, "wait_s": wait},
                                   timeout=wait + self.config.request_timeout_s)
-                backoff = 0.05
+                retry.succeeded()
             except _SessionLost:
                 self._lose_session(session)
                 continue
@@ -346,8 +348,7 @@ class Agent:
                 if self._stop.is_set():
                     return
                 log.debug("poll failed: %s", exc)
-                self._stop.wait(backoff)
-                backoff = min(2.0, backoff * 2)
+                self._stop.wait(retry.failed())
                 continue
             for command in resp.get("commands", []):
                 self._executor.submit(self._run_command, session, command)

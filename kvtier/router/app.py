@@ -214,7 +214,7 @@ class Router:
                 if tried:
                     raise RouterError(502, f"every {role} backend failed: {last}")
                 now = time.monotonic()
-                wait = min(b.down_until for b in pool.backends) - now
+                wait = min(b.backoff.retry_at for b in pool.backends) - now
                 raise RouterError(503, f"no {role} backend is in rotation (all failed recently)", wait)
             decision = chooser.pick(candidates, hits, source)
             backend = decision.backend
