@@ -323,7 +323,7 @@ class RouterConfig(_Section):
                                            "by load without one).")
     kv_model: str = Field("", description="Model id the instances report to the controller ('' = the request's "
                                           "model).")
-    table_keys: int = Field(1 << 18, ge=1, description="Chunk keys kept in the router's own prefix table.")
+    table_size: int = Field(1 << 18, ge=1, description="Chunk keys kept in the router's own prefix table.")
     max_concurrent: int = Field(256, ge=1, description="Requests in flight before new ones get 429.")
     max_body_bytes: ByteSize = Field(16 * MiB, description="Largest request body (413 above).")
     connect_timeout_s: float = Field(2.0, gt=0, description="Seconds to connect to a backend.")

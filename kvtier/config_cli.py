@@ -107,7 +107,7 @@ def _pairs(key: str, items: list[str]) -> dict[str, str]:
     return out
 
 
-def overrides_from(fields: list[tuple[str, FieldInfo]], values: dict[str, Any]) -> dict[str, Any]:
+def _overrides_from(fields: list[tuple[str, FieldInfo]], values: dict[str, Any]) -> dict[str, Any]:
     """The nested override mapping of the options given (``values`` by parameter name)."""
     out: dict[str, Any] = {}
     for key, field in fields:
@@ -136,7 +136,7 @@ def config_command(app: typer.Typer, name: str, keys: Sequence[str], *, log_leve
     def register(body: Callable[[KvtierConfig], None]) -> Callable[[KvtierConfig], None]:
         def command(**values: Any) -> None:
             logging.getLogger("kvtier").setLevel(str(values.pop("log_level")).upper())
-            body(load_config(values.pop("config"), overrides=overrides_from(fields, values)))
+            body(load_config(values.pop("config"), overrides=_overrides_from(fields, values)))
 
         params = [inspect.Parameter(_param(key), inspect.Parameter.KEYWORD_ONLY, default=_option(key, field),
                                     annotation=_TYPES[_kind(field)]) for key, field in fields]
