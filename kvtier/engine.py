@@ -405,6 +405,8 @@ class LayerwiseStore:
     def __init__(self, engine: CacheEngine, tokens: Tokens, skip_tokens: int) -> None:
         self._engine = engine
         arr, chunks = engine.chunker.chunks(tokens)
+        self._arr = arr
+        self._first_key = chunks[0].key if chunks else None
         todo = [c for c in chunks if c.end > skip_tokens and not engine.cpu.contains(token_record(c, arr))]
         self._admission = engine.cpu.reserve([token_record(c, arr) for c in todo])
         self._chunks = todo[: len(self._admission)]
@@ -427,12 +429,17 @@ class LayerwiseStore:
         if missing and self._chunks:
             self.abort()
             raise ValueError(f"layerwise store finished without layers {sorted(missing)}")
+        engine = self._engine
+        for listener in engine.chunk_listeners:  # as store's fill: the chunks are about to be admitted
+            listener(self._arr, self._chunks)
         stored = 0
         for record, slot in zip(self._admission.records, self._admission.commit(len(self._admission))):
             if slot is not None:
                 stored += record.num_tokens
-                self._engine._write_back(record, slot)
-        self._engine._count(stores=1, stored_tokens=stored)
+                if record.key == self._first_key:
+                    engine.probe.on_store(self._arr)
+                engine._write_back(record, slot)
+        engine._count(stores=1, stored_tokens=stored)
         return self.cached
 
     def abort(self) -> None:

@@ -292,3 +292,13 @@ def wait_healthy(url: str, proc: subprocess.Popen[Any], timeout_s: float = 300.0
             pass
         time.sleep(1.0)
     raise TimeoutError(f"{what} at {url} was not ready after {timeout_s:.0f} s")
+
+
+def rss_bytes(pid: int | str = "self") -> int | None:
+    """Resident memory of process ``pid`` (this one by default) from ``/proc/<pid>/statm``; None where
+    /proc is not readable (not Linux, or the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None

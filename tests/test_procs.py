@@ -107,6 +107,21 @@ def test_expect_without_a_channel_is_an_error(tmp_path: Path) -> None:
         child.expect("x", 1)
 
 
+def test_rss_bytes_follows_touched_memory_and_is_none_for_a_gone_process() -> None:
+    from kvtier.procs import rss_bytes
+
+    assert (rss_bytes() or 0) > 1 << 20
+    # a fresh interpreter, whose allocator holds no freed memory that the block could reuse
+    code = ("from kvtier.procs import rss_bytes\nbefore = rss_bytes()\nblock = bytes([1]) * (64 << 20)\n"
+            "print(before, rss_bytes())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    before, after = (int(v) for v in out.stdout.split())
+    assert after - before >= 48 << 20, (before, after)
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    assert rss_bytes(proc.pid) is None
+
+
 # the child starts a grandchild (as an engine starts its workers) that ignores SIGTERM, then waits
 PARENT_OF_STUBBORN = textwrap.dedent(
     """

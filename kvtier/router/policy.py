@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import itertools
 import time
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 from kvtier.backoff import Backoff
+from kvtier.config import RoutingPolicy
 from kvtier.net import redact_url
 
-PolicyName = Literal["kv", "least_loaded", "roundrobin"]
-POLICIES: tuple[PolicyName, ...] = ("kv", "least_loaded", "roundrobin")
+POLICIES: tuple[RoutingPolicy, ...] = typing.get_args(RoutingPolicy)
 
 
 @dataclass
@@ -94,7 +95,7 @@ class Chooser:
     the next candidate in turn. Ties in load rotate.
     """
 
-    def __init__(self, policy: PolicyName) -> None:
+    def __init__(self, policy: RoutingPolicy) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown routing policy {policy!r}; choose one of {', '.join(POLICIES)}")
         self.policy = policy

@@ -30,6 +30,12 @@ from kvtier.keys import ChunkKey
 class Tier(ABC):
     name: str = ""
 
+    def private(self) -> bool:
+        """True when no other user can write what this tier stores, so frames without a MAC can only
+        come from this user's own processes. Default False: a server, Redis or a shared directory may be
+        written by anyone who reaches it."""
+        return False
+
     @abstractmethod
     def put(self, key: ChunkKey, frame: bytes) -> None: ...
 

@@ -187,6 +187,25 @@ def read_frame_into(fd: int, size: int, payload: memoryview) -> bytes | None:
     return head[:head_len]
 
 
+def private_dir(path: Path) -> bool:
+    """True if no user but this one (and root) can change what is under ``path``: the directory is owned
+    by the effective user and writable by no one else, and no ancestor lets another user replace it
+    (each is owned by this user or root and writable by no one else, unless sticky like ``/tmp``)."""
+    uid = os.geteuid()
+    try:
+        real = path.resolve(strict=True)
+        st = os.stat(real)
+        if st.st_uid != uid or st.st_mode & 0o022:
+            return False
+        for parent in real.parents:
+            st = os.stat(parent)
+            if st.st_uid not in (uid, 0) or (st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX):
+                return False
+    except OSError:
+        return False
+    return True
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -258,7 +277,8 @@ class DiskTier(Tier):
         self._made: set[str] = set()
         self.counters: Counter[str] = Counter()
         try:
-            (self.root / QUARANTINE).mkdir(parents=True, exist_ok=True)
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)  # a new directory is the user's alone
+            (self.root / QUARANTINE).mkdir(exist_ok=True)
             self._lockfile: IO[bytes] | None = open(self.root / ".lock", "a+b")  # noqa: SIM115
         except OSError as exc:
             raise TierUnavailable(f"cannot open disk tier directory {self.root}: {exc}") from exc
@@ -412,6 +432,9 @@ class DiskTier(Tier):
             self._unlink(Path(entry.path))
 
     # ---- Tier ------------------------------------------------------------------------------------
+    def private(self) -> bool:
+        return private_dir(self.root)
+
     def put(self, key: ChunkKey, frame: bytes) -> None:
         self.put_parts(key, (frame,))
 

@@ -376,3 +376,51 @@ def test_inspect_cli_reports_files_and_damage(tmp_path: Path) -> None:
     res = runner.invoke(app, ["inspect", str(tmp_path)])
     assert res.exit_code == 1 and "checksum mismatch" in res.output
     assert runner.invoke(app, ["inspect", str(one), "--no-verify"]).exit_code == 0
+
+
+def test_private_directory_is_the_users_alone(tmp_path: Path) -> None:
+    """A new tier directory is created 0700; any way another user could write into it makes it shared."""
+    tier = DiskTier(tmp_path / "new" / "tier", 1 << 20)
+    try:
+        assert (tier.root.stat().st_mode & 0o777) == 0o700
+        assert tier.private()
+        tier.root.chmod(0o770)  # group-writable
+        assert not tier.private()
+        tier.root.chmod(0o700)
+        if os.geteuid() == 0:  # only root can hand a directory to another user
+            os.chown(tier.root, 65534, -1)
+            assert not tier.private()
+            os.chown(tier.root, 0, -1)
+            assert tier.private()
+    finally:
+        tier.close()
+    parent = tmp_path / "open"
+    parent.mkdir()
+    parent.chmod(0o777)  # another user could rename the tier directory away and put their own in place
+    tier = DiskTier(parent / "tier", 1 << 20)
+    try:
+        assert not tier.private()
+        parent.chmod(0o1777)  # sticky, like /tmp: only the owner may rename it
+        assert tier.private()
+    finally:
+        tier.close()
+
+
+def test_no_secret_warning_only_for_tiers_others_can_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    from kvtier import frame_auth
+    from kvtier.storage.manager import StorageManager
+
+    def warned(path: Path) -> bool:
+        monkeypatch.setattr(frame_auth, "_warned", set())
+        caplog.clear()
+        tier = DiskTier(path, 1 << 20)
+        StorageManager(SPEC, [(tier, "raw")]).close()
+        return any("no auth.secret" in r.getMessage() for r in caplog.records)
+
+    caplog.set_level("WARNING", logger="kvtier.frame_auth")
+    assert not warned(tmp_path / "private")
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    assert warned(shared)
