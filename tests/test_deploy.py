@@ -28,9 +28,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from kvtier.bench.common import free_port, stop_process
 from kvtier.cli import app
 from kvtier.config import load_config
+from kvtier.procs import free_port, stop_process
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"

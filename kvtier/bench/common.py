@@ -31,11 +31,6 @@ from typing import Any
 from kvtier.errors import KvtierError
 from kvtier.extras import require
 
-# the process helpers live in kvtier.procs; re-exported for the benchmarks and integrations that import them here
-from kvtier.procs import free_port as free_port
-from kvtier.procs import stop_process as stop_process
-from kvtier.procs import wait_healthy as wait_healthy
-
 
 @dataclass(frozen=True)
 class Timing:
