@@ -288,18 +288,6 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
-def markdown_table(record: dict[str, Any]) -> str:
-    """The measured rows as a Markdown table (docs/codecs.md is written from it)."""
-    lines = ["| codec | ratio vs bf16 | bits/value | encode MB/s | decode MB/s | ppl increase | top-1 agree "
-             "| greedy same | answers ok | max abs err |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in record["rows"]:
-        enc = "view" if r["codec"] == "raw" else f"{r['encode_MBps']:.0f}"  # raw encode returns a view
-        lines.append(f"| `{r['codec']}` | {r['ratio']:.2f} | {r['bits_per_value']:.2f} | {enc} | "
-                     f"{r['decode_MBps']:.0f} | {r['ppl_increase_pct']:+.2f}% | {r['top1_agreement']:.3f} | "
-                     f"{r['greedy_agreement']:.2f} | {r['answers_correct']:.2f} | {r['max_abs_err']:.3g} |")
-    return "\n".join(lines)
-
-
 def register(app: typer.Typer) -> None:
     @app.command("codecs")
     def codecs_cmd(

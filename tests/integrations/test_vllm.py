@@ -223,7 +223,7 @@ def test_openai_server_reports_kvtier_hits(
     env["VLLM_CPU_KVCACHE_SPACE"] = "1"
     log = tmp_path / "server.log"
     with controller(ctl_port, tmp_path / "controller.log", {"smol": model_dir}) as url, open(log, "wb") as out:
-        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             deadline = time.monotonic() + 400
             while True:
