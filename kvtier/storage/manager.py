@@ -43,6 +43,7 @@ from functools import partial
 import torch
 
 from kvtier import frames
+from kvtier.backoff import Backoff
 from kvtier.errors import CorruptChunk, FrameAuthError, KvtierError, LayoutError, TierUnavailable
 from kvtier.frame_auth import FrameKeys, warn_unauthenticated
 from kvtier.keys import ChunkKey
@@ -63,13 +64,12 @@ class TierSlot:
     """One tier with its codec and health state."""
 
     tier: Tier
+    backoff: Backoff
     codec: str = "raw"
-    failures: int = 0
-    retry_at: float = 0.0
     counters: Counter[str] = field(default_factory=Counter)
 
     def usable(self, now: float) -> bool:
-        return self.failures == 0 or now >= self.retry_at
+        return self.backoff.ready(now)
 
     @property
     def reads_into(self) -> bool:
@@ -126,7 +126,7 @@ class StorageManager:
             for tier, _codec in tiers:
                 if not tier.private():
                     warn_unauthenticated(tier.name)
-        self.slots = [TierSlot(tier, codec) for tier, codec in tiers]
+        self.slots = [TierSlot(tier, Backoff(base_backoff_s, max_backoff_s), codec) for tier, codec in tiers]
         self.counters: Counter[str] = Counter()
         # ``observer(tier_name, op, seconds, ok)`` after every tier call (metrics); must not raise
         self.observers: list[Callable[[str, str, float, bool], None]] = []
@@ -134,8 +134,6 @@ class StorageManager:
         self.put_listeners: list[Callable[[str, bytes], None]] = []
         # a tier with ``read_only = True`` (e.g. the P2P tier) is only read: write-back skips it
         self._writable = any(not getattr(tier, "read_only", False) for tier, _codec in tiers)
-        self._base_backoff = base_backoff_s
-        self._max_backoff = max_backoff_s
         self._queue: queue.Queue[_Write | None] = queue.Queue(maxsize=queue_depth)
         self._sealed: queue.Queue[_Write | None] = queue.Queue(maxsize=WRITE_BATCH)
         self._codecs = sorted({codec for tier, codec in tiers if not getattr(tier, "read_only", False)})
@@ -168,9 +166,7 @@ class StorageManager:
             result = fn()
         except TierUnavailable as exc:
             self._observe(slot, op, start, False)
-            slot.failures += 1
-            delay = min(self._max_backoff, self._base_backoff * 2 ** (slot.failures - 1))
-            slot.retry_at = time.monotonic() + delay
+            delay = slot.backoff.failed()
             slot.counters["errors"] += 1
             log.warning("tier %s unavailable during %s (%s); retry in %.1fs", slot.tier.name, op, exc, delay)
             raise
@@ -179,16 +175,15 @@ class StorageManager:
             slot.counters["errors"] += 1
             log.exception("tier %s failed during %s", slot.tier.name, op)
             raise TierUnavailable(str(exc)) from exc
-        if slot.failures:
-            log.info("tier %s is back after %d failures", slot.tier.name, slot.failures)
+        if failures := slot.backoff.succeeded():
+            log.info("tier %s is back after %d failures", slot.tier.name, failures)
             slot.counters["reconnects"] += 1
-        slot.failures = 0
         slot.counters[f"{op}_seconds_total_us"] += int((time.perf_counter() - start) * 1e6)
         self._observe(slot, op, start, True)
         return result
 
     def healthy(self) -> dict[str, bool]:
-        return {s.tier.name: s.failures == 0 for s in self.slots}
+        return {s.tier.name: s.backoff.failures == 0 for s in self.slots}
 
     # ---- reads -----------------------------------------------------------------------------------
     def locate(self, keys: Sequence[ChunkKey]) -> list[int]:
@@ -490,7 +485,7 @@ class StorageManager:
         out: dict[str, dict[str, int | float]] = {"manager": {**self.counters, "queue_depth": self._queue.qsize()}}
         for slot in self.slots:
             numbers: dict[str, int | float] = dict(slot.counters)
-            numbers["healthy"] = int(slot.failures == 0)
+            numbers["healthy"] = int(slot.backoff.failures == 0)
             try:
                 numbers.update(slot.tier.stats())
             except Exception:  # stats must never fail the caller

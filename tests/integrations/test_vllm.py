@@ -31,9 +31,11 @@ from vllm_support import (
     _make_llm,
     _metric,
     _run_process,
+    broken_retrieve,
     cache_server,
     controller,
     controller_call,
+    failure_rounds,
     free_port,
 )
 
@@ -92,17 +94,7 @@ def kvtier_runs(vllm_env: dict[str, str], model_dir: Path, reference: list[str])
             into[:, :, CHUNK:].fill_(float("nan"))
             return min(hit, CHUNK)
 
-        def broken_retrieve(tokens: Any, into: Any) -> int:
-            raise OSError("disk on fire")
-
-        engine.retrieve = short_retrieve
-        before = dict(connector.counters)
-        runs["short"] = _generate(llm, PROMPTS)
-        engine.retrieve = broken_retrieve
-        runs["broken"] = _generate(llm, PROMPTS)
-        engine.retrieve = real_retrieve
-        runs["failures"] = connector.counters.get("load_failures", 0) - before.get("load_failures", 0)
-        runs["after_failures"] = _generate(llm, PROMPTS)
+        runs.update(failure_rounds(llm, connector, PROMPTS, {"short": short_retrieve, "broken": broken_retrieve}))
         runs["counters"] = dict(connector.counters)
     finally:
         _close(llm)
@@ -139,7 +131,7 @@ def test_failed_load_recomputes(reference: list[str], kvtier_runs: dict[str, Any
     assert [t for t, _n, _c in kvtier_runs["short"]] == expected
     assert [t for t, _n, _c in kvtier_runs["broken"]] == expected
     assert kvtier_runs["failures"] >= 2 * len(PROMPTS) - 2
-    assert [t for t, _n, _c in kvtier_runs["after_failures"]] == expected
+    assert [t for t, _n, _c in kvtier_runs["after"]] == expected
 
 
 def test_prefix_cache_on_second_instance(
@@ -220,7 +212,7 @@ def test_openai_server_reports_kvtier_hits(
     import urllib.request
 
     from kvtier.bench.common import stop_process
-    from kvtier.integrations.vllm_cli import server_command, server_env
+    from kvtier.integrations.vllm.cli import server_command, server_env
 
     port, ctl_port = free_port(), free_port()
     overrides = _kvtier_extra(cluster={"enabled": True, "controller_url": f"http://127.0.0.1:{ctl_port}",
@@ -299,7 +291,7 @@ def test_shared_tier_between_instances(
 
 def test_chunk_tokens_default_follows_vllm_block_size(monkeypatch: pytest.MonkeyPatch) -> None:
     from kvtier.config import load_config
-    from kvtier.integrations.vllm import _chunk_default
+    from kvtier.integrations.vllm.connector import _chunk_default
 
     monkeypatch.delenv("KVTIER_CHUNK_TOKENS", raising=False)
     unset = load_config(overrides={"cpu": {"capacity": "64MiB"}})

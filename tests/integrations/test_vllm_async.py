@@ -10,7 +10,17 @@ from typing import Any
 
 import pytest
 import vllm_support
-from vllm_support import NOVEL, PROMPTS, _close, _connector, _generate, _kvtier_extra, _make_llm
+from vllm_support import (
+    NOVEL,
+    PROMPTS,
+    _close,
+    _connector,
+    _generate,
+    _kvtier_extra,
+    _make_llm,
+    broken_retrieve,
+    failure_rounds,
+)
 
 pytest.importorskip("vllm")
 
@@ -53,16 +63,7 @@ def async_runs(vllm_env: dict[str, str], model_dir: Path, reference: list[str]) 
         engine.retrieve, engine.store = real_retrieve, real_store
         runs["waited"] = waited
         runs["hit"] = _generate(llm, STORED)
-
-        def broken_retrieve(tokens: Any, into: Any) -> int:
-            raise OSError("disk on fire")
-
-        before = dict(connector.counters)
-        engine.retrieve = broken_retrieve
-        runs["broken"] = _generate(llm, STORED)
-        engine.retrieve = real_retrieve
-        runs["failures"] = connector.counters.get("load_failures", 0) - before.get("load_failures", 0)
-        runs["after"] = _generate(llm, STORED)
+        runs.update(failure_rounds(llm, connector, STORED, {"broken": broken_retrieve}))
         runs["counters"] = dict(connector.counters)
     finally:
         _close(llm)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from kvtier.errors import LayoutError
-from kvtier.integrations import vllm_layout as vl
+from kvtier.integrations.vllm import layout as vl
 
 NB, BS, H, D = 6, 16, 3, 8
 DEVICE = torch.device(os.environ.get("LAYOUT_TEST_DEVICE", "cpu"))

@@ -6,7 +6,7 @@ import uuid
 
 import numpy as np
 
-from kvtier.integrations.vllm_lookup import LookupClient, LookupServer, socket_path
+from kvtier.integrations.vllm.lookup import LookupClient, LookupServer, socket_path
 
 
 def test_lookup_round_trip_and_failures() -> None:

@@ -38,7 +38,7 @@ def test_stats_are_increments_that_aggregate_and_reach_prometheus() -> None:
     from prometheus_client import REGISTRY, Counter, Gauge, Histogram, generate_latest
 
     from kvtier.integrations.vllm import KvtierConnector
-    from kvtier.integrations.vllm_stats import StatsTracker, engine_samples, key
+    from kvtier.integrations.vllm.stats import StatsTracker, engine_samples, key
 
     stats = {"engine": {"lookups": 2, "lookup_tokens": 1000, "lookup_hit_tokens": 768},
              "cpu": {"used_bytes": 4096, "chunks": 3}, "manager": {"queue_depth": 0},

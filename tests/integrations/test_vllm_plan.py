@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from kvtier.integrations.vllm_plan import Planner, StepPlan
+from kvtier.integrations.vllm.plan import Planner, StepPlan
 
 C = 16
 

@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -188,3 +188,28 @@ def _run_process(args: dict[str, Any], env: dict[str, str]) -> tuple[list[list[A
     return found["RESULT"], found.get("COUNTERS", {})
 
 
+
+
+def broken_retrieve(tokens: Any, into: Any) -> int:
+    """A kvtier retrieve whose tier is down."""
+    raise OSError("disk on fire")
+
+
+def failure_rounds(llm: Any, connector: Any, prompts: list[Any],
+                   retrieves: dict[str, Callable[[Any, Any], int]]) -> dict[str, Any]:
+    """Generate ``prompts`` once per replacement of the engine's ``retrieve`` (in order), then once with
+    the real one again. Returns ``{name: outputs, ..., "failures": load failures counted in those rounds,
+    "after": outputs}``."""
+    engine = connector.engine
+    real_retrieve = engine.retrieve
+    before = connector.counters.get("load_failures", 0)
+    runs: dict[str, Any] = {}
+    try:
+        for name, retrieve in retrieves.items():
+            engine.retrieve = retrieve
+            runs[name] = _generate(llm, prompts)
+    finally:
+        engine.retrieve = real_retrieve
+    runs["failures"] = connector.counters.get("load_failures", 0) - before
+    runs["after"] = _generate(llm, prompts)
+    return runs
