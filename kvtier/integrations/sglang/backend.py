@@ -104,6 +104,7 @@ __all__ = ["EXTRA_KEYS", "KvtierStorage"]
 
 EXTRA_KEYS = ("kvtier_config", "kvtier", "kvtier_model_id", "kvtier_pages_per_object")
 _T = TypeVar("_T")
+READ_BATCH_PAGES = 8  # pages per read batch of the storage manager
 
 
 # ---- the backend ----------------------------------------------------------------------------------
@@ -199,9 +200,11 @@ class KvtierStorage(_Base):
         if self._group is None:
             self._group = auto_pages_per_object(view.spec.chunk_bytes)
         self.keys = PageKeys(Namespace(self.model_id, view.spec, "raw", self.config.tenant))
+        # read batches of about 8 pages whatever the object size, so copying out overlaps the next reads
         self.manager = StorageManager(view.spec, build_tiers(self.config, view.spec),
                                       queue_depth=self.config.store_queue,
-                                      auth=FrameKeys.from_config(self.config.auth))
+                                      auth=FrameKeys.from_config(self.config.auth),
+                                      read_batch=max(1, READ_BATCH_PAGES // self._group))
         log.info("kvtier: SGLang pages of %d tokens, %d pages per object, %s, namespace %s", view.page_size,
                  self._group, view.spec.fingerprint(), self.model_id)
 
