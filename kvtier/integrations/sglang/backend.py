@@ -34,7 +34,9 @@ per group, keyed by its last page hash and page count (:class:`~kvtier.integrati
   reader's (after :func:`kvtier.record.verify` of the whole record with checksum and MAC): a damaged
   frame, a collision or a page of another prompt is a counted miss, never foreign KV.
 
-Without prefix keys (SGLang's legacy calls, or the flag off) every page is its own object. Keys are
+SGLang passes no prefix keys for a call at the start of a sequence (nor for any call with the flag off,
+or on its legacy non-v1 path): such a call starts at position 0, so without the flag groups are relative
+to each call and a prefix reached through other radix boundaries misses (never wrong KV). Keys are
 stable across processes and machines (no ``hash()``, no seed), which is what lets a restarted server
 hit; the page index is per process (after a restart, a prompt that diverges inside a group recomputes
 that group's shared pages).
@@ -181,7 +183,6 @@ class KvtierStorage(_Base):
         self.keys: PageKeys | None = None
         self.view: PoolView | None = None
         self.manager: StorageManager | None = None
-        self._warned_no_prefix = False
         self._buffers = threading.local()
         if getattr(storage_config, "is_mla_model", False):
             log.error("kvtier: MLA models are not supported by the SGLang adapter; L3 stays empty")
@@ -216,15 +217,10 @@ class KvtierStorage(_Base):
     def _chain(self, keys: Sequence[str], extra_info: Any) -> tuple[list[str], int, int]:
         """(the page hashes from the sequence start, position of ``keys[0]`` in them, group size).
 
-        Without SGLang's prefix keys positions are unknown: the chain is ``keys`` and each page is its
-        own group."""
-        prefix = getattr(extra_info, "prefix_keys", None)
-        if prefix is None:
-            if self.pages_per_object > 1 and not self._warned_no_prefix:
-                self._warned_no_prefix = True
-                log.warning("kvtier: SGLang passes no prefix keys (set hicache_storage_pass_prefix_keys in "
-                            "the extra config); storing one page per object")
-            return list(keys), 0, 1
+        SGLang passes no prefix keys (``None``) for a call at the start of a sequence, and for every
+        call when ``hicache_storage_pass_prefix_keys`` is off; either way the call is taken to start at
+        position 0 (without the flag, groups are relative to each call)."""
+        prefix = getattr(extra_info, "prefix_keys", None) or []
         return [*prefix, *keys], len(prefix), self.pages_per_object
 
     # ---- finding objects --------------------------------------------------------------------------
