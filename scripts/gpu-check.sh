@@ -3,7 +3,7 @@
 #   1. The vLLM layout round trips (tests/integrations/test_vllm_layout.py) with the paged KV tensors on the
 #      GPU and canonical chunks in CPU memory, as the connector moves them.
 #   2. If the interpreter has vLLM: TTFT on a real GPU vLLM, stock OpenAI server with kvtier as its KV
-#      connector (benchmarks/vllm_bench.py long-doc-qa): query TTFT with a kvtier hit vs vLLM's own
+#      connector (kvtier bench vllm --scenario long-doc-qa): query TTFT with a kvtier hit vs vLLM's own
 #      prefix-cache hit on the same prompts; fails if kvtier supplied no tokens.
 # Usage: scripts/gpu-check.sh [PYTHON]   (default python3: an environment with CUDA torch, pytest, kvtier's
 #        dependencies and, for step 2, vLLM). GPU_CHECK_MODEL=HF-dir-or-id picks the model of step 2 (default:
@@ -39,17 +39,16 @@ if ! "$PY" -c 'import vllm' >/dev/null 2>&1; then
 else
     model_args=()
     [ -n "${GPU_CHECK_MODEL:-}" ] && model_args=(--model "$GPU_CHECK_MODEL")
-    if "$PY" benchmarks/vllm_bench.py --workload long-doc-qa --docs 4 --doc-words 1500 \
+    if "$PY" -m kvtier.cli bench vllm --scenario long-doc-qa --docs 4 --doc-words 1500 \
             --configs vllm+prefix,kvtier --out "$OUT" "${model_args[@]}"; then
         "$PY" - "$OUT/vllm_long_doc_qa.json" <<'PY' || status=1
-import json, statistics, sys
+import json, sys
 
-data = json.load(open(sys.argv[1]))["configs"]
-kv, native = data["kvtier"], data["vllm+prefix"]
-hit_rate = kv["cache"]["external_hit_rate"]
-ratio = statistics.median(kv["query_ttft_s"]) / statistics.median(native["query_ttft_s"])
+data = json.load(open(sys.argv[1]))
+hit_rate = data["cache"]["kvtier"]["external_hit_rate"]
+ratios = data["report"]["kvtier"]["query_ttft_vs_prefix_cache"]
 print(f"gpu-check: kvtier supplied {hit_rate:.1%} of looked-up tokens; query TTFT with a kvtier hit "
-      f"= {ratio:.2f}x vLLM's own prefix-cache hit (median of {len(kv['query_ttft_s'])})")
+      f"= {ratios['median']:.2f}x vLLM's own prefix-cache hit (median of {len(ratios['pairs'])} interleaved pairs)")
 sys.exit(0 if hit_rate > 0 else 1)
 PY
     else

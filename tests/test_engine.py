@@ -140,12 +140,15 @@ def test_clear_keeps_pinned() -> None:
 
 def test_layerwise_store_and_retrieve() -> None:
     e = make()
+    told: list[list[int]] = []
+    e.chunk_listeners.append(lambda _arr, chunks: told.append([c.end for c in chunks]))
     tokens = list(range(50))
     kv = kv_for(50)
     with e.layerwise_store(tokens) as w:
         for layer in range(SPEC.num_layers):
             w.layer(layer, kv[layer, 0], kv[layer, 1])
     assert e.lookup(tokens) == 50
+    assert told == [[16, 32, 48, 50]]  # admitted chunks are announced as store's are
     out = torch.zeros_like(kv)
     with e.layerwise_retrieve(tokens) as r:
         assert r.hit_tokens == 50

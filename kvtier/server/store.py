@@ -38,8 +38,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ENTRY_OVERHEAD = 160  # dict slot, key object, bytearray header, policy node (approximate)
-Frame = bytes | bytearray
+ENTRY_OVERHEAD = 160  # dict slot, key object, buffer header, policy node (approximate)
+Frame = bytes | bytearray | memoryview
 
 
 def namespace(tenant: str) -> bytes:

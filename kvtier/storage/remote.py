@@ -543,7 +543,7 @@ class RemoteTier(Tier):
         """Batched zero-copy GET (MGET): the payload of ``keys[i]`` is received straight into
         ``payloads[i]`` (which must be exactly its size) and its head (wire header + metadata,
         unverified; see :func:`kvtier.wire.unpack_head_into`) returned; ``None`` for a miss or a size
-        mismatch (that payload is then untouched; the caller falls back to ``get_view``/``get``).
+        mismatch (that payload is then untouched; the caller falls back to ``get``).
         After a failure mid-way a payload may hold partial bytes of a frame whose head is not returned."""
         if len(keys) != len(payloads):
             raise ValueError(f"{len(keys)} keys but {len(payloads)} payload buffers")

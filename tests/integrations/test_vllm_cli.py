@@ -73,3 +73,11 @@ def test_load_async_reaches_the_connector() -> None:
     result = CliRunner().invoke(app, ["serve", "--model", "/m", "--load-async", "--dry-run"])
     assert result.exit_code == 0, result.output
     assert '"kvtier_load_async": true' in result.output
+
+
+def test_connector_modes_reach_the_extra_config() -> None:
+    extra = json.loads(_arg(server_command("/models/x", load_async=True, layerwise=True),
+                            "--kv-transfer-config"))["kv_connector_extra_config"]
+    assert extra["kvtier_load_async"] is True and extra["kvtier_layerwise"] is True
+    plain = json.loads(_arg(server_command("/models/x"), "--kv-transfer-config"))["kv_connector_extra_config"]
+    assert "kvtier_layerwise" not in plain

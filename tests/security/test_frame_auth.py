@@ -269,7 +269,8 @@ def test_peer_frames_carry_the_engines_mac() -> None:
 
 def test_previous_secrets_from_the_environment() -> None:
     old = "old-secret-0123456789"
-    config = load_config(environ={"KVTIER_AUTH__SECRET": SECRET, "KVTIER_AUTH__PREVIOUS_SECRETS": f'["{old}", "{OTHER}"]'})
+    config = load_config(environ={"KVTIER_AUTH__SECRET": SECRET,
+                                  "KVTIER_AUTH__PREVIOUS_SECRETS": f'["{old}", "{OTHER}"]'})
     assert config.auth.previous_secrets == (old, OTHER)
     keys = FrameKeys.from_config(config.auth)
     assert keys is not None

@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 import torch
 
 from kvtier.frames import pack
 from kvtier.keys import Chunker, Namespace
 from kvtier.layout import KVSpec
+from kvtier.procs import rss_bytes
 from kvtier.record import token_record
 from kvtier.storage import remote_protocol as P
 
@@ -97,7 +97,9 @@ class ServerProcess:
         return self.proc.pid
 
     def rss(self) -> int:
-        return psutil.Process(self.pid).memory_info().rss
+        rss = rss_bytes(self.pid)
+        assert rss is not None, f"no /proc/{self.pid}/statm"
+        return rss
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

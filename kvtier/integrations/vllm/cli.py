@@ -53,6 +53,7 @@ def server_command(
     kvtier: bool = True,
     kv_role: str = "kv_both",
     load_async: bool = False,
+    layerwise: bool = False,
     extra_args: list[str] | None = None,
 ) -> list[str]:
     """The argv that starts the server. ``kvtier=False`` gives plain vLLM with the same settings (the
@@ -84,6 +85,8 @@ def server_command(
             extra["kvtier_model_id"] = served_model_name
         if load_async:
             extra["kvtier_load_async"] = True
+        if layerwise:
+            extra["kvtier_layerwise"] = True
         argv += ["--kv-transfer-config", json.dumps(kv_transfer_config(extra, kv_role))]
     return argv + extra_args
 
@@ -115,6 +118,8 @@ def register(app: typer.Typer) -> None:
                                                     "loads) or kv_consumer (decode instance: loads, never saves)."),
         load_async: bool = typer.Option(False, help="Load hits off the critical path (pays when they come from "
                                                     "disk, a cache server, Redis or a peer)."),
+        layerwise: bool = typer.Option(False, help="Move KV one attention layer at a time inside the forward "
+                                                   "pass (pays where copies overlap compute: accelerators)."),
         dry_run: bool = DRY_RUN_OPTION,
     ) -> None:
         """Start vLLM's OpenAI-compatible server with kvtier as its KV connector (extra arguments go to vLLM)."""
@@ -123,5 +128,5 @@ def register(app: typer.Typer) -> None:
         argv = server_command(model, host=host, port=port, config=config, dtype=dtype,
                               max_model_len=max_model_len, served_model_name=served_model_name,
                               prefix_caching=prefix_caching, kvtier=not no_kvtier, kv_role=kv_role,
-                              load_async=load_async, extra_args=list(ctx.args))
+                              load_async=load_async, layerwise=layerwise, extra_args=list(ctx.args))
         exec_server(argv, server_env(), dry_run)

@@ -11,7 +11,8 @@ Extra config keys (all optional): ``kvtier_config`` (YAML file; default ``$KVTIE
 (a mapping of config overrides), ``kvtier_model_id`` (the model part of every key; default the served
 model name), ``kvtier_layout`` (force a layout of :mod:`kvtier.integrations.vllm.layout`),
 ``kvtier_flush_timeout_s`` (how long a ``kv_producer`` waits per step for its lower-tier writes; default
-10), ``kvtier_load_async`` (load off the critical path, default false; see below), ``kvtier_events``
+10), ``kvtier_load_async`` (load off the critical path, default false; see below), ``kvtier_layerwise``
+(move KV one attention layer at a time inside the forward pass, default false; see below), ``kvtier_events``
 (publish vLLM KV events for kvtier's tiers, :mod:`kvtier.integrations.vllm.events`). ``KVTIER_*``
 environment variables apply as everywhere else. ``chunk_tokens``, unless set, follows vLLM's block
 size (:func:`_chunk_default`).
@@ -34,8 +35,16 @@ How it works:
   request aborted meanwhile keeps its blocks until the load is done (``request_finished``).
 - Saving: after each step, the prompt's whole chunks computed so far (chunked prefill stores them as
   they complete), the partial last chunk at the end of prefill, never decode tokens; copied out of the
-  paged cache in ``wait_for_save``. Requests with a cache salt, a LoRA adapter, multimodal inputs or
-  prompt embeddings bypass kvtier (no lookup, no save).
+  paged cache in ``wait_for_save``.
+- Layer-wise (``kvtier_layerwise``, :mod:`kvtier.integrations.vllm.layerwise`): a synchronous load
+  holds its hit in ``start_load_kv`` and copies each layer in ``wait_for_layer_load`` just before that
+  layer's attention; a save copies each layer in ``save_kv_layer`` just after it and is committed in
+  ``wait_for_save`` only when every layer arrived (a load not copied into every layer is reported for
+  recompute). The same bytes move; what changes is when: on an accelerator the copy of layer ``l`` can
+  overlap the compute of layer ``l + 1``. On CPU the copies take the cores the forward pass uses, so it
+  is off by default (measured in docs/vllm.md). Asynchronous loads stay whole-request.
+- Requests with a cache salt, a LoRA adapter, multimodal inputs or prompt embeddings bypass kvtier (no
+  lookup, no save).
 - Failure: a load that returns fewer tokens than promised (evicted meanwhile, damaged on disk, a tier
   down, an exception) reports the affected blocks through ``get_block_ids_with_load_errors``; with
   ``kv_load_failure_policy="recompute"`` vLLM recomputes them (with vLLM's default ``"fail"`` the request
@@ -73,13 +82,14 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
-from kvtier.config import KvtierConfig, load_config
+from kvtier.config import KvtierConfig, load_config, with_overrides
 from kvtier.engine import CacheEngine
 from kvtier.errors import ConfigError, KvtierError, LayoutError
 from kvtier.integrations.common import config_overrides
 from kvtier.integrations.vllm import layout as vllm_layout
 from kvtier.integrations.vllm import lookup as vllm_lookup
 from kvtier.integrations.vllm import stats as vllm_stats
+from kvtier.integrations.vllm.layerwise import LayerwiseStep
 from kvtier.integrations.vllm.plan import LoadReq, Planner, SaveReq
 from kvtier.integrations.vllm.transfer import KV_ROLES
 from kvtier.layout import KVSpec
@@ -106,7 +116,7 @@ log = logging.getLogger(__name__)
 __all__ = ["KvtierConnector", "reset_engines", "shared_engine"]
 
 EXTRA_KEYS = ("kvtier_config", "kvtier", "kvtier_model_id", "kvtier_layout", "kvtier_flush_timeout_s",
-              "kvtier_load_async", "kvtier_events")
+              "kvtier_load_async", "kvtier_layerwise", "kvtier_events")
 
 
 # ---- one engine per process ------------------------------------------------------------------------
@@ -132,12 +142,12 @@ def shared_engine(spec: KVSpec, model: str, config: KvtierConfig, instance_id: s
         shared = _ENGINES.get(key)
         if shared is None:
             if config.cluster.enabled:
-                from kvtier.cluster.agent import agent_config_from, start_engine
+                from kvtier.cluster.agent import start_engine
 
-                overrides = {"instance_id": instance_id} if instance_id else {}
-                engine, agent = start_engine(spec, model, agent_config_from(config.cluster, **overrides), config)
+                own = with_overrides(config, {"cluster": {"instance_id": instance_id}}) if instance_id else config
+                engine, agent = start_engine(spec, model, own)
                 shared = _Shared(engine, agent)
-                log.info("kvtier agent %s reports to %s", agent.config.instance_id, agent.config.controller_url)
+                log.info("kvtier agent %s reports to %s", agent.instance_id, agent.config.controller_url)
             else:
                 shared = _Shared(CacheEngine(spec, model, config))
             _ENGINES[key] = shared
@@ -234,7 +244,13 @@ class KvtierConnector(KVConnectorBase_V1):
         extra: dict[str, Any] = dict(transfer.kv_connector_extra_config or {})
         overrides = config_overrides(extra, EXTRA_KEYS, "kv_connector_extra_config")
         self.block_size = int(vllm_config.cache_config.block_size or 0)
-        self.config = _chunk_default(load_config(extra.get("kvtier_config"), overrides=overrides), self.block_size)
+        config = load_config(extra.get("kvtier_config"), overrides=overrides)
+        events = extra.get("kvtier_events")
+        if events is not None:  # the events section, given in vLLM's own config
+            if not isinstance(events, dict):
+                raise ConfigError(f"kv_connector_extra_config.kvtier_events must be a mapping, got {events!r}")
+            config = with_overrides(config, {"events": {**events, "enabled": True}})
+        self.config = _chunk_default(config, self.block_size)
         self.kv_role = str(transfer.kv_role or "kv_both")
         if self.kv_role not in KV_ROLES:
             raise ConfigError(f"kvtier supports kv_role {KV_ROLES}, got {self.kv_role!r}")
@@ -245,6 +261,10 @@ class KvtierConnector(KVConnectorBase_V1):
         load_async = extra.get("kvtier_load_async", False)
         if not isinstance(load_async, bool):
             raise ConfigError(f"kvtier_load_async must be true or false, got {load_async!r}")
+        layerwise = extra.get("kvtier_layerwise", False)
+        if not isinstance(layerwise, bool):
+            raise ConfigError(f"kvtier_layerwise must be true or false, got {layerwise!r}")
+        self._layerwise = layerwise
         self.spec = _spec_from_vllm(vllm_config, self.config.chunk_tokens)
         self.model_id = _model_id(vllm_config, extra)
         backend = vllm_config.parallel_config.distributed_executor_backend
@@ -269,10 +289,10 @@ class KvtierConnector(KVConnectorBase_V1):
             self.engine = self._shared.engine
             lookup = self.engine.lookup
             # ---- KV events in vLLM's format (kvtier.integrations.vllm.events) ----
-            if extra.get("kvtier_events") is not None:
+            if self.config.events.enabled:
                 from kvtier.integrations.vllm.events import ensure_events
 
-                ensure_events(self._shared, vllm_config, extra["kvtier_events"])
+                ensure_events(self._shared, vllm_config, self.config.events)
             # ---- end KV events ----
         self._planner = Planner(lookup, self.config.chunk_tokens, self.config.save_partial_chunks,
                                 store=self.kv_role != "kv_consumer", load_async=load_async)
@@ -287,6 +307,8 @@ class KvtierConnector(KVConnectorBase_V1):
                         "use 'recompute' to fall back to recomputation", transfer.kv_load_failure_policy)
         # worker side
         self._layer_names: list[str] = []
+        self._layer_index: dict[str, int] = {}
+        self._step: LayerwiseStep | None = None  # this step's layer-wise transfers (kvtier_layerwise)
         self._layers: list[torch.Tensor] = []
         self._stacked: torch.Tensor | None = None  # all layers as one view, when vLLM allocated them so
         self._staging: dict[str, torch.Tensor] = {}
@@ -396,6 +418,7 @@ class KvtierConnector(KVConnectorBase_V1):
 
         names = sorted(kv_caches, key=index)
         self._layer_names = names
+        self._layer_index = {name: i for i, name in enumerate(names)}
         self._layers = [kv_caches[n] for n in names]
         self._stacked = vllm_layout.stack_layers(self._layers)
         try:
@@ -468,6 +491,7 @@ class KvtierConnector(KVConnectorBase_V1):
         meta = self._get_connector_metadata()
         if not isinstance(meta, KvtierMetadata):
             return
+        step = self._layerwise_step()
         for load in meta.loads:
             if load.is_async:
                 if self._loader is None:
@@ -475,8 +499,31 @@ class KvtierConnector(KVConnectorBase_V1):
                 self._loading[load.req_id] = self._loader.submit(self._run_load, load, "async")
                 self._count("async_loads")
                 log.debug("kvtier: asynchronous load of %s [%d, %d) started", load.req_id, load.start, load.end)
+            elif step is not None:
+                self._begin_layer_load(step, load)
             else:
                 self._run_load(load, "step")
+
+    def _layerwise_step(self) -> LayerwiseStep | None:
+        """This step's layer-wise transfers, created on first use (``start_load_kv`` runs before the
+        forward pass only when the step has synchronous loads; saves may be the first to ask)."""
+        if self._step is None and self._layerwise and self._layers and self.usable:
+            assert self.engine is not None  # worker side
+            self._step = LayerwiseStep(self.engine, self._layout, self._layers, self.spec.head_dim, self._stage)
+        return self._step
+
+    def _begin_layer_load(self, step: LayerwiseStep, load: LoadReq) -> None:
+        """Hold a layer-wise load's hit now; report at once what it lacks (before anything attends)."""
+        try:
+            end = step.begin_load(load)
+        except Exception:
+            log.exception("kvtier load for %s failed; vLLM will recompute", load.req_id)
+            end = 0
+        if end > load.start:
+            self._count("layerwise_loads")
+            self._count("loaded_tokens", end - load.start)
+        if end < load.end:
+            self._report_short(load, end)
 
     def _run_load(self, load: LoadReq, staging: str) -> None:
         """Load, time and, when fewer tokens than promised arrived, report the blocks for recompute."""
@@ -489,8 +536,12 @@ class KvtierConnector(KVConnectorBase_V1):
             log.exception("kvtier load for %s failed; vLLM will recompute", load.req_id)
             loaded = 0
         self._stats.time("load", time.perf_counter() - began)
-        if loaded >= load.end:
-            return
+        if loaded < load.end:
+            self._report_short(load, loaded)
+
+    def _report_short(self, load: LoadReq, loaded: int) -> None:
+        """Report the blocks of ``[loaded, load.end)`` for recompute; nothing this step computes for a
+        synchronous load's request may be stored."""
         bs = self.block_size
         first = max(loaded, load.start) // bs
         last = -(-load.end // bs)
@@ -519,10 +570,32 @@ class KvtierConnector(KVConnectorBase_V1):
         return end
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # loads are synchronous and complete before the forward pass
+        step = self._step
+        if step is None:
+            return  # whole-request loads complete before the forward pass
+        try:
+            step.load_layer(self._layer_index[layer_name])
+        except Exception:  # the loads stay incomplete: wait_for_save reports them for recompute
+            log.exception("kvtier layer-wise load of %s failed; vLLM will recompute", layer_name)
+
+    def _savable(self, saves: list[SaveReq]) -> list[SaveReq]:
+        """The saves of requests whose KV this step did not attend to unloaded blocks."""
+        errors = self._step_errors
+        return [s for s in saves if s.req_id not in self._failed_loads and not errors.intersection(s.block_ids)]
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
-        return  # every layer is saved at once in wait_for_save (no copy engine to overlap with on CPU)
+        if not self._layerwise or not self.has_connector_metadata():
+            return  # every layer is saved at once in wait_for_save
+        meta = self._get_connector_metadata()
+        if not isinstance(meta, KvtierMetadata) or not meta.saves:
+            return
+        step = self._layerwise_step()
+        if step is None:
+            return
+        try:
+            step.save_layer(self._layer_index[layer_name], self._savable(meta.saves))
+        except Exception:  # that save misses a layer: wait_for_save aborts it
+            log.exception("kvtier layer-wise save of %s failed; continuing without it", layer_name)
 
     def wait_for_save(self) -> None:
         if not self.has_connector_metadata():
@@ -530,11 +603,45 @@ class KvtierConnector(KVConnectorBase_V1):
         meta = self._get_connector_metadata()
         if not isinstance(meta, KvtierMetadata) or not self._layers or not self.usable:
             return
-        step_errors = self._step_errors
+        step, self._step = self._step, None
+        saved = self._finish_layerwise(step, meta.saves) if step is not None else self._save_all(meta.saves)
+        self._failed_loads.clear()
+        self._step_errors = set()
+        if saved and self.kv_role == "kv_producer":
+            self._flush_lower_tiers()
+
+    def _finish_layerwise(self, step: LayerwiseStep, saves: list[SaveReq]) -> bool:
+        """Release the step's loads (reporting those not copied into every layer), commit its complete
+        saves (abort the rest), and fall back to whole saves when no layer hook ran; True if something
+        was stored."""
+        for load, _end in step.close():  # not in every layer: none of it counts as loaded
+            self._report_short(load, 0)
+        if step.load_s:
+            self._stats.time("load", step.load_s)
+        if step.writers is None:  # vLLM called no save_kv_layer this step
+            return self._save_all(saves)
+        savable = {s.req_id for s in self._savable(saves)}
         saved = False
-        for save in meta.saves:
-            if save.req_id in self._failed_loads or step_errors.intersection(save.block_ids):
-                continue  # this step attended to unloaded KV: nothing it computed may be stored
+        for save, writer in step.writers:
+            if save.req_id not in savable:  # a layer load failed during the forward pass
+                writer.abort()
+                continue
+            try:
+                cached = writer.finish()
+            except Exception:
+                log.exception("kvtier layer-wise save for %s failed; continuing without it", save.req_id)
+                self._count("save_failures")
+                continue
+            saved = True
+            self._count("layerwise_saves")
+            self._count("saved_tokens", max(cached - min(save.skip, len(save.tokens)), 0))
+        self._stats.time("save", step.save_s)
+        return saved
+
+    def _save_all(self, saves: list[SaveReq]) -> bool:
+        """Save each request's span out of the paged cache at once; True if something was stored."""
+        saved = False
+        for save in self._savable(saves):
             began = time.perf_counter()
             try:
                 self._save(save)
@@ -543,10 +650,7 @@ class KvtierConnector(KVConnectorBase_V1):
                 log.exception("kvtier save for %s failed; continuing without it", save.req_id)
                 self._count("save_failures")
             self._stats.time("save", time.perf_counter() - began)
-        self._failed_loads.clear()
-        self._step_errors = set()
-        if saved and self.kv_role == "kv_producer":
-            self._flush_lower_tiers()
+        return saved
 
     def _flush_lower_tiers(self) -> None:
         """Wait (bounded) until the engine's write-back queue is empty: what this step stored is then

@@ -1,0 +1,471 @@
+"""``kvtier bench vllm``: vLLM's OpenAI server with and without kvtier (run it in the vLLM environment).
+
+Every configuration is its own server (``kvtier serve``'s command line, the embedded SmolLM2 in float32
+on CPU), all started before the first request and then queried **interleaved**: the same prompt goes to
+each configuration in turn (the order rotates from prompt to prompt), one request at a time, so a load
+change on a shared machine hits every configuration alike. Ratios are per prompt pair, reported as
+min/median/max.
+
+Scenarios (``--scenario``):
+
+- ``long-doc-qa``: each document is sent once (warm-up) and again with another question (query: its
+  whole document is reusable). kvtier's query TTFT ÷ vLLM's own prefix-cache query TTFT (goal <= 1.1)
+  and ÷ vLLM without any cache.
+- ``multi-round-qa``: ``--users`` users chat in lockstep rounds (a shared system prompt, a context of
+  their own, earlier questions and answers, one new question); each round runs on every configuration
+  in turn, all users at once. Rounds 2+ are compared pair by pair.
+- ``async-itl``: three users stream long answers while a fourth sends a ``--doc-tokens`` prompt whose
+  KV kvtier serves from its disk tier (the CPU tier is too small to keep it: later documents evicted
+  it; the files may sit in the OS page cache). Inter-token latency of the three during the fourth's
+  load ÷ the same three alone (goal <= 1.2), for ``kvtier_load_async`` false and true, per repeat.
+
+``--layerwise`` adds ``kvtier+layerwise`` (``kvtier_layerwise: true``) to the TTFT scenarios.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import signal
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from kvtier.bench.common import bar_plot, write_results
+from kvtier.procs import free_port, stop_process, wait_healthy
+
+MODEL_NAME = "bench-model"
+SCENARIOS = ("long-doc-qa", "multi-round-qa", "async-itl")
+
+
+@dataclass(frozen=True)
+class Config:
+    """One server: kvtier or not, vLLM's prefix cache or not, kvtier overrides and connector keys."""
+
+    name: str
+    kvtier: bool
+    prefix_caching: bool = False
+    overrides: dict[str, Any] = field(default_factory=dict)
+    load_async: bool = False
+    layerwise: bool = False
+
+
+@dataclass
+class Stream:
+    """One streamed greedy completion: send time, one stamp per streamed piece, text, token usage."""
+
+    sent: float
+    stamps: list[float]
+    text: str
+    usage: dict[str, int]
+
+    @property
+    def ttft(self) -> float:
+        return self.stamps[0] - self.sent
+
+    def gaps(self, skip: int = 0) -> list[tuple[float, float]]:
+        """``(start, end)`` of each inter-token gap after the first ``skip`` tokens."""
+        s = self.stamps[skip:]
+        return list(itertools.pairwise(s))
+
+
+def stream(port: int, prompt: str, max_tokens: int, on_token: Callable[[int], None] | None = None,
+           ignore_eos: bool = False) -> Stream:
+    """Send one streamed greedy completion and time every streamed piece."""
+    body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}, "ignore_eos": ignore_eos}
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    sent = time.perf_counter()
+    stamps: list[float] = []
+    text: list[str] = []
+    usage = {"prompt_tokens": 0, "completion_tokens": 0}
+    with urllib.request.urlopen(req, timeout=900) as resp:
+        for raw in resp:
+            line = raw.decode().strip()
+            if not line.startswith("data:") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[5:])
+            if event.get("usage"):
+                usage = {k: int(event["usage"][k]) for k in usage}
+            piece = event["choices"][0].get("text") if event.get("choices") else None
+            if piece:
+                stamps.append(time.perf_counter())
+                text.append(piece)
+                if on_token is not None:
+                    on_token(len(stamps))
+    if not stamps:
+        stamps.append(time.perf_counter())
+    return Stream(sent, stamps, "".join(text), usage)
+
+
+def documents(count: int, words: int, first: int = 0) -> list[str]:
+    """Synthetic documents as in long-doc-qa ("hi3 hi5 ...", ≈2 tokens per word), distinct per index."""
+    return [f"Document {i}: " + " ".join(f"hi{(i * 13 + j) % 7}" for j in range(words))
+            for i in range(first, first + count)]
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+def pair_ratios(values: list[float], ceiling: list[float]) -> dict[str, Any]:
+    """min/median/max of ``values[i] / ceiling[i]`` (the same prompt on two configurations)."""
+    ratios = [v / c for v, c in zip(values, ceiling)]
+    return {**spread(ratios), "pairs": ratios}
+
+
+def rotated(names: list[str], i: int) -> list[str]:
+    """``names`` starting at position ``i`` (so no configuration always goes first)."""
+    k = i % len(names)
+    return names[k:] + names[:k]
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+@contextlib.contextmanager
+def servers(configs: list[Config], workdir: Path, model: str | None, max_model_len: int, kv_space_gib: int,
+            start_timeout: float) -> Iterator[dict[str, int]]:
+    """Start every configuration's server at once; yield ``{name: port}`` once all are healthy. Each
+    server is its own process group, so vLLM's engine-core process goes with it even when the server is
+    stopped before it finished starting."""
+    from kvtier.integrations.vllm.cli import server_command, server_env
+
+    started: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
+    env = server_env({**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(kv_space_gib)})
+    extra_args = ["--seed", "0"]
+    if _has_cuda():  # the servers share one GPU
+        extra_args += ["--gpu-memory-utilization", f"{0.85 / len(configs):.2f}"]
+    try:
+        for c in configs:
+            port = free_port()
+            argv = server_command(model, port=port, overrides=c.overrides or None, max_model_len=max_model_len,
+                                  served_model_name=MODEL_NAME, prefix_caching=c.prefix_caching, kvtier=c.kvtier,
+                                  load_async=c.load_async, layerwise=c.layerwise, extra_args=extra_args)
+            with (workdir / f"{c.name}.log").open("wb") as log:
+                proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            started[c.name] = (proc, port)
+        for name, (proc, port) in started.items():
+            try:
+                wait_healthy(f"http://127.0.0.1:{port}", proc, start_timeout)
+            except (RuntimeError, TimeoutError) as exc:
+                tail = (workdir / f"{name}.log").read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"{name}: {exc}\n{tail}") from exc
+            stream(port, "Hello", 2)  # the first request pays one-off warm-up costs
+        yield {name: port for name, (_proc, port) in started.items()}
+    finally:
+        for proc, _port in started.values():
+            stop_process(proc, 30)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+def hit_rates(port: int) -> dict[str, float]:
+    """vLLM's own prefix-cache counters (local and external = kvtier) from ``/metrics``."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+
+    def total(name: str) -> float:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "_total"))
+
+    out: dict[str, float] = {}
+    for kind, prefix in (("local", "vllm:prefix_cache"), ("external", "vllm:external_prefix_cache")):
+        hits, queries = total(f"{prefix}_hits"), total(f"{prefix}_queries")
+        out[f"{kind}_hit_tokens"] = hits
+        out[f"{kind}_hit_rate"] = hits / queries if queries else 0.0
+    return out
+
+
+# ---- long-doc-qa -------------------------------------------------------------------------------------
+def long_doc_qa(ports: dict[str, int], docs: int, doc_words: int, output_len: int) -> dict[str, Any]:
+    """Per configuration: warm-up and query TTFT per document, sent interleaved."""
+    names = list(ports)
+    out: dict[str, Any] = {n: {"warmup_ttft_s": [], "query_ttft_s": []} for n in names}
+    for i, doc in enumerate(documents(docs, doc_words)):
+        for name in rotated(names, i):
+            out[name]["warmup_ttft_s"].append(stream(ports[name], doc + "\nQuestion: how many words?\nAnswer:",
+                                                     output_len).ttft)
+        for name in rotated(names, i + 1):
+            out[name]["query_ttft_s"].append(stream(ports[name], doc + "\nQuestion: which word is last?\nAnswer:",
+                                                    output_len).ttft)
+        print("  doc", i, " ".join(f"{n} {out[n]['query_ttft_s'][-1]:.3f}s" for n in names), flush=True)
+    return out
+
+
+def long_doc_report(results: dict[str, Any]) -> dict[str, Any]:
+    report: dict[str, Any] = {}
+    for name, res in results.items():
+        if not name.startswith("kvtier"):
+            continue
+        row: dict[str, Any] = {}
+        if "vllm+prefix" in results:
+            row["query_ttft_vs_prefix_cache"] = pair_ratios(res["query_ttft_s"], results["vllm+prefix"]["query_ttft_s"])
+        if "vllm" in results:
+            row["query_ttft_vs_no_cache"] = pair_ratios(res["query_ttft_s"], results["vllm"]["query_ttft_s"])
+        if "kvtier" in results and name != "kvtier":
+            row["query_ttft_vs_kvtier"] = pair_ratios(res["query_ttft_s"], results["kvtier"]["query_ttft_s"])
+            row["warmup_ttft_vs_kvtier"] = pair_ratios(res["warmup_ttft_s"], results["kvtier"]["warmup_ttft_s"])
+        report[name] = row
+    return report
+
+
+# ---- multi-round-qa ----------------------------------------------------------------------------------
+def multi_round_qa(ports: dict[str, int], users: int, rounds: int, system_words: int, history_words: int,
+                   answer_len: int) -> dict[str, Any]:
+    """Per configuration and round: every user's TTFT (users concurrent, configurations in turn)."""
+    names = list(ports)
+    system = "System: you answer questions about lists. " + documents(1, system_words)[0]
+    contexts = documents(users, history_words, first=1)
+    history = {n: [f"{system}\nUser {u} shares: {contexts[u]}\n" for u in range(users)] for n in names}
+    ttft: dict[str, list[list[float]]] = {n: [] for n in names}  # [round][user]
+    same_prompts = True
+    with ThreadPoolExecutor(users) as pool:
+        for r in range(rounds):
+            question = f"User: question {r}: which word comes after the {r + 1}th one?\nAssistant:"
+            for name in rotated(names, r):
+                prompts = [h + question for h in history[name]]
+                results = list(pool.map(lambda p, port=ports[name]: stream(port, p, answer_len), prompts))
+                ttft[name].append([s.ttft for s in results])
+                history[name] = [p + s.text + "\n" for p, s in zip(prompts, results)]
+            same_prompts = same_prompts and all(history[n] == history[names[0]] for n in names)
+            print(f"  round {r}: " + " ".join(f"{n} {statistics.median(ttft[n][-1]):.3f}s" for n in names), flush=True)
+    return {"ttft_s": ttft, "same_prompts": same_prompts}
+
+
+def multi_round_report(results: dict[str, Any]) -> dict[str, Any]:
+    ttft = results["ttft_s"]
+
+    def later(name: str) -> list[float]:
+        return [t for round_ in ttft[name][1:] for t in round_]
+
+    report: dict[str, Any] = {}
+    for name in ttft:
+        if not name.startswith("kvtier") or not later(name):
+            continue
+        row: dict[str, Any] = {}
+        for base, label in (("vllm+prefix", "later_rounds_ttft_vs_prefix_cache"),
+                            ("vllm", "later_rounds_ttft_vs_no_cache"), ("kvtier", "later_rounds_ttft_vs_kvtier")):
+            if base in ttft and base != name:
+                row[label] = pair_ratios(later(name), later(base))
+        report[name] = row
+    return report
+
+
+# ---- async-itl ---------------------------------------------------------------------------------------
+DECODERS = 3
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * (len(ordered) - 1) + 0.5))]
+
+
+def itl_stats(gaps: list[float]) -> dict[str, float]:
+    return {"p50": _percentile(gaps, 0.5), "p90": _percentile(gaps, 0.9), "max": max(gaps), "count": len(gaps)}
+
+
+def decode_run(port: int, tokens: int, fourth: str | None, fourth_after: int = 8) -> dict[str, Any]:
+    """Three users stream ``tokens`` each; with ``fourth``, once all three have ``fourth_after`` tokens a
+    fourth request sends it (2 output tokens). The others' inter-token gaps that overlap the fourth's
+    wait for its first token (or, alone, those after the first ``fourth_after`` tokens)."""
+    ready = threading.Event()  # set once every decoder has streamed ``fourth_after`` tokens
+    lock = threading.Lock()
+    reached = [0]
+
+    def on_token(n: int) -> None:  # never blocks: a stalled reader would inflate the gaps measured
+        if n == fourth_after:
+            with lock:
+                reached[0] += 1
+                if reached[0] == DECODERS:
+                    ready.set()
+
+    def user(u: int) -> Stream:
+        return stream(port, f"User {u}: count from 1 to 1000: 1, 2, 3,", tokens, on_token, ignore_eos=True)
+
+    with ThreadPoolExecutor(DECODERS) as pool:
+        futures = [pool.submit(user, u) for u in range(DECODERS)]
+        if not ready.wait(600):
+            raise RuntimeError("the decoding users did not start streaming within 600 s")
+        load: Stream | None = stream(port, fourth, 2) if fourth is not None else None
+        runs = [f.result() for f in futures]
+    if load is None:
+        gaps = [b - a for s in runs for a, b in s.gaps(fourth_after)]
+        return {"itl": itl_stats(gaps)}
+    window = (load.sent, load.stamps[0])
+    gaps = [b - a for s in runs for a, b in s.gaps() if b > window[0] and a < window[1]]
+    return {"itl": itl_stats(gaps), "fourth_ttft_s": load.ttft, "fourth_prompt_tokens": load.usage["prompt_tokens"]}
+
+
+def async_itl(ports: dict[str, int], repeats: int, doc_words: int, tokens: int) -> dict[str, Any]:
+    """Per configuration and repeat: ITL of three users alone, and during a fourth's disk-tier load."""
+    names = list(ports)
+    docs = documents(repeats + 1, doc_words, first=100)  # the last one only pushes the others out of CPU
+    question = "\nQuestion: which word comes first?\nAnswer:"
+    for name in names:  # store every document (CPU + disk); each evicts the one before from the CPU tier
+        for doc in docs:
+            stream(ports[name], doc + "\nQuestion: how many words?\nAnswer:", 1)
+    time.sleep(2)  # the write-back to disk finishes
+    out: dict[str, Any] = {n: {"alone": [], "loading": []} for n in names}
+    for k in range(repeats):
+        for name in rotated(names, k):
+            out[name]["alone"].append(decode_run(ports[name], tokens, None))
+            out[name]["loading"].append(decode_run(ports[name], tokens, docs[k] + question))
+            last = out[name]["loading"][-1]
+            print(f"  {name} repeat {k}: ITL p50 {out[name]['alone'][-1]['itl']['p50'] * 1e3:.0f} -> "
+                  f"{last['itl']['p50'] * 1e3:.0f} ms, max {last['itl']['max'] * 1e3:.0f} ms, fourth TTFT "
+                  f"{last['fourth_ttft_s']:.2f}s ({last['fourth_prompt_tokens']} tokens)", flush=True)
+    return out
+
+
+def async_itl_report(results: dict[str, Any]) -> dict[str, Any]:
+    report: dict[str, Any] = {}
+    for name, res in results.items():
+        row: dict[str, Any] = {}
+        for stat in ("p50", "p90", "max"):
+            row[f"itl_{stat}_loading_vs_alone"] = pair_ratios([r["itl"][stat] for r in res["loading"]],
+                                                              [r["itl"][stat] for r in res["alone"]])
+        row["fourth_ttft_s"] = spread([r["fourth_ttft_s"] for r in res["loading"]])
+        report[name] = row
+    return report
+
+
+# ---- running -----------------------------------------------------------------------------------------
+def ttft_configs(names: list[str], chunk_tokens: int, cpu_capacity: str) -> list[Config]:
+    overrides = {"cpu": {"capacity": cpu_capacity}, "chunk_tokens": chunk_tokens}
+    known = {
+        "vllm": Config("vllm", kvtier=False),
+        "vllm+prefix": Config("vllm+prefix", kvtier=False, prefix_caching=True),
+        "kvtier": Config("kvtier", kvtier=True, overrides=overrides),
+        "kvtier+layerwise": Config("kvtier+layerwise", kvtier=True, overrides=overrides, layerwise=True),
+    }
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise typer.BadParameter(f"unknown configurations {unknown}; choose from {list(known)}")
+    return [known[n] for n in names]
+
+
+def itl_configs(workdir: Path, chunk_tokens: int, doc_words: int) -> list[Config]:
+    """kvtier with a disk tier and a CPU tier that holds one document (and the decoders' prompts)."""
+    doc_mib = 2 * doc_words * 46080 / (1 << 20)  # SmolLM2-135M, float32: 46,080 bytes per token
+    configs = []
+    for name, load_async in (("kvtier-sync", False), ("kvtier-async", True)):
+        overrides = {"chunk_tokens": chunk_tokens, "cpu": {"capacity": f"{int(doc_mib * 1.4)}MiB"},
+                     "disk": {"enabled": True, "path": str(workdir / f"disk-{name}"), "capacity": "4GiB"}}
+        configs.append(Config(name, kvtier=True, overrides=overrides, load_async=load_async))
+    return configs
+
+
+def _plot(scenario: str, results: dict[str, Any], report: dict[str, Any], out: Path) -> None:
+    stem = f"vllm_{scenario.replace('-', '_')}"
+    names = list(report)
+    if scenario == "async-itl":
+        series = {s: [report[n][f"itl_{s}_loading_vs_alone"]["median"] for n in names] for s in ("p50", "p90", "max")}
+        errors = {s: ([report[n][f"itl_{s}_loading_vs_alone"]["min"] for n in names],
+                      [report[n][f"itl_{s}_loading_vs_alone"]["max"] for n in names]) for s in ("p50", "p90", "max")}
+        bar_plot(out / f"{stem}.png", "ITL of 3 users during a 4th's disk load ÷ alone (median, min-max)", names,
+                 series, "ratio", errors)
+        return
+    series, errors = {}, {}
+    for metric in sorted({m for row in report.values() for m in row}):
+        series[metric] = [report[n].get(metric, {}).get("median", 0.0) for n in names]
+        errors[metric] = ([report[n].get(metric, {}).get("min", 0.0) for n in names],
+                          [report[n].get(metric, {}).get("max", 0.0) for n in names])
+    bar_plot(out / f"{stem}.png", f"{scenario}: TTFT ratios per prompt pair (median, min-max)", names, series,
+             "ratio", errors)
+
+
+def run(scenario: str, configs: str, *, model: str | None = None, docs: int = 3, doc_words: int | None = None,
+        output_len: int = 8, users: int = 4, rounds: int = 3, system_words: int = 150, history_words: int = 350,
+        answer_len: int = 32, repeats: int = 3, decode_tokens: int = 128, chunk_tokens: int = 128,
+        cpu_capacity: str = "1GiB", layerwise: bool = False, kv_space_gib: int = 1, start_timeout: float = 600,
+        out: str = "results") -> dict[str, Any]:
+    """Run one scenario; write ``results/vllm_<scenario>.json`` and a PNG; return the summary.
+    ``doc_words`` defaults to 1,000 (≈2K tokens) for long-doc-qa, 2,040 (≈4K tokens) for async-itl."""
+    if scenario not in SCENARIOS:
+        raise typer.BadParameter(f"--scenario must be one of {SCENARIOS}, got {scenario!r}")
+    if doc_words is None:
+        doc_words = 2040 if scenario == "async-itl" else 1000
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="kvtier-vllm-bench-") as tmp:
+        workdir = Path(tmp)
+        if scenario == "async-itl":
+            chosen = itl_configs(workdir, chunk_tokens, doc_words)
+            max_model_len = 2 * doc_words + 512
+        else:
+            names = [n for n in configs.split(",") if n]
+            if layerwise and "kvtier+layerwise" not in names:
+                names.append("kvtier+layerwise")
+            chosen = ttft_configs(names, chunk_tokens, cpu_capacity)
+            max_model_len = 4096
+        with servers(chosen, workdir, model, max_model_len, kv_space_gib, start_timeout) as ports:
+            if scenario == "long-doc-qa":
+                results = long_doc_qa(ports, docs, doc_words, output_len)
+                report = long_doc_report(results)
+            elif scenario == "multi-round-qa":
+                results = multi_round_qa(ports, users, rounds, system_words, history_words, answer_len)
+                report = multi_round_report(results)
+            else:
+                results = async_itl(ports, repeats, doc_words, decode_tokens)
+                report = async_itl_report(results)
+            cache = {name: hit_rates(port) for name, port in ports.items()}
+    summary = {"scenario": scenario, "configs": [c.name for c in chosen], "results": results, "report": report,
+               "cache": cache, "load_average": {"before": load_before, "after": os.getloadavg()},
+               "params": {"docs": docs, "doc_words": doc_words, "output_len": output_len, "users": users,
+                          "rounds": rounds, "repeats": repeats, "decode_tokens": decode_tokens,
+                          "chunk_tokens": chunk_tokens, "cpu_capacity": cpu_capacity, "kv_space_gib": kv_space_gib}}
+    stem = f"vllm_{scenario.replace('-', '_')}"
+    path = write_results(stem, summary, out)
+    _plot(scenario, results, report, Path(out))
+    for name, row in report.items():
+        print(f"{name}: " + ", ".join(f"{k} {v['min']:.2f}/{v['median']:.2f}/{v['max']:.2f}" for k, v in row.items()
+                                      if isinstance(v, dict)) + " (min/median/max)")
+    print(f"wrote {path} (load average before/after: {load_before[0]:.1f}/{os.getloadavg()[0]:.1f}; "
+          "the machine may be shared)")
+    return summary
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("vllm")
+    def vllm_cmd(
+        scenario: str = typer.Option("long-doc-qa", help="long-doc-qa, multi-round-qa or async-itl."),
+        configs: str = typer.Option("vllm,vllm+prefix,kvtier",
+                                    help="TTFT scenarios: comma list of vllm, vllm+prefix, kvtier, kvtier+layerwise."),
+        model: str = typer.Option(None, help="HF model directory (default: the embedded SmolLM2)."),
+        docs: int = typer.Option(3, help="long-doc-qa: documents."),
+        doc_words: int = typer.Option(None, help="Words per document, ≈2 tokens each (default: 1000 for "
+                                                 "long-doc-qa, 2040 for async-itl)."),
+        output_len: int = typer.Option(8, help="long-doc-qa: tokens generated per request."),
+        users: int = typer.Option(4, help="multi-round-qa: users chatting at once."),
+        rounds: int = typer.Option(3, help="multi-round-qa: rounds per user."),
+        answer_len: int = typer.Option(32, help="multi-round-qa: tokens per answer."),
+        repeats: int = typer.Option(3, help="async-itl: loads measured per configuration."),
+        decode_tokens: int = typer.Option(128, help="async-itl: tokens each decoding user streams."),
+        chunk_tokens: int = typer.Option(128, help="kvtier chunk (128 = vLLM's CPU block)."),
+        cpu_capacity: str = typer.Option("1GiB", help="TTFT scenarios: kvtier CPU tier size."),
+        layerwise: bool = typer.Option(False, help="TTFT scenarios: add kvtier+layerwise."),
+        out: str = typer.Option("results", help="Output directory."),
+    ) -> None:
+        """vLLM with and without kvtier, configurations interleaved: hit TTFT or inter-token latency."""
+        from kvtier.extras import require
+
+        require("vllm", "vllm")
+        run(scenario, configs, model=model, docs=docs, doc_words=doc_words, output_len=output_len, users=users,
+            rounds=rounds, answer_len=answer_len, repeats=repeats, decode_tokens=decode_tokens,
+            chunk_tokens=chunk_tokens, cpu_capacity=cpu_capacity, layerwise=layerwise, out=out)
