@@ -80,6 +80,7 @@ from kvtier.integrations.sglang.pages import (
     PageKeys,
     PoolView,
     Span,
+    as_raw,
     auto_pages_per_object,
     copy_page,
     matching_pages,
@@ -289,9 +290,10 @@ class KvtierStorage(_Base):
                     self.counters["read_failures"] += 1
                     break
                 self.index.add(hit.record)
+                src = as_raw(load.out)
                 for p in range(hit.span.first, hit.end):
                     i = p - hit.span.start
-                    copy_page(target(p), load.out[:, :, i * page : (i + 1) * page])
+                    copy_page(target(p), src[:, :, i * page : (i + 1) * page])
                 done = hit.end
         return done - first
 
@@ -329,7 +331,7 @@ class KvtierStorage(_Base):
         view = self.view
         if view is None:
             return None
-        return [view.page(i) for i in view.page_starts(host_indices, len(keys))]
+        return [view.page(i, raw=True) for i in view.page_starts(host_indices, len(keys))]
 
     @_guarded(_no_pages)
     def batch_get_v1(self, keys: list[str], host_indices: torch.Tensor, extra_info: Any = None) -> list[bool]:
@@ -349,7 +351,7 @@ class KvtierStorage(_Base):
         view = self.view
         flats = list(target_locations) if target_locations is not None else [
             torch.empty(view.spec.chunk_bytes // view.spec.itemsize, dtype=view.spec.torch_dtype) for _ in keys]
-        ok = self._read(keys, None, [view.from_flat(f) for f in flats])
+        ok = self._read(keys, None, [as_raw(view.from_flat(f)) for f in flats])
         return [f if hit else None for f, hit in zip(flats, ok)]
 
     # ---- writes -----------------------------------------------------------------------------------
@@ -373,10 +375,11 @@ class KvtierStorage(_Base):
             numel = (span.end - span.start) * page_numel
             obj = flat[offset : offset + numel].view(spec.chunk_shape((span.end - span.start) * page))
             offset += numel
+            raw = as_raw(obj)
 
-            def slot(p: int, obj: torch.Tensor = obj, span: Span = span) -> torch.Tensor:
+            def slot(p: int, raw: torch.Tensor = raw, span: Span = span) -> torch.Tensor:
                 i = p - span.start
-                return obj[:, :, i * page : (i + 1) * page]
+                return raw[:, :, i * page : (i + 1) * page]
 
             if span.first > span.start and self._load(chain, span.start, span.first - span.start, group,
                                                       slot) < span.first - span.start:
@@ -440,7 +443,7 @@ class KvtierStorage(_Base):
         if self.view is None or values is None:
             return False
         view = self.view
-        return all(self._write(keys, None, [view.from_flat(v.reshape(-1)) for v in values]))
+        return all(self._write(keys, None, [as_raw(view.from_flat(v.reshape(-1))) for v in values]))
 
     # ---- management -------------------------------------------------------------------------------
     @_guarded(_none)
