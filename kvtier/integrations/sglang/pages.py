@@ -148,12 +148,12 @@ class PageIndex:
     """Which object this process wrote or read holds a page: page id -> (object record, page offset).
 
     Lets a reader find an object by a page in its middle, whose own key it cannot compute (the object
-    ends with pages the reader does not have). Bounded: at most ``max_pages`` entries, the least
-    recently added or found dropped first. Lost on restart (then only objects whose every page the
+    ends with pages the reader does not have). Bounded: at most ``max_pages`` entries (about 240 bytes
+    each), the least recently added or found dropped first. Lost on restart (then only objects whose every page the
     reader knows are found). Thread-safe.
     """
 
-    def __init__(self, max_pages: int = 1 << 20) -> None:
+    def __init__(self, max_pages: int = 1 << 18) -> None:
         self.max_pages = max_pages
         self._lock = threading.Lock()
         self._entries: OrderedDict[bytes, tuple[ChunkRecord, int]] = OrderedDict()
