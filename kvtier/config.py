@@ -34,7 +34,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from pydantic.fields import FieldInfo
 
 from kvtier.errors import ConfigError
-from kvtier.net import redact_url
+from kvtier.net import is_loopback, redact_url
 
 _UNITS = {
     "": 1, "b": 1,
@@ -64,10 +64,17 @@ MiB = 1024**2
 ByteSize = Annotated[int, BeforeValidator(parse_bytes), Field(ge=0)]
 Policy = Literal["lru", "lfu", "fifo", "s3fifo"]
 CodecName = str  # validated against the codec registry by the tier that uses it
+MAX_BATCH_KEYS = 1 << 16  # keys in one controller request (kvtier.cluster.schema.MAX_KEYS)
 
 
 class _Section(BaseModel):
+    """A config section: unknown keys refused, immutable, secrets masked in ``repr``."""
+
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    def __repr_args__(self) -> Any:
+        for name, value in super().__repr_args__():
+            yield name, ("***" if value and name and is_secret(name) else value)
 
 
 class CpuConfig(_Section):
@@ -99,9 +106,6 @@ class RemoteConfig(_Section):
     timeout_s: float = Field(2.0, gt=0, description="Per-request timeout in seconds.")
     pool_size: int = Field(4, ge=1, description="Connections kept open to the server.")
     retries: int = Field(2, ge=0, description="Retries of a failed request (with exponential backoff).")
-    breaker_cooldown_s: float = Field(
-        0.1, gt=0, description="Fast-fail time after the server failed; doubles per failure up to 2 s."
-    )
     max_reply_bytes: ByteSize = Field(
         512 * MiB, description="Largest reply body accepted (this client's cap, whatever the server says)."
     )
@@ -191,17 +195,174 @@ class BlendConfig(_Section):
 
 
 class ClusterConfig(_Section):
-    """Joining a controller (``kvtier controller``): the engine reports its chunks, takes commands and,
-    with ``p2p``, serves chunks to peers and fetches missing ones from them."""
+    """Joining a controller (``kvtier controller``): the settings of the engine's cluster agent, which
+    reports the engine's chunks, takes commands and, with ``p2p``, serves chunks to peers and fetches
+    missing ones from them."""
 
     enabled: bool = Field(False, description="Register this engine with a controller.")
     controller_url: str = Field("http://127.0.0.1:9000", description="Base URL of the controller.")
-    instance_id: str = Field("", description="Name of this engine in the cluster ('' = host:pid).")
-    token: str = Field("", description="Controller bearer token (default: $KVTIER_CONTROLLER_TOKEN).")
+    instance_id: str = Field("", max_length=128, pattern=r"^[A-Za-z0-9._:-]*$",
+                             description="Name of this engine in the cluster ('' = host:pid).")
+    token: str = Field("", description="Controller bearer token (fallback: $KVTIER_CONTROLLER_TOKEN); also guards "
+                                       "the P2P server.")
+    replace: bool = Field(False, description="Take over the instance id from a live session.")
     p2p: bool = Field(True, description="Serve chunks to peers and fetch missing chunks from them.")
     p2p_host: str = Field("127.0.0.1", description="Bind address of the P2P server.")
     p2p_port: int = Field(0, ge=0, le=65535, description="P2P server port (0: a free one).")
     advertise_host: str = Field("", description="Address peers dial (default p2p_host; required for 0.0.0.0).")
+    request_timeout_s: float = Field(2.0, gt=0, description="Timeout of one controller request.")
+    peer_timeout_s: float = Field(1.0, gt=0, description="Timeout of one peer request.")
+    locate_timeout_s: float = Field(
+        0.5, gt=0, description="Timeout of asking the controller who holds chunks (on the engine's lookup path)."
+    )
+    flush_interval_s: float = Field(0.05, gt=0, description="Longest time an event waits before it is sent.")
+    poll_wait_s: float = Field(5.0, gt=0, le=30, description="Long-poll duration for commands.")
+    event_queue: int = Field(1 << 16, ge=16, description="Events buffered before the agent falls back to a snapshot.")
+    batch_max: int = Field(4096, ge=1, le=MAX_BATCH_KEYS, description="Events per batch.")
+    command_threads: int = Field(2, ge=1, le=16, description="Commands run at once.")
+
+
+class ControllerConfig(_Section):
+    """``kvtier controller``: the cluster's global index and command channel (HTTP API)."""
+
+    host: str = Field("127.0.0.1", description="Bind address; anything but loopback requires a token.")
+    port: int = Field(9000, ge=0, le=65535, description="HTTP port (0 picks a free one).")
+    token: str = Field("", description="Admin bearer token: every route (fallback: $KVTIER_CONTROLLER_TOKEN). "
+                                       "Without worker_token, workers present this one too.")
+    worker_token: str = Field("", description="Token of the worker channel only: register, heartbeat, events "
+                                              "(fallback: $KVTIER_CONTROLLER_WORKER_TOKEN).")
+    read_token: str = Field("", description="Token of lookups, instances, operation status and metrics only, e.g. "
+                                            "for routers (fallback: $KVTIER_CONTROLLER_READ_TOKEN).")
+    ttl_s: float = Field(10.0, gt=0, description="Drop a worker silent for this many seconds.")
+    claim_ttl_s: float = Field(
+        60.0, gt=0, description="Seconds an expired instance's id stays reserved for the registration that owned it."
+    )
+    heartbeat_s: float = Field(0.0, ge=0, description="Heartbeat interval advised to workers (0: ttl_s / 5).")
+    command_timeout_s: float = Field(30.0, gt=0, description="Seconds a worker gets to answer a command.")
+    max_instances: int = Field(1024, ge=1, description="Instances registered at once.")
+    max_keys_per_instance: int = Field(1 << 20, ge=1, description="Index cap per instance (keys).")
+    max_keys_total: int = Field(1 << 24, ge=1, description="Index cap over all instances (keys).")
+    max_ops: int = Field(1024, ge=1, description="Operations (moves, clears, ...) remembered for status queries.")
+    max_body_bytes: ByteSize = Field(64 * MiB, description="Largest request body (413 above, before it is read).")
+    command_queue: int = Field(64, ge=1, description="Commands queued per worker.")
+    tokenizers: dict[str, str] = Field(
+        {}, description="Model -> tokenizer.json, its directory or a locally cached model id, for text lookups; "
+                        "only these models' text is tokenized."
+    )
+
+    @property
+    def heartbeat(self) -> float:
+        """The heartbeat interval advised to workers (``heartbeat_s``, or ``ttl_s / 5`` when 0)."""
+        return self.heartbeat_s or self.ttl_s / 5
+
+    def check(self) -> None:
+        """Raise :class:`ConfigError` on unsafe or inconsistent settings (at start: a token may come
+        from the controller's own environment only)."""
+        if not self.token and not is_loopback(self.host):
+            raise ConfigError(
+                f"controller host {self.host!r} is not a loopback address; set a token (--token or "
+                "KVTIER_CONTROLLER_TOKEN) so clients must authenticate, or bind 127.0.0.1"
+            )
+        if (self.worker_token or self.read_token) and not self.token:
+            raise ConfigError("a worker or read token is set but no admin token: set --token (or "
+                              "KVTIER_CONTROLLER_TOKEN) too, or every admin route would be open")
+        given = [t for t in (self.token, self.worker_token, self.read_token) if t]
+        if len(set(given)) != len(given):
+            raise ConfigError("the admin, worker and read tokens must differ (equal tokens grant equal rights)")
+        if not self.heartbeat < self.ttl_s:
+            raise ConfigError(f"controller.heartbeat_s ({self.heartbeat_s}) must be below controller.ttl_s "
+                              f"({self.ttl_s})")
+
+
+RoutingPolicy = Literal["kv", "least_loaded", "roundrobin"]
+
+
+def parse_backend(spec: Any) -> Any:
+    """``"URL"`` or ``"URL=INSTANCE_ID"`` (the id the backend's kvtier registers with the controller) ->
+    ``(url, instance_id)``; other values pass through to validation."""
+    if not isinstance(spec, str):
+        return spec
+    url, sep, instance = spec.rpartition("=")
+    if not sep:
+        url, instance = spec, ""
+    if not url or (sep and not instance):
+        raise ValueError(f"a backend is URL or URL=INSTANCE_ID, got {redact_url(spec)!r}")
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"backend URL {redact_url(url)!r} must start with http:// or https://")
+    return url.rstrip("/"), instance
+
+
+BackendSpec = Annotated[tuple[str, str], BeforeValidator(parse_backend)]
+
+
+class RouterConfig(_Section):
+    """``kvtier router``: the KV-aware OpenAI-compatible proxy (and disaggregated-prefill proxy). Its own
+    prefix table chunks prompts by the root ``chunk_tokens``."""
+
+    backends: tuple[BackendSpec, ...] = Field(
+        (), description="Engines as URL or URL=INSTANCE_ID (decoders with prefill); INSTANCE_ID is the id its "
+                        "kvtier registers with the controller."
+    )
+    prefill: tuple[BackendSpec, ...] = Field(
+        (), description="Prefillers (URL or URL=INSTANCE_ID): disaggregated mode (prompt there first, max_tokens=1)."
+    )
+    host: str = Field("127.0.0.1", description="Bind address; anything but loopback requires a token.")
+    port: int = Field(8080, ge=0, le=65535, description="HTTP port (0 picks a free one).")
+    token: str = Field("", description="Bearer token clients must present (fallback: $KVTIER_ROUTER_TOKEN).")
+    backend_token: str = Field("", description="Bearer token sent to the backends (fallback: "
+                                               "$KVTIER_ROUTER_BACKEND_TOKEN).")
+    backend_header: bool = Field(False, description="Name the chosen backend in an x-kvtier-backend response header "
+                                                    "(its instance id, else decode-N / prefill-N).")
+    policy: RoutingPolicy = Field("kv", description="kv (longest cached prefix, then least loaded), least_loaded, "
+                                                    "roundrobin.")
+    controller_url: str = Field("", description="kvtier controller URL for prefix lookups ('' = the router's own "
+                                                "prefix table only).")
+    controller_token: str = Field("", description="Token of controller lookups (fallback: "
+                                                  "$KVTIER_CONTROLLER_READ_TOKEN, else $KVTIER_CONTROLLER_TOKEN).")
+    lookup_timeout_s: float = Field(
+        0.25, gt=0, description="Seconds a controller lookup may take before the router's prefix table answers instead."
+    )
+    controller_backoff_s: float = Field(5.0, gt=0, description="Seconds the controller is skipped after it failed.")
+    tokenizer: str = Field("", description="Local tokenizer directory of the served model (text prompts are routed "
+                                           "by load without one).")
+    kv_model: str = Field("", description="Model id the instances report to the controller ('' = the request's "
+                                          "model).")
+    table_keys: int = Field(1 << 18, ge=1, description="Chunk keys kept in the router's own prefix table.")
+    max_concurrent: int = Field(256, ge=1, description="Requests in flight before new ones get 429.")
+    max_body_bytes: ByteSize = Field(16 * MiB, description="Largest request body (413 above).")
+    connect_timeout_s: float = Field(2.0, gt=0, description="Seconds to connect to a backend.")
+    read_timeout_s: float = Field(600.0, gt=0, description="Seconds a backend may stay silent.")
+    backoff_s: float = Field(1.0, gt=0, description="First pause of a failed backend (doubles per failure).")
+    max_backoff_s: float = Field(30.0, gt=0, description="Longest pause of a failed backend.")
+
+    def check(self) -> None:
+        """Raise :class:`ConfigError` on unsafe or inconsistent settings (at start: a token may come
+        from the router's own environment only)."""
+        if not self.token and not is_loopback(self.host):
+            raise ConfigError(f"router host {self.host!r} is not a loopback address; set a token (--token or "
+                              "KVTIER_ROUTER_TOKEN) so clients must authenticate, or bind 127.0.0.1")
+        if not self.backends:
+            raise ConfigError("the router needs at least one backend (--backend or router.backends; a decoder in "
+                              "disaggregated mode)")
+        urls = [url for url, _ in (*self.backends, *self.prefill)]
+        if len(set(urls)) != len(urls):
+            raise ConfigError(f"a backend URL is given twice: {[redact_url(u) for u in urls]}")
+
+
+class EventsConfig(_Section):
+    """KV events (:mod:`kvtier.events`): what the engine stores and evicts, published as vLLM KV-event
+    batches over ZMQ (vLLM: also enabled by ``kv_connector_extra_config.kvtier_events``, a mapping of
+    these keys)."""
+
+    enabled: bool = Field(False, description="Publish the engine's stores and evictions as KV events.")
+    endpoint: str = Field("tcp://127.0.0.1:5567", description="ZMQ PUB endpoint events are published on.")
+    replay_endpoint: str = Field("", description="ZMQ ROUTER endpoint answering replay requests ('' = none).")
+    topic: str = Field("kvtier", description="Topic of every message.")
+    buffer_steps: int = Field(10_000, ge=1, description="Batches kept for replay.")
+    max_queue: int = Field(10_000, ge=1, description="Batches queued before new ones are dropped (counted).")
+    allow_remote: bool = Field(False, description="Accept endpoints other than loopback / ipc / inproc (ZMQ has "
+                                                  "no authentication: only behind a network boundary).")
+    max_chunks: int = Field(65_536, ge=1, description="Chunk descriptions kept to name evicted blocks.")
 
 
 def _comma_list(value: Any) -> Any:
@@ -221,12 +382,6 @@ class AuthConfig(_Section):
         (), description="Retired secrets still accepted for reading (key rotation; a JSON list in env)."
     )
 
-    def __repr__(self) -> str:  # never print secrets
-        return f"AuthConfig(secret={'***' if self.secret else ''!r}, secret_file={self.secret_file!r}, " \
-               f"previous_secrets=[{len(self.previous_secrets)} hidden])"
-
-    __str__ = __repr__
-
 
 class KvtierConfig(_Section):
     """Everything kvtier can be told. Section classes document their own keys."""
@@ -244,7 +399,10 @@ class KvtierConfig(_Section):
     server: ServerConfig = Field(default_factory=ServerConfig)
     blend: BlendConfig = Field(default_factory=BlendConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    controller: ControllerConfig = Field(default_factory=ControllerConfig)
+    router: RouterConfig = Field(default_factory=RouterConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
+    events: EventsConfig = Field(default_factory=EventsConfig)
 
 
 def _section_fields(model: type[BaseModel]) -> list[str]:
@@ -267,13 +425,13 @@ MAX_FILE_BYTES = 1 << 20
 _SECRET_NAME = re.compile(r"(^|_)(token|secrets?|passwords?|passwd|credentials?)($|_)|(^|_)keys?$", re.IGNORECASE)
 
 
-def _is_secret(name: str | int) -> bool:
+def is_secret(name: str | int) -> bool:
     return isinstance(name, str) and bool(_SECRET_NAME.search(name))
 
 
 def _shown(name: str | int, value: Any) -> Any:
     """``value`` of key ``name`` as it may appear in an error: secrets masked, URL credentials removed."""
-    if _is_secret(name):
+    if is_secret(name):
         return "<redacted>"
     if isinstance(value, Mapping):
         return {k: _shown(k, v) for k, v in value.items()}
@@ -306,12 +464,24 @@ def _explain(err: ValidationError) -> ConfigError:
     return ConfigError("; ".join(line.replace("\n", " ") for line in lines))
 
 
-# KVTIER_* variables that are not config keys (read elsewhere, KVTIER_HF_PYTHON by the cross-engine test);
-# every other KVTIER_* name must be one.
-RESERVED_ENV = frozenset({"KVTIER_CONFIG", "KVTIER_HOME", "KVTIER_CONTROLLER_TOKEN", "KVTIER_CONTROLLER_WORKER_TOKEN",
-                          "KVTIER_CONTROLLER_READ_TOKEN", "KVTIER_ROUTER_TOKEN", "KVTIER_ROUTER_BACKEND_TOKEN",
-                          "KVTIER_LOG_LEVEL", "KVTIER_SKIP_VLLM", "KVTIER_SKIP_SGLANG", "KVTIER_HF_PYTHON",
-                          "KVTIER_PROTOCOL_FD"})
+# Token variables deployments set once per host or pod (deploy/, docs/deployment.md): each is the
+# fallback of the keys listed, used only where the file, KVTIER_<SECTION>__<KEY> and the overrides leave
+# the key unset. A key with several names takes the first one set.
+TOKEN_ENV: dict[str, tuple[str, ...]] = {
+    "controller.token": ("KVTIER_CONTROLLER_TOKEN",),
+    "controller.worker_token": ("KVTIER_CONTROLLER_WORKER_TOKEN",),
+    "controller.read_token": ("KVTIER_CONTROLLER_READ_TOKEN",),
+    "cluster.token": ("KVTIER_CONTROLLER_TOKEN",),
+    "router.token": ("KVTIER_ROUTER_TOKEN",),
+    "router.backend_token": ("KVTIER_ROUTER_BACKEND_TOKEN",),
+    "router.controller_token": ("KVTIER_CONTROLLER_READ_TOKEN", "KVTIER_CONTROLLER_TOKEN"),
+}
+
+# KVTIER_* variables that are not config keys (the token fallbacks above; the rest read elsewhere,
+# KVTIER_HF_PYTHON by the cross-engine test); every other KVTIER_* name must be one.
+RESERVED_ENV = frozenset({name for names in TOKEN_ENV.values() for name in names}) | frozenset({
+    "KVTIER_CONFIG", "KVTIER_HOME", "KVTIER_LOG_LEVEL", "KVTIER_SKIP_VLLM", "KVTIER_SKIP_SGLANG", "KVTIER_HF_PYTHON",
+    "KVTIER_PROTOCOL_FD"})
 
 
 def _field_at(parts: list[str]) -> FieldInfo | None:
@@ -352,10 +522,21 @@ def _env_value(name: str, parts: list[str], raw: str) -> Any:
         try:
             return json.loads(raw)
         except ValueError as exc:
-            shown = "<redacted>" if _is_secret(parts[-1]) else repr(raw)
+            shown = "<redacted>" if is_secret(parts[-1]) else repr(raw)
             raise ConfigError(f"environment variable {name} (config key {key!r}) must be JSON, got {shown}: "
                               f"{exc}") from None
     return raw
+
+
+def _token_fallbacks(environ: Mapping[str, str]) -> dict[str, Any]:
+    """The keys of :data:`TOKEN_ENV` whose variables are set, as a nested mapping."""
+    out: dict[str, dict[str, Any]] = {}
+    for key, names in TOKEN_ENV.items():
+        value = next((environ[n] for n in names if environ.get(n)), None)
+        if value is not None:
+            section, name = key.split(".")
+            out.setdefault(section, {})[name] = value
+    return out
 
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
@@ -432,12 +613,20 @@ def load_config(
 ) -> KvtierConfig:
     """Build the effective config; raise :class:`ConfigError` on any unknown key or bad value."""
     env = os.environ if environ is None else environ
-    data: dict[str, Any] = {}
+    data = _token_fallbacks(env)
     file = path or env.get("KVTIER_CONFIG")
     if file:
-        data = _read_file(file)
+        data = _merge(data, _read_file(file))
     data = _merge(data, _env_overrides(env))
-    data = _merge(data, overrides or {})
+    return _validated(_merge(data, overrides or {}))
+
+
+def with_overrides(cfg: KvtierConfig, overrides: Mapping[str, Any]) -> KvtierConfig:
+    """``cfg`` with ``overrides`` (a nested mapping) applied and validated like :func:`load_config`'s."""
+    return _validated(_merge(cfg.model_dump(exclude_unset=True), overrides))
+
+
+def _validated(data: dict[str, Any]) -> KvtierConfig:
     try:
         return KvtierConfig.model_validate(data)
     except ValidationError as err:

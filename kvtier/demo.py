@@ -101,9 +101,11 @@ def run_demo(context_tokens: int = 3072, questions: int = 4, dtype: str = "auto"
     comes from disk. ``dtype`` goes through :func:`choose_dtype`; the record names the choice and why.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from kvtier.extras import require
+
+    transformers = require("transformers", "demo")  # the demo extra: transformers + matplotlib
     import torch
     from rich.progress import Progress
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from kvtier.bench.common import bar_plot, write_results
     from kvtier.config import load_config
@@ -116,8 +118,8 @@ def run_demo(context_tokens: int = 3072, questions: int = 4, dtype: str = "auto"
     dtype, dtype_reason = choose_dtype(dtype, cpu_flags())
     log.info("model dtype %s: %s", dtype, dtype_reason)
     folder = model_dir or ensure_embedded_model()
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype_from_name(dtype))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype_from_name(dtype))
     qa = load_questions()[:questions]
     chunk = load_config().chunk_tokens
     prefix, suffixes = build_prompts(tokenizer, load_document(), [q["question"] for q in qa],

@@ -14,7 +14,6 @@ Semantics (all methods are thread-safe):
 - Every chunk enters the CPU tier through one admission path (:meth:`CpuTier.admit`): store, the
   layer-wise store, promotion and chunks fetched by the cluster agent (:meth:`admit_frame`).
 - The KV spec's ``chunk_tokens`` must equal the config's (a :class:`ConfigError` otherwise).
-- ``prefetch(tokens)`` promotes lower-tier chunks to CPU in the background.
 - ``layerwise_store`` / ``layerwise_retrieve`` do the same one layer at a time so an engine can overlap
   transfers with compute.
 - Nothing here raises because a tier failed: a failed tier is a miss.
@@ -27,7 +26,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, cast
 
@@ -86,7 +84,6 @@ class CacheEngine:
         # ``observer(op, seconds)`` after every lookup / store / retrieve (metrics); must not raise
         self.observers: list[Callable[[str, float], None]] = []
         self._lock = threading.Lock()
-        self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-prefetch")
         self._closed = False
 
     def _count(self, **amounts: int) -> None:
@@ -286,21 +283,6 @@ class CacheEngine:
         self._observe("retrieve", start)
         return hit
 
-    def prefetch(self, tokens: Tokens) -> Future[int]:
-        """Promote the lower-tier part of the cached prefix of ``tokens`` to CPU in the background.
-
-        The future resolves to the number of tokens then in CPU.
-        """
-
-        def run() -> int:
-            _arr, hit, held = self._acquire(tokens, None)
-            for _chunk, slot in held:
-                if slot is not None:
-                    self.cpu.release(slot)
-            return hit
-
-        return self._prefetcher.submit(run)
-
     # ---- frames (cluster agent) ------------------------------------------------------------------
     def admit_frame(self, record: ChunkRecord, frame: bytes | memoryview) -> str:
         """Verify wire ``frame`` (e.g. from a peer) against ``record`` and admit it to the CPU tier.
@@ -403,7 +385,6 @@ class CacheEngine:
         if self._closed:
             return 0
         self._closed = True
-        self._prefetcher.shutdown(wait=True)
         self.probe.flush(min(timeout_s, 5.0))
         lost = self.storage.close(timeout_s)
         if lost:

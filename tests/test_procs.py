@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from kvtier.procs import Child, ChildExited, protocol_stream
+from kvtier.procs import Child, ChildExited, protocol_stream, stop_process
 
 # one write carrying a log line and READY, then the child waits (as vLLM does for commands on stdin)
 TWO_LINES_ONE_WRITE = textwrap.dedent(
@@ -105,3 +105,70 @@ def test_expect_without_a_channel_is_an_error(tmp_path: Path) -> None:
     child = Child([sys.executable, "-c", "print('x')"], log=tmp_path / "c.log", channel=None)
     with child, pytest.raises(RuntimeError, match="without a protocol channel"):
         child.expect("x", 1)
+
+
+def test_rss_bytes_follows_touched_memory_and_is_none_for_a_gone_process() -> None:
+    from kvtier.procs import rss_bytes
+
+    assert (rss_bytes() or 0) > 1 << 20
+    # a fresh interpreter, whose allocator holds no freed memory that the block could reuse
+    code = ("from kvtier.procs import rss_bytes\nbefore = rss_bytes()\nblock = bytes([1]) * (64 << 20)\n"
+            "print(before, rss_bytes())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    before, after = (int(v) for v in out.stdout.split())
+    assert after - before >= 48 << 20, (before, after)
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    assert rss_bytes(proc.pid) is None
+
+
+# the child starts a grandchild (as an engine starts its workers) that ignores SIGTERM, then waits
+PARENT_OF_STUBBORN = textwrap.dedent(
+    """
+    import subprocess, sys, time
+    grandchild = subprocess.Popen([sys.executable, "-c",
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(600)"],
+        stdout=subprocess.PIPE, text=True)
+    grandchild.stdout.readline()  # its SIGTERM handler is in place
+    print(f"GRANDCHILD {grandchild.pid}", flush=True)
+    if sys.argv[1] == "wait":
+        time.sleep(600)
+    """
+)
+
+
+def _running(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat[stat.rfind(")") + 2] != "Z"  # a zombie is dead, only not yet reaped
+
+
+def test_stop_ends_the_childs_own_children_too(tmp_path: Path) -> None:
+    with Child([sys.executable, "-c", PARENT_OF_STUBBORN, "wait"], log=tmp_path / "c.log") as child:
+        grandchild = int(child.expect(r"^GRANDCHILD (\d+)$", 30).group(1))
+        assert _running(grandchild)
+        child.stop(timeout_s=1.0)  # SIGTERM to the group, SIGKILL for the one that ignores it
+    assert child.proc.returncode is not None and not _running(grandchild)
+
+
+def test_stop_ends_children_a_dead_child_left_behind(tmp_path: Path) -> None:
+    child = Child([sys.executable, "-c", PARENT_OF_STUBBORN, "exit"], log=tmp_path / "c.log")
+    with child:
+        grandchild = int(child.expect(r"^GRANDCHILD (\d+)$", 30).group(1))
+        with pytest.raises(ChildExited, match="exit code 0"):
+            child.expect("never", 30)
+        assert _running(grandchild)  # orphaned, still in the child's process group
+        child.stop(timeout_s=1.0)
+    assert not _running(grandchild)
+
+
+def test_stop_process_stops_the_group_of_a_session_leader() -> None:
+    proc = subprocess.Popen([sys.executable, "-c", PARENT_OF_STUBBORN, "wait"], stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    assert proc.stdout is not None
+    grandchild = int(proc.stdout.readline().split()[1])
+    proc.stdout.close()
+    stop_process(proc, 1.0)
+    assert proc.returncode is not None and not _running(grandchild)

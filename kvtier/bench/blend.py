@@ -309,31 +309,25 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Full prefill vs naive KV reuse vs CacheBlend on multi-document QA (SmolLM2-135M)."""
         from rich.console import Console
-        from rich.table import Table
 
-        from kvtier.bench.common import write_results
+        from kvtier.bench.common import show_table, write_results
 
-        console = Console(width=max(Console().width, 150))
         if threads > 0:
             import torch
 
             torch.set_num_threads(threads)
         extra = tuple(float(r) for r in ratios.split(",") if r.strip())
         result = run(questions, ratio, check_layer, extra, max_new_tokens, repeat, seed, dtype,
-                     progress=lambda line: console.log(line))
+                     progress=lambda line: Console().log(line))
         path = write_results("bench_blend", result, out)
         png = plot(Path(out) / "bench_blend.png", result["summary"])
-        table = Table(title=f"CacheBlend, {result['questions']} prompts, {dtype}")
-        for col in ("method", "TTFT min/med/max s", "speedup", "computed", "1st tok =", "tf agree",
-                    "KL 1st", "KL answer", "F1 vs full", "EM vs full", "gold acc", "F1 gold"):
-            table.add_column(col, justify="right")
-        for m, s in result["summary"].items():
-            table.add_row(
-                m, f"{s['ttft_min_s']:.2f}/{s['ttft_median_s']:.2f}/{s['ttft_max_s']:.2f}",
-                f"{s['speedup_median']:.2f}x", f"{100 * s.get('computed_fraction', 1.0):.0f}%",
-                f"{s['first_token_agree']:.1f}", f"{s['tf_agree']:.1f}", f"{s['kl_mean']:.4f}",
-                f"{s['kl_answer_mean']:.4f}", f"{s['f1_vs_full']:.1f}", f"{s['em_vs_full']:.1f}",
-                f"{s['acc_gold']:.1f}", f"{s['f1_gold']:.1f}",
-            )
-        console.print(table)
-        console.print(f"wrote {path} and {png}")
+        show_table(f"CacheBlend, {result['questions']} prompts, {dtype}",
+                   ["method", "TTFT min/med/max s", "speedup", "computed", "1st tok =", "tf agree", "KL 1st",
+                    "KL answer", "F1 vs full", "EM vs full", "gold acc", "F1 gold"],
+                   [[m, f"{s['ttft_min_s']:.2f}/{s['ttft_median_s']:.2f}/{s['ttft_max_s']:.2f}",
+                     f"{s['speedup_median']:.2f}x", f"{100 * s.get('computed_fraction', 1.0):.0f}%",
+                     f"{s['first_token_agree']:.1f}", f"{s['tf_agree']:.1f}", f"{s['kl_mean']:.4f}",
+                     f"{s['kl_answer_mean']:.4f}", f"{s['f1_vs_full']:.1f}", f"{s['em_vs_full']:.1f}",
+                     f"{s['acc_gold']:.1f}", f"{s['f1_gold']:.1f}"] for m, s in result["summary"].items()],
+                   width=150)
+        print(f"wrote {path} and {png}")

@@ -309,26 +309,19 @@ def register(app: typer.Typer) -> None:
         out: Annotated[Path, typer.Option(help="Output folder.")] = Path("results"),
     ) -> None:
         """Compression ratio, single-core speed and quality of every codec on real SmolLM2 KV."""
-        from rich.console import Console
-        from rich.markup import escape
-        from rich.table import Table
+        from kvtier.bench.common import show_table
 
         labels = tuple(c.strip() for c in codecs.split(",") if c.strip())
         record = run_codecs_bench(labels, context, continuation, questions, repeat, out)
-        table = Table(title=f"codecs on {record['kv']['tokens']} tokens of SmolLM2 KV (bf16), "
-                            f"baseline ppl {record['baseline_ppl']:.3f}")
-        for col in ("codec", "ratio", "bits/val", "enc MB/s", "dec MB/s", "ppl +%", "top-1", "greedy same",
-                    "answers ok", "max err"):
-            table.add_column(col, justify="left" if col == "codec" else "right", no_wrap=True)
-        for r in record["rows"]:
-            table.add_row(escape(r["codec"]), f"{r['ratio']:.2f}", f"{r['bits_per_value']:.2f}",
-                          "view" if r["codec"] == "raw" else f"{r['encode_MBps']:.0f}", f"{r['decode_MBps']:.0f}",
-                          f"{r['ppl_increase_pct']:+.2f}",
-                          f"{r['top1_agreement']:.3f}",
-                          f"{r['greedy_agreement']:.2f}", f"{r['answers_correct']:.2f}", f"{r['max_abs_err']:.3g}")
-        console = Console(width=max(Console().width, 132))
-        console.print(table)
-        console.print(f"{len(record['questions'])} questions; greedy same = 16-token answer identical to the "
-                      f"uncompressed KV's; answers ok = contains the expected answer "
-                      f"(uncompressed: {record['baseline_answers_correct']:.2f})")
-        console.print(f"wrote {out / 'bench_codecs.json'} and {out / 'bench_codecs.png'}")
+        show_table(f"codecs on {record['kv']['tokens']} tokens of SmolLM2 KV (bf16), "
+                   f"baseline ppl {record['baseline_ppl']:.3f}",
+                   ["codec", "ratio", "bits/val", "enc MB/s", "dec MB/s", "ppl +%", "top-1", "greedy same",
+                    "answers ok", "max err"],
+                   [[r["codec"], f"{r['ratio']:.2f}", f"{r['bits_per_value']:.2f}",
+                     "view" if r["codec"] == "raw" else f"{r['encode_MBps']:.0f}", f"{r['decode_MBps']:.0f}",
+                     f"{r['ppl_increase_pct']:+.2f}", f"{r['top1_agreement']:.3f}", f"{r['greedy_agreement']:.2f}",
+                     f"{r['answers_correct']:.2f}", f"{r['max_abs_err']:.3g}"] for r in record["rows"]], width=132)
+        print(f"{len(record['questions'])} questions; greedy same = 16-token answer identical to the "
+              f"uncompressed KV's; answers ok = contains the expected answer "
+              f"(uncompressed: {record['baseline_answers_correct']:.2f})")
+        print(f"wrote {out / 'bench_codecs.json'} and {out / 'bench_codecs.png'}")

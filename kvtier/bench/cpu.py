@@ -3,23 +3,23 @@
 The ceiling copies the same KV tensor into preallocated memory with ``torch.Tensor.copy_``; ours
 stores it through :meth:`CacheEngine.store` (chunking, keying, slot reservation, copy into the arena)
 and retrieves it back into a preallocated engine-side tensor. Every run times the ceiling, the store and
-the retrieve back to back, so the per-run ratios (``paired``: min / median / max over runs) compare
-measurements the machine's drift hit alike; the worst run is the paired minimum.
+the retrieve back to back, so the per-run ratios (min / median / max over runs) compare measurements
+the machine's drift hit alike; the worst run is the minimum.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import typer
 
 
-def run(tokens: int = 8192, repeat: int = 7, dtype: str = "bfloat16", out_dir: str = "results") -> dict:
-    import statistics
-    import time
-
+def run(tokens: int = 8192, repeat: int = 7, dtype: str = "bfloat16", out_dir: str = "results",
+        show: bool = True) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from kvtier.bench.common import Timing, bar_plot, ratio, write_results
+    from kvtier.bench.common import Report, interleaved
     from kvtier.config import load_config
     from kvtier.engine import CacheEngine
     from kvtier.layout import KVSpec
@@ -31,65 +31,33 @@ def run(tokens: int = 8192, repeat: int = 7, dtype: str = "bfloat16", out_dir: s
     nbytes = kv.numel() * kv.element_size()
     cfg = load_config(overrides={"cpu": {"capacity": nbytes + 4 * spec.chunk_bytes}})
     engine = CacheEngine(spec, "bench-cpu", cfg, tiers=[])
-    runs: dict[str, list[float]] = {"copy": [], "store": [], "retrieve": []}
-    ops = {"copy": lambda: dest.copy_(kv), "store": lambda: engine.store(ids, kv),
-           "retrieve": lambda: engine.retrieve(ids, dest)}
     try:
-        for i in range(repeat + 1):  # run 0 warms up
-            engine.cpu.clear()
-            for name, fn in ops.items():
-                start = time.perf_counter()
-                fn()
-                if i:
-                    runs[name].append(time.perf_counter() - start)
-        assert torch.equal(dest, kv), "retrieve returned different bytes"
+        times = interleaved({"copy_": lambda: dest.copy_(kv), "store": lambda: engine.store(ids, kv),
+                             "retrieve": lambda: engine.retrieve(ids, dest)}, repeat,
+                            prepare={"store": engine.cpu.clear})
+        engine.retrieve(ids, dest)
+        if not torch.equal(dest, kv):
+            raise RuntimeError("retrieve returned different bytes")
     finally:
         engine.close()
-    ceiling, store, retrieve = Timing(runs["copy"]), Timing(runs["store"]), Timing(runs["retrieve"])
-
-    def paired(name: str) -> dict[str, float]:
-        per_run = [c / o for c, o in zip(runs["copy"], runs[name])]
-        return {"min": min(per_run), "median": statistics.median(per_run), "max": max(per_run)}
-
-    gb = nbytes / 1e9
-    result = {
-        "tokens": tokens,
-        "dtype": dtype,
-        "bytes": nbytes,
-        "copy_ceiling": {**ceiling.summary(), "GBps": ceiling.rate(gb)},
-        "store": {**store.summary(), "GBps": store.rate(gb), "ratio_vs_copy": ratio(store, ceiling),
-                  "paired_ratio_vs_copy": paired("store")},
-        "retrieve": {**retrieve.summary(), "GBps": retrieve.rate(gb), "ratio_vs_copy": ratio(retrieve, ceiling),
-                     "paired_ratio_vs_copy": paired("retrieve")},
-    }
-    write_results("bench_cpu", result, out_dir)
-    labels = ["copy_ ceiling", "store", "retrieve"]
-    timings = [ceiling, store, retrieve]
-    bar_plot(f"{out_dir}/bench_cpu.png", f"CPU tier, {tokens} tokens {dtype} ({nbytes / 1e6:.0f} MB)", labels,
-             {"GB/s (median)": [t.rate(gb)["median"] for t in timings]}, "GB/s",
-             errors={"GB/s (median)": ([t.rate(gb)["min"] for t in timings], [t.rate(gb)["max"] for t in timings])})
-    return result
+    report = Report("bench_cpu", f"CPU tier vs copy_, {tokens} tokens {dtype} ({nbytes / 1e6:.0f} MB)",
+                    amount=nbytes / 1e9, meta={"tokens": tokens, "dtype": dtype, "bytes": nbytes})
+    ceiling = report.add("copy_", times["copy_"])
+    report.add("store", times["store"], vs=ceiling)
+    report.add("retrieve", times["retrieve"], vs=ceiling)
+    return report.finish(out_dir, show=show)
 
 
 def register(app: typer.Typer) -> None:
     @app.command("cpu")
     def cpu_cmd(
         tokens: int = typer.Option(8192, help="Tokens of SmolLM2-shaped KV to move."),
-        repeat: int = typer.Option(7, help="Timed runs (min/median/max reported)."),
+        repeat: int = typer.Option(7, min=1, help="Timed runs (min/median/max reported)."),
         dtype: str = typer.Option("bfloat16", help="KV dtype."),
+        quick: bool = typer.Option(False, "--quick", help="2,048 tokens, 3 runs: proves it works, numbers rough."),
         out: str = typer.Option("results", help="Output directory."),
     ) -> None:
         """CPU tier store/retrieve GB/s ÷ same-run copy_ into preallocated memory."""
-        from rich.console import Console
-        from rich.table import Table
-
-        r = run(tokens, repeat, dtype, out)
-        table = Table(title=f"CPU tier vs copy_ ({r['bytes'] / 1e6:.0f} MB)")
-        for col in ("op", "GB/s min", "GB/s median", "GB/s max", "÷ copy_ per run: worst", "median"):
-            table.add_column(col)
-        for op in ("copy_ceiling", "store", "retrieve"):
-            g = r[op]["GBps"]
-            rel = r[op].get("paired_ratio_vs_copy", {"min": 1.0, "median": 1.0})
-            table.add_row(op, f"{g['min']:.2f}", f"{g['median']:.2f}", f"{g['max']:.2f}", f"{rel['min']:.2f}x",
-                          f"{rel['median']:.2f}x")
-        Console().print(table)
+        if quick:
+            tokens, repeat = 2048, 3
+        run(tokens, repeat, dtype, out)

@@ -26,7 +26,8 @@ import typer
 GOAL = 0.7
 
 
-def _drop_caches(dirs: list[Path]) -> str:
+def drop_caches(dirs: list[Path]) -> str:
+    """Drop the page cache of the files under ``dirs``; returns how (``drop_caches`` or ``fadvise_dontneed``)."""
     os.sync()
     with contextlib.suppress(OSError), open("/proc/sys/vm/drop_caches", "w") as f:
         f.write("1\n")
@@ -42,23 +43,14 @@ def _drop_caches(dirs: list[Path]) -> str:
     return "fadvise_dontneed"
 
 
-PAIRS = {  # ratio name: (our operation, its raw ceiling)
-    "tier_store": ("tier_put", "raw_write"),
-    "tier_retrieve": ("tier_get", "raw_read"),
-    "engine_store": ("engine_store", "raw_write"),
-    "engine_retrieve": ("engine_retrieve", "raw_read"),
+SERIES = {  # series: (store operation, retrieve operation)
+    "raw (write+fsync / cold read)": ("raw_write", "raw_read"),
+    "DiskTier alone": ("tier_put", "tier_get"),
+    "CacheEngine via disk": ("engine_store", "engine_retrieve"),
 }
 
 
-def _paired(ours: list[float], raw: list[float]) -> dict[str, float]:
-    """Throughput ratio ours ÷ raw of each run: min / median / max over runs."""
-    import statistics
-
-    per_run = [r / o for o, r in zip(ours, raw)]
-    return {"min": min(per_run), "median": statistics.median(per_run), "max": max(per_run)}
-
-
-def _raw_write(root: Path, frames: list[Any]) -> None:
+def raw_write(root: Path, frames: list[Any]) -> None:
     """The store ceiling: each frame's bytes to its own file, ``writev`` + ``fsync``."""
     from kvtier.storage.disk import write_all
 
@@ -71,7 +63,7 @@ def _raw_write(root: Path, frames: list[Any]) -> None:
             os.close(fd)
 
 
-def _raw_read(root: Path, sizes: list[int]) -> None:
+def raw_read(root: Path, sizes: list[int]) -> None:
     """The retrieve ceiling: each file read back with one ``preadv`` into one reused buffer."""
     buf = memoryview(bytearray(max(sizes)))
     for i, size in enumerate(sizes):
@@ -86,15 +78,15 @@ def _raw_read(root: Path, sizes: list[int]) -> None:
 def run_bench(
     path: Path, total_bytes: int, repeat: int, num_layers: int, num_kv_heads: int, head_dim: int,
     dtype: str, chunk_tokens: int,
-) -> dict[str, Any]:
-    """Measure everything ``repeat`` times; the order of raw / tier / engine rotates between runs so
-    that no system always runs first (e.g. right after the previous run's files were discarded)."""
+) -> tuple[dict[str, list[float]], dict[str, Any]]:
+    """Seconds of every operation over ``repeat`` runs, and what was measured. The order of raw / tier /
+    engine rotates between runs so that no system always runs first (e.g. right after the previous run's
+    files were discarded)."""
     import time
 
     import numpy as np
     import torch
 
-    from kvtier.bench.common import Timing, ratio
     from kvtier.config import load_config
     from kvtier.engine import CacheEngine
     from kvtier.frames import pack_parts, payload_view
@@ -162,12 +154,12 @@ def run_bench(
                 assert tier.get_into(c.key, dest) is not None
 
         writes = {
-            "raw": lambda: clock("raw_write", lambda: _raw_write(raw_dir, frames)),
+            "raw": lambda: clock("raw_write", lambda: raw_write(raw_dir, frames)),
             "tier": lambda: clock("tier_put", tier_put),
             "engine": lambda: clock("engine_store", engine_store),
         }
         reads = {
-            "raw": lambda: clock("raw_read", lambda: _raw_read(raw_dir, sizes)),
+            "raw": lambda: clock("raw_read", lambda: raw_read(raw_dir, sizes)),
             "tier": lambda: clock("tier_get", tier_get),
             "engine": lambda: clock("engine_retrieve", engine_retrieve),
         }
@@ -190,7 +182,7 @@ def run_bench(
             assert engine.stats()["disk"]["chunks"] == n_chunks, engine.stats()["disk"]
             engine.cpu.clear()  # hits must come from disk
             for name in order:
-                drop = _drop_caches([raw_dir, tier_dir, engine_dir])
+                drop = drop_caches([raw_dir, tier_dir, engine_dir])
                 reads[name]()
         assert engine.stats()["disk"].get("corrupt", 0) == 0
     finally:
@@ -198,23 +190,25 @@ def run_bench(
         tier.close()
         shutil.rmtree(path, ignore_errors=True)
 
-    timing = {k: Timing(v) for k, v in times.items()}
-    gb = nbytes / 1e9
-    results: dict[str, Any] = {
-        "spec": spec.fingerprint(),
-        "chunks": n_chunks,
-        "bytes": nbytes,
-        "repeat": repeat,
-        "cache_drop": drop,
-        "gbps": {k: t.rate(gb) for k, t in timing.items()},
-        "seconds": {k: t.summary() for k, t in timing.items()},
-        "ratios": {name: ratio(timing[ours], timing[raw]) for name, (ours, raw) in PAIRS.items()},
-        # the same ratio per run (ours and raw measured seconds apart), robust to drifting disk load
-        "paired_ratios": {name: _paired(times[ours], times[raw]) for name, (ours, raw) in PAIRS.items()},
-        "goal": GOAL,
-    }
-    results["meets_goal"] = {k: v["median"] >= GOAL for k, v in results["paired_ratios"].items()}
-    return results
+    return times, {"spec": spec.fingerprint(), "chunks": n_chunks, "bytes": nbytes, "repeat": repeat,
+                   "cache_drop": drop}
+
+
+def run(path: Path, total_bytes: int, repeat: int, num_layers: int = 32, num_kv_heads: int = 8,
+        head_dim: int = 128, dtype: str = "bfloat16", chunk_tokens: int = 256, out_dir: Path | str = "results",
+        show: bool = True) -> dict[str, Any]:
+    """Measure; write ``bench_disk.json`` / ``.png``; return the record."""
+    from kvtier.bench.common import Report, Row
+
+    times, info = run_bench(path, total_bytes, repeat, num_layers, num_kv_heads, head_dim, dtype, chunk_tokens)
+    report = Report("bench_disk", f"disk tier, {info['chunks']} chunks of {info['spec']} ({info['cache_drop']})",
+                    amount=info["bytes"] / 1e9, goal=GOAL, meta=info)
+    raw_store, raw_retrieve = SERIES["raw (write+fsync / cold read)"]
+    ceilings: dict[str, Row] = {}
+    for series, ops in SERIES.items():
+        for label, op, raw in zip(("store", "retrieve"), ops, (raw_store, raw_retrieve)):
+            ceilings[op] = report.add(label, times[op], series=series, vs=ceilings.get(raw))
+    return report.finish(out_dir, show=show)
 
 
 def register(app: typer.Typer) -> None:
@@ -229,44 +223,13 @@ def register(app: typer.Typer) -> None:
         head_dim: Annotated[int, typer.Option(help="KV spec: head dim.")] = 128,
         dtype: Annotated[str, typer.Option(help="KV spec: dtype.")] = "bfloat16",
         chunk_tokens: Annotated[int, typer.Option(help="KV spec: tokens per chunk.")] = 256,
+        quick: Annotated[bool, typer.Option("--quick", help="64 MiB, 3 runs: proves it works, numbers rough.")]
+        = False,
         out: Annotated[Path, typer.Option(help="Results directory.")] = Path("results"),
     ) -> None:
         """Disk tier store/retrieve GB/s ÷ raw write+fsync / cold read of the same bytes."""
-        from rich.console import Console
-        from rich.table import Table
-
-        from kvtier.bench.common import bar_plot, write_results
         from kvtier.config import parse_bytes
 
-        console = Console()
-        with console.status("measuring disk tier"):
-            res = run_bench(path, parse_bytes(total), repeat, layers, kv_heads, head_dim, dtype, chunk_tokens)
-        json_path = write_results("bench_disk", res, out)
-        g = res["gbps"]
-        labels = ["store", "retrieve"]
-        series = {
-            "raw (write+fsync / cold read)": [g["raw_write"]["median"], g["raw_read"]["median"]],
-            "DiskTier alone": [g["tier_put"]["median"], g["tier_get"]["median"]],
-            "CacheEngine via disk": [g["engine_store"]["median"], g["engine_retrieve"]["median"]],
-        }
-        keys = {"raw (write+fsync / cold read)": ("raw_write", "raw_read"),
-                "DiskTier alone": ("tier_put", "tier_get"),
-                "CacheEngine via disk": ("engine_store", "engine_retrieve")}
-        errors = {name: ([g[a]["min"], g[b]["min"]], [g[a]["max"], g[b]["max"]]) for name, (a, b) in keys.items()}
-        bar_plot(Path(out) / "bench_disk.png",
-                 f"disk tier, {res['chunks']} chunks {res['spec']} ({res['cache_drop']})",
-                 labels, series, "GB/s (median, min/max whiskers)", errors)
-        table = Table(title=f"kvtier bench disk: {res['bytes'] / 1e9:.2f} GB, {res['repeat']} runs")
-        for col in ("operation", "GB/s min", "median", "max", "÷ raw per run: min", "median", "max",
-                    f"≥ {GOAL}"):
-            table.add_column(col, justify="right" if col != "operation" else "left")
-        for op, ratio_key in (("raw_write", None), ("raw_read", None), ("tier_put", "tier_store"),
-                              ("tier_get", "tier_retrieve"), ("engine_store", "engine_store"),
-                              ("engine_retrieve", "engine_retrieve")):
-            r = res["paired_ratios"].get(ratio_key) if ratio_key else None
-            spread = [f"{r[k]:.2f}" for k in ("min", "median", "max")] if r else ["", "", ""]
-            verdict = ("yes" if r["median"] >= GOAL else "NO") if r else ""
-            table.add_row(op, f"{g[op]['min']:.2f}", f"{g[op]['median']:.2f}", f"{g[op]['max']:.2f}",
-                          *spread, verdict)
-        console.print(table)
-        console.print(f"wrote {json_path} and {Path(out) / 'bench_disk.png'}")
+        if quick:
+            total, repeat = "64MiB", 3
+        run(path, parse_bytes(total), repeat, layers, kv_heads, head_dim, dtype, chunk_tokens, out)

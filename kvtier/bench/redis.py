@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import statistics
 import subprocess
 import tempfile
 import time
@@ -62,12 +61,13 @@ def redis_server(binary: str) -> Iterator[int]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def run(chunk_tokens: int = 256, chunks: int = 16, repeat: int = 5, out_dir: str = "results") -> dict[str, Any]:
+def run(chunk_tokens: int = 256, chunks: int = 16, repeat: int = 5, out_dir: str = "results",
+        show: bool = True) -> dict[str, Any]:
     import numpy as np
     import redis
     import torch
 
-    from kvtier.bench.common import Timing, bar_plot, ratio, write_results
+    from kvtier.bench.common import Report, interleaved
     from kvtier.errors import ConfigError
     from kvtier.frames import pack_parts
     from kvtier.keys import Chunker, Namespace
@@ -118,17 +118,8 @@ def run(chunk_tokens: int = 256, chunks: int = 16, repeat: int = 5, out_dir: str
         pairs: dict[str, tuple[Callable[[], None], Callable[[], None]]] = {
             "put": (plain_set, ours_put), "put_parts": (plain_set, ours_put_parts), "get": (plain_get, ours_get),
         }
-        runs: dict[str, tuple[list[float], list[float]]] = {op: ([], []) for op in OPS}
-        for i in range(repeat + 1):  # run 0 warms up; sides alternate order every run
-            for op, (base_fn, ours_fn) in pairs.items():
-                if op == "get":
-                    ours_put()
-                order = [(0, base_fn), (1, ours_fn)] if i % 2 == 0 else [(1, ours_fn), (0, base_fn)]
-                for side, fn in order:
-                    start = time.perf_counter()
-                    fn()
-                    if i:
-                        runs[op][side].append(time.perf_counter() - start)
+        times = interleaved({f"{side} {op}": fn for op, pair in pairs.items()
+                             for side, fn in zip(("plain", "ours"), pair)}, repeat)
         got = [tier.get(k) for k in keys]
         if got != frames:
             raise RuntimeError("RedisTier.get returned different bytes than were stored")
@@ -136,32 +127,14 @@ def run(chunk_tokens: int = 256, chunks: int = 16, repeat: int = 5, out_dir: str
         tier.close()
         plain.close()
 
-    result: dict[str, Any] = {"chunk_tokens": chunk_tokens, "chunks": chunks, "bytes": nbytes,
-                              "frame_bytes": len(frames[0]), "repeat": repeat, "server": binary}
-    timings: dict[str, tuple[Timing, Timing]] = {}
+    report = Report("bench_redis", f"RedisTier vs plain redis-py SET / GET, {chunks} frames of "
+                    f"{len(frames[0]) / 2**20:.1f} MiB", amount=gb, meta={
+                        "chunk_tokens": chunk_tokens, "chunks": chunks, "bytes": nbytes,
+                        "frame_bytes": len(frames[0]), "repeat": repeat, "server": binary})
     for op in OPS:
-        base, ours = Timing(runs[op][0]), Timing(runs[op][1])
-        pairs_ = [b / o for b, o in zip(runs[op][0], runs[op][1])]
-        timings[op] = (base, ours)
-        result[op] = {
-            "redis_py": {**base.summary(), "GBps": base.rate(gb)},
-            "redis_tier": {**ours.summary(), "GBps": ours.rate(gb)},
-            "ratio_vs_redis_py": ratio(ours, base),
-            # per-run pairs (both sides ran back to back) cancel the machine's drift between runs
-            "paired_ratio": {"min": min(pairs_), "median": statistics.median(pairs_), "max": max(pairs_)},
-        }
-    write_results("bench_redis", result, out_dir)
-    labels = list(OPS)
-    series: dict[str, list[float]] = {}
-    errors: dict[str, tuple[list[float], list[float]]] = {}
-    for side, label in ((0, "plain redis-py SET/GET"), (1, "RedisTier")):
-        rates = [timings[op][side].rate(gb) for op in OPS]
-        series[label] = [r["median"] for r in rates]
-        errors[label] = ([r["min"] for r in rates], [r["max"] for r in rates])
-    bar_plot(f"{out_dir}/bench_redis.png",
-             f"Redis tier vs redis-py, {chunks} frames of {len(frames[0]) / 2**20:.1f} MiB", labels, series,
-             "GB/s (median, min/max whiskers)", errors=errors)
-    return result
+        base = report.add(op, times[f"plain {op}"], series="plain redis-py")
+        report.add(op, times[f"ours {op}"], series="RedisTier", vs=base)
+    return report.finish(out_dir, show=show)
 
 
 def register(app: typer.Typer) -> None:
@@ -170,19 +143,10 @@ def register(app: typer.Typer) -> None:
         chunk_tokens: int = typer.Option(256, help="Tokens per chunk (SmolLM2-shaped bf16 KV)."),
         chunks: int = typer.Option(16, help="Frames moved per timed run."),
         repeat: int = typer.Option(5, min=3, help="Timed runs (min/median/max reported)."),
+        quick: bool = typer.Option(False, "--quick", help="4 frames, 3 runs: proves it works, numbers rough."),
         out: str = typer.Option("results", help="Output directory."),
     ) -> None:
         """RedisTier put/get GB/s ÷ plain redis-py SET/GET of the same bytes (own redis-server)."""
-        from rich.console import Console
-        from rich.table import Table
-
-        r = run(chunk_tokens, chunks, repeat, out)
-        table = Table(title=f"Redis tier vs redis-py ({r['chunks']} x {r['frame_bytes'] / 2**20:.1f} MiB)")
-        for col in ("op", "redis-py GB/s", "RedisTier GB/s", "÷ (medians)", "÷ paired med [min-max]"):
-            table.add_column(col)
-        for op in OPS:
-            base, ours, pr = r[op]["redis_py"]["GBps"], r[op]["redis_tier"]["GBps"], r[op]["paired_ratio"]
-            table.add_row(op, f"{base['median']:.2f}", f"{ours['median']:.2f}",
-                          f"{r[op]['ratio_vs_redis_py']['median']:.2f}x",
-                          f"{pr['median']:.2f}x [{pr['min']:.2f}-{pr['max']:.2f}]")
-        Console().print(table)
+        if quick:
+            chunks, repeat = 4, 3
+        run(chunk_tokens, chunks, repeat, out)

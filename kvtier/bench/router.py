@@ -13,12 +13,11 @@ tokens ÷ prompt tokens, from the instances' own ``/metrics`` (``vllm:external_p
 (``kv_consumer``) behind ``kvtier router --prefill --decode``, against one kv_both instance alone:
 TTFT and inter-token latency of streamed completions of distinct prompts.
 
-    .venv-vllm/bin/python -m kvtier.bench.router --part all
+    .venv-vllm/bin/kvtier bench router --part all
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import os
@@ -30,7 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
+import typer
 
 from kvtier.procs import Child, free_port, wait_healthy
 
@@ -99,6 +98,8 @@ def cluster_overrides(controller_url: str, instance_id: str, chunk_tokens: int =
 
 def vllm_metric(url: str, name: str) -> float:
     """Sum over the samples of counter ``name`` (e.g. ``vllm:prompt_tokens``) in a server's /metrics."""
+    import httpx
+
     text = httpx.get(f"{url}/metrics", timeout=10).text
     total = 0.0
     for line in text.splitlines():
@@ -109,6 +110,8 @@ def vllm_metric(url: str, name: str) -> float:
 
 def _histogram_sum(url: str, name: str, label: str) -> float:
     """``<name>_sum`` over the samples carrying ``label`` in a kvtier /metrics page."""
+    import httpx
+
     text = httpx.get(f"{url}/metrics", timeout=10).text
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith(f"{name}_sum") and label in line)
@@ -117,6 +120,8 @@ def _histogram_sum(url: str, name: str, label: str) -> float:
 def stream_completion(url: str, body: dict[str, Any], headers: dict[str, str] | None = None,
                       ) -> tuple[str, float, list[float], dict[str, str]]:
     """(text, TTFT s, inter-token gaps s, response headers) of one streamed completion."""
+    import httpx
+
     start = time.perf_counter()
     stamps: list[float] = []
     parts: list[str] = []
@@ -262,44 +267,58 @@ def disagg(model_dir: Path, work: Path, prompts: int, words: int, max_tokens: in
         return out
 
 
-def main() -> None:
-    from kvtier.bench.common import bar_plot, write_results
-    from kvtier.models import ensure_embedded_model
-
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=["router", "disagg", "all"], default="all")
-    parser.add_argument("--users", type=int, default=3, help="Odd, so round-robin moves users.")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--words", type=int, default=220, help="Context words per user (~3 tokens each).")
-    parser.add_argument("--prompts", type=int, default=4, help="Distinct prompts of the disagg part.")
-    parser.add_argument("--work", default="", help="Folder for logs (default: a temporary one).")
-    args = parser.parse_args()
+def run(part: str = "all", users: int = 3, rounds: int = 3, words: int = 220, prompts: int = 4,
+        work_dir: str = "", out_dir: str = "results") -> dict[str, Any]:
+    """Run ``part`` (router, disagg or all); write ``router.json|png`` / ``disagg.json|png``."""
     import tempfile
 
+    from kvtier.bench.common import bar_plot, require_engine, write_results
+    from kvtier.models import ensure_embedded_model
+
+    require_engine("vllm", "router")
     model_dir = ensure_embedded_model()
-    work = Path(args.work or tempfile.mkdtemp(prefix="router-bench-"))
+    work = Path(work_dir or tempfile.mkdtemp(prefix="router-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    if args.part in ("router", "all"):
-        res = multi_round(model_dir, work, args.users, args.rounds, args.words, max_tokens=8)
-        write_results("router", res)
+    results: dict[str, Any] = {}
+    if part in ("router", "all"):
+        res = results["router"] = multi_round(model_dir, work, users, rounds, words, max_tokens=8)
+        write_results("router", res, out_dir)
         names = ["single", "kv", "roundrobin"]
-        bar_plot("results/router.png", "multi-round-qa, 2 vLLM instances: hit rate and TTFT", ["hit rate",
-                 "mean TTFT (s)", "median TTFT (s)"],
+        bar_plot(f"{out_dir}/router.png", "multi-round-qa, 2 vLLM instances: hit rate and TTFT",
+                 ["hit rate", "mean TTFT (s)", "median TTFT (s)"],
                  {n: [res[n]["hit_rate"], res[n]["ttft_s"]["mean"], res[n]["ttft_s"]["median"]] for n in names},
                  "hit rate / seconds")
         print(f"kv hit rate / single-instance hit rate = {res['ratio_kv_vs_single_hit_rate']:.3f}; "
               f"roundrobin: {res['ratio_roundrobin_vs_single_hit_rate']:.3f}", flush=True)
-    if args.part in ("disagg", "all"):
-        res = disagg(model_dir, work, args.prompts, args.words, max_tokens=32)
-        write_results("disagg", res)
-        bar_plot("results/disagg.png", "1 prefill + 1 decode vs single instance (streamed)",
+    if part in ("disagg", "all"):
+        res = results["disagg"] = disagg(model_dir, work, prompts, words, max_tokens=32)
+        write_results("disagg", res, out_dir)
+        bar_plot(f"{out_dir}/disagg.png", "1 prefill + 1 decode vs single instance (streamed)",
                  ["TTFT median (s)", "ITL median (s x10)"],
                  {m: [res[m]["ttft_s"]["median"], res[m]["itl_s"]["median"] * 10] for m in ("single", "1p1d")},
                  "seconds")
         print(f"single TTFT / 1p1d TTFT (median) = {res['ratio_ttft_single_vs_1p1d_median']:.3f}; identical "
               f"outputs: {res['identical_outputs']}; decoder external hits {res['decoder_external_hit_tokens']:.0f}",
               flush=True)
+    return results
 
 
-if __name__ == "__main__":
-    main()
+def register(app: typer.Typer) -> None:
+    @app.command("router")
+    def router_cmd(
+        part: str = typer.Option("all", help="router (multi-round-qa), disagg (1p1d) or all."),
+        users: int = typer.Option(3, min=1, help="Users; odd, so round-robin moves users."),
+        rounds: int = typer.Option(3, min=2, help="Rounds per user."),
+        words: int = typer.Option(220, help="Context words per user (~3 tokens each)."),
+        prompts: int = typer.Option(4, min=1, help="Distinct prompts of the disagg part."),
+        quick: bool = typer.Option(False, "--quick", help="1 user, 2 rounds, 1 prompt: proves it works."),
+        work: str = typer.Option("", help="Folder for logs (default: a temporary one)."),
+        out: str = typer.Option("results", help="Output directory."),
+    ) -> None:
+        """KV-aware vs round-robin routing over 2 real vLLM instances; 1p1d disaggregated prefill.
+        Runs in vLLM's environment (e.g. .venv-vllm/bin/kvtier bench router)."""
+        if part not in ("router", "disagg", "all"):
+            raise typer.BadParameter(f"--part {part!r}: expected router, disagg or all")
+        if quick:
+            users, rounds, prompts = 1, 2, 1
+        run(part, users, rounds, words, prompts, work, out)

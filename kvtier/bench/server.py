@@ -5,7 +5,7 @@ Measured in one run, interleaved so machine noise hits both sides alike:
 - ceiling: a plain-socket sink process on loopback; "put" streams the same frames to it back to back
   (it ``recv_into``\\ s a preallocated buffer, one ack at the end); "get" has it stream them back into a
   preallocated buffer. No framing, no checksum, no per-frame round trip: the best a TCP protocol can do.
-- ours: :class:`~kvtier.server.client.RemoteTier` ``put`` / ``get`` (one round trip per frame, the
+- ours: :class:`~kvtier.storage.remote.RemoteTier` ``put`` / ``get`` (one round trip per frame, the
   server verifies each PUT's xxh3 checksum; the client returns fresh ``bytes``), and the batched
   ``put_many`` (MPUT) / ``get_many`` (MGET: one request, frames streamed back and consumed one by one
   as they arrive, like the manager verifying and copying them) and ``get_many_into`` (MGET with each
@@ -18,10 +18,8 @@ chunks of 256 tokens, is an 8K-token prompt (~189 MB).
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 import sys
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -32,7 +30,7 @@ from kvtier.procs import Child
 OPS = ("put", "get", "put_many", "get_many", "get_many_into")
 
 # The ceiling's other end: ``P<n>`` receives n frames and acks; ``G<n>`` sends n frames.
-_SINK = r"""
+SINK = r"""
 import socket, struct, sys
 size = int(sys.argv[1])
 ls = socket.socket(); ls.bind(("127.0.0.1", 0)); ls.listen(1)
@@ -61,7 +59,7 @@ while True:
 
 
 @contextlib.contextmanager
-def _process(args: list[str], pattern: str) -> Iterator[int]:
+def process(args: list[str], pattern: str) -> Iterator[int]:
     """Start ``args``; yield the port (group 1 of ``pattern``) of its first matching stdout line; stop it."""
     with Child(args) as child:
         yield int(child.expect(pattern, 60).group(1))
@@ -69,14 +67,14 @@ def _process(args: list[str], pattern: str) -> Iterator[int]:
 
 def kvtier_server(capacity: int) -> contextlib.AbstractContextManager[int]:
     """A throwaway ``kvtier server`` on a free loopback port holding ``capacity`` bytes; yields the port."""
-    return _process([sys.executable, "-m", "kvtier.server", "--port", "0", "--capacity", str(capacity),
+    return process([sys.executable, "-m", "kvtier.server", "--port", "0", "--capacity", str(capacity),
                      "--log-level", "warning"], _SERVER_PORT)
 
 
 _SERVER_PORT = r"listening on \S+:(\d+)"
 
 
-def _exact(sock: socket.socket, view: memoryview) -> None:
+def exact(sock: socket.socket, view: memoryview) -> None:
     while len(view):
         n = sock.recv_into(view)
         if n == 0:
@@ -84,19 +82,20 @@ def _exact(sock: socket.socket, view: memoryview) -> None:
         view = view[n:]
 
 
-def run(chunk_tokens: int = 256, chunks: int = 32, repeat: int = 5, out_dir: str = "results") -> dict[str, Any]:
+def run(chunk_tokens: int = 256, chunks: int = 32, repeat: int = 5, out_dir: str = "results",
+        show: bool = True) -> dict[str, Any]:
     import struct
 
     import numpy as np
     import torch
 
     from kvtier import wire
-    from kvtier.bench.common import Timing, bar_plot, ratio, write_results
+    from kvtier.bench.common import Report, interleaved
     from kvtier.frames import pack
     from kvtier.keys import Chunker, Namespace
     from kvtier.layout import KVSpec
     from kvtier.record import token_record
-    from kvtier.server.client import RemoteTier
+    from kvtier.storage.remote import RemoteTier
 
     spec = KVSpec(num_layers=30, num_kv_heads=3, head_dim=64, dtype="bfloat16", chunk_tokens=chunk_tokens)
     tokens = np.arange(chunks * chunk_tokens, dtype=np.uint32)
@@ -112,9 +111,9 @@ def run(chunk_tokens: int = 256, chunks: int = 32, repeat: int = 5, out_dir: str
     capacity = 4 * nbytes + (64 << 20)
     server_cmd = [sys.executable, "-m", "kvtier.server", "--port", "0", "--capacity", str(capacity),
                   "--log-level", "warning"]
-    sink_cmd = [sys.executable, "-c", _SINK, str(size)]
+    sink_cmd = [sys.executable, "-c", SINK, str(size)]
 
-    with _process(server_cmd, _SERVER_PORT) as port, _process(sink_cmd, r"^(\d+)$") as sink_port:
+    with process(server_cmd, _SERVER_PORT) as port, process(sink_cmd, r"^(\d+)$") as sink_port:
         tier = RemoteTier("127.0.0.1", port, timeout_s=30.0, pool_size=1)
         raw = socket.create_connection(("127.0.0.1", sink_port))
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -125,12 +124,12 @@ def run(chunk_tokens: int = 256, chunks: int = 32, repeat: int = 5, out_dir: str
             raw.sendall(b"P" + struct.pack("<I", len(frames)))
             for f in frames:
                 raw.sendall(f)
-            _exact(raw, ack)
+            exact(raw, ack)
 
         def raw_get() -> None:
             raw.sendall(b"G" + struct.pack("<I", len(frames)))
             for _ in frames:
-                _exact(raw, into)
+                exact(raw, into)
 
         def ours_put() -> None:
             for k, f in zip(keys, frames, strict=True):
@@ -166,46 +165,23 @@ def run(chunk_tokens: int = 256, chunks: int = 32, repeat: int = 5, out_dir: str
             "put_many": (raw_put, ours_put_many), "get_many": (raw_get, ours_get_many),
             "get_many_into": (raw_get, ours_get_many_into),
         }
-        runs: dict[str, tuple[list[float], list[float]]] = {op: ([], []) for op in OPS}
-        for i in range(repeat + 1):  # run 0 warms up; the two sides alternate order every run
-            for op, (base_fn, ours_fn) in pairs.items():
-                order = [(0, base_fn), (1, ours_fn)] if i % 2 == 0 else [(1, ours_fn), (0, base_fn)]
-                for side, fn in order:
-                    start = time.perf_counter()
-                    fn()
-                    if i:
-                        runs[op][side].append(time.perf_counter() - start)
+        times = interleaved({f"{side} {op}": fn for op, pair in pairs.items()
+                             for side, fn in zip(("raw", "ours"), pair)}, repeat)
         if tier.get_many(keys) != frames or any(bytes(d) != f[head_len:] for d, f in zip(dests, frames, strict=True)):
             raise RuntimeError("RemoteTier returned different bytes than were stored")
         server_stats = tier.server_stats()
         tier.close()
         raw.close()
 
-    result: dict[str, Any] = {
-        "chunk_tokens": chunk_tokens, "chunks": chunks, "bytes": nbytes, "frame_bytes": size, "repeat": repeat,
-        "server_rss_bytes": server_stats.get("rss_bytes"), "cpus": os.cpu_count(),
-        "ceiling": "raw loopback TCP stream of the same bytes (plain sockets, recv_into, no framing)",
-    }
-    timings: dict[str, tuple[Timing, Timing]] = {}
+    report = Report("bench_server", f"RemoteTier + kvtier server vs raw loopback TCP, {chunks} frames of "
+                    f"{size / 2**20:.2f} MiB", amount=gb, meta={
+                        "chunk_tokens": chunk_tokens, "chunks": chunks, "bytes": nbytes, "frame_bytes": size,
+                        "repeat": repeat, "server_rss_bytes": server_stats.get("rss_bytes"),
+                        "ceiling": "raw loopback TCP stream of the same bytes (plain sockets, recv_into, no framing)"})
     for op in OPS:
-        base, ours = Timing(runs[op][0]), Timing(runs[op][1])
-        timings[op] = (base, ours)
-        result[op] = {
-            "raw_tcp": {**base.summary(), "GBps": base.rate(gb)},
-            "remote_tier": {**ours.summary(), "GBps": ours.rate(gb)},
-            "ratio_vs_raw_tcp": ratio(ours, base),
-        }
-    write_results("bench_server", result, out_dir)
-    series: dict[str, list[float]] = {}
-    errors: dict[str, tuple[list[float], list[float]]] = {}
-    for side, label in ((0, "raw loopback TCP"), (1, "RemoteTier + kvtier server")):
-        rates = [timings[op][side].rate(gb) for op in OPS]
-        series[label] = [r["median"] for r in rates]
-        errors[label] = ([r["min"] for r in rates], [r["max"] for r in rates])
-    bar_plot(f"{out_dir}/bench_server.png",
-             f"Cache server vs raw TCP, {chunks} frames of {size / 2**20:.2f} MiB", list(OPS), series,
-             "GB/s (median, min/max whiskers)", errors=errors)
-    return result
+        base = report.add(op, times[f"raw {op}"], series="raw loopback TCP")
+        report.add(op, times[f"ours {op}"], series="RemoteTier", vs=base)
+    return report.finish(out_dir, show=show)
 
 
 def register(app: typer.Typer) -> None:
@@ -214,19 +190,10 @@ def register(app: typer.Typer) -> None:
         chunk_tokens: int = typer.Option(256, help="Tokens per chunk (SmolLM2-shaped bf16 KV)."),
         chunks: int = typer.Option(32, help="Frames moved per timed run (32 x 256 tokens = 8K tokens)."),
         repeat: int = typer.Option(5, min=3, help="Timed runs (min/median/max reported)."),
+        quick: bool = typer.Option(False, "--quick", help="8 frames, 3 runs: proves it works, numbers rough."),
         out: str = typer.Option("results", help="Output directory."),
     ) -> None:
         """RemoteTier put/get GB/s through a real `kvtier server` ÷ raw loopback TCP of the same bytes."""
-        from rich.console import Console
-        from rich.table import Table
-
-        r = run(chunk_tokens, chunks, repeat, out)
-        table = Table(title=f"kvtier server vs raw TCP ({r['chunks']} x {r['frame_bytes'] / 2**20:.2f} MiB)")
-        for col in ("op", "raw TCP GB/s (med)", "RemoteTier GB/s min", "med", "max", "÷ raw (med)", "worst"):
-            table.add_column(col)
-        for op in OPS:
-            base, ours = r[op]["raw_tcp"]["GBps"], r[op]["remote_tier"]["GBps"]
-            q = r[op]["ratio_vs_raw_tcp"]
-            table.add_row(op, f"{base['median']:.2f}", f"{ours['min']:.2f}", f"{ours['median']:.2f}",
-                          f"{ours['max']:.2f}", f"{q['median']:.2f}x", f"{q['worst']:.2f}x")
-        Console().print(table)
+        if quick:
+            chunks, repeat = 8, 3
+        run(chunk_tokens, chunks, repeat, out)

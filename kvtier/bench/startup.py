@@ -32,6 +32,7 @@ STARTS = {
 
 
 def _import_once(code: str) -> tuple[float, bool]:
+    """Seconds to run ``code`` in a fresh interpreter, and whether torch ended up loaded."""
     probe = f"{code}\nimport sys; print('torch' in sys.modules)"
     start = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=300)
@@ -39,7 +40,8 @@ def _import_once(code: str) -> tuple[float, bool]:
 
 
 def _start_once(args: list[str]) -> float:
-    from kvtier.bench.common import stop_process
+    """Seconds from spawning ``args`` to its listening line (stopping it afterwards is not timed)."""
+    from kvtier.procs import stop_process
 
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
@@ -53,52 +55,36 @@ def _start_once(args: list[str]) -> float:
         stop_process(proc)
 
 
-def run(repeat: int = 5, out_dir: str = "results") -> dict[str, Any]:
-    from kvtier.bench.common import Timing, bar_plot, ratio, write_results
+def run(repeat: int = 5, out_dir: str = "results", show: bool = True) -> dict[str, Any]:
+    from kvtier.bench.common import Report
 
-    runs: dict[str, list[float]] = {name: [] for name in (*IMPORTS, *STARTS)}
+    times: dict[str, list[float]] = {name: [] for name in (*IMPORTS, *STARTS)}
     torch_loaded: dict[str, bool] = {}
     for i in range(repeat + 1):  # run 0 warms the page cache
         for name, code in IMPORTS.items():
-            seconds, loaded = _import_once(code)
-            torch_loaded[name] = loaded
+            seconds, torch_loaded[name] = _import_once(code)
             if i:
-                runs[name].append(seconds)
+                times[name].append(seconds)
         for name, args in STARTS.items():
             seconds = _start_once(args)
             if i:
-                runs[name].append(seconds)
-    timings = {name: Timing(r) for name, r in runs.items()}
-    torch_ref = timings["import torch (reference)"]
-    result: dict[str, Any] = {"repeat": repeat}
-    for name, t in timings.items():
-        result[name] = {**t.summary(), "torch_loaded": torch_loaded.get(name),
-                        "speed_vs_import_torch": ratio(t, torch_ref)}
-    write_results("bench_startup", result, out_dir)
-    names = list(timings)
-    bar_plot(f"{out_dir}/bench_startup.png", "Control-plane import and start time", names,
-             {"seconds (median)": [timings[n].median for n in names]}, "s",
-             errors={"seconds (median)": ([timings[n].min for n in names], [timings[n].max for n in names])})
-    return result
+                times[name].append(seconds)
+    report = Report("bench_startup", "Control-plane import and start time (fresh interpreters)", unit="s",
+                    meta={"repeat": repeat})
+    torch_ref = report.add("import torch (reference)", times["import torch (reference)"], torch_loaded=True)
+    for name in times:
+        if name != torch_ref.label:
+            report.add(name, times[name], vs=torch_ref, torch_loaded=torch_loaded.get(name, "not probed"))
+    return report.finish(out_dir, show=show)
 
 
 def register(app: typer.Typer) -> None:
     @app.command("startup")
     def startup_cmd(
-        repeat: int = typer.Option(5, help="Timed runs (min/median/max reported)."),
+        repeat: int = typer.Option(5, min=1, help="Timed runs (min/median/max reported)."),
+        quick: bool = typer.Option(False, "--quick", help="2 runs: proves it works, numbers rough."),
         out: str = typer.Option("results", help="Output directory."),
     ) -> None:
-        """Controller / router / server import and start time (fresh processes), torch-free check."""
-        from rich.console import Console
-        from rich.table import Table
-
-        r = run(repeat, out)
-        table = Table(title="Control-plane startup (fresh interpreters)")
-        for col in ("what", "min s", "median s", "max s", "torch loaded", "÷ import torch (median)"):
-            table.add_column(col)
-        for name in (*IMPORTS, *STARTS):
-            p = r[name]
-            loaded = "" if p["torch_loaded"] is None else str(p["torch_loaded"])
-            table.add_row(name, f"{p['min_s']:.2f}", f"{p['median_s']:.2f}", f"{p['max_s']:.2f}", loaded,
-                          f"{p['speed_vs_import_torch']['median']:.2f}x faster")
-        Console().print(table)
+        """Controller / router / server import and start time (fresh processes), torch-free check;
+        ratio = speed against `import torch`."""
+        run(2 if quick else repeat, out)

@@ -52,23 +52,23 @@ def _tier_overrides(tier: str, capacity: int) -> Iterator[dict[str, Any]]:
 
 def run_ttft(contexts: list[int], dtype: str = "bfloat16", runs: int = 3, suffix_tokens: int = 32,
              out_dir: Path | str = "results", *, progress: bool = True,
-             model_dir: Path | None = None, tier: str = "cpu") -> dict[str, Any]:
+             model_dir: Path | None = None, tier: str = "cpu", show: bool = True) -> dict[str, Any]:
     """Run the benchmark; write ``bench_ttft[_<tier>].json`` and ``.png`` under ``out_dir``.
 
     With ``tier`` other than ``cpu`` the CPU tier is emptied before every timed hit (lower-tier writes
     flushed first), so the cached context comes from that tier, verified and promoted as in production.
     """
     with _tier_overrides(tier, 1 << 33) as lower:
-        return _run(contexts, dtype, runs, suffix_tokens, out_dir, progress, model_dir, tier, lower)
+        return _run(contexts, dtype, runs, suffix_tokens, out_dir, progress, model_dir, tier, lower, show)
 
 
 def _run(contexts: list[int], dtype: str, runs: int, suffix_tokens: int, out_dir: Path | str, progress: bool,
-         model_dir: Path | None, tier: str, lower: dict[str, Any]) -> dict[str, Any]:
+         model_dir: Path | None, tier: str, lower: dict[str, Any], show: bool) -> dict[str, Any]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from rich.progress import Progress
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kvtier.bench.common import Timing, bar_plot, ratio, write_results
+    from kvtier.bench.common import Report
     from kvtier.config import load_config
     from kvtier.data import load_document
     from kvtier.engine import CacheEngine
@@ -92,7 +92,10 @@ def _run(contexts: list[int], dtype: str, runs: int, suffix_tokens: int, out_dir
     engine = CacheEngine(spec, EMBEDDED_MODEL_ID, config)
     lm = HFCachedLM(model, tokenizer, engine)
 
-    results: list[dict[str, Any]] = []
+    name = "bench_ttft" if tier == "cpu" else f"bench_ttft_{tier}"
+    report = Report(name, f"TTFT, {suffix_tokens}-token suffix ({dtype}), hits from {tier}", unit="s", meta={
+        "model": EMBEDDED_MODEL_ID, "dtype": dtype, "runs": runs, "tier": tier, "suffix_tokens": suffix_tokens,
+        "chunk_tokens": chunk})
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("ttft", total=len(contexts) * (1 + 2 * total_runs))
         for n in contexts:
@@ -116,30 +119,11 @@ def _run(contexts: list[int], dtype: str, runs: int, suffix_tokens: int, out_dir
                 if i > 0:  # run 0 is the warm-up
                     full.append(a.ttft_s)
                     hit.append(b.ttft_s)
-            tf, th = Timing(full), Timing(hit)
-            r = ratio(th, tf)
-            results.append({
-                "context_tokens": n,
-                "prompt_tokens": n + suffix_tokens,
-                "hit_tokens": sorted(hits),
-                "full": tf.summary(),
-                "hit": th.summary(),
-                "ratio": {"min": r["worst"], "median": r["median"], "max": r["best"]},
-                "first_token_identical": same,
-            })
+            base = report.add(f"{n} tokens", full, series="full prefill")
+            report.add(f"{n} tokens", hit, series="kvtier hit", vs=base, hit_tokens=max(hits),
+                       first_token_identical=same)
     engine.close()
-    name = "bench_ttft" if tier == "cpu" else f"bench_ttft_{tier}"
-    record: dict[str, Any] = {"model": EMBEDDED_MODEL_ID, "dtype": dtype, "runs": runs, "tier": tier,
-                              "suffix_tokens": suffix_tokens, "chunk_tokens": chunk, "contexts": results}
-    write_results(name, record, out_dir)
-    labels = [f"{r['context_tokens']} tok\n{r['ratio']['median']:.0f}×" for r in results]
-    series = {"full prefill": [r["full"]["median_s"] for r in results],
-              "kvtier hit": [r["hit"]["median_s"] for r in results]}
-    errors = {"full prefill": ([r["full"]["min_s"] for r in results], [r["full"]["max_s"] for r in results]),
-              "kvtier hit": ([r["hit"]["min_s"] for r in results], [r["hit"]["max_s"] for r in results])}
-    bar_plot(Path(out_dir) / f"{name}.png", f"TTFT, {suffix_tokens}-token suffix ({dtype}), hits from {tier}", labels,
-             series, "seconds (median, min-max)", errors)
-    return record
+    return report.finish(out_dir, show=show)
 
 
 def register(app: typer.Typer) -> None:
@@ -155,9 +139,6 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """TTFT of a full prefill vs a kvtier hit on the embedded model (goals at 4K bf16: ≥ 20× from
         CPU, ≥ 12× from disk / server / Redis)."""
-        from rich.console import Console
-        from rich.table import Table
-
         if dtype not in ("bfloat16", "float32"):
             raise typer.BadParameter("dtype must be bfloat16 or float32", param_hint="--dtype")
         if threads:
@@ -165,12 +146,4 @@ def register(app: typer.Typer) -> None:
 
             torch.set_num_threads(threads)
         lengths = [int(c) for c in contexts.split(",") if c.strip()]
-        record = run_ttft(lengths, dtype, runs, suffix_tokens, out, tier=tier)
-        table = Table(title=f"TTFT full prefill vs kvtier hit from {tier} ({dtype}, {runs} runs)")
-        for name in ("context", "full median", "hit median", "ratio min", "ratio median", "ratio max", "same"):
-            table.add_column(name, justify="right")
-        for r in record["contexts"]:
-            table.add_row(str(r["context_tokens"]), f"{r['full']['median_s']:.3f} s", f"{r['hit']['median_s']:.3f} s",
-                          f"{r['ratio']['min']:.1f}×", f"{r['ratio']['median']:.1f}×", f"{r['ratio']['max']:.1f}×",
-                          "yes" if r["first_token_identical"] else "[red]NO[/red]")
-        Console().print(table)
+        run_ttft(lengths, dtype, runs, suffix_tokens, out, tier=tier)

@@ -71,10 +71,6 @@ class Plan:
     def prefix(self) -> tuple[int, ...]:
         return self.tokens[: self.prefix_end]
 
-    def segment_tokens(self, index: int) -> tuple[int, ...]:
-        start, end = self.segments[index]
-        return self.tokens[start:end]
-
 
 def split(tokens: TokenIds, sep: TokenIds, min_tokens: int = 1, prefix: bool = False) -> Plan:
     """Plan for a prompt given as one token sequence (see the module rules)."""

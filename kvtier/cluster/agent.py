@@ -34,17 +34,17 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field
 
 from kvtier import wire
+from kvtier.backoff import Backoff
 from kvtier.cluster import schema as S
 from kvtier.cluster.p2p import PeerServer, PeerTier
 from kvtier.codec.base import codec_names, get_codec
 from kvtier.errors import ConfigError, KvtierError, TierUnavailable
 from kvtier.keys import ChunkKey, chain_key
 from kvtier.record import ChunkRecord, Kind, token_records
-from kvtier.server.client import RemoteTier
 from kvtier.storage.base import Tier
+from kvtier.storage.remote import RemoteTier
 
 if TYPE_CHECKING:
     from kvtier.config import ClusterConfig, KvtierConfig
@@ -56,30 +56,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 FETCH_BATCH = 32  # chunks per pipelined GET batch during a move
 MAX_TIMED_PINS = 4096
-
-
-class AgentConfig(BaseModel):
-    """Settings of one agent."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    controller_url: str = Field("http://127.0.0.1:9000", description="Base URL of the controller.")
-    instance_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")
-    token: str = Field("", description="Bearer token of the controller; also guards the P2P server.")
-    p2p: bool = Field(True, description="Serve chunks to peers and fetch missing chunks from them.")
-    p2p_host: str = Field("127.0.0.1", description="Bind address of the P2P server.")
-    p2p_port: int = Field(0, ge=0, le=65535, description="P2P server port (0: a free one).")
-    advertise_host: str = Field("", description="Address peers dial (default p2p_host; required for 0.0.0.0).")
-    request_timeout_s: float = Field(2.0, gt=0, description="Timeout of one controller request.")
-    peer_timeout_s: float = Field(1.0, gt=0, description="Timeout of one peer request.")
-    locate_timeout_s: float = Field(0.5, gt=0, description="Timeout of asking the controller who holds chunks "
-                                                           "(on the engine's lookup path).")
-    flush_interval_s: float = Field(0.05, gt=0, description="Longest time an event waits before it is sent.")
-    poll_wait_s: float = Field(5.0, gt=0, le=30, description="Long-poll duration for commands.")
-    event_queue: int = Field(1 << 16, ge=16, description="Events buffered before the agent falls back to a snapshot.")
-    batch_max: int = Field(4096, ge=1, le=S.MAX_KEYS, description="Events per batch.")
-    command_threads: int = Field(2, ge=1, le=16, description="Commands run at once.")
-    replace: bool = Field(False, description="Take over the instance id from a live session.")
+RETRY_BASE_S, RETRY_MAX_S = 0.05, 2.0  # controller calls after a failure: 50 ms doubling up to 2 s
 
 
 class _SessionLost(Exception):
@@ -111,8 +88,9 @@ def _coalesce(events: Sequence[tuple[str, bytes]]) -> list[dict[str, Any]]:
 class Agent:
     """See the module docstring. Create, pass :meth:`tiers` to the engine, then :meth:`start`."""
 
-    def __init__(self, config: AgentConfig) -> None:
+    def __init__(self, config: ClusterConfig) -> None:
         self.config = config
+        self.instance_id = config.instance_id or f"{socket.gethostname()}:{os.getpid()}"
         self.engine: CacheEngine | None = None
         self.peer_tier = PeerTier(self.locate, config.token, config.peer_timeout_s) if config.p2p else None
         self.peer_server: PeerServer | None = None
@@ -263,7 +241,7 @@ class Agent:
         engine = self._need_engine()
         tiers = self._snapshot()
         body = S.RegisterRequest(
-            instance_id=self.config.instance_id, model=engine.namespace.model, spec=engine.spec.fingerprint(),
+            instance_id=self.instance_id, model=engine.namespace.model, spec=engine.spec.fingerprint(),
             root=engine.namespace.root().hex(), chunk_tokens=engine.spec.chunk_tokens,
             partial=engine.chunker.partial, p2p_address=self.address, codecs=codec_names(), tiers=tiers,
             replace=self.config.replace, secret=self._secret,
@@ -280,7 +258,7 @@ class Agent:
             self._heartbeat_s = resp.heartbeat_s
         self._count("registrations")
         self._registered.set()
-        log.info("registered with %s as %s", self.config.controller_url, self.config.instance_id)
+        log.info("registered with %s as %s", self.config.controller_url, self.instance_id)
 
     def _flush(self, session: str) -> bool:
         """Send queued events (or a snapshot); True if anything was sent."""
@@ -318,7 +296,7 @@ class Agent:
         return True
 
     def _report_loop(self) -> None:
-        backoff = 0.05
+        retry = Backoff(RETRY_BASE_S, RETRY_MAX_S)
         last_contact = 0.0
         while not self._stop.is_set():
             session = self._session
@@ -332,26 +310,26 @@ class Agent:
                     elif time.monotonic() - last_contact >= self._heartbeat_s:
                         self._post("/v1/worker/heartbeat", {"session": session})
                         last_contact = time.monotonic()
-                backoff = 0.05
+                retry.succeeded()
             except _SessionLost:
                 self._lose_session(session or "")
                 continue
             except (httpx.HTTPError, _ControllerError) as exc:
                 self._count("controller_errors")
-                log.warning("controller %s: %s (retry in %.2fs)", self.config.controller_url, exc, backoff)
-                self._stop.wait(backoff)
-                backoff = min(2.0, backoff * 2)
+                delay = retry.failed()
+                log.warning("controller %s: %s (retry in %.2fs)", self.config.controller_url, exc, delay)
+                self._stop.wait(delay)
                 continue
             except Exception:
                 log.exception("agent report loop error")
-                self._stop.wait(backoff)
+                self._stop.wait(retry.failed())
                 continue
             self._wake.wait(self.config.flush_interval_s)
             self._wake.clear()
 
     # ---- commands --------------------------------------------------------------------------------
     def _poll_loop(self) -> None:
-        backoff = 0.05
+        retry = Backoff(RETRY_BASE_S, RETRY_MAX_S)
         wait = self.config.poll_wait_s
         while not self._stop.is_set():
             if not self._registered.wait(0.2):
@@ -362,7 +340,7 @@ class Agent:
             try:
                 resp = self._post("/v1/worker/poll", {"session": session, "wait_s": wait},
                                   timeout=wait + self.config.request_timeout_s)
-                backoff = 0.05
+                retry.succeeded()
             except _SessionLost:
                 self._lose_session(session)
                 continue
@@ -370,8 +348,7 @@ class Agent:
                 if self._stop.is_set():
                     return
                 log.debug("poll failed: %s", exc)
-                self._stop.wait(backoff)
-                backoff = min(2.0, backoff * 2)
+                self._stop.wait(retry.failed())
                 continue
             for command in resp.get("commands", []):
                 self._executor.submit(self._run_command, session, command)
@@ -545,35 +522,22 @@ class Agent:
         return out
 
 
-def agent_config_from(cluster: ClusterConfig, **overrides: Any) -> AgentConfig:
-    """The :class:`AgentConfig` of a config file's ``cluster:`` section; an empty ``instance_id`` becomes
-    ``host:pid`` and an empty token falls back to ``$KVTIER_CONTROLLER_TOKEN``."""
-    fields: dict[str, Any] = {
-        "controller_url": cluster.controller_url,
-        "instance_id": cluster.instance_id or f"{socket.gethostname()}:{os.getpid()}",
-        "token": cluster.token or os.environ.get("KVTIER_CONTROLLER_TOKEN", ""),
-        "p2p": cluster.p2p,
-        "p2p_host": cluster.p2p_host,
-        "p2p_port": cluster.p2p_port,
-        "advertise_host": cluster.advertise_host,
-    }
-    fields.update(overrides)
-    return AgentConfig(**fields)
-
-
-def start_engine(spec: KVSpec, model: str, agent_config: AgentConfig,
-                 config: KvtierConfig | None = None) -> tuple[CacheEngine, Agent]:
-    """Build a :class:`CacheEngine` whose lower tiers end with the P2P tier, and start its agent."""
+def start_engine(spec: KVSpec, model: str, config: KvtierConfig | None = None) -> tuple[CacheEngine, Agent]:
+    """Build a :class:`CacheEngine` whose lower tiers end with the P2P tier, and start its agent (settings:
+    the config's ``cluster`` section; ``cluster.enabled`` is the caller's decision and not checked)."""
     from kvtier.config import load_config
     from kvtier.engine import CacheEngine
     from kvtier.storage.factory import build_tiers
 
     cfg = config or load_config()
-    agent = Agent(agent_config)  # a spec whose chunk_tokens differs from the config's is CacheEngine's ConfigError
-    engine = CacheEngine(spec, model, cfg, tiers=[*build_tiers(cfg, spec), *agent.tiers()])
-    try:
+    agent = Agent(cfg.cluster)
+    engine: CacheEngine | None = None
+    try:  # a spec whose chunk_tokens differs from the config's is CacheEngine's ConfigError
+        engine = CacheEngine(spec, model, cfg, tiers=[*build_tiers(cfg, spec), *agent.tiers()])
         agent.start(engine)
     except BaseException:
-        engine.close()
+        agent.stop()
+        if engine is not None:
+            engine.close()
         raise
     return engine, agent

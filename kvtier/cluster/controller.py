@@ -55,61 +55,20 @@ from fastapi.security import HTTPBearer
 
 from kvtier.cluster import schema as S
 from kvtier.cluster.index import ChunkIndex, chain_keys
-from kvtier.errors import ConfigError
-from kvtier.net import BearerAuth, Gate, is_loopback, serve_http, token_matches
+from kvtier.config import ControllerConfig
+from kvtier.net import BearerAuth, Gate, serve_http, token_matches
 
 log = logging.getLogger(__name__)
 
 
 # ---- settings and errors ---------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ControllerSettings:
-    """Everything ``kvtier controller`` can be told (CLI options map 1:1)."""
-
-    host: str = "127.0.0.1"
-    port: int = 9000
-    token: str = ""  # admin token: every route
-    worker_token: str = ""  # only the worker channel ('' = workers use the admin token)
-    read_token: str = ""  # only reads: lookup, instances, operation status, metrics
-    ttl_s: float = 10.0  # a worker silent this long is dropped
-    claim_ttl_s: float = 60.0  # an expired instance's id stays reserved for its owner this long
-    heartbeat_s: float = 2.0  # advised to workers at registration
-    command_timeout_s: float = 30.0
-    max_instances: int = 1024
-    max_keys_per_instance: int = 1 << 20
-    max_keys_total: int = 1 << 24
-    max_ops: int = 1024
-    max_body_bytes: int = 64 << 20
-    command_queue: int = 64
-    tokenizers: dict[str, str] = field(default_factory=dict)  # the allow-list: model -> tokenizer path or id
-
-    def check(self) -> None:
-        """Raise :class:`ConfigError` on unsafe or inconsistent settings."""
-        if not self.token and not is_loopback(self.host):
-            raise ConfigError(
-                f"controller host {self.host!r} is not a loopback address; set a token (--token or "
-                "KVTIER_CONTROLLER_TOKEN) so clients must authenticate, or bind 127.0.0.1"
-            )
-        if (self.worker_token or self.read_token) and not self.token:
-            raise ConfigError("a worker or read token is set but no admin token: set --token (or "
-                              "KVTIER_CONTROLLER_TOKEN) too, or every admin route would be open")
-        given = [t for t in (self.token, self.worker_token, self.read_token) if t]
-        if len(set(given)) != len(given):
-            raise ConfigError("the admin, worker and read tokens must differ (equal tokens grant equal rights)")
-        if not 0 < self.heartbeat_s < self.ttl_s:
-            raise ConfigError(f"heartbeat_s ({self.heartbeat_s}) must be positive and below ttl_s ({self.ttl_s})")
-        for name in ("claim_ttl_s", "command_timeout_s", "max_instances", "max_keys_per_instance", "max_keys_total",
-                     "max_ops", "max_body_bytes", "command_queue"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"controller setting {name} must be positive, got {getattr(self, name)}")
-
-    def auth(self) -> BearerAuth:
-        """The roles each configured token grants (the admin token grants every role)."""
-        return BearerAuth({self.token: frozenset(ROLES), self.read_token: frozenset({"read"}),
-                           self.worker_token: frozenset({"worker"})})
-
-
 ROLES = ("admin", "read", "worker")
+
+
+def bearer_auth(settings: ControllerConfig) -> BearerAuth:
+    """The roles each configured token grants (the admin token grants every role)."""
+    return BearerAuth({settings.token: frozenset(ROLES), settings.read_token: frozenset({"read"}),
+                       settings.worker_token: frozenset({"worker"})})
 
 
 class ApiError(Exception):
@@ -240,7 +199,7 @@ class Claim:
 class Controller:
     """Registry, index and operations. Every method runs on the controller's one event loop."""
 
-    def __init__(self, settings: ControllerSettings) -> None:
+    def __init__(self, settings: ControllerConfig) -> None:
         self.settings = settings
         self.index = ChunkIndex(settings.max_keys_per_instance, settings.max_keys_total)
         self.workers: dict[str, Worker] = {}  # instance id -> worker
@@ -280,7 +239,7 @@ class Controller:
         self.metrics.count("registrations")
         log.info("instance %s registered (model %s, spec %s, p2p %s)", req.instance_id, req.model, req.spec,
                  req.p2p_address or "off")
-        return S.RegisterResponse(session=worker.session, secret=secret, heartbeat_s=self.settings.heartbeat_s,
+        return S.RegisterResponse(session=worker.session, secret=secret, heartbeat_s=self.settings.heartbeat,
                                   ttl_s=self.settings.ttl_s)
 
     def session(self, session: str) -> Worker:
@@ -558,7 +517,7 @@ class Controller:
 
 
 # ---- HTTP ------------------------------------------------------------------------------------------
-def create_app(settings: ControllerSettings) -> Any:
+def create_app(settings: ControllerConfig) -> Any:
     """The FastAPI app (``app.state.controller`` is the :class:`Controller`)."""
     ctl = Controller(settings)
     # Declares the bearer scheme in the OpenAPI document; the check itself is the Gate's, before the body.
@@ -690,12 +649,12 @@ def create_app(settings: ControllerSettings) -> Any:
     for route in app.routes:  # the OpenAPI document and its viewers
         if not isinstance(route, APIRoute):
             roles.update({(method, getattr(route, "path", "")): None for method in getattr(route, "methods", ())})
-    app.add_middleware(Gate, auth=settings.auth(), roles=roles, limit=settings.max_body_bytes,
+    app.add_middleware(Gate, auth=bearer_auth(settings), roles=roles, limit=settings.max_body_bytes,
                        on_refusal=lambda reason: ctl.metrics.count(f"refused_{reason}"))
     return app
 
 
-def serve(settings: ControllerSettings, on_ready: Callable[[int], None] | None = None) -> None:
+def serve(settings: ControllerConfig, on_ready: Callable[[int], None] | None = None) -> None:
     """Run the controller until SIGINT / SIGTERM (blocking)."""
     settings.check()
     if settings.token and not settings.worker_token:

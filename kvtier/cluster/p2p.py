@@ -1,9 +1,9 @@
 """Peer-to-peer chunk transfer: serve this engine's CPU chunks to peers, fetch missing chunks from them.
 
-Both directions use the cache server's ``KVS1`` protocol (:mod:`kvtier.server.protocol`) carrying
+Both directions use the cache server's ``KVS1`` protocol (:mod:`kvtier.storage.remote_protocol`) carrying
 :mod:`kvtier.wire` frames: the serving side is a :class:`~kvtier.server.app.CacheServer` over a
-read-only view of the CPU tier, the fetching side is one :class:`~kvtier.server.client.RemoteTier`
-per peer (pooled persistent connections, timeouts, circuit breaker, token HELLO). No second protocol.
+read-only view of the CPU tier, the fetching side is one :class:`~kvtier.storage.remote.RemoteTier`
+per peer (pooled persistent connections, timeouts, token HELLO). No second protocol.
 
 :class:`PeerTier` is a :class:`~kvtier.storage.base.Tier`, placed last among an engine's lower tiers,
 so the :class:`~kvtier.storage.manager.StorageManager` applies its usual guarantees to peer data: a
@@ -20,8 +20,8 @@ Invariants:
   a peer that streams more is a counted miss (``peer_failures``) with bounded memory.
 - ``exists`` asks the controller who holds the keys (raising :class:`TierUnavailable` only when the
   controller cannot be reached, so the manager backs off); ``get`` tries the holders in turn and a
-  dead or misbehaving peer is a miss (its own circuit breaker makes the next try instant), never an
-  exception: the engine then recomputes.
+  dead or misbehaving peer is a miss, never an exception (the engine then recomputes), and is skipped
+  for :data:`PEER_COOLDOWN_S` so the next tries do not wait on it again.
 """
 
 from __future__ import annotations
@@ -39,12 +39,12 @@ from kvtier.errors import ConfigError, KvtierError, TierUnavailable
 from kvtier.frame_auth import FrameKeys
 from kvtier.keys import ChunkKey
 from kvtier.net import is_loopback
-from kvtier.server import protocol as P
 from kvtier.server.app import CacheServer
-from kvtier.server.client import RemoteTier
 from kvtier.server.store import ChunkStore, Frame
+from kvtier.storage import remote_protocol as P
 from kvtier.storage.base import Tier
 from kvtier.storage.cpu import CpuTier
+from kvtier.storage.remote import RemoteTier
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 Locator = Callable[[list[ChunkKey]], list[list[str]]]
 PEER_OPS = frozenset({P.Op.GET, P.Op.MGET, P.Op.EXISTS})
 MAX_FRAME_BYTES = 256 << 20  # default cap of a frame fetched from a peer
+PEER_COOLDOWN_S = 1.0  # a peer that failed a fetch is skipped this long
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -192,6 +193,7 @@ class PeerTier(Tier):
         self.max_cached_keys = max_cached_keys
         self._holders: OrderedDict[ChunkKey, tuple[float, list[str]]] = OrderedDict()
         self._peers: OrderedDict[str, RemoteTier] = OrderedDict()
+        self._down_until: dict[str, float] = {}
         self._lock = threading.Lock()
         self.counters: Counter[str] = Counter()
 
@@ -208,10 +210,11 @@ class PeerTier(Tier):
                 return peer
             host, port = split_address(address)
             peer = RemoteTier(host, port, self.token, self.timeout_s, pool_size=2, retries=0,
-                              breaker_cooldown_s=0.2, max_cooldown_s=2.0, max_reply_bytes=self.max_frame_bytes)
+                              max_reply_bytes=self.max_frame_bytes)
             self._peers[address] = peer
             while len(self._peers) > self.max_peers:
-                _addr, old = self._peers.popitem(last=False)
+                old_address, old = self._peers.popitem(last=False)
+                self._down_until.pop(old_address, None)
                 old.close()
             return peer
 
@@ -239,10 +242,15 @@ class PeerTier(Tier):
 
     def get(self, key: ChunkKey) -> bytes | None:
         for address in self._holders_of(key):
+            if self._down_until.get(address, 0.0) > time.monotonic():
+                self._count("peer_skipped")
+                continue
             try:
                 frame = self.client(address).get(key)
             except TierUnavailable as exc:
                 self._count("peer_failures")
+                with self._lock:
+                    self._down_until[address] = time.monotonic() + PEER_COOLDOWN_S
                 log.debug("peer %s failed to serve %s: %s", address, key.hex(), exc)
                 continue
             if frame is not None:

@@ -11,8 +11,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from kvtier.config import MAX_BATCH_KEYS
+
 MAX_TOKENS = 1 << 20  # token ids in one request
-MAX_KEYS = 1 << 16  # keys in one event, locate request or command
+MAX_KEYS = MAX_BATCH_KEYS  # keys in one event, locate request or command
 MAX_SNAPSHOT_KEYS = 1 << 20  # keys of one tier in a snapshot
 
 KeyHex = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$", description="A 16-byte chunk key in hex.")]

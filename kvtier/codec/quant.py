@@ -45,11 +45,6 @@ _AXES = ("channel", "token")
 FP8_MAX = 448.0
 
 
-def unit_roundoff(dtype: torch.dtype) -> float:
-    """Relative rounding error of a cast to ``dtype`` (round to nearest)."""
-    return float(torch.finfo(dtype).eps) / 2
-
-
 def _planes(chunk: torch.Tensor) -> torch.Tensor:
     """``[L, 2, T, C]`` float32 copy of a canonical chunk."""
     L, _, T, H, D = chunk.shape

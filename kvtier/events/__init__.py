@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from kvtier.events.bridge import EventBridge, EventsConfig
+from kvtier.events.bridge import EventBridge
 from kvtier.events.hashing import BlockHasher
 
-__all__ = ["BlockHasher", "EventBridge", "EventsConfig"]
+__all__ = ["BlockHasher", "EventBridge"]

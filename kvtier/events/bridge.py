@@ -22,7 +22,6 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import msgspec
 import numpy as np
 
 from kvtier.events.hashing import BlockHasher
@@ -31,21 +30,10 @@ from kvtier.events.schema import BlockRemoved, BlockStored, Event, medium
 from kvtier.keys import Chunk, ChunkKey
 
 if TYPE_CHECKING:
+    from kvtier.config import EventsConfig
     from kvtier.engine import CacheEngine
 
 log = logging.getLogger(__name__)
-
-
-class EventsConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    """Where and how to publish (the keys of ``kv_connector_extra_config.kvtier_events``)."""
-
-    endpoint: str = "tcp://127.0.0.1:5567"
-    replay_endpoint: str | None = None
-    topic: str = "kvtier"
-    buffer_steps: int = 10_000
-    max_queue: int = 10_000
-    allow_remote: bool = False
-    max_chunks: int = 65_536  # chunk descriptions kept to name evicted blocks
 
 
 @dataclass(frozen=True)
@@ -158,7 +146,7 @@ class EventBridge:
 
 def start_events(engine: CacheEngine, config: EventsConfig, hasher: BlockHasher) -> EventBridge:
     """Bind a publisher for ``config`` and attach a bridge to ``engine``."""
-    publisher = ZmqPublisher(config.endpoint, config.replay_endpoint, topic=config.topic,
+    publisher = ZmqPublisher(config.endpoint, config.replay_endpoint or None, topic=config.topic,
                              buffer_steps=config.buffer_steps, max_queue=config.max_queue,
                              allow_remote=config.allow_remote)
     bridge = EventBridge(hasher, publisher, max_chunks=config.max_chunks)

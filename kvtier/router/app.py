@@ -46,76 +46,17 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPBearer
 from starlette.types import Receive, Scope, Send
 
-from kvtier.errors import ConfigError
-from kvtier.net import BearerAuth, Gate, is_loopback, redact_url, serve_http
+from kvtier.config import KvtierConfig
+from kvtier.net import BearerAuth, Gate, serve_http
 from kvtier.router.kv import KvKnowledge
 from kvtier.router.metrics import RouterMetrics
-from kvtier.router.policy import POLICIES, Backend, Chooser, PolicyName, Pool
+from kvtier.router.policy import Backend, Chooser, Pool
 from kvtier.router.prefix import PrefixTable
 from kvtier.router.tokens import PromptTokens
 
 log = logging.getLogger(__name__)
 
 _PASS_HEADERS = ("content-type", "x-request-id")
-
-
-@dataclass(frozen=True)
-class RouterSettings:
-    """Everything ``kvtier router`` can be told (CLI options map 1:1). Backends are ``(url, instance_id)``;
-    in disaggregated mode ``backends`` are the decoders and ``prefill`` the prefillers."""
-
-    backends: tuple[tuple[str, str], ...]
-    prefill: tuple[tuple[str, str], ...] = ()
-    host: str = "127.0.0.1"
-    port: int = 8080
-    token: str = ""
-    backend_token: str = ""
-    backend_header: bool = False  # name the chosen backend (opaquely) in x-kvtier-backend
-    policy: PolicyName = "kv"
-    controller_url: str = ""
-    controller_token: str = ""
-    lookup_timeout_s: float = 0.25
-    controller_backoff_s: float = 5.0
-    tokenizer: str = ""
-    kv_model: str = ""  # model id instances report to the controller ('' = the request's "model")
-    chunk_tokens: int = 256
-    table_keys: int = 1 << 18
-    max_body_bytes: int = 16 << 20
-    max_concurrent: int = 256
-    connect_timeout_s: float = 2.0
-    read_timeout_s: float = 600.0
-    backoff_s: float = 1.0
-    max_backoff_s: float = 30.0
-
-    def check(self) -> None:
-        """Raise :class:`ConfigError` on unsafe or inconsistent settings."""
-        if not self.token and not is_loopback(self.host):
-            raise ConfigError(f"router host {self.host!r} is not a loopback address; set a token (--token or "
-                              "KVTIER_ROUTER_TOKEN) so clients must authenticate, or bind 127.0.0.1")
-        if not self.backends:
-            raise ConfigError("the router needs at least one --backend (a decoder in disaggregated mode)")
-        for url, _instance in (*self.backends, *self.prefill):
-            if not url.startswith(("http://", "https://")):
-                raise ConfigError(f"backend URL {redact_url(url)!r} must start with http:// or https://")
-        urls = [url for url, _ in (*self.backends, *self.prefill)]
-        if len(set(urls)) != len(urls):
-            raise ConfigError(f"a backend URL is given twice: {[redact_url(u) for u in urls]}")
-        if self.policy not in POLICIES:
-            raise ConfigError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
-        for name in ("lookup_timeout_s", "controller_backoff_s", "chunk_tokens", "table_keys", "max_body_bytes",
-                     "max_concurrent", "connect_timeout_s", "read_timeout_s", "backoff_s", "max_backoff_s"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"router setting {name} must be positive, got {getattr(self, name)}")
-
-
-def parse_backend(spec: str) -> tuple[str, str]:
-    """``URL`` or ``URL=INSTANCE_ID`` (the id the backend's kvtier registers with the controller)."""
-    url, sep, instance = spec.rpartition("=")
-    if not sep:
-        url, instance = spec, ""
-    if not url or (sep and not instance):
-        raise ConfigError(f"a backend is URL or URL=INSTANCE_ID, got {redact_url(spec)!r}")
-    return url.rstrip("/"), instance
 
 
 class RouterError(Exception):
@@ -163,9 +104,8 @@ class _Sent:
 class Router:
     """Pools, policy, prefix knowledge and the forwarding of one request. Runs on one event loop."""
 
-    def __init__(self, settings: RouterSettings) -> None:
-        self.settings = settings
-        s = settings
+    def __init__(self, config: KvtierConfig) -> None:
+        self.settings = s = config.router
         self.decode = Pool([Backend(u, i, f"decode-{n}") for n, (u, i) in enumerate(s.backends)], s.backoff_s,
                            s.max_backoff_s)
         self.prefill = Pool([Backend(u, i, f"prefill-{n}") for n, (u, i) in enumerate(s.prefill)], s.backoff_s,
@@ -178,7 +118,7 @@ class Router:
             timeout=httpx.Timeout(s.read_timeout_s, connect=s.connect_timeout_s, pool=s.connect_timeout_s),
             limits=httpx.Limits(max_connections=2 * s.max_concurrent, max_keepalive_connections=64))
         self.tokens = PromptTokens(s.tokenizer)
-        self.kv = KvKnowledge(self.client, PrefixTable(s.chunk_tokens, s.table_keys), self.metrics,
+        self.kv = KvKnowledge(self.client, PrefixTable(config.chunk_tokens, s.table_keys), self.metrics,
                               controller_url=s.controller_url, controller_token=s.controller_token,
                               timeout_s=s.lookup_timeout_s, backoff_s=s.controller_backoff_s)
         self.active = 0
@@ -274,7 +214,7 @@ class Router:
                 if tried:
                     raise RouterError(502, f"every {role} backend failed: {last}")
                 now = time.monotonic()
-                wait = min(b.down_until for b in pool.backends) - now
+                wait = min(b.backoff.retry_at for b in pool.backends) - now
                 raise RouterError(503, f"no {role} backend is in rotation (all failed recently)", wait)
             decision = chooser.pick(candidates, hits, source)
             backend = decision.backend
@@ -350,9 +290,10 @@ def _scrub(text: str, backend: Backend) -> str:
 
 
 # ---- app -------------------------------------------------------------------------------------------
-def create_app(settings: RouterSettings) -> FastAPI:
+def create_app(config: KvtierConfig) -> FastAPI:
     """The FastAPI app (``app.state.router`` is the :class:`Router`)."""
-    router = Router(settings)
+    router = Router(config)
+    settings = config.router
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -409,9 +350,9 @@ def _openai_error(status: int, message: str) -> tuple[bytes, list[tuple[bytes, b
     return bytes(RouterError(status, message).response().body), []
 
 
-def serve(settings: RouterSettings, on_ready: Callable[[int], None] | None = None) -> None:
+def serve(config: KvtierConfig, on_ready: Callable[[int], None] | None = None) -> None:
     """Run the router until SIGINT / SIGTERM (blocking)."""
-    settings.check()
-    app = create_app(settings)
+    config.router.check()
+    app = create_app(config)
     app.state.router.tokens.load()
-    serve_http(app, settings.host, settings.port, on_ready)
+    serve_http(app, config.router.host, config.router.port, on_ready)

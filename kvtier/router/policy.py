@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import itertools
 import time
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
+from kvtier.backoff import Backoff
+from kvtier.config import RoutingPolicy
 from kvtier.net import redact_url
 
-PolicyName = Literal["kv", "least_loaded", "roundrobin"]
-POLICIES: tuple[PolicyName, ...] = ("kv", "least_loaded", "roundrobin")
+POLICIES: tuple[RoutingPolicy, ...] = typing.get_args(RoutingPolicy)
 
 
 @dataclass
@@ -36,15 +38,14 @@ class Backend:
     name: str = ""
     label: str = field(init=False)
     inflight: int = 0
-    failures: int = 0  # consecutive transport failures
-    down_until: float = 0.0  # monotonic time until which it gets no requests
+    backoff: Backoff = field(init=False, repr=False)  # consecutive transport failures; set by its Pool
 
     def __post_init__(self) -> None:
         self.label = redact_url(self.url)
         self.name = self.instance_id or self.name
 
     def healthy(self, now: float) -> bool:
-        return now >= self.down_until
+        return self.backoff.ready(now)
 
 
 class Pool:
@@ -54,8 +55,8 @@ class Pool:
         if not backends:
             raise ValueError("a pool needs at least one backend")
         self.backends = list(backends)
-        self.base_backoff_s = base_backoff_s
-        self.max_backoff_s = max_backoff_s
+        for backend in self.backends:
+            backend.backoff = Backoff(base_backoff_s, max_backoff_s)
         self._by_instance = {b.instance_id: b for b in self.backends if b.instance_id}
 
     def by_instance(self, instance_id: str) -> Backend | None:
@@ -74,14 +75,10 @@ class Pool:
 
     def failed(self, backend: Backend) -> float:
         """Take ``backend`` out of rotation; return the backoff in seconds."""
-        backend.failures += 1
-        backoff = min(self.max_backoff_s, self.base_backoff_s * 2 ** (backend.failures - 1))
-        backend.down_until = time.monotonic() + backoff
-        return backoff
+        return backend.backoff.failed()
 
     def succeeded(self, backend: Backend) -> None:
-        backend.failures = 0
-        backend.down_until = 0.0
+        backend.backoff.succeeded()
 
 
 class Decision(NamedTuple):
@@ -98,7 +95,7 @@ class Chooser:
     the next candidate in turn. Ties in load rotate.
     """
 
-    def __init__(self, policy: PolicyName) -> None:
+    def __init__(self, policy: RoutingPolicy) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown routing policy {policy!r}; choose one of {', '.join(POLICIES)}")
         self.policy = policy

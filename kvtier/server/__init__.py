@@ -1,8 +1,8 @@
-"""The kvtier cache server (``kvtier server``) and its client tier.
+"""The kvtier cache server (``kvtier server``).
 
-- :mod:`kvtier.server.protocol`: the request/response framing shared by both sides.
 - :mod:`kvtier.server.app`: the asyncio server; :mod:`kvtier.server.store`: its chunk store.
-- :mod:`kvtier.server.client`: :class:`~kvtier.server.client.RemoteTier`, the synchronous client tier.
+- Its protocol is :mod:`kvtier.storage.remote_protocol`, shared with the client tier
+  :class:`~kvtier.storage.remote.RemoteTier` (:mod:`kvtier.storage.remote`).
 
-Nothing is imported here so the server process does not load torch (the client does, via the Tier base).
+Nothing is imported here so the server process does not load torch.
 """

@@ -1,9 +1,9 @@
-"""``kvtier server``: an asyncio cache server for wire frames (protocol in :mod:`kvtier.server.protocol`).
+"""``kvtier server``: an asyncio cache server for wire frames (protocol in :mod:`kvtier.storage.remote_protocol`).
 
 Invariants:
 - Binds 127.0.0.1 by default and refuses (``ConfigError``) any non-loopback address without a token.
   With tokens configured, a connection must authenticate (HELLO, compared with
-  :func:`hmac.compare_digest`) before any command but PING; before that its bodies are capped at
+  :func:`kvtier.net.token_matches`) before any command but PING; before that its bodies are capped at
   ``PRE_AUTH_MAX_BODY`` and it is closed ``auth_timeout_s`` after it opened, whatever it sends (a PING
   does not extend that deadline), so strangers cannot hold connection slots.
 - Identities: the token a connection presented decides its tenant (``tenants`` maps tokens to tenant
@@ -14,8 +14,9 @@ Invariants:
 - A header is validated before its body is read; a body above ``max_message_bytes`` is refused.
   Malformed input gets one error reply and closes *that* connection; nothing a peer sends stops the
   server or another connection.
-- Memory is bounded and grows with what arrives: a body buffer grows in bounded steps as its bytes
-  are received (a header alone allocates at most :data:`BODY_STEP`); the store holds at most
+- Memory is bounded and grows with what arrives: a body is received straight into one uninitialised
+  buffer of its final size (address space only: the kernel commits a page when received bytes are
+  written to it, so a header whose body never comes costs no memory); the store holds at most
   ``capacity`` bytes; large request bodies being read or processed hold at most ``max_inflight_bytes``
   (taken once the body's first byte arrived; a reader waits for budget, which back-pressures its
   client through TCP), and large GET replies not
@@ -37,7 +38,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import hmac
 import logging
 import os
 import re
@@ -51,14 +51,15 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import msgspec
+import numpy as np
 
 from kvtier import wire
 from kvtier.compat import async_timeout
 from kvtier.config import ServerConfig
 from kvtier.errors import ConfigError, CorruptChunk, KvtierError, ProtocolError
-from kvtier.net import is_loopback
-from kvtier.server import protocol as P
+from kvtier.net import is_loopback, token_matches
 from kvtier.server.store import ChunkStore, Frame
+from kvtier.storage import remote_protocol as P
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +69,6 @@ WRITE_SLICE = 256 * 1024  # largest piece of a response handed to the transport 
 DIRECT_IO = 256 * 1024  # bodies at least this large move through a worker thread's socket calls
 STALL_S = 0.25  # an I/O thread gives a transfer back to the event loop after the peer stalls this long
 MGET_GROUP = 32 << 20  # MGET replies handed to the socket at once, at most (plus one frame)
-BODY_STEP = 1 << 20  # a body buffer starts this large and at most doubles per step as bytes arrive
-BODY_STEP_MAX = 16 << 20  # largest growth step of a body buffer
-_ZEROS = memoryview(bytes(BODY_STEP_MAX))  # calloc'd: never touched, costs no resident memory
 ADMIN_OPS = frozenset({P.Op.LIST, P.Op.STATS, P.Op.CLEAR})
 TENANT_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 T = TypeVar("T")
@@ -92,7 +90,7 @@ def check_bind(host: str, token: str) -> None:
         )
 
 
-Identity = tuple[bytes, str, bool]  # token, tenant, admin
+Identity = tuple[str, str, bool]  # token, tenant, admin
 
 
 def identities(config: ServerConfig) -> list[Identity]:
@@ -101,15 +99,15 @@ def identities(config: ServerConfig) -> list[Identity]:
     single_domain = not config.admin_token and not config.tenants
     out: list[Identity] = []
     if config.admin_token:
-        out.append((config.admin_token.encode(), "", True))
+        out.append((config.admin_token, "", True))
     if config.token:
-        out.append((config.token.encode(), "", single_domain))
+        out.append((config.token, "", single_domain))
     for token, tenant in config.tenants.items():
         if not TENANT_NAME.fullmatch(tenant):
             raise ConfigError(f"server.tenants: tenant name {tenant!r} must be 1-64 letters, digits, '_' or '-'")
         if not token:
             raise ConfigError(f"server.tenants: tenant {tenant!r} has an empty token")
-        out.append((token.encode(), tenant, False))
+        out.append((token, tenant, False))
     unknown = set(config.tenant_quotas) - set(config.tenants.values())
     if unknown:
         raise ConfigError(f"server.tenant_quotas names tenants no token maps to: {sorted(unknown)}")
@@ -121,10 +119,9 @@ def identities(config: ServerConfig) -> list[Identity]:
 def authenticate(known: list[Identity], presented: str) -> tuple[str, bool] | None:
     """``(tenant, admin)`` of the identity whose token is ``presented``, comparing with every token in
     constant time per token; ``None`` if none matches."""
-    given = presented.encode()
     match = None
     for token, tenant, admin in known:
-        if hmac.compare_digest(given, token):
+        if token_matches(presented, token):
             match = (tenant, admin)
     return match
 
@@ -345,28 +342,23 @@ class Connection(asyncio.BufferedProtocol):
             self._resume()
             await self._wait()
 
-    async def read_body(self, n: int) -> bytearray:
-        """The next ``n`` bytes in a buffer that grows as they arrive (see :func:`_grow`): what a peer
-        announces but does not send costs at most :data:`BODY_STEP` of memory, never ``n``."""
-        body = bytearray()
-        take = min(self.buffered, n)
-        body += self.view[self.start : self.start + take]
-        self.start += take
-        if self.start == self.end:
-            self.start = self.end = 0
-        if n - take >= DIRECT_IO and self._thread_socket() is not None:
-            self._pause()  # the transport must not read while the thread does
-            await self._transfer(_recv_some, [body, n, take], writable=False)
-            self.server.counters["bytes_in"] += n - take
-            self._resume()
-            return body
-        while len(body) < n:
-            got = len(body)
-            _grow(body, n)
-            with memoryview(body) as whole:
-                await self.read_into(whole[got:])
+    async def read_body(self, n: int) -> memoryview:
+        """The next ``n`` bytes, received into a fresh uninitialised buffer of exactly ``n`` bytes (the
+        frame the store then keeps: no byte is copied twice). ``numpy.empty`` takes address space, not
+        memory: pages are committed as received bytes land in them, so what a peer announces but does
+        not send costs nothing. Large remainders move through an I/O thread (see :meth:`_transfer`)."""
+        dest = np.empty(n, dtype=np.uint8).data
+        if n - self.buffered < DIRECT_IO or self._thread_socket() is None:
+            await self.read_into(dest)
+            return dest
+        take = self.buffered
+        dest[:take] = self.view[self.start : self.end]
+        self.start = self.end = 0
+        self._pause()  # the transport must not read while the thread does
+        await self._transfer(_recv_rest, [dest, take], writable=False)
+        self.server.counters["bytes_in"] += n - take
         self._resume()
-        return body
+        return dest
 
     # ---- writes ----------------------------------------------------------------------------------
     def write(self, *parts: bytes | bytearray | memoryview) -> None:
@@ -493,14 +485,6 @@ def _consume(fut: asyncio.Future[Any]) -> None:
         fut.exception()
 
 
-def _grow(body: bytearray, n: int) -> None:
-    """Extend ``body`` (towards ``n`` bytes) by one step: :data:`BODY_STEP` at first, then doubling,
-    at most :data:`BODY_STEP_MAX`. Zeros come from a calloc'd source, so memory is committed only as
-    the buffer grows, and the buffer's size stays within twice what was received plus one step."""
-    got = len(body)
-    body += _ZEROS[: min(n - got, BODY_STEP_MAX, max(BODY_STEP, got))]
-
-
 @contextlib.contextmanager
 def _blocking(sock: socket.socket) -> Iterator[None]:
     """Make the duplicate socket blocking, with kernel send/receive timeouts of :data:`STALL_S`, for
@@ -518,26 +502,19 @@ def _blocking(sock: socket.socket) -> Iterator[None]:
         sock.setblocking(False)
 
 
-def _recv_some(sock: socket.socket, state: list[Any]) -> bool:
-    """Receive into ``state = [body, n, filled]`` until ``filled == n``, growing ``body`` by
-    :func:`_grow` steps as bytes arrive; False (progress kept) once the peer sent nothing for
-    :data:`STALL_S`. Raises ``ConnectionError`` if the peer closes mid-message."""
-    body, n = state[0], state[1]
+def _recv_rest(sock: socket.socket, state: list[Any]) -> bool:
+    """Receive into ``state = [dest, filled]`` until ``dest`` is full; False (progress kept) once the
+    peer sent nothing for :data:`STALL_S`. Raises ``ConnectionError`` if the peer closes mid-message."""
+    dest: memoryview = state[0]
     with _blocking(sock):
-        while state[2] < n:
-            if len(body) == state[2]:
-                _grow(body, n)
-            with memoryview(body) as whole:
-                part = whole[state[2] :]
-                try:
-                    got = sock.recv_into(part, len(part), socket.MSG_WAITALL)
-                except BlockingIOError:  # SO_RCVTIMEO expired with nothing received
-                    return False
-                finally:
-                    part.release()  # no export may outlive the step: the next step resizes ``body``
+        while state[1] < len(dest):
+            try:
+                got = sock.recv_into(dest[state[1] :], 0, socket.MSG_WAITALL)
+            except BlockingIOError:  # SO_RCVTIMEO expired with nothing received
+                return False
             if got == 0:
                 raise ConnectionError("peer closed the connection mid-message")
-            state[2] += got
+            state[1] += got
     return True
 
 
@@ -712,7 +689,7 @@ class CacheServer:
         if op == P.Op.PUT:
             key = await self._timed(conn.read_exact(P.KEY_BYTES))
             return await self._put_body(conn, key, h.body_len - P.KEY_BYTES)
-        body: bytes | bytearray = b""
+        body: bytes | memoryview = b""
         if h.body_len:
             body = await self._timed(conn.read_exact(h.body_len) if h.body_len <= SMALL_BODY
                                      else self._large_body(conn, h.body_len))
@@ -725,7 +702,7 @@ class CacheServer:
         async with async_timeout(self.config.read_timeout_s):
             return await aw
 
-    async def _large_body(self, conn: Connection, n: int) -> bytearray:
+    async def _large_body(self, conn: Connection, n: int) -> memoryview:
         """Receive a body above :data:`SMALL_BODY` under the request budget (released once received:
         these bodies are key lists and HELLO/LIST records, handled at once)."""
         await self.budget.acquire(n)
@@ -759,7 +736,7 @@ class CacheServer:
             if not small:
                 self.budget.release(size)
 
-    async def _put(self, conn: Connection, key: bytes, frame: bytearray) -> Reply:
+    async def _put(self, conn: Connection, key: bytes, frame: memoryview) -> Reply:
         try:
             wire.check_frame(frame, key)
         except CorruptChunk as exc:
@@ -834,7 +811,7 @@ class CacheServer:
                 self.reply_budget.release(held)
         return 0
 
-    async def _dispatch(self, conn: Connection, op: P.Op, h: P.Header, body: bytes | bytearray) -> Reply:
+    async def _dispatch(self, conn: Connection, op: P.Op, h: P.Header, body: bytes | memoryview) -> Reply:
         ok = P.Status.OK
         if op == P.Op.PING:
             return ok, [], 0, 0, 0
@@ -860,7 +837,7 @@ class CacheServer:
             return ok, [_enc.encode({"removed": removed})], 0, 0, 0
         raise ProtocolError(f"unhandled opcode {op}")  # pragma: no cover - Op is exhaustive above
 
-    def _hello(self, conn: Connection, body: bytes | bytearray) -> Reply:
+    def _hello(self, conn: Connection, body: bytes | memoryview) -> Reply:
         try:
             hello = _hello.decode(body)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -882,7 +859,7 @@ class CacheServer:
         )
         return P.Status.OK, [_enc.encode(info)], 0, 0, 0
 
-    def _list(self, body: bytes | bytearray) -> Reply:
+    def _list(self, body: bytes | memoryview) -> Reply:
         try:
             req = _list_req.decode(body) if body else P.ListRequest()
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -905,12 +882,11 @@ class CacheServer:
             max_inflight_bytes=self.budget.cap,
             uptime_s=round(time.monotonic() - self.started, 3),
         )
-        try:
-            import psutil
+        from kvtier.procs import rss_bytes
 
-            out["rss_bytes"] = psutil.Process().memory_info().rss
-        except Exception:  # psutil missing or /proc unreadable: stats stay useful without it
-            pass
+        rss = rss_bytes()
+        if rss is not None:
+            out["rss_bytes"] = rss
         out.update({f"store_{k}": v for k, v in self.store.stats().items()})
         return out
 

@@ -13,7 +13,7 @@ import argparse
 import os
 import sys
 
-from kvtier.server.client import RemoteTier
+from kvtier.storage.remote import RemoteTier
 
 
 def probe(host: str, port: int, token: str, timeout_s: float) -> float:

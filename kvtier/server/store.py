@@ -29,8 +29,8 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from kvtier.errors import CorruptChunk, KvtierError
-from kvtier.server.protocol import KEY_BYTES
 from kvtier.storage.policy import make_policy
+from kvtier.storage.remote_protocol import KEY_BYTES
 from kvtier.wire import check_frame
 
 if TYPE_CHECKING:
@@ -38,8 +38,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ENTRY_OVERHEAD = 160  # dict slot, key object, bytearray header, policy node (approximate)
-Frame = bytes | bytearray
+ENTRY_OVERHEAD = 160  # dict slot, key object, buffer header, policy node (approximate)
+Frame = bytes | bytearray | memoryview
 
 
 def namespace(tenant: str) -> bytes:

@@ -30,6 +30,12 @@ from kvtier.keys import ChunkKey
 class Tier(ABC):
     name: str = ""
 
+    def private(self) -> bool:
+        """True when no other user can write what this tier stores, so frames without a MAC can only
+        come from this user's own processes. Default False: a server, Redis or a shared directory may be
+        written by anyone who reaches it."""
+        return False
+
     @abstractmethod
     def put(self, key: ChunkKey, frame: bytes) -> None: ...
 
@@ -63,14 +69,8 @@ class Tier(ABC):
         """Zero-copy read: place the stored payload of ``key`` straight into ``payload`` (which must be
         exactly its size) and return the frame's head (fixed header + metadata), unverified (see
         :func:`kvtier.frames.unpack_head_into`). ``None`` when the key is missing, the sizes differ or the
-        tier cannot read into caller memory; the caller then falls back to ``get_view``. Default: None."""
+        tier cannot read into caller memory; the caller then falls back to ``get``. Default: None."""
         return None
-
-    def get_view(self, key: ChunkKey) -> bytes | memoryview | None:
-        """``get(key)`` for a caller that decodes the frame at once and keeps no reference to it: the
-        result may live in a buffer the tier reuses on this thread's next ``get_view`` (saves an
-        allocation per read). Default: ``get``."""
-        return self.get(key)
 
     @abstractmethod
     def exists(self, keys: Sequence[ChunkKey]) -> list[bool]: ...

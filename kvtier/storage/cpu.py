@@ -218,19 +218,18 @@ class CpuTier:
 
     # ---- management ----------------------------------------------------------------------------
     def pin(self, key: ChunkKey) -> bool:
-        with self._lock:
-            entry = self._index.get(key)
-            if entry is None:
-                return False
-            self.arena.pin(entry.slot)
-            return True
+        return self._on_slot(key, self.arena.pin)
 
     def unpin(self, key: ChunkKey) -> bool:
+        return self._on_slot(key, self.arena.unpin)
+
+    def _on_slot(self, key: ChunkKey, op: Callable[[int], None]) -> bool:
+        """``op(slot)`` on the slot of ``key`` under the lock; False if ``key`` is not cached."""
         with self._lock:
             entry = self._index.get(key)
             if entry is None:
                 return False
-            self.arena.unpin(entry.slot)
+            op(entry.slot)
             return True
 
     def remove(self, key: ChunkKey) -> bool:

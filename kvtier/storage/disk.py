@@ -24,10 +24,10 @@ Invariants:
 - A failed write removes its temp file and leaves every indexed file untouched. A full filesystem
   (``ENOSPC``/``EDQUOT``) is counted and the write dropped (writes pause for ``FULL_PAUSE_S``) without
   raising, so reads keep being served; any other I/O error raises ``TierUnavailable``.
-- Reads never see a partial file: ``get`` returns fresh bytes, ``get_view`` a per-thread reused buffer,
-  ``get_into`` puts the payload straight into the caller's memory (zero copy). A file whose size
-  disagrees with the index is quarantined. After ``exists``, reading a chunk asks the kernel to start
-  reading the next one listed (``POSIX_FADV_WILLNEED``, one chunk ahead).
+- Reads never see a partial file: ``get`` returns fresh bytes, ``get_into`` puts the payload straight
+  into the caller's memory (zero copy). A file whose size disagrees with the index is quarantined.
+  After ``exists``, a ``get_into`` asks the kernel to start reading the next chunk listed
+  (``POSIX_FADV_WILLNEED``, one chunk ahead).
 - One process owns a directory at a time (``flock`` on ``.lock``); several processes sharing one
   directory use :class:`kvtier.storage.fs.FsTier` instead.
 """
@@ -150,25 +150,18 @@ def write_all(fd: int, parts: Sequence[Buffer]) -> int:
     return total
 
 
-def read_exact(fd: int, size: int, into: memoryview | None = None) -> bytes | memoryview | None:
-    """Read ``size`` bytes from the start of ``fd`` into fresh bytes, or into ``into[:size]`` if given;
-    ``None`` if the file is shorter."""
-    if into is None:
-        data = os.pread(fd, size, 0)
-        if len(data) == size:
-            return data
-        into = memoryview(bytearray(size))
-        into[: len(data)] = data
-        got = len(data)
-    else:
-        into = into[:size]
-        got = 0
-    while got < size:
-        n = os.preadv(fd, [into[got:]], got)
-        if n == 0:
+def read_exact(fd: int, size: int) -> bytes | None:
+    """Read ``size`` bytes from the start of ``fd``; ``None`` if the file is shorter."""
+    data = os.pread(fd, size, 0)
+    if len(data) == size:
+        return data
+    out = bytearray(data)
+    while len(out) < size:  # a short read: continue where it stopped
+        more = os.pread(fd, size - len(out), len(out))
+        if not more:
             return None
-        got += n
-    return into
+        out += more
+    return bytes(out)
 
 
 def read_frame_into(fd: int, size: int, payload: memoryview) -> bytes | None:
@@ -194,17 +187,23 @@ def read_frame_into(fd: int, size: int, payload: memoryview) -> bytes | None:
     return head[:head_len]
 
 
-class ReadBuffers(threading.local):
-    """A reusable read buffer per thread, for ``get_view``: no allocation (and no page faults on fresh
-    memory, which cost more than the copy itself) per read. Grows to the largest frame read."""
-
-    def __init__(self) -> None:
-        self.buffer = bytearray(0)
-
-    def take(self, size: int) -> memoryview:
-        if len(self.buffer) < size:  # a new buffer: a view a caller still holds keeps the old one alive
-            self.buffer = bytearray(-(-size // (1 << 20)) * (1 << 20))
-        return memoryview(self.buffer)[:size]
+def private_dir(path: Path) -> bool:
+    """True if no user but this one (and root) can change what is under ``path``: the directory is owned
+    by the effective user and writable by no one else, and no ancestor lets another user replace it
+    (each is owned by this user or root and writable by no one else, unless sticky like ``/tmp``)."""
+    uid = os.geteuid()
+    try:
+        real = path.resolve(strict=True)
+        st = os.stat(real)
+        if st.st_uid != uid or st.st_mode & 0o022:
+            return False
+        for parent in real.parents:
+            st = os.stat(parent)
+            if st.st_uid not in (uid, 0) or (st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX):
+                return False
+    except OSError:
+        return False
+    return True
 
 
 def fsync_dir(path: Path) -> None:
@@ -268,7 +267,6 @@ class DiskTier(Tier):
         self.fsync = fsync
         self.quarantine_keep = quarantine_keep
         self.readahead = readahead
-        self._buffers = ReadBuffers()
         self._next = threading.local()  # per thread: key -> the key its last exists() listed after it
         self._policy = make_policy(policy)
         self._index: dict[ChunkKey, int] = {}
@@ -279,7 +277,8 @@ class DiskTier(Tier):
         self._made: set[str] = set()
         self.counters: Counter[str] = Counter()
         try:
-            (self.root / QUARANTINE).mkdir(parents=True, exist_ok=True)
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)  # a new directory is the user's alone
+            (self.root / QUARANTINE).mkdir(exist_ok=True)
             self._lockfile: IO[bytes] | None = open(self.root / ".lock", "a+b")  # noqa: SIM115
         except OSError as exc:
             raise TierUnavailable(f"cannot open disk tier directory {self.root}: {exc}") from exc
@@ -433,6 +432,9 @@ class DiskTier(Tier):
             self._unlink(Path(entry.path))
 
     # ---- Tier ------------------------------------------------------------------------------------
+    def private(self) -> bool:
+        return private_dir(self.root)
+
     def put(self, key: ChunkKey, frame: bytes) -> None:
         self.put_parts(key, (frame,))
 
@@ -489,14 +491,7 @@ class DiskTier(Tier):
         return True
 
     def get(self, key: ChunkKey) -> bytes | None:
-        data = self._read(key, None)
-        return None if data is None else bytes(data)  # already bytes unless a short read was repaired
-
-    def get_view(self, key: ChunkKey) -> bytes | memoryview | None:
-        data = self._read(key, self._buffers.take)
-        if data is not None:
-            self._read_ahead(key)
-        return data
+        return self._read(key)
 
     def get_into(self, key: ChunkKey, payload: memoryview) -> bytes | None:
         with self._lock:
@@ -507,7 +502,7 @@ class DiskTier(Tier):
         try:
             fd = open_regular(chunk_path(self.root, key))
         except OSError:
-            return None  # get_view sorts out what happened
+            return None  # get sorts out what happened
         try:
             head = read_frame_into(fd, size, payload)
         except OSError:
@@ -536,7 +531,7 @@ class DiskTier(Tier):
             finally:
                 os.close(fd)
 
-    def _read(self, key: ChunkKey, buffer: Callable[[int], memoryview] | None) -> bytes | memoryview | None:
+    def _read(self, key: ChunkKey) -> bytes | None:
         with self._lock:
             size = self._index.get(key)
             if size is None:
@@ -560,7 +555,7 @@ class DiskTier(Tier):
             actual = os.fstat(fd).st_size
             data = None
             if actual == size:
-                data = read_exact(fd, size, None if buffer is None else buffer(size))
+                data = read_exact(fd, size)
         except OSError as exc:
             raise TierUnavailable(f"disk tier {self.root}: cannot read {path.name}: {exc}") from exc
         finally:

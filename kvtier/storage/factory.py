@@ -33,7 +33,7 @@ def _build(config: KvtierConfig, tiers: list[tuple[Tier, str]]) -> None:
         d = config.disk
         tiers.append((DiskTier(d.path, d.capacity, d.policy, d.fsync), d.codec))
     if config.remote.enabled:
-        from kvtier.server.client import RemoteTier
+        from kvtier.storage.remote import RemoteTier
 
         tiers.append((RemoteTier.from_config(config.remote), config.remote.codec))
     if config.redis.enabled:

@@ -39,7 +39,6 @@ from kvtier.storage.disk import (
     TEMP_SUFFIX,
     Buffer,
     NotRegularFile,
-    ReadBuffers,
     chunk_path,
     frame_length,
     fsync_dir,
@@ -64,7 +63,6 @@ class FsTier(Tier):
         self.fsync = fsync
         self.counters: Counter[str] = Counter()
         self._lock = threading.Lock()  # guards counters only
-        self._buffers = ReadBuffers()
         try:
             (self.root / QUARANTINE).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -108,17 +106,13 @@ class FsTier(Tier):
             self.counters["bytes_written"] += size
 
     def get(self, key: ChunkKey) -> bytes | None:
-        data = self._read(key, None)
-        return None if data is None else bytes(data)  # already bytes unless a short read was repaired
-
-    def get_view(self, key: ChunkKey) -> bytes | memoryview | None:
-        return self._read(key, self._buffers)
+        return self._read(key)
 
     def get_into(self, key: ChunkKey, payload: memoryview) -> bytes | None:
         try:
             fd = open_regular(chunk_path(self.root, key))
         except OSError:
-            return None  # get_view sorts out what happened
+            return None  # get sorts out what happened
         try:
             head = read_frame_into(fd, os.fstat(fd).st_size, payload)
         except OSError:
@@ -132,7 +126,7 @@ class FsTier(Tier):
                 self.counters["bytes_read"] += len(head) + payload.nbytes
         return head
 
-    def _read(self, key: ChunkKey, buffers: ReadBuffers | None) -> bytes | memoryview | None:
+    def _read(self, key: ChunkKey) -> bytes | None:
         path = chunk_path(self.root, key)
         try:
             fd = open_regular(path)
@@ -147,7 +141,7 @@ class FsTier(Tier):
             raise self._unavailable("open", key, exc) from exc
         try:
             size = os.fstat(fd).st_size
-            data = read_exact(fd, size, None if buffers is None else buffers.take(size))
+            data = read_exact(fd, size)
         except OSError as exc:
             raise self._unavailable("read", key, exc) from exc
         finally:

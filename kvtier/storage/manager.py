@@ -14,9 +14,14 @@ Invariants:
   counted as ``misses`` / ``read_ahead_dropped``). When ``load_many`` returns or its iterator is closed,
   no read into the caller's tensors is still in flight.
 - Writes go down through one bounded queue; when it is full the write is dropped and counted, so the
-  engine never waits for a slow tier. Queued writes hold a reference on their CPU slot until done. The
-  writer takes what is queued (up to ``WRITE_BATCH_BYTES``) and hands it to each tier in one
-  ``put_many``; a failed batch counts every write in it as failed.
+  engine never waits for a slow tier. Queued writes hold a reference on their CPU slot until done.
+- Write-back is a two-stage pipeline: the sealing thread encodes each queued chunk into its frame head
+  (checksum, and MAC with a keyring: BLAKE3 releases the GIL) while the writer thread hands the chunks
+  sealed before it to the tiers, so the MAC of chunk i+1 overlaps the write of chunk i. The writer
+  takes what is sealed (up to ``WRITE_BATCH`` chunks / ``WRITE_BATCH_BYTES``) and hands it to each tier
+  in one ``put_many``; a failed batch counts every write in it as failed. A write is done (its slot
+  reference released, :meth:`StorageManager.flush` no longer waiting for it) only after every tier
+  took it, failed it or skipped it.
 - A tier that raised :class:`TierUnavailable` is skipped (fast miss) until its backoff expires; then it
   is probed again by the next call. Backoff doubles per failure up to ``max_backoff_s``.
 - No exception from a tier reaches the caller.
@@ -38,6 +43,7 @@ from functools import partial
 import torch
 
 from kvtier import frames
+from kvtier.backoff import Backoff
 from kvtier.errors import CorruptChunk, FrameAuthError, KvtierError, LayoutError, TierUnavailable
 from kvtier.frame_auth import FrameKeys, warn_unauthenticated
 from kvtier.keys import ChunkKey
@@ -58,13 +64,12 @@ class TierSlot:
     """One tier with its codec and health state."""
 
     tier: Tier
+    backoff: Backoff
     codec: str = "raw"
-    failures: int = 0
-    retry_at: float = 0.0
     counters: Counter[str] = field(default_factory=Counter)
 
     def usable(self, now: float) -> bool:
-        return self.failures == 0 or now >= self.retry_at
+        return self.backoff.ready(now)
 
     @property
     def reads_into(self) -> bool:
@@ -93,6 +98,9 @@ class _Write:
     record: ChunkRecord
     data: torch.Tensor
     done: Callable[[], None]
+    # per codec of the writable tiers: (head, payload) of the frame, or why it could not be encoded;
+    # filled by the sealing thread before the writer sees the write
+    frames: dict[str, tuple[bytes, bytes | memoryview] | KvtierError] = field(default_factory=dict)
 
 
 class StorageManager:
@@ -114,10 +122,11 @@ class StorageManager:
         self.read_batch = read_batch
         self.read_ahead = read_ahead
         self.auth = auth
-        if auth is None:  # every lower tier can be written by another process (disk dir, server, ...)
+        if auth is None:  # a tier other users can write (server, Redis, shared or open directory) needs a MAC
             for tier, _codec in tiers:
-                warn_unauthenticated(tier.name)
-        self.slots = [TierSlot(tier, codec) for tier, codec in tiers]
+                if not tier.private():
+                    warn_unauthenticated(tier.name)
+        self.slots = [TierSlot(tier, Backoff(base_backoff_s, max_backoff_s), codec) for tier, codec in tiers]
         self.counters: Counter[str] = Counter()
         # ``observer(tier_name, op, seconds, ok)`` after every tier call (metrics); must not raise
         self.observers: list[Callable[[str, str, float, bool], None]] = []
@@ -125,16 +134,18 @@ class StorageManager:
         self.put_listeners: list[Callable[[str, bytes], None]] = []
         # a tier with ``read_only = True`` (e.g. the P2P tier) is only read: write-back skips it
         self._writable = any(not getattr(tier, "read_only", False) for tier, _codec in tiers)
-        self._base_backoff = base_backoff_s
-        self._max_backoff = max_backoff_s
         self._queue: queue.Queue[_Write | None] = queue.Queue(maxsize=queue_depth)
-        self._worker: threading.Thread | None = None
+        self._sealed: queue.Queue[_Write | None] = queue.Queue(maxsize=WRITE_BATCH)
+        self._codecs = sorted({codec for tier, codec in tiers if not getattr(tier, "read_only", False)})
+        self._workers: list[threading.Thread] = []
         # reads of batches run here, ahead of the caller; two threads so a tier serves two batches at once
         self._reader: ThreadPoolExecutor | None = None
         if self.slots:
             self._reader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvtier-read")
-            self._worker = threading.Thread(target=self._drain, name="kvtier-writeback", daemon=True)
-            self._worker.start()
+            self._workers = [threading.Thread(target=self._seal, name="kvtier-seal", daemon=True),
+                             threading.Thread(target=self._drain, name="kvtier-writeback", daemon=True)]
+            for worker in self._workers:
+                worker.start()
 
     @property
     def enabled(self) -> bool:
@@ -155,9 +166,7 @@ class StorageManager:
             result = fn()
         except TierUnavailable as exc:
             self._observe(slot, op, start, False)
-            slot.failures += 1
-            delay = min(self._max_backoff, self._base_backoff * 2 ** (slot.failures - 1))
-            slot.retry_at = time.monotonic() + delay
+            delay = slot.backoff.failed()
             slot.counters["errors"] += 1
             log.warning("tier %s unavailable during %s (%s); retry in %.1fs", slot.tier.name, op, exc, delay)
             raise
@@ -166,16 +175,15 @@ class StorageManager:
             slot.counters["errors"] += 1
             log.exception("tier %s failed during %s", slot.tier.name, op)
             raise TierUnavailable(str(exc)) from exc
-        if slot.failures:
-            log.info("tier %s is back after %d failures", slot.tier.name, slot.failures)
+        if failures := slot.backoff.succeeded():
+            log.info("tier %s is back after %d failures", slot.tier.name, failures)
             slot.counters["reconnects"] += 1
-        slot.failures = 0
         slot.counters[f"{op}_seconds_total_us"] += int((time.perf_counter() - start) * 1e6)
         self._observe(slot, op, start, True)
         return result
 
     def healthy(self) -> dict[str, bool]:
-        return {s.tier.name: s.failures == 0 for s in self.slots}
+        return {s.tier.name: s.backoff.failures == 0 for s in self.slots}
 
     # ---- reads -----------------------------------------------------------------------------------
     def locate(self, keys: Sequence[ChunkKey]) -> list[int]:
@@ -345,7 +353,25 @@ class StorageManager:
             done()
             return False
 
+    def _seal(self) -> None:
+        """Sealing thread: encode each queued write for every codec, in queue order; ``None`` = stop."""
+        while True:
+            item = self._queue.get()
+            if item is not None:
+                for codec in self._codecs:
+                    try:
+                        item.frames[codec] = frames.pack_parts(item.record, item.data, self.spec, codec, self.auth)
+                    except KvtierError as exc:
+                        item.frames[codec] = exc
+                    except Exception as exc:  # a codec bug must not stop write-back: this write fails
+                        log.exception("encoding chunk %s as %s failed", item.record.key.hex(), codec)
+                        item.frames[codec] = KvtierError(f"encoding failed: {exc!r}")
+            self._sealed.put(item)
+            if item is None:
+                return
+
     def _drain(self) -> None:
+        """Writer thread: hand sealed writes to the tiers, then mark them done; ``None`` = stop."""
         while True:
             batch = self._take_batch()
             try:
@@ -359,15 +385,15 @@ class StorageManager:
                 return
 
     def _take_batch(self) -> list[_Write | None]:
-        """Block for one queued write, then take what else is queued (bounded); ``None`` = stop."""
-        batch: list[_Write | None] = [self._queue.get()]
+        """Block for one sealed write, then take what else is sealed (bounded); ``None`` = stop."""
+        batch: list[_Write | None] = [self._sealed.get()]
         size = 0
         while batch[-1] is not None and len(batch) < WRITE_BATCH:
             size += batch[-1].data.numel() * batch[-1].data.element_size()
             if size >= WRITE_BATCH_BYTES:
                 break
             try:
-                batch.append(self._queue.get_nowait())
+                batch.append(self._sealed.get_nowait())
             except queue.Empty:
                 break
         return batch
@@ -375,7 +401,6 @@ class StorageManager:
     def _write(self, items: list[_Write]) -> None:
         if not items:
             return
-        encoded: dict[str, list[tuple[ChunkKey, tuple[bytes, bytes | memoryview]]]] = {}
         now = time.monotonic()
         for slot in self.slots:
             if getattr(slot.tier, "read_only", False):
@@ -384,11 +409,12 @@ class StorageManager:
                 slot.counters["writes_skipped_unhealthy"] += len(items)
                 continue
             try:
-                batch = encoded.get(slot.codec)
-                if batch is None:  # (head, payload) per chunk: tiers write them without joining
-                    batch = [(item.record.key, frames.pack_parts(item.record, item.data, self.spec, slot.codec,
-                                                                 self.auth)) for item in items]
-                    encoded[slot.codec] = batch
+                batch: list[tuple[ChunkKey, tuple[bytes, bytes | memoryview]]] = []
+                for item in items:  # (head, payload) per chunk: tiers write them without joining
+                    parts = item.frames[slot.codec]
+                    if isinstance(parts, KvtierError):
+                        raise parts
+                    batch.append((item.record.key, parts))
                 self._call(slot, "put", partial(slot.tier.put_many, batch))
                 slot.counters["writes"] += len(batch)
                 for key, _parts in batch:
@@ -459,7 +485,7 @@ class StorageManager:
         out: dict[str, dict[str, int | float]] = {"manager": {**self.counters, "queue_depth": self._queue.qsize()}}
         for slot in self.slots:
             numbers: dict[str, int | float] = dict(slot.counters)
-            numbers["healthy"] = int(slot.failures == 0)
+            numbers["healthy"] = int(slot.backoff.failures == 0)
             try:
                 numbers.update(slot.tier.stats())
             except Exception:  # stats must never fail the caller
@@ -470,13 +496,14 @@ class StorageManager:
     def close(self, timeout_s: float = 30.0) -> int:
         """Flush pending writes (bounded), stop the worker, close tiers; return writes lost."""
         lost = 0
-        if self._worker is not None:
+        if self._workers:
             if not self.flush(timeout_s):
-                lost = self._queue.qsize()
+                lost = self._queue.qsize() + self._sealed.qsize()
             with contextlib.suppress(queue.Full):
                 self._queue.put(None, timeout=1.0)
-            self._worker.join(timeout=max(1.0, timeout_s))
-            self._worker = None
+            for worker in self._workers:
+                worker.join(timeout=max(1.0, timeout_s))
+            self._workers = []
         if self._reader is not None:
             self._reader.shutdown(wait=True)
             self._reader = None

@@ -1,6 +1,6 @@
 """Start a private ``mooncake_master`` (with its built-in HTTP metadata server) on loopback ports: for
-tests, benchmarks and single-host setups. Ports are picked free; :meth:`MooncakeMaster.restart` reuses
-them so clients find the master again.
+tests, benchmarks and single-host setups. Ports are picked free once: ``stop()`` then ``start()``
+reuses them so clients find the master again.
 """
 
 from __future__ import annotations
@@ -76,10 +76,6 @@ class MooncakeMaster:
             self.proc.kill()
             self.proc.wait()
             self.proc = None
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
 
     def __enter__(self) -> MooncakeMaster:
         return self.start()

@@ -3,6 +3,7 @@ or awkward to reach with separate processes (controller restart, event overflow,
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,16 +12,16 @@ import pytest
 import torch
 from cluster_support import ThreadedController, tokens, wait_until
 
-from kvtier.cluster.agent import Agent, AgentConfig, start_engine
-from kvtier.cluster.controller import ControllerSettings
-from kvtier.config import load_config
+from kvtier.cluster.agent import Agent, start_engine
+from kvtier.config import ControllerConfig, load_config
 from kvtier.engine import CacheEngine
+from kvtier.errors import ConfigError
 from kvtier.layout import KVSpec
 
 TOKEN = "agent-test"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 SPEC = KVSpec(2, 2, 8, "float32", chunk_tokens=16)
-SETTINGS = ControllerSettings(token=TOKEN, ttl_s=3.0, heartbeat_s=0.2, command_timeout_s=5.0)
+SETTINGS = ControllerConfig(token=TOKEN, ttl_s=3.0, heartbeat_s=0.2, command_timeout_s=5.0)
 
 
 def kv_for(toks: list[int]) -> torch.Tensor:
@@ -30,11 +31,12 @@ def kv_for(toks: list[int]) -> torch.Tensor:
 
 class Node:
     def __init__(self, url: str, name: str, chunks: int = 64, **agent: Any) -> None:
-        cfg = load_config(environ={}, overrides={"chunk_tokens": 16, "cpu": {"capacity": chunks * SPEC.chunk_bytes}})
+        cfg = load_config(environ={}, overrides={
+            "chunk_tokens": 16, "cpu": {"capacity": chunks * SPEC.chunk_bytes},
+            "cluster": {"controller_url": url, "instance_id": name, "token": TOKEN, "poll_wait_s": 1.0, **agent}})
         self.engine: CacheEngine
         self.agent: Agent
-        self.engine, self.agent = start_engine(SPEC, "m", AgentConfig(
-            controller_url=url, instance_id=name, token=TOKEN, poll_wait_s=1.0, **agent), cfg)
+        self.engine, self.agent = start_engine(SPEC, "m", cfg)
         assert self.agent.wait_registered(10)
 
     def close(self) -> None:
@@ -142,3 +144,14 @@ def test_corrupt_peer_frame_is_rejected_and_recomputed(controller: ThreadedContr
     finally:
         a.close()
         b.close()
+
+
+def test_chunk_tokens_differing_from_the_config_is_an_error_naming_both(controller: ThreadedController) -> None:
+    cfg = load_config(environ={}, overrides={
+        "chunk_tokens": 32, "cpu": {"capacity": 8 * SPEC.chunk_bytes},
+        "cluster": {"controller_url": f"http://127.0.0.1:{controller.port}", "instance_id": "mismatch",
+                    "token": TOKEN}})
+    with pytest.raises(ConfigError, match=r"KV spec says 16.*config says 32"):
+        start_engine(SPEC, "m", cfg)  # SPEC has 16-token chunks; nothing is rewritten silently
+    time.sleep(0.5)
+    assert "mismatch" not in controller.app.state.controller.workers  # the agent never registered

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from kvtier.cluster.controller import ControllerSettings, create_app
+from kvtier.cluster.controller import create_app
 from kvtier.cluster.index import chain_keys
+from kvtier.config import ControllerConfig
 from kvtier.errors import ConfigError
 
 TOKEN = "t0ken"
@@ -36,7 +37,7 @@ def register(client: TestClient, name: str, root: str = ROOT, **extra: Any) -> s
 
 @pytest.fixture
 def client() -> Iterator[TestClient]:
-    app = create_app(ControllerSettings(token=TOKEN, ttl_s=0.4, heartbeat_s=0.1, command_timeout_s=2.0,
+    app = create_app(ControllerConfig(token=TOKEN, ttl_s=0.4, heartbeat_s=0.1, command_timeout_s=2.0,
                                         max_body_bytes=1 << 16))
     with TestClient(app) as c:
         yield c
@@ -48,9 +49,9 @@ def keys_of(toks: list[int], root: str = ROOT) -> list[str]:
 
 def test_refuses_public_bind_without_token() -> None:
     with pytest.raises(ConfigError, match="loopback"):
-        ControllerSettings(host="0.0.0.0").check()
-    ControllerSettings(host="0.0.0.0", token="x").check()
-    ControllerSettings().check()
+        ControllerConfig(host="0.0.0.0").check()
+    ControllerConfig(host="0.0.0.0", token="x").check()
+    ControllerConfig().check()
 
 
 def test_registration_conflict_and_replace(client: TestClient) -> None:

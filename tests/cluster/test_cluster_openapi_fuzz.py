@@ -16,7 +16,8 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.core.result import Ok
 
-from kvtier.cluster.controller import ControllerSettings, create_app
+from kvtier.cluster.controller import create_app
+from kvtier.config import ControllerConfig
 
 TOKEN = "fuzz"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -24,7 +25,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 @pytest.fixture(scope="module")
 def controller_url() -> Iterator[str]:
-    ctl = ThreadedController(ControllerSettings(token=TOKEN, ttl_s=600, heartbeat_s=1, command_timeout_s=0.02))
+    ctl = ThreadedController(ControllerConfig(token=TOKEN, ttl_s=600, heartbeat_s=1, command_timeout_s=0.02))
     url = ctl.start()
     resp = httpx.post(f"{url}/v1/worker/register", headers=AUTH, json={
         "instance_id": "inst-1", "model": "m", "spec": "s", "root": "00" * 16, "chunk_tokens": 4,
@@ -35,7 +36,7 @@ def controller_url() -> Iterator[str]:
 
 
 OPERATIONS = [result.ok() for result in schemathesis.openapi.from_dict(
-    create_app(ControllerSettings()).openapi()).get_all_operations() if isinstance(result, Ok)]
+    create_app(ControllerConfig()).openapi()).get_all_operations() if isinstance(result, Ok)]
 FUZZ = settings(max_examples=15, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large,
                                        HealthCheck.function_scoped_fixture])

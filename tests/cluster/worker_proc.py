@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from kvtier.cluster.agent import AgentConfig, start_engine
+from kvtier.cluster.agent import start_engine
 from kvtier.config import load_config
 from kvtier.layout import KVSpec
 from kvtier.metrics import EngineMetrics
@@ -38,12 +38,11 @@ def main() -> None:
     url, instance, token, chunks = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     disk = sys.argv[5] if len(sys.argv) > 5 else ""
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    overrides: dict = {"chunk_tokens": SPEC.chunk_tokens, "cpu": {"capacity": chunks * SPEC.chunk_bytes}}
+    overrides: dict = {"chunk_tokens": SPEC.chunk_tokens, "cpu": {"capacity": chunks * SPEC.chunk_bytes},
+                       "cluster": {"controller_url": url, "instance_id": instance, "token": token, "poll_wait_s": 2.0}}
     if disk:
         overrides["disk"] = {"enabled": True, "path": disk, "fsync": False}
-    cfg = load_config(environ={}, overrides=overrides)
-    agent_cfg = AgentConfig(controller_url=url, instance_id=instance, token=token, poll_wait_s=2.0)
-    engine, agent = start_engine(SPEC, MODEL, agent_cfg, cfg)
+    engine, agent = start_engine(SPEC, MODEL, load_config(environ={}, overrides=overrides))
     metrics = EngineMetrics(engine, sources=[agent.stats])
     metrics_port = metrics.serve(0)
     registered = agent.wait_registered(30)

@@ -7,10 +7,15 @@ import torch
 from kvtier.codec.base import Codec, get_codec
 from kvtier.codec.cachegen import CacheGenCodec
 from kvtier.codec.lossless import Lz4Codec, ZstdCodec
-from kvtier.codec.quant import Fp8Codec, Int8Codec, KiviCodec, unit_roundoff
+from kvtier.codec.quant import Fp8Codec, Int8Codec, KiviCodec
 from kvtier.layout import KVSpec
 
 DTYPES = ("bfloat16", "float16", "float32")
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """Relative rounding error of a cast to ``dtype`` (round to nearest)."""
+    return float(torch.finfo(dtype).eps) / 2
 
 LOSSLESS: dict[str, Codec] = {
     "raw": get_codec("raw"),

@@ -19,10 +19,10 @@ import torch
 
 zmq = pytest.importorskip("zmq")
 
-from kvtier.config import load_config  # noqa: E402
+from kvtier.config import EventsConfig, load_config  # noqa: E402
 from kvtier.engine import CacheEngine  # noqa: E402
 from kvtier.errors import ConfigError  # noqa: E402
-from kvtier.events.bridge import EventsConfig, start_events  # noqa: E402
+from kvtier.events.bridge import start_events  # noqa: E402
 from kvtier.events.hashing import DEFAULT_SEED, BlockHasher  # noqa: E402
 from kvtier.events.publisher import ZmqPublisher  # noqa: E402
 from kvtier.events.schema import BlockRemoved, BlockStored, KVEventBatch  # noqa: E402

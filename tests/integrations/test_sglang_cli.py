@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 from typer.testing import CliRunner
 
 from kvtier.cli import app
-from kvtier.integrations.sglang_cli import backend_extra_config, sglang_server_command, sglang_server_env
+from kvtier.integrations.sglang.cli import backend_extra_config, sglang_server_command, sglang_server_env
 
 
 def _arg(argv: list[str], name: str) -> str:
@@ -70,13 +72,24 @@ def test_cli_dry_run(tmp_path: Path) -> None:
     assert rig.exit_code == 0 and "--device cpu" in rig.output and "layer_first" in rig.output
 
 
-def test_serve_engine_sglang_is_serve_sglang(tmp_path: Path) -> None:
-    cfg = tmp_path / "kv.yaml"
-    cfg.write_text("disk:\n  enabled: true\n")
-    args = ["--model", "/models/m", "--config", str(cfg), "--port", "30002", "--dry-run"]
-    via_serve = CliRunner().invoke(app, ["serve", "--engine", "sglang", *args])
-    direct = CliRunner().invoke(app, ["serve-sglang", *args])
-    assert via_serve.exit_code == 0 and direct.exit_code == 0, via_serve.output + direct.output
-    assert via_serve.output == direct.output and "KvtierStorage" in direct.output
-    bad = CliRunner().invoke(app, ["serve", "--engine", "tgi", "--dry-run"])
-    assert bad.exit_code != 0 and "'vllm' or 'sglang'" in str(bad.exception)
+def test_one_sglang_command() -> None:
+    """SGLang starts through ``kvtier serve-sglang`` only; ``kvtier serve`` is vLLM's and has no --engine."""
+    assert "--engine" not in CliRunner().invoke(app, ["serve", "--help"]).output
+    passed_on = CliRunner().invoke(app, ["serve", "--model", "/models/m", "--dry-run", "--engine", "sglang"])
+    assert "vllm.entrypoints.openai.api_server" in passed_on.output  # an unknown option goes to vLLM
+    assert "sglang.launch_server" not in passed_on.output
+
+
+def test_module_path_resolves_lazily() -> None:
+    """SGLang's dynamic backend imports the documented module path and takes the class from it; the
+    pure submodules load neither the backend nor SGLang (checked in a fresh interpreter)."""
+    code = ("import importlib, sys\n"
+            "import kvtier.integrations.sglang.cli, kvtier.integrations.sglang.pages\n"
+            "import kvtier.integrations.sglang.stats\n"
+            "assert 'kvtier.integrations.sglang.backend' not in sys.modules\n"
+            "extra = kvtier.integrations.sglang.cli.backend_extra_config()\n"
+            "cls = getattr(importlib.import_module(extra['module_path']), extra['class_name'])\n"
+            "assert cls.__module__ == 'kvtier.integrations.sglang.backend', cls\n"
+            "try:\n    kvtier.integrations.sglang.NoSuchThing\nexcept AttributeError:\n    print('ok')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "ok", done.stderr

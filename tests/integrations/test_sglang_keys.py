@@ -19,8 +19,21 @@ import pytest
 import torch
 
 from kvtier.errors import ConfigError, LayoutError
-from kvtier.integrations.sglang import KvtierStorage, PageKeys, PoolView, copy_page, namespace_model
-from kvtier.integrations.sglang_stats import IoStats
+from kvtier.integrations.sglang.backend import KvtierStorage
+from kvtier.integrations.sglang.pages import (
+    MAX_PAGES_PER_OBJECT,
+    PageIndex,
+    PageKeys,
+    PoolView,
+    Span,
+    auto_pages_per_object,
+    copy_page,
+    matching_pages,
+    namespace_model,
+    pages_of,
+    spans,
+)
+from kvtier.integrations.sglang.stats import IoStats
 from kvtier.keys import Namespace
 from kvtier.layout import KVSpec
 from kvtier.record import Kind
@@ -69,16 +82,17 @@ HASHES = page_hashes(list(range(100)))
 
 def test_keys_are_stable_and_namespaced() -> None:
     keys = PageKeys(Namespace("sglang-page/m", SPEC))
-    assert keys.key(HASHES[0]) == PageKeys(Namespace("sglang-page/m", SPEC)).key(HASHES[0])
-    assert len(keys.key(HASHES[0])) == 16
+    assert keys.key(HASHES[0], 1) == PageKeys(Namespace("sglang-page/m", SPEC)).key(HASHES[0], 1)
+    assert len(keys.key(HASHES[0], 1)) == 16
     others = [
         PageKeys(Namespace("sglang-page/other", SPEC)),
         PageKeys(Namespace("sglang-page/m", KVSpec(LAYERS, HEADS, DIM, "float16", PAGE))),
         PageKeys(Namespace("sglang-page/m", KVSpec(LAYERS, HEADS, DIM, "bfloat16", 32))),
         PageKeys(Namespace("sglang-page/m", SPEC, tenant="t")),
     ]
-    assert all(o.key(HASHES[0]) != keys.key(HASHES[0]) for o in others)
-    assert len({keys.key(h) for h in HASHES}) == len(HASHES)
+    assert all(o.key(HASHES[0], 1) != keys.key(HASHES[0], 1) for o in others)
+    assert len({keys.key(h, 1) for h in HASHES}) == len(HASHES)
+    assert keys.key(HASHES[3], 4) != keys.key(HASHES[3], 2)  # the page count is part of the key
 
 
 def test_ranks_are_part_of_the_model_name() -> None:
@@ -87,14 +101,42 @@ def test_ranks_are_part_of_the_model_name() -> None:
     assert namespace_model("m", pp_rank=1, pp_size=2) != namespace_model("m", pp_rank=0, pp_size=2)
 
 
-def test_a_page_record_holds_the_page_hash_not_token_ids() -> None:
+def test_an_object_record_holds_every_page_hash_not_token_ids() -> None:
     keys = PageKeys(Namespace("sglang-page/m", SPEC))
-    record = keys.record(HASHES[3])
-    assert record.kind == Kind.PAGE and record.identity == bytes.fromhex(HASHES[3])
-    assert record.num_tokens == PAGE and record.parent == keys.root and record.key == keys.key(HASHES[3])
-    assert keys.identity("not-hex-key") == b"not-hex-key"
-    assert len(keys.identity("x" * 5000)) == 32  # an overlong key is verified by its digest
-    assert keys.identity("x" * 5000) != keys.identity("x" * 5001)
+    record = keys.record(HASHES[4:7])
+    assert record.kind == Kind.PAGE and record.identity == b"".join(bytes.fromhex(h) for h in HASHES[4:7])
+    assert record.num_tokens == 3 * PAGE and record.parent == keys.root and record.key == keys.key(HASHES[6], 3)
+    assert pages_of(record) == 3
+    assert len(keys.page_id("not-hex-key")) == 32 and len(keys.page_id("x" * 5000)) == 32  # digests
+    assert keys.page_id("x" * 5000) != keys.page_id("x" * 5001)
+    ids = [keys.page_id(h) for h in HASHES[4:6]] + [keys.page_id("other")]
+    assert matching_pages(record, ids) == 2 and matching_pages(record, ids, 1) == 1
+    with pytest.raises(LayoutError):
+        keys.record([HASHES[0]] * 129)
+
+
+def test_spans_sit_at_fixed_positions() -> None:
+    assert spans(0, 10, 4) == [Span(0, 0, 4), Span(4, 4, 8), Span(8, 8, 10)]
+    assert spans(6, 5, 4) == [Span(4, 6, 8), Span(8, 8, 11)]  # a call starting inside a group
+    assert spans(3, 2, 1) == [Span(3, 3, 4), Span(4, 4, 5)]
+    assert spans(5, 0, 4) == []
+
+
+def test_auto_pages_per_object_is_a_power_of_two_within_4_mib() -> None:
+    assert auto_pages_per_object(360 << 10) == 8  # SmolLM2-135M, 16-token bf16 pages
+    assert auto_pages_per_object(1440 << 10) == 2
+    assert auto_pages_per_object(8 << 20) == 1
+    assert auto_pages_per_object(1) == MAX_PAGES_PER_OBJECT
+
+
+def test_page_index_is_bounded() -> None:
+    keys = PageKeys(Namespace("sglang-page/m", SPEC))
+    index = PageIndex(max_pages=5)
+    index.add(keys.record(A[0:4]))
+    index.add(keys.record(A[4:8]))
+    assert len(index) == 5 and index.find(keys.page_id(A[0])) is None
+    found = index.find(keys.page_id(A[6]))
+    assert found is not None and found[1] == 2 and pages_of(found[0]) == 4
 
 
 # ---- pool layout --------------------------------------------------------------------------------
@@ -185,7 +227,7 @@ def test_a_flipped_byte_is_a_counted_miss(tmp_path: Path) -> None:
     storage = backend(tmp_path)
     storage.batch_set_v1(HASHES[:3], slots([0, 1, 2]))
     assert storage.keys is not None
-    key = storage.keys.key(HASHES[1]).hex()
+    key = storage.keys.key(HASHES[1], 1).hex()
     path = tmp_path / "disk" / key[:2] / f"{key}.kvt"
     data = bytearray(path.read_bytes())
     data[-3] ^= 0x01
@@ -202,12 +244,12 @@ def test_a_frame_under_a_foreign_identity_is_a_miss(tmp_path: Path) -> None:
     storage = backend(tmp_path)
     storage.batch_set_v1([HASHES[0]], slots([0]))
     assert storage.keys is not None
-    real_identity = storage.keys.identity
-    storage.keys.__dict__["identity"] = lambda h: real_identity(HASHES[1])  # reader expects another hash
-    try:
+    real = storage.keys.record
+    storage.keys.__dict__["record"] = lambda hashes: real(hashes)._replace(identity=real([HASHES[1]]).identity)
+    try:  # the reader expects another page hash under the same key
         assert storage.batch_get_v1([HASHES[0]], slots([1])) == [False]
     finally:
-        del storage.keys.__dict__["identity"]
+        del storage.keys.__dict__["record"]
     assert storage.stats()["disk"]["collisions"] == 1
 
 
@@ -255,3 +297,105 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
         KvtierStorage(storage_config(tmp_path, kvtier={"cpu": {"capacity": "1GiB"}}))
     with pytest.raises(ConfigError):
         KvtierStorage(storage_config(tmp_path, kvtier={"disk": {"enabld": True}}))
+
+
+# ---- several pages per object ---------------------------------------------------------------------
+A = page_hashes(list(range(10 * PAGE)))  # ten pages
+B = page_hashes(list(range(6 * PAGE)) + list(range(1000, 1000 + 4 * PAGE)))  # shares A's first six pages
+
+
+def after(prefix: list[str]) -> SimpleNamespace:
+    """SGLang's extra_info with the page hashes before the call's keys."""
+    return SimpleNamespace(prefix_keys=list(prefix), extra_info=None)
+
+
+def grouped(tmp_path: Path, pool: SimpleNamespace | None = None) -> KvtierStorage:
+    return backend(tmp_path, pool if pool is not None else fake_pool(slots=16 * PAGE), kvtier_pages_per_object=4)
+
+
+def stored_objects(tmp_path: Path) -> int:
+    return len(list((tmp_path / "disk").rglob("*.kvt")))
+
+
+def same_pages(a: SimpleNamespace, a_pages: list[int], b: SimpleNamespace, b_pages: list[int]) -> bool:
+    return all(torch.equal(PoolView(a).page(x * PAGE), PoolView(b).page(y * PAGE)) for x, y in zip(a_pages, b_pages))
+
+
+def test_groups_of_pages_are_one_object_each_and_the_tail_is_kept(tmp_path: Path) -> None:
+    src = fake_pool(slots=16 * PAGE, seed=1)
+    writer = grouped(tmp_path, src)
+    assert writer.batch_set_v1(A, slots(list(range(10))), after([])) == [True] * 10
+    assert stored_objects(tmp_path) == 3  # pages 0-3, 4-7 and the tail 8-9
+    writer.close()
+    dst = fake_pool(slots=16 * PAGE, seed=2)
+    reader = grouped(tmp_path, dst)  # a new process: no page index, keys from the hashes alone
+    assert reader.batch_exists(A, after([])) == 10
+    assert reader.batch_get_v1(A, slots(list(range(15, 5, -1))), after([])) == [True] * 10
+    assert same_pages(src, list(range(10)), dst, list(range(15, 5, -1)))
+    # a call that starts inside an object (the host already holds pages 0-4) still hits
+    assert reader.batch_exists(A[5:], after(A[:5])) == 5
+    assert reader.batch_get_v1(A[5:], slots([0, 1, 2, 3, 4]), after(A[:5])) == [True] * 5
+    assert same_pages(src, [5, 6, 7, 8, 9], dst, [0, 1, 2, 3, 4])
+    # a shorter prompt ending inside the last group: the tail object holds its pages
+    assert reader.batch_exists(A[:9], after([])) == 9
+
+
+def test_a_call_starting_inside_a_group_completes_the_group(tmp_path: Path) -> None:
+    """SGLang writes one radix node per call; a node that starts mid-group gets the group's head from
+    the tiers and the whole group is stored, so a reader finds it by its own hashes."""
+    src = fake_pool(slots=16 * PAGE, seed=1)
+    writer = grouped(tmp_path, src)
+    assert writer.batch_set_v1(A[:6], slots(list(range(6))), after([])) == [True] * 6
+    assert writer.batch_set_v1(A[6:], slots(list(range(6, 10))), after(A[:6])) == [True] * 4
+    writer.close()
+    dst = fake_pool(slots=16 * PAGE, seed=2)
+    reader = grouped(tmp_path, dst)
+    assert reader.batch_get_v1(A, slots(list(range(10))), after([])) == [True] * 10
+    assert same_pages(src, list(range(10)), dst, list(range(10)))
+
+
+def test_a_prompt_sharing_part_of_a_group_hits_the_shared_pages(tmp_path: Path) -> None:
+    src = fake_pool(slots=16 * PAGE, seed=1)
+    storage = grouped(tmp_path, src)
+    assert storage.batch_set_v1(A[:8], slots(list(range(8))), after([])) == [True] * 8
+    # B = A's pages 0-5, then its own: found through the page index, verified page by page
+    assert storage.batch_exists(B[:8], after([])) == 6
+    got = storage.batch_get_v1(B[:8], slots(list(range(8, 16))), after([]))
+    assert got == [True] * 6 + [False] * 2
+    assert same_pages(src, list(range(6)), src, list(range(8, 14)))
+    assert storage.counters["index_hits"] >= 1
+    # B's own pages 6-7 (a radix node starting mid-group): the group's head comes from A's object
+    assert storage.batch_set_v1(B[6:8], slots([14, 15]), after(B[:6])) == [True, True]
+    storage.close()
+    fresh = grouped(tmp_path, fake_pool(slots=16 * PAGE, seed=3))  # A and B both whole, by their own keys
+    assert fresh.batch_exists(A[:8], after([])) == 8 and fresh.batch_exists(B[:8], after([])) == 8
+    assert fresh.batch_exists(B[:10], after([])) == 8
+
+
+def test_a_damaged_page_in_an_object_is_a_counted_miss(tmp_path: Path) -> None:
+    storage = grouped(tmp_path)
+    storage.batch_set_v1(A[:8], slots(list(range(8))), after([]))
+    assert storage.keys is not None
+    key = storage.keys.record(A[4:8]).key.hex()
+    path = tmp_path / "disk" / key[:2] / f"{key}.kvt"
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x01
+    path.write_bytes(bytes(data))
+    before = PoolView(storage.mem_pool_host).page(12 * PAGE).clone()
+    assert storage.batch_get_v1(A[:8], slots(list(range(8, 16))), after([])) == [True] * 4 + [False] * 4
+    assert torch.equal(PoolView(storage.mem_pool_host).page(12 * PAGE), before)
+    assert storage.stats()["disk"]["corrupt"] == 1
+
+
+def test_without_prefix_keys_each_page_is_its_own_object(tmp_path: Path) -> None:
+    storage = grouped(tmp_path)
+    assert storage.batch_set_v1(A[:5], slots(list(range(5)))) == [True] * 5
+    assert stored_objects(tmp_path) == 5
+    assert storage.batch_get_v1(A[:5], slots(list(range(5, 10)))) == [True] * 5
+
+
+def test_pages_per_object_is_checked(tmp_path: Path) -> None:
+    for bad in (0, 129, "8", True):
+        with pytest.raises(ConfigError, match="kvtier_pages_per_object"):
+            KvtierStorage(storage_config(tmp_path, kvtier_pages_per_object=bad))
+    assert backend(tmp_path).pages_per_object == MAX_PAGES_PER_OBJECT  # auto: this pool's pages are 1.5 KiB

@@ -20,7 +20,7 @@ reference = vllm_support.reference
 
 
 def _keys_on(server: Any) -> int:
-    from kvtier.server.client import RemoteTier
+    from kvtier.storage.remote import RemoteTier
 
     tier = RemoteTier("127.0.0.1", server.port, "", timeout_s=5.0, pool_size=1)
     try:

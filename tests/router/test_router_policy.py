@@ -48,10 +48,10 @@ def test_failed_backend_backs_off_exponentially_and_recovers() -> None:
     assert pool.failed(b0) == 0.5 and pool.failed(b0) == 1.0 and pool.failed(b0) == 2.0 and pool.failed(b0) == 2.0
     assert pool.eligible() == [pool.backends[1]]
     assert pool.eligible({pool.backends[1].url}) == []
-    b0.down_until = time.monotonic() - 0.01  # backoff over: it is tried again
+    b0.backoff.retry_at = time.monotonic() - 0.01  # backoff over: it is tried again
     assert b0 in pool.eligible()
     pool.succeeded(b0)
-    assert b0.failures == 0 and pool.failed(b0) == 0.5
+    assert b0.backoff.failures == 0 and pool.failed(b0) == 0.5
 
 
 def test_prefix_table_longest_common_chunk_run_per_backend() -> None:

@@ -22,7 +22,7 @@ from server_support import (
     request,
 )
 
-from kvtier.server import protocol as P
+from kvtier.storage import remote_protocol as P
 
 __all__ = ["SPEC", "FakePeer", "ServerProcess", "hello", "make_frames", "read_reply", "recv_exact", "request"]
 

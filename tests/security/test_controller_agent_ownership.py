@@ -10,9 +10,8 @@ from pathlib import Path
 
 import httpx
 
-from kvtier.cluster.agent import AgentConfig, start_engine
-from kvtier.cluster.controller import ControllerSettings
-from kvtier.config import load_config
+from kvtier.cluster.agent import start_engine
+from kvtier.config import ControllerConfig, load_config
 from kvtier.layout import KVSpec
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "cluster"))
@@ -30,11 +29,12 @@ def impostor(url: str) -> httpx.Response:
 
 
 def test_agent_keeps_its_id_across_an_expiry() -> None:
-    controller = ThreadedController(ControllerSettings(token=TOKEN, ttl_s=1.0, heartbeat_s=0.2))
+    controller = ThreadedController(ControllerConfig(token=TOKEN, ttl_s=1.0, heartbeat_s=0.2))
     url = controller.start()
-    cfg = load_config(environ={}, overrides={"chunk_tokens": 16, "cpu": {"capacity": 8 * SPEC.chunk_bytes}})
-    engine, agent = start_engine(SPEC, "m", AgentConfig(controller_url=url, instance_id="x", token=TOKEN,
-                                                        poll_wait_s=0.5), cfg)
+    cfg = load_config(environ={}, overrides={"chunk_tokens": 16, "cpu": {"capacity": 8 * SPEC.chunk_bytes},
+                                             "cluster": {"controller_url": url, "instance_id": "x", "token": TOKEN,
+                                                         "poll_wait_s": 0.5}})
+    engine, agent = start_engine(SPEC, "m", cfg)
     try:
         assert agent.wait_registered(10)
         ctl = controller.app.state.controller

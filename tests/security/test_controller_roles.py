@@ -164,14 +164,14 @@ def test_tokenizer_only_from_the_operators_allow_list(shared: tuple[str, int], t
 
 
 def test_settings_refuse_shared_or_orphan_tokens() -> None:
-    from kvtier.cluster.controller import ControllerSettings
+    from kvtier.config import ControllerConfig
     from kvtier.errors import ConfigError
 
     with pytest.raises(ConfigError, match="must differ"):
-        ControllerSettings(token="same", worker_token="same").check()
+        ControllerConfig(token="same", worker_token="same").check()
     with pytest.raises(ConfigError, match="no admin token"):
-        ControllerSettings(worker_token="w").check()
-    ControllerSettings(token="a", worker_token="w", read_token="r").check()
+        ControllerConfig(worker_token="w").check()
+    ControllerConfig(token="a", worker_token="w", read_token="r").check()
 
 
 def test_openapi_document_stays_public(roles: tuple[str, int]) -> None:

@@ -22,8 +22,8 @@ from kvtier.frame_auth import FrameKeys
 from kvtier.frames import pack, unpack_into
 from kvtier.layout import KVSpec
 from kvtier.record import token_record
-from kvtier.server.client import RemoteTier
 from kvtier.storage.disk import chunk_path
+from kvtier.storage.remote import RemoteTier
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
 from server_support import ServerProcess
@@ -269,7 +269,8 @@ def test_peer_frames_carry_the_engines_mac() -> None:
 
 def test_previous_secrets_from_the_environment() -> None:
     old = "old-secret-0123456789"
-    config = load_config(environ={"KVTIER_AUTH__SECRET": SECRET, "KVTIER_AUTH__PREVIOUS_SECRETS": f'["{old}", "{OTHER}"]'})
+    config = load_config(environ={"KVTIER_AUTH__SECRET": SECRET,
+                                  "KVTIER_AUTH__PREVIOUS_SECRETS": f'["{old}", "{OTHER}"]'})
     assert config.auth.previous_secrets == (old, OTHER)
     keys = FrameKeys.from_config(config.auth)
     assert keys is not None

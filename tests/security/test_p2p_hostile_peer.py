@@ -19,8 +19,8 @@ from kvtier.cluster.p2p import PeerServer
 from kvtier.errors import AuthError, TierUnavailable
 from kvtier.keys import Chunker, Namespace
 from kvtier.record import token_record
-from kvtier.server.client import Connection, RemoteTier
 from kvtier.storage.cpu import CpuTier
+from kvtier.storage.remote import Connection, RemoteTier
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,7 @@ import pytest
 from server_attack import ServerProcess, make_frames
 
 from kvtier.layout import KVSpec
-from kvtier.server.client import RemoteTier
+from kvtier.storage.remote import RemoteTier
 
 pytestmark = pytest.mark.slow
 

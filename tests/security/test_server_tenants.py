@@ -11,8 +11,8 @@ import pytest
 from server_attack import ServerProcess, hello, make_frames, read_reply, request
 
 from kvtier.errors import TierUnavailable
-from kvtier.server import protocol as P
-from kvtier.server.client import RemoteTier
+from kvtier.storage import remote_protocol as P
+from kvtier.storage.remote import RemoteTier
 
 pytestmark = pytest.mark.slow
 

@@ -14,14 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 import torch
 
 from kvtier.frames import pack
 from kvtier.keys import Chunker, Namespace
 from kvtier.layout import KVSpec
+from kvtier.procs import rss_bytes
 from kvtier.record import token_record
-from kvtier.server import protocol as P
+from kvtier.storage import remote_protocol as P
 
 SPEC = KVSpec(num_layers=4, num_kv_heads=2, head_dim=8, dtype="float32", chunk_tokens=16)
 
@@ -97,7 +97,9 @@ class ServerProcess:
         return self.proc.pid
 
     def rss(self) -> int:
-        return psutil.Process(self.pid).memory_info().rss
+        rss = rss_bytes(self.pid)
+        assert rss is not None, f"no /proc/{self.pid}/statm"
+        return rss
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -180,7 +182,7 @@ def read_until_closed(sock: socket.socket, timeout_s: float) -> bytes:
 
 
 def stats_of(server: ServerProcess, token: str = "") -> dict[str, Any]:
-    from kvtier.server.client import RemoteTier
+    from kvtier.storage.remote import RemoteTier
 
     tier = RemoteTier("127.0.0.1", server.port, token or server.token, timeout_s=5.0, pool_size=1)
     try:

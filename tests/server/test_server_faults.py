@@ -14,9 +14,9 @@ from server_support import SPEC, ServerProcess, hello, make_frames, read_reply, 
 
 from kvtier.config import load_config
 from kvtier.engine import CacheEngine
-from kvtier.server import protocol as P
-from kvtier.server.client import RemoteTier
+from kvtier.storage import remote_protocol as P
 from kvtier.storage.disk import DiskTier
+from kvtier.storage.remote import RemoteTier
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from server_support import ServerProcess, hello, make_frames, read_reply, read_until_closed, request
 
-from kvtier.server import protocol as P
+from kvtier.storage import remote_protocol as P
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ import pytest
 from server_support import ServerProcess, make_frames
 
 from kvtier.layout import KVSpec
-from kvtier.server.client import RemoteTier
+from kvtier.storage.remote import RemoteTier
 
 pytestmark = pytest.mark.slow
 
@@ -93,3 +93,33 @@ def test_64_concurrent_clients(tmp_path: Path) -> None:
         cap = CAPACITY + INFLIGHT + CLIENTS * (256 << 10) + (32 << 20)
         assert peak[0] - baseline < cap, f"server RSS grew {(peak[0] - baseline) >> 20} MiB (cap {cap >> 20} MiB)"
         print(f"{sum(counts)} requests by {CLIENTS} clients in {SECONDS}s; RSS +{(peak[0] - baseline) >> 20} MiB")
+
+
+def test_partly_sent_huge_puts_commit_only_what_arrived(tmp_path: Path) -> None:
+    """A PUT body is received into one buffer of its announced size, but only received bytes commit
+    memory: three 255 MiB PUTs that send 4 MiB each and stall hold their budget, not 765 MiB of RSS."""
+    from server_support import stats_of
+
+    from kvtier.storage import remote_protocol as P
+
+    mib = 1 << 20
+    (key, _frame), = make_frames(1, seed=33)
+    with ServerProcess(tmp_path, capacity="64MiB") as srv:
+        baseline = srv.rss()
+        stalled = []
+        try:
+            for rid in range(3):
+                sock = srv.connect()
+                head = P.pack_header(P.Op.PUT, rid, key_count=1, body_len=P.KEY_BYTES + 255 * mib)
+                sock.sendall(head + key + bytes(4 * mib))
+                stalled.append(sock)
+            deadline = time.monotonic() + 30.0
+            while stats_of(srv)["inflight_bytes"] < 3 * 255 * mib:  # all three are inside read_body
+                assert time.monotonic() < deadline, stats_of(srv)
+                time.sleep(0.1)
+            time.sleep(0.5)  # let the stalled receives land what was sent
+            growth = srv.rss() - baseline
+            assert growth < 64 * mib, f"server RSS grew by {growth / mib:.0f} MiB for 12 MiB of received bodies"
+        finally:
+            for sock in stalled:
+                sock.close()

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from server_support import make_frames
 
 from kvtier import keys, wire
 from kvtier.config import ServerConfig
 from kvtier.errors import ConfigError, CorruptChunk, ProtocolError, TierUnavailable
-from kvtier.server import protocol as P
 from kvtier.server.app import authenticate, check_bind, identities, is_loopback
-from kvtier.server.client import CircuitBreaker, RemoteTier
 from kvtier.server.store import ENTRY_OVERHEAD, MemoryStore, namespace
+from kvtier.storage import remote_protocol as P
+from kvtier.storage.remote import RemoteTier
 
 
 def test_protocol_keys_are_chunk_keys() -> None:
@@ -100,41 +98,41 @@ def test_bind_rules() -> None:
         check_bind("0.0.0.0", "")
 
 
-def test_circuit_breaker_opens_and_probes() -> None:
-    b = CircuitBreaker(cooldown_s=0.05, max_cooldown_s=0.2)
-    b.before()
-    b.failure()
-    with pytest.raises(TierUnavailable):
-        b.before()
-    time.sleep(0.06)
-    b.before()  # this caller probes
-    assert b.probing
-    with pytest.raises(TierUnavailable):
-        b.before()  # others still fail fast while the probe runs
-    b.failure()
-    assert b.open_until - time.monotonic() > 0.05  # doubled
-    time.sleep(0.11)
-    b.before()
-    b.success()
-    b.before()
-    assert not b.probing and b.failures == 0
-
-
-def test_remote_tier_without_server_is_a_fast_failure() -> None:
+def _dead_port() -> int:
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # nothing listens here once closed
-    tier = RemoteTier("127.0.0.1", port, timeout_s=1.0)
-    start = time.perf_counter()
-    for _ in range(50):
+        return int(s.getsockname()[1])  # nothing listens here once closed
+
+
+def test_remote_tier_without_server_raises_tier_unavailable_every_time() -> None:
+    """No breaker inside the client: every call tries the server (after ``retries`` retries) and
+    raises TierUnavailable; fast-failing is the caller's health state (next test)."""
+    tier = RemoteTier("127.0.0.1", _dead_port(), timeout_s=1.0, retries=1)
+    for _ in range(5):
         with pytest.raises(TierUnavailable):
             tier.get(b"k" * 16)
         with pytest.raises(TierUnavailable):
             tier.exists([b"k" * 16])
-    assert time.perf_counter() - start < 2.0
-    assert tier.stats()["breaker_open"] == 1
+    assert tier.stats()["errors"] == 10 and tier.stats()["retries"] == 10
+    assert "breaker_open" not in tier.stats()
+
+
+def test_manager_backoff_is_the_only_fast_fail_for_a_dead_server() -> None:
+    from server_support import SPEC
+
+    from kvtier.storage.manager import StorageManager
+
+    tier = RemoteTier("127.0.0.1", _dead_port(), timeout_s=1.0, retries=0)
+    manager = StorageManager(SPEC, [(tier, "raw")], base_backoff_s=60.0)
+    try:
+        for _ in range(20):
+            assert manager.locate([b"k" * 16]) == []
+        assert tier.stats()["errors"] == 1  # one real try, then skipped while backing off
+        assert manager.healthy() == {"remote": False}
+    finally:
+        manager.close()
 
 
 def test_factory_builds_remote_tier_from_config() -> None:

@@ -21,8 +21,8 @@ from server_support import (
 from kvtier import wire
 from kvtier.errors import TierUnavailable
 from kvtier.layout import KVSpec
-from kvtier.server import protocol as P
-from kvtier.server.client import RemoteTier
+from kvtier.storage import remote_protocol as P
+from kvtier.storage.remote import RemoteTier
 
 pytestmark = pytest.mark.slow
 

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
-import subprocess
 import sys
 import textwrap
 import threading
@@ -17,12 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from storage_support import tmpfs
 
 from kvtier import wire
 from kvtier.errors import CorruptChunk, TierUnavailable
 from kvtier.frames import pack, payload_view, unpack_head_into, unpack_into
 from kvtier.keys import Chunk, Chunker, Namespace
 from kvtier.layout import KVSpec
+from kvtier.procs import Child, ChildExited
 from kvtier.record import token_record
 from kvtier.storage.disk import QUARANTINE, DiskTier, chunk_path
 
@@ -38,6 +38,14 @@ def frames(n: int, spec: KVSpec = SPEC, seed: int = 0) -> list[tuple[Chunk, byte
         kv = torch.randn(spec.chunk_shape(c.num_tokens), generator=g)
         out.append((c, pack(token_record(c, arr), kv, spec), kv))
     return out
+
+
+def written(root: Path, items: list[tuple[Chunk, bytes, torch.Tensor]]) -> None:
+    """Put ``items`` into a disk tier at ``root`` and close it (as a process that stopped would)."""
+    t = DiskTier(root, 1 << 30)
+    for c, f, _ in items:
+        t.put(c.key, f)
+    t.close()
 
 
 def view_of(t: torch.Tensor) -> memoryview:
@@ -80,10 +88,7 @@ def test_round_trip_exact(tier: DiskTier) -> None:
 
 def test_restart_finds_every_chunk_and_removes_stale_temps(tmp_path: Path) -> None:
     items = frames(20)
-    t = DiskTier(tmp_path, 1 << 30)
-    for c, f, _ in items:
-        t.put(c.key, f)
-    t.close()
+    written(tmp_path, items)
     stale = chunk_path(tmp_path, items[0][0].key).with_name(".leftover.123.0.tmp")
     stale.write_bytes(b"half a frame")
     seen: list[tuple[int, int]] = []
@@ -99,13 +104,13 @@ def test_restart_finds_every_chunk_and_removes_stale_temps(tmp_path: Path) -> No
         t2.close()
 
 
-def test_get_view_and_zero_copy_get_into_are_exact(tier: DiskTier) -> None:
+def test_get_and_zero_copy_get_into_are_exact(tier: DiskTier) -> None:
     items = frames(6)
     for c, f, _ in items:
         tier.put(c.key, f)
     assert all(tier.exists([c.key for c, _, _ in items]))  # plans read-ahead in this order
     for c, f, kv in items:
-        assert bytes(tier.get_view(c.key) or b"") == f
+        assert tier.get(c.key) == f
         out = torch.empty_like(kv)
         head = tier.get_into(c.key, view_of(out))  # payload lands straight in ``out``
         assert head is not None and bytes(head) == f[: len(head)]
@@ -163,10 +168,7 @@ def test_truncated_file_is_a_counted_miss(tier: DiskTier) -> None:
 
 def test_damaged_files_are_quarantined_at_start(tmp_path: Path) -> None:
     items = frames(4)
-    t = DiskTier(tmp_path, 1 << 30)
-    for c, f, _ in items:
-        t.put(c.key, f)
-    t.close()
+    written(tmp_path, items)
     os.truncate(chunk_path(tmp_path, items[0][0].key), 10)  # head unreadable
     os.truncate(chunk_path(tmp_path, items[1][0].key), len(items[1][1]) - 1)  # payload short
     os.replace(chunk_path(tmp_path, items[2][0].key), chunk_path(tmp_path, items[3][0].key))  # wrong key
@@ -261,16 +263,14 @@ def _kill_mid_write(root: Path) -> tuple[bool, list[str]]:
     """Run the writer and SIGKILL it between creating a chunk's temp file and renaming it; returns
     (caught mid-write, keys the writer reported done). A fast disk can finish every write before the
     poll sees a temp file: then the writer exits and the caller tries again."""
-    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(root)], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
     done: list[str] = []
-    try:
+    with Child([sys.executable, "-c", WRITER, str(root)], log=root.with_suffix(".log")) as writer:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
+            try:
+                what, key = writer.expect(r"^(start|done) ", deadline - time.monotonic()).string.split()
+            except ChildExited:  # it wrote every chunk
                 return False, done
-            what, key = line.split()
             if what == "done":
                 done.append(key)
                 continue
@@ -280,15 +280,11 @@ def _kill_mid_write(root: Path) -> tuple[bool, list[str]]:
             sub = root / key[:2]
             for _ in range(200):
                 if list(sub.glob(f".{key}.*.tmp")):
-                    os.kill(proc.pid, signal.SIGKILL)
+                    os.kill(writer.pid, signal.SIGKILL)
                     if not (sub / f"{key}.kvt").exists():
                         return True, done
                     break
                 time.sleep(0.0005)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        proc.wait()
     return False, done
 
 
@@ -320,17 +316,9 @@ def test_kill_9_mid_write_leaves_no_partial_chunk(tmp_path: Path) -> None:
 # ---- disk full -------------------------------------------------------------------------------------
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
-    """A 2 MiB tmpfs mounted for this test (needs root / CAP_SYS_ADMIN)."""
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
-                         capture_output=True, text=True)
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs to fill up (not root?): {res.stderr.strip()}")
-    try:
+    """A 2 MiB tmpfs mounted for this test."""
+    with tmpfs(tmp_path, "2m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_disk_full_fails_cleanly_and_keeps_existing_data(small_fs: Path) -> None:
@@ -375,10 +363,7 @@ def test_inspect_cli_reports_files_and_damage(tmp_path: Path) -> None:
     register(app)
     app.command("noop")(lambda: None)  # a second command keeps "inspect" a subcommand
     items = frames(3)
-    t = DiskTier(tmp_path, 1 << 30)
-    for c, f, _ in items:
-        t.put(c.key, f)
-    t.close()
+    written(tmp_path, items)
     runner = CliRunner()
     res = runner.invoke(app, ["inspect", str(tmp_path)])
     assert res.exit_code == 0 and "chunk files" in res.output
@@ -391,3 +376,51 @@ def test_inspect_cli_reports_files_and_damage(tmp_path: Path) -> None:
     res = runner.invoke(app, ["inspect", str(tmp_path)])
     assert res.exit_code == 1 and "checksum mismatch" in res.output
     assert runner.invoke(app, ["inspect", str(one), "--no-verify"]).exit_code == 0
+
+
+def test_private_directory_is_the_users_alone(tmp_path: Path) -> None:
+    """A new tier directory is created 0700; any way another user could write into it makes it shared."""
+    tier = DiskTier(tmp_path / "new" / "tier", 1 << 20)
+    try:
+        assert (tier.root.stat().st_mode & 0o777) == 0o700
+        assert tier.private()
+        tier.root.chmod(0o770)  # group-writable
+        assert not tier.private()
+        tier.root.chmod(0o700)
+        if os.geteuid() == 0:  # only root can hand a directory to another user
+            os.chown(tier.root, 65534, -1)
+            assert not tier.private()
+            os.chown(tier.root, 0, -1)
+            assert tier.private()
+    finally:
+        tier.close()
+    parent = tmp_path / "open"
+    parent.mkdir()
+    parent.chmod(0o777)  # another user could rename the tier directory away and put their own in place
+    tier = DiskTier(parent / "tier", 1 << 20)
+    try:
+        assert not tier.private()
+        parent.chmod(0o1777)  # sticky, like /tmp: only the owner may rename it
+        assert tier.private()
+    finally:
+        tier.close()
+
+
+def test_no_secret_warning_only_for_tiers_others_can_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    from kvtier import frame_auth
+    from kvtier.storage.manager import StorageManager
+
+    def warned(path: Path) -> bool:
+        monkeypatch.setattr(frame_auth, "_warned", set())
+        caplog.clear()
+        tier = DiskTier(path, 1 << 20)
+        StorageManager(SPEC, [(tier, "raw")]).close()
+        return any("no auth.secret" in r.getMessage() for r in caplog.records)
+
+    caplog.set_level("WARNING", logger="kvtier.frame_auth")
+    assert not warned(tmp_path / "private")
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    assert warned(shared)

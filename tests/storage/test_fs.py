@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import subprocess
 import sys
 import textwrap
 import time
@@ -17,6 +17,7 @@ import torch
 from kvtier.frames import pack
 from kvtier.keys import Chunk, Chunker, Namespace
 from kvtier.layout import KVSpec
+from kvtier.procs import Child
 from kvtier.record import token_record
 from kvtier.storage.disk import QUARANTINE, chunk_path
 from kvtier.storage.fs import FsTier
@@ -133,28 +134,16 @@ WORKER = textwrap.dedent(
 
 
 def test_two_processes_share_a_directory(tmp_path: Path) -> None:
-    procs = [
-        subprocess.Popen([sys.executable, "-c", WORKER, str(tmp_path), role, "400"],
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        for role in ("a", "b")
-    ]
-    try:
-        for p in procs:
-            assert p.stdout is not None and p.stdout.readline().strip() == "ready"
-        for p in procs:
-            assert p.stdin is not None
-            p.stdin.write("go\n")
-            p.stdin.flush()
-        results = []
-        for p in procs:
-            out, _ = p.communicate(timeout=90)
-            assert p.returncode == 0
-            results.append(json.loads(out.strip().splitlines()[-1]))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    with contextlib.ExitStack() as stack:
+        workers = [stack.enter_context(Child([sys.executable, "-c", WORKER, str(tmp_path / "shared"), role, "400"],
+                                             log=tmp_path / f"{role}.log", stdin=True))
+                   for role in ("a", "b")]
+        for w in workers:
+            w.expect(r"^ready$", 60)
+        for w in workers:
+            w.send("go")  # start together
+        results = [json.loads(w.expect(r"^\{", 90).string) for w in workers]
+        assert [w.proc.wait(30) for w in workers] == [0, 0]
     for r in results:
         assert r["torn"] == 0
         assert r["other_found"] == 8  # each sees every chunk the other published
@@ -162,7 +151,7 @@ def test_two_processes_share_a_directory(tmp_path: Path) -> None:
     # both writers' versions were observed by somebody, so reads really raced with the other's renames
     assert sum(r["seen_a"] for r in results) > 0 and sum(r["seen_b"] for r in results) > 0
     assert results[1]["deletes"] > 0
-    assert not list(tmp_path.glob("*/.*.tmp"))
+    assert not list((tmp_path / "shared").glob("*/.*.tmp"))
 
 
 @pytest.mark.parametrize("fsync", [True, False])

@@ -393,21 +393,3 @@ def test_cluster_master_killed_degrades_then_recovers(cluster: RedisClusterProcs
     assert torch.equal(out, kv)
     e.clear()
     e.close()
-
-
-# ---- benchmark smoke ------------------------------------------------------------------------------
-def test_bench_redis_smoke(tmp_path: Path) -> None:
-    from kvtier.bench.redis import run
-
-    r = run(chunk_tokens=16, chunks=2, repeat=3, out_dir=str(tmp_path))
-    assert (tmp_path / "bench_redis.json").exists() and (tmp_path / "bench_redis.png").exists()
-    assert all(r[op]["paired_ratio"]["median"] > 0 for op in ("put", "put_parts", "get"))
-
-
-def test_bench_lower_redis_smoke(tmp_path: Path) -> None:
-    from kvtier.bench.lower import run
-
-    r = run("redis", tokens=512, repeat=3, out_dir=str(tmp_path))  # raises if a retrieve missed or differed
-    assert r["chunks"] == 2 and r["engine_counters"]["promoted_chunks"] >= 2
-    assert set(r["paired_ratios"]) == {"retrieve", "store"} and r["tier_counters"].get("corrupt", 0) == 0
-    assert (tmp_path / "bench_lower_redis.json").exists() and (tmp_path / "bench_lower_redis.png").exists()

@@ -1,15 +1,15 @@
-"""CacheEngine over real DiskTier / FsTier directories: hits from disk, promotion, prefetch, damage,
+"""CacheEngine over real DiskTier / FsTier directories: hits from disk, promotion, damage,
 restart, disk full, two engines sharing an fs tier, and tiers built from config."""
 
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from storage_support import tmpfs
 
 from kvtier.config import load_config
 from kvtier.engine import CacheEngine
@@ -69,17 +69,6 @@ def test_hits_come_from_disk_and_are_promoted(engine: CacheEngine) -> None:
     assert disk_stats(engine)["hits"] == N_CHUNKS  # the second retrieve was served from CPU
 
 
-def test_prefetch_makes_the_next_retrieve_a_cpu_hit(engine: CacheEngine) -> None:
-    kv = stored(engine)
-    engine.cpu.clear()
-    assert engine.prefetch(TOKENS).result(timeout=10) == len(TOKENS)
-    hits_after_prefetch = disk_stats(engine)["hits"]
-    assert hits_after_prefetch == N_CHUNKS and len(engine.cpu) == N_CHUNKS
-    out = torch.zeros_like(kv)
-    assert engine.retrieve(TOKENS, out) == len(TOKENS) and torch.equal(out, kv)
-    assert disk_stats(engine)["hits"] == hits_after_prefetch
-
-
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
 def test_damaged_chunk_is_never_returned(engine: CacheEngine, damage: str) -> None:
     kv = stored(engine)
@@ -120,13 +109,7 @@ def test_restart_serves_hits_from_the_same_directory(tmp_path: Path) -> None:
 
 
 def test_disk_full_is_counted_and_reads_keep_working(tmp_path: Path) -> None:
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", str(mnt)],
-                         capture_output=True, text=True)
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs to fill up (not root?): {res.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path, "128k") as mnt:
         e = make([(DiskTier(mnt / "disk", 1 << 30), "raw")], slots=256)
         try:
             first = stored(e)
@@ -140,8 +123,6 @@ def test_disk_full_is_counted_and_reads_keep_working(tmp_path: Path) -> None:
             assert e.retrieve(TOKENS, out) == len(TOKENS) and torch.equal(out, first)  # old data intact
         finally:
             e.close()
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_two_engines_share_an_fs_tier(tmp_path: Path) -> None:

@@ -7,17 +7,25 @@ The server process is ``python -m vllm.entrypoints.openai.api_server`` of the ru
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
 import typer
 
-from kvtier.errors import ConfigError
+from kvtier.integrations.common import (
+    CONFIG_OPTION,
+    DRY_RUN_OPTION,
+    HOST_OPTION,
+    MODEL_OPTION,
+    NO_KVTIER_OPTION,
+    PASS_THROUGH,
+    SERVED_NAME_OPTION,
+    check_engine,
+    exec_server,
+)
 from kvtier.integrations.vllm.transfer import kv_transfer_config
 
 
@@ -94,53 +102,31 @@ def server_env(base: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def register(app: typer.Typer) -> None:
-    @app.command(
-        "serve",
-        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-    )
+    @app.command("serve", context_settings=PASS_THROUGH)
     def serve(
         ctx: typer.Context,
-        model: str = typer.Option(None, "--model", "-m", help="HF model directory (default: the embedded SmolLM2)."),
-        host: str = typer.Option("127.0.0.1", help="Bind address (loopback by default)."),
+        model: str = MODEL_OPTION,
+        host: str = HOST_OPTION,
         port: int = typer.Option(8000, help="HTTP port."),
-        config: str = typer.Option(None, "--config", "-c", help="kvtier YAML config (default: $KVTIER_CONFIG)."),
+        config: str = CONFIG_OPTION,
         dtype: str = typer.Option(None, help="Model dtype (default: float32 on CPU, auto on GPU)."),
         max_model_len: int = typer.Option(2048, help="vLLM --max-model-len."),
-        served_model_name: str = typer.Option(None, help="Name clients use; also the model part of kvtier keys."),
+        served_model_name: str = SERVED_NAME_OPTION,
         prefix_caching: bool = typer.Option(False, help="Also enable vLLM's own prefix cache."),
-        no_kvtier: bool = typer.Option(False, "--no-kvtier", help="Plain vLLM (baseline), same settings."),
+        no_kvtier: bool = NO_KVTIER_OPTION,
         kv_role: str = typer.Option("kv_both", help="kv_both, kv_producer (prefill instance: saves, never "
                                                     "loads) or kv_consumer (decode instance: loads, never saves)."),
         load_async: bool = typer.Option(False, help="Load hits off the critical path (pays when they come from "
                                                     "disk, a cache server, Redis or a peer)."),
         layerwise: bool = typer.Option(False, help="Move KV one attention layer at a time inside the forward "
                                                    "pass (pays where copies overlap compute: accelerators)."),
-        dry_run: bool = typer.Option(False, help="Print the command instead of running it."),
-        engine: str = typer.Option("vllm", help="vllm, or sglang (same as `kvtier serve-sglang` with its "
-                                                "defaults; the vLLM-only options do not apply)."),
+        dry_run: bool = DRY_RUN_OPTION,
     ) -> None:
         """Start vLLM's OpenAI-compatible server with kvtier as its KV connector (extra arguments go to vLLM)."""
-        if engine == "sglang":
-            from kvtier.integrations.sglang_cli import launch
-
-            launch(model, host=host, port=port, config=config, served_model_name=served_model_name,
-                   kvtier=not no_kvtier, dry_run=dry_run, extra_args=list(ctx.args))
-            return
-        if engine != "vllm":
-            raise ConfigError(f"--engine {engine!r} is not known; choose 'vllm' or 'sglang'")
-        if importlib.util.find_spec("vllm") is None and not dry_run:
-            raise ConfigError("vLLM is not installed in this environment: run scripts/install-vllm.sh "
-                              "(or pip install 'kvtier[vllm]') and use that environment's kvtier")
-        if config:
-            from kvtier.config import load_config
-
-            load_config(config)  # fail here, with kvtier's message, rather than inside vLLM's start-up
+        check_engine("vllm", "run scripts/install-vllm.sh (or pip install 'kvtier[vllm]') and use that "
+                     "environment's kvtier", config, dry_run)
         argv = server_command(model, host=host, port=port, config=config, dtype=dtype,
                               max_model_len=max_model_len, served_model_name=served_model_name,
                               prefix_caching=prefix_caching, kvtier=not no_kvtier, kv_role=kv_role,
                               load_async=load_async, layerwise=layerwise, extra_args=list(ctx.args))
-        if dry_run:
-            typer.echo(shlex.join(argv))
-            return
-        env = server_env()
-        os.execve(argv[0], argv, env)  # the server replaces this process (signals go straight to it)
+        exec_server(argv, server_env(), dry_run)

@@ -83,9 +83,10 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
-from kvtier.config import KvtierConfig, load_config
+from kvtier.config import KvtierConfig, load_config, with_overrides
 from kvtier.engine import CacheEngine
 from kvtier.errors import ConfigError, KvtierError, LayoutError
+from kvtier.integrations.common import config_overrides
 from kvtier.integrations.vllm import layout as vllm_layout
 from kvtier.integrations.vllm import lookup as vllm_lookup
 from kvtier.integrations.vllm import stats as vllm_stats
@@ -142,12 +143,12 @@ def shared_engine(spec: KVSpec, model: str, config: KvtierConfig, instance_id: s
         shared = _ENGINES.get(key)
         if shared is None:
             if config.cluster.enabled:
-                from kvtier.cluster.agent import agent_config_from, start_engine
+                from kvtier.cluster.agent import start_engine
 
-                overrides = {"instance_id": instance_id} if instance_id else {}
-                engine, agent = start_engine(spec, model, agent_config_from(config.cluster, **overrides), config)
+                own = with_overrides(config, {"cluster": {"instance_id": instance_id}}) if instance_id else config
+                engine, agent = start_engine(spec, model, own)
                 shared = _Shared(engine, agent)
-                log.info("kvtier agent %s reports to %s", agent.config.instance_id, agent.config.controller_url)
+                log.info("kvtier agent %s reports to %s", agent.instance_id, agent.config.controller_url)
             else:
                 shared = _Shared(CacheEngine(spec, model, config))
             _ENGINES[key] = shared
@@ -242,14 +243,15 @@ class KvtierConnector(KVConnectorBase_V1):
         self._cache_hit_source = CacheHitSource.HOST
         transfer = vllm_config.kv_transfer_config
         extra: dict[str, Any] = dict(transfer.kv_connector_extra_config or {})
-        unknown = [k for k in extra if k.startswith("kvtier") and k not in EXTRA_KEYS]
-        if unknown:
-            raise ConfigError(f"unknown kv_connector_extra_config keys {unknown}; kvtier knows {EXTRA_KEYS}")
-        overrides = extra.get("kvtier") or {}
-        if not isinstance(overrides, dict):
-            raise ConfigError(f"kv_connector_extra_config.kvtier must be a mapping, got {overrides!r}")
+        overrides = config_overrides(extra, EXTRA_KEYS, "kv_connector_extra_config")
         self.block_size = int(vllm_config.cache_config.block_size or 0)
-        self.config = _chunk_default(load_config(extra.get("kvtier_config"), overrides=overrides), self.block_size)
+        config = load_config(extra.get("kvtier_config"), overrides=overrides)
+        events = extra.get("kvtier_events")
+        if events is not None:  # the events section, given in vLLM's own config
+            if not isinstance(events, dict):
+                raise ConfigError(f"kv_connector_extra_config.kvtier_events must be a mapping, got {events!r}")
+            config = with_overrides(config, {"events": {**events, "enabled": True}})
+        self.config = _chunk_default(config, self.block_size)
         self.kv_role = str(transfer.kv_role or "kv_both")
         if self.kv_role not in KV_ROLES:
             raise ConfigError(f"kvtier supports kv_role {KV_ROLES}, got {self.kv_role!r}")
@@ -288,10 +290,10 @@ class KvtierConnector(KVConnectorBase_V1):
             self.engine = self._shared.engine
             lookup = self.engine.lookup
             # ---- KV events in vLLM's format (kvtier.integrations.vllm.events) ----
-            if extra.get("kvtier_events") is not None:
+            if self.config.events.enabled:
                 from kvtier.integrations.vllm.events import ensure_events
 
-                ensure_events(self._shared, vllm_config, extra["kvtier_events"])
+                ensure_events(self._shared, vllm_config, self.config.events)
             # ---- end KV events ----
         self._planner = Planner(lookup, self.config.chunk_tokens, self.config.save_partial_chunks,
                                 store=self.kv_role != "kv_consumer", load_async=load_async)

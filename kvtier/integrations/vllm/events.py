@@ -1,7 +1,7 @@
 """Start kvtier's KV-event publisher (:mod:`kvtier.events`) for a vLLM connector's engine.
 
-Enabled by ``kv_connector_extra_config.kvtier_events`` (a mapping of
-:class:`~kvtier.events.bridge.EventsConfig` keys, e.g. ``{"endpoint": "tcp://127.0.0.1:5567",
+Enabled by the config's ``events`` section or ``kv_connector_extra_config.kvtier_events`` (a mapping of
+:class:`~kvtier.config.EventsConfig` keys, e.g. ``{"endpoint": "tcp://127.0.0.1:5567",
 "replay_endpoint": "tcp://127.0.0.1:5568", "topic": "kvtier"}``). Block hashes follow the serving vLLM:
 its ``prefix_caching_hash_algo``, its ``block_size`` and the NONE_HASH seed it resolved in this process
 (``PYTHONHASHSEED`` or vLLM's default seed), so a router sees kvtier's blocks under the hashes vLLM
@@ -13,14 +13,14 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-import msgspec
-
 from kvtier.errors import ConfigError
-from kvtier.events.bridge import EventsConfig, start_events
+from kvtier.events.bridge import start_events
 from kvtier.events.hashing import BlockHasher
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
+
+    from kvtier.config import EventsConfig
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +40,10 @@ def hasher_for(vllm_config: VllmConfig) -> BlockHasher:
     return BlockHasher(algo, int(cache.block_size), seed)
 
 
-def ensure_events(shared: Any, vllm_config: VllmConfig, raw: Any) -> None:
-    """Attach a publisher to ``shared.engine`` unless one is attached; bad config raises ConfigError."""
+def ensure_events(shared: Any, vllm_config: VllmConfig, config: EventsConfig) -> None:
+    """Attach a publisher to ``shared.engine`` unless one is attached; a bad endpoint raises ConfigError."""
     if shared.events is not None:
         return
-    try:
-        config = msgspec.convert(raw, EventsConfig)
-    except msgspec.ValidationError as exc:
-        raise ConfigError(f"kv_connector_extra_config.kvtier_events: {exc}") from exc
     try:
         hasher = hasher_for(vllm_config)
     except ValueError as exc:

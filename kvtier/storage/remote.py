@@ -10,10 +10,10 @@ Invariants:
 - A failed call is retried ``retries`` times with exponential backoff on a fresh connection (pooled
   idle connections are dropped too: after a server restart they are all dead). Timeouts are not
   retried: they already cost ``timeout_s``.
-- Circuit breaker: after a call fails for good, calls raise :class:`TierUnavailable` at once for a
-  cooldown (``breaker_cooldown_s``, doubling per failure up to ``max_cooldown_s``); then one call
-  probes the server; success closes the breaker. So while the server is down every call is a fast
-  miss, and the tier reconnects by itself when the server is back.
+- No circuit breaker here: a call that fails for good raises :class:`TierUnavailable`, and the
+  caller's health state decides when to try again (the
+  :class:`~kvtier.storage.manager.StorageManager` backs the tier off; P2P skips a failed peer for a
+  while). The next call after an outage simply connects afresh.
 - Public methods raise only :class:`TierUnavailable` (the Tier contract). A PUT the server refuses
   (corrupt frame, frame above its limits or quota, persistence refused it) is counted
   (``puts_refused``) and dropped, not raised: it is not an outage.
@@ -48,9 +48,9 @@ from kvtier import wire
 from kvtier.config import RemoteConfig
 from kvtier.errors import AuthError, CorruptChunk, ProtocolError, TierUnavailable
 from kvtier.keys import ChunkKey
-from kvtier.server import protocol as P
-from kvtier.server.protocol import byte_view
+from kvtier.storage import remote_protocol as P
 from kvtier.storage.base import Tier
+from kvtier.storage.remote_protocol import byte_view
 
 log = logging.getLogger(__name__)
 
@@ -247,53 +247,6 @@ def _check_status(h: P.Header, body: _Body, *, put: bool = False) -> None:
     raise ProtocolError(f"unexpected status {name}: {message}")
 
 
-class CircuitBreaker:
-    """Closed -> open (fail fast for a cooldown) -> one probe -> closed or open again."""
-
-    def __init__(self, cooldown_s: float = 0.1, max_cooldown_s: float = 2.0) -> None:
-        self.cooldown_s = cooldown_s
-        self.max_cooldown_s = max_cooldown_s
-        self.failures = 0
-        self.open_until = 0.0
-        self._probing = False
-        self._lock = threading.Lock()
-
-    def before(self) -> None:
-        """Raise :class:`TierUnavailable` if calls must fail fast now."""
-        if not self.failures:
-            return
-        with self._lock:
-            if not self.failures:
-                return
-            now = time.monotonic()
-            if now < self.open_until or self._probing:
-                wait = max(0.0, self.open_until - now)
-                raise TierUnavailable(f"cache server unavailable (circuit open, next probe in {wait:.2f}s)")
-            self._probing = True
-
-    def success(self) -> None:
-        if self.failures or self._probing:
-            with self._lock:
-                self.failures = 0
-                self._probing = False
-
-    def release_probe(self) -> None:
-        """The probing call ended without reaching the server; let the next call probe."""
-        with self._lock:
-            self._probing = False
-
-    def failure(self) -> None:
-        with self._lock:
-            self.failures += 1
-            self._probing = False
-            delay = min(self.max_cooldown_s, self.cooldown_s * 2 ** (self.failures - 1))
-            self.open_until = time.monotonic() + delay
-
-    @property
-    def probing(self) -> bool:
-        return self._probing
-
-
 class RemoteTier(Tier):
     """Client of one ``kvtier server``; thread-safe."""
 
@@ -309,8 +262,6 @@ class RemoteTier(Tier):
         *,
         retries: int = 2,
         backoff_s: float = 0.01,
-        breaker_cooldown_s: float = 0.1,
-        max_cooldown_s: float = 2.0,
         max_reply_bytes: int = DEFAULT_MAX_REPLY,
     ) -> None:
         if pool_size < 1:
@@ -320,7 +271,6 @@ class RemoteTier(Tier):
         self.timeout_s = timeout_s
         self.retries = retries
         self.backoff_s = backoff_s
-        self.breaker = CircuitBreaker(breaker_cooldown_s, max_cooldown_s)
         self._slots = threading.BoundedSemaphore(pool_size)
         self._idle: queue.LifoQueue[Connection] = queue.LifoQueue()
         self._lock = threading.Lock()
@@ -331,7 +281,7 @@ class RemoteTier(Tier):
     def from_config(cls, cfg: RemoteConfig) -> RemoteTier:
         """Build from the ``remote`` config section."""
         return cls(cfg.host, cfg.port, cfg.token, cfg.timeout_s, cfg.pool_size, retries=cfg.retries,
-                   breaker_cooldown_s=cfg.breaker_cooldown_s, max_reply_bytes=cfg.max_reply_bytes)
+                   max_reply_bytes=cfg.max_reply_bytes)
 
     def _count(self, name: str, n: int = 1) -> None:
         with self._lock:
@@ -368,15 +318,13 @@ class RemoteTier(Tier):
                 return
 
     def _run(self, op: str, fn: Callable[[Connection], T], *, refusable: bool = False) -> T:
-        """Run ``fn`` on a pooled connection with retries and the circuit breaker. A refusal (a PUT the
-        server would not store, or an opcode this identity may not use) is not an outage: it raises
-        ``_Refused`` where ``refusable``, else :class:`TierUnavailable`, and leaves the breaker closed."""
+        """Run ``fn`` on a pooled connection with retries. A refusal (a PUT the server would not store,
+        or an opcode this identity may not use) is not an outage: it raises ``_Refused`` where
+        ``refusable``, else :class:`TierUnavailable`."""
         if self._closed:
             raise TierUnavailable("remote tier is closed")
-        self.breaker.before()
-        attempts = 1 if self.breaker.probing else self.retries + 1
         last: BaseException | None = None
-        for attempt in range(attempts):
+        for attempt in range(self.retries + 1):
             if attempt:
                 time.sleep(self.backoff_s * 2 ** (attempt - 1))
                 self._count("retries")
@@ -386,12 +334,8 @@ class RemoteTier(Tier):
                 conn = self._checkout()
                 result = fn(conn)
                 ok = True
-            except TierUnavailable:  # pool exhausted: not the server's fault
-                self.breaker.release_probe()
-                raise
             except _Refused as exc:
                 ok = not exc.closed
-                self.breaker.success()
                 if refusable:
                     raise
                 raise TierUnavailable(f"cache server {self.host}:{self.port} refused {op}: {exc}") from exc
@@ -407,9 +351,7 @@ class RemoteTier(Tier):
             finally:
                 if conn is not None:
                     self._checkin(conn, ok)
-            self.breaker.success()
             return result
-        self.breaker.failure()
         self._count("errors")
         if isinstance(last, AuthError):
             log.error("cache server %s:%d: %s", self.host, self.port, last)
@@ -601,7 +543,7 @@ class RemoteTier(Tier):
         """Batched zero-copy GET (MGET): the payload of ``keys[i]`` is received straight into
         ``payloads[i]`` (which must be exactly its size) and its head (wire header + metadata,
         unverified; see :func:`kvtier.wire.unpack_head_into`) returned; ``None`` for a miss or a size
-        mismatch (that payload is then untouched; the caller falls back to ``get_view``/``get``).
+        mismatch (that payload is then untouched; the caller falls back to ``get``).
         After a failure mid-way a payload may hold partial bytes of a frame whose head is not returned."""
         if len(keys) != len(payloads):
             raise ValueError(f"{len(keys)} keys but {len(payloads)} payload buffers")
@@ -640,7 +582,6 @@ class RemoteTier(Tier):
     def stats(self) -> dict[str, int | float]:
         with self._lock:
             out: dict[str, int | float] = dict(self.counters)
-        out["breaker_open"] = int(self.breaker.failures > 0)
         out["idle_connections"] = self._idle.qsize()
         return out
 
@@ -658,4 +599,4 @@ def _owned(body: _Body) -> bytes:
     return body if isinstance(body, bytes) else bytes(body)
 
 
-__all__ = ["CircuitBreaker", "Connection", "RemoteTier"]
+__all__ = ["Connection", "RemoteTier"]

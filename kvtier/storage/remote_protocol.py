@@ -190,13 +190,6 @@ def split_keys(body: bytes | bytearray | memoryview, count: int) -> list[bytes]:
     return [bytes(view[i : i + KEY_BYTES]) for i in range(0, len(view), KEY_BYTES)]
 
 
-def join_keys(keys: list[bytes] | tuple[bytes, ...]) -> bytes:
-    for key in keys:
-        if len(key) != KEY_BYTES:
-            raise ProtocolError(f"key of {len(key)} bytes, expected {KEY_BYTES}")
-    return b"".join(keys)
-
-
 IOV_MAX = 512  # buffers per sendmsg call (the kernel refuses more than 1024)
 
 

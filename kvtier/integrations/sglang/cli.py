@@ -2,16 +2,14 @@
 
 Importable without SGLang (the CLI registers it everywhere); SGLang is only needed when the command
 runs. The pure functions here (:func:`backend_extra_config`, :func:`sglang_server_command`,
-:func:`sglang_server_env`) are what ``kvtier serve --engine sglang``, the tests and the benchmark use.
+:func:`sglang_server_env`) are what the tests and ``kvtier bench sglang`` use.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
-import shlex
 import subprocess
 import sys
 import time
@@ -23,7 +21,17 @@ from typing import Any
 
 import typer
 
-from kvtier.errors import ConfigError
+from kvtier.integrations.common import (
+    CONFIG_OPTION,
+    DRY_RUN_OPTION,
+    HOST_OPTION,
+    MODEL_OPTION,
+    NO_KVTIER_OPTION,
+    PASS_THROUGH,
+    SERVED_NAME_OPTION,
+    check_engine,
+    exec_server,
+)
 
 BACKEND_NAME = "kvtier"
 MODULE_PATH = "kvtier.integrations.sglang"
@@ -33,10 +41,12 @@ CLASS_NAME = "KvtierStorage"
 def backend_extra_config(config: str | None = None, overrides: dict[str, Any] | None = None,
                          model_id: str | None = None, prefetch_threshold: int | None = None) -> dict[str, Any]:
     """The ``--hicache-storage-backend-extra-config`` mapping that loads kvtier (``dynamic`` backend,
-    zero-copy v1 interface). ``prefetch_threshold``: SGLang's minimum storage hit in tokens (its
+    zero-copy v1 interface, prefix keys passed). ``prefetch_threshold``: SGLang's minimum storage hit in tokens (its
     default is 256)."""
     extra: dict[str, Any] = {"backend_name": BACKEND_NAME, "module_path": MODULE_PATH,
-                             "class_name": CLASS_NAME, "interface_v1": 1}
+                             "class_name": CLASS_NAME, "interface_v1": 1,
+                             # page positions, so that several pages go into one stored object
+                             "hicache_storage_pass_prefix_keys": True}
     if config:
         extra["kvtier_config"] = str(Path(config).expanduser().resolve())
     if overrides:
@@ -200,49 +210,35 @@ def launch(model: str | None, *, host: str, port: int, config: str | None, serve
            device: str | None = None, page_size: int | None = None, max_total_tokens: int | None = None,
            kvtier: bool = True, cpu_test_rig: bool = False, dry_run: bool = False,
            extra_args: list[str] | None = None) -> None:
-    """Check the config, then replace this process with SGLang's server (or print its command line).
-    Shared by ``kvtier serve-sglang`` and ``kvtier serve --engine sglang``."""
-    if importlib.util.find_spec("sglang") is None and not dry_run:
-        raise ConfigError("SGLang is not installed in this environment (on a CPU-only machine see "
-                          "scripts/install-sglang.sh and docs/sglang.md)")
-    if config:
-        from kvtier.config import load_config
-
-        load_config(config)  # fail here, with kvtier's message, rather than inside SGLang's start-up
+    """Check the config, then replace this process with SGLang's server (or print its command line)."""
+    check_engine("sglang", "on a CPU-only machine see scripts/install-sglang.sh and docs/sglang.md", config, dry_run)
     argv = sglang_server_command(model, host=host, port=port, config=config, served_model_name=served_model_name,
                                  device=device, page_size=page_size, max_total_tokens=max_total_tokens,
                                  kvtier=kvtier, cpu_test_rig=cpu_test_rig, extra_args=extra_args)
-    if dry_run:
-        typer.echo(shlex.join(argv))
-        return
-    env = sglang_server_env(device="cpu" if cpu_test_rig else device)
-    os.execve(argv[0], argv, env)  # signals go straight to the server
+    exec_server(argv, sglang_server_env(device="cpu" if cpu_test_rig else device), dry_run)
 
 
 def register(app: typer.Typer) -> None:
-    @app.command(
-        "serve-sglang",
-        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-    )
+    @app.command("serve-sglang", context_settings=PASS_THROUGH)
     def serve_sglang(
         ctx: typer.Context,
-        model: str = typer.Option(None, "--model", "-m", help="HF model directory (default: the embedded SmolLM2)."),
-        host: str = typer.Option("127.0.0.1", help="Bind address (loopback by default)."),
+        model: str = MODEL_OPTION,
+        host: str = HOST_OPTION,
         port: int = typer.Option(30000, help="HTTP port."),
-        config: str = typer.Option(None, "--config", "-c", help="kvtier YAML config (default: $KVTIER_CONFIG)."),
-        served_model_name: str = typer.Option(None, help="Name clients use; also the model part of kvtier keys."),
+        config: str = CONFIG_OPTION,
+        served_model_name: str = SERVED_NAME_OPTION,
         device: str = typer.Option(None, help="SGLang --device (default: SGLang's choice)."),
         page_size: int = typer.Option(None, help="SGLang --page-size, tokens per page = per kvtier object "
                                                  f"(default {PRODUCTION_PAGE_SIZE}; {CPU_RIG_PAGE_SIZE} with "
                                                  "--cpu-test-rig)."),
         max_total_tokens: int = typer.Option(None, help="SGLang --max-total-tokens (default: SGLang's; "
                                                         f"{CPU_RIG_MAX_TOTAL_TOKENS} with --cpu-test-rig)."),
-        no_kvtier: bool = typer.Option(False, "--no-kvtier", help="Plain SGLang (baseline), same settings."),
+        no_kvtier: bool = NO_KVTIER_OPTION,
         cpu_test_rig: bool = typer.Option(False, "--cpu-test-rig", help="This project's CPU test settings "
                                                                         "(needs tests/sglang_cpu installed): "
                                                                         "--device cpu, layer_first + direct, "
                                                                         "small pages and pools."),
-        dry_run: bool = typer.Option(False, help="Print the command instead of running it."),
+        dry_run: bool = DRY_RUN_OPTION,
     ) -> None:
         """Start SGLang's server with kvtier as its HiCache storage backend (extra arguments go to SGLang)."""
         launch(model, host=host, port=port, config=config, served_model_name=served_model_name, device=device,

@@ -1,0 +1,284 @@
+"""``kvtier bench sglang``: kvtier under SGLang, through its HiCache storage backend.
+
+``storage`` (no SGLang needed): one SGLang storage batch (``--pages`` pages of ``--page-tokens`` tokens,
+SmolLM2-135M geometry: 360 KiB per 16-token page) is written (``batch_set_v1``) and read back
+(``batch_get_v1``) through :class:`~kvtier.integrations.sglang.backend.KvtierStorage` and the disk
+tier, with SGLang's prefix keys, as SGLang calls it. Rows: one page per object (the backend before
+multi-page objects) and ``--pages-per-object`` (default: the backend's "auto"), each with disk fsync
+off and on. The ceiling is a plain ``copy_`` of the same bytes in the same run; ratios are reported
+against it and between the two object sizes (min / median / max over ``--repeat`` runs).
+
+``ttft`` (SGLang test venv): one SGLang server with kvtier (disk tier); per prompt size, ``--repeat``
+distinct prompts are sent cold (a kvtier miss: full prefill), then after ``/flush_cache`` (SGLang's
+device and host caches emptied) sent again: a kvtier hit, as SGLang's ``cached_tokens_details``
+confirms. TTFT = latency of a greedy 1-token ``/generate``. Ratio = cold ÷ hit. The ceiling, measured
+in between, is SGLang's own device (radix-cache) hit on the same prompt: no copy at all, so
+``hit ÷ device hit`` is what kvtier's L3 path costs on top of SGLang's cached-prefix step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import statistics
+import struct
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Annotated, Any
+
+import typer
+
+PAGE = 16
+SMOLLM2 = {"layers": 30, "heads": 3, "dim": 64}
+
+
+# ---- storage: through the backend -----------------------------------------------------------------
+def page_hashes(pages: int, page_tokens: int, seed: int = 0) -> list[str]:
+    """SGLang's page hashes of a prompt of ``pages`` pages: sha256(previous digest || page tokens)."""
+    out, prev = [], b""
+    for p in range(pages):
+        tokens = [seed * 1_000_003 + p * page_tokens + t for t in range(page_tokens)]
+        prev = hashlib.sha256(prev + struct.pack(f"<{page_tokens}I", *tokens)).digest()
+        out.append(prev.hex())
+    return out
+
+
+def _backend(pool: SimpleNamespace, path: Path, fsync: bool, pages_per_object: int | str) -> Any:
+    from kvtier.integrations.sglang.backend import KvtierStorage
+
+    config = SimpleNamespace(tp_rank=0, tp_size=1, pp_rank=0, pp_size=1, is_mla_model=False, model_name="bench",
+                             extra_config={"kvtier": {"disk": {"enabled": True, "path": str(path), "fsync": fsync}},
+                                           "kvtier_pages_per_object": pages_per_object})
+    storage = KvtierStorage(config)
+    storage.register_mem_pool_host(pool)
+    return storage
+
+
+def _backend_round(pool: SimpleNamespace, n: int, path: Path, fsync: bool, pages_per_object: int | str,
+                   repeat: int) -> dict[str, Any]:
+    """Seconds of ``repeat`` writes and reads of ``n`` pages through the backend."""
+    import torch
+
+    from kvtier.bench.common import time_runs
+
+    storage = _backend(pool, path, fsync, pages_per_object)
+    keys = page_hashes(n, pool.page_size)
+    slots = torch.arange(n * pool.page_size)
+    first_call = SimpleNamespace(prefix_keys=[], extra_info=None)  # the batch starts the sequence
+    write = time_runs(lambda: storage.batch_set_v1(keys, slots, first_call), repeat=repeat, warmup=1,
+                      setup=storage.clear)
+    read = time_runs(lambda: storage.batch_get_v1(keys, slots, first_call), repeat=repeat, warmup=1)
+    if not all(storage.batch_get_v1(keys, slots, first_call)):
+        raise RuntimeError(f"benchmark pages did not read back ({storage.stats()})")
+    objects = storage.counters["write_objects"] // (repeat + 1)
+    group = storage.pages_per_object
+    storage.close()
+    return {"pages_per_object": group, "objects": objects, "write_s": write.runs, "read_s": read.runs}
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+def storage_bench(pages: int, page_tokens: int, pages_per_object: int | str, repeat: int,
+                  disk_dir: Path | None) -> dict[str, Any]:
+    import torch
+
+    from kvtier.bench.common import time_runs
+
+    g = torch.Generator().manual_seed(0)
+    layers, heads, dim = SMOLLM2["layers"], SMOLLM2["heads"], SMOLLM2["dim"]
+    buffer = torch.randn((2, layers, pages * page_tokens, heads, dim), generator=g).to(torch.bfloat16)
+    pool = SimpleNamespace(layout="layer_first", kv_buffer=buffer, page_size=page_tokens, layer_num=layers,
+                           head_num=heads, head_dim=dim, dtype=torch.bfloat16)
+    nbytes = buffer.numel() * buffer.element_size()
+    dst = torch.empty_like(buffer)
+    ceiling = time_runs(lambda: dst.copy_(buffer), repeat=max(repeat, 5)).runs
+    rows: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="kvtier-sglang-bench-", dir=disk_dir) as tmp:
+        for fsync in (False, True):
+            sync = "fsync" if fsync else "no fsync"
+            for label, group in (("1 page per object", 1), ("multi-page objects", pages_per_object)):
+                rows[f"{sync}, {label}"] = _backend_round(pool, pages, Path(tmp) / f"{sync}-{group}", fsync, group,
+                                                          repeat)
+    gb = nbytes / 1e9
+    results: dict[str, Any] = {"pages": pages, "page_tokens": page_tokens, "bytes": nbytes,
+                               "ceiling_copy_GBps": _spread([gb / s for s in ceiling]), "rows": {}}
+    for name, r in rows.items():
+        write, read = [gb / s for s in r["write_s"]], [gb / s for s in r["read_s"]]
+        results["rows"][name] = {**r, "write_GBps": _spread(write), "read_GBps": _spread(read),
+                                 "write_vs_copy": statistics.median(ceiling) / statistics.median(r["write_s"]),
+                                 "read_vs_copy": statistics.median(ceiling) / statistics.median(r["read_s"])}
+    for sync in ("no fsync", "fsync"):
+        before, after = rows[f"{sync}, 1 page per object"], rows[f"{sync}, multi-page objects"]
+        results[f"speedup ({sync})"] = {
+            "write": _spread([b / a for a, b in zip(sorted(after["write_s"]), sorted(before["write_s"]))]),
+            "read": _spread([b / a for a, b in zip(sorted(after["read_s"]), sorted(before["read_s"]))])}
+    return results
+
+
+def _print_storage(results: dict[str, Any]) -> None:
+    for name, r in results["rows"].items():
+        w, rd = r["write_GBps"], r["read_GBps"]
+        print(f"{name:34} {r['objects']:4} objects  write {w['median']:.2f} GB/s ({w['min']:.2f}-{w['max']:.2f})"
+              f"  read {rd['median']:.2f} GB/s ({rd['min']:.2f}-{rd['max']:.2f})"
+              f"  ÷ copy_: write {r['write_vs_copy']:.3f} read {r['read_vs_copy']:.3f}")
+    for sync in ("no fsync", "fsync"):
+        s = results[f"speedup ({sync})"]
+        w, r = s["write"], s["read"]
+        print(f"multi-page ÷ 1 page ({sync}): write {w['median']:.2f}x ({w['min']:.2f}-{w['max']:.2f}), "
+              f"read {r['median']:.2f}x ({r['min']:.2f}-{r['max']:.2f})")
+    c = results["ceiling_copy_GBps"]
+    print(f"ceiling: copy_ {c['median']:.2f} GB/s ({c['min']:.2f}-{c['max']:.2f})")
+
+
+def _plot_storage(results: dict[str, Any], path: Path) -> None:
+    from kvtier.bench.common import bar_plot
+
+    rows = list(results["rows"].values())
+    labels = [name.replace(", ", "\n") for name in results["rows"]]
+    ops = ("write", "read")
+    bar_plot(path, f"{results['pages']} SGLang pages of {results['page_tokens']} tokens "
+             f"({results['bytes'] / 2**20:.0f} MiB) through KvtierStorage + disk (GB/s, median, min-max)", labels,
+             {op: [r[f"{op}_GBps"]["median"] for r in rows] for op in ops}, "GB/s",
+             {op: ([r[f"{op}_GBps"]["min"] for r in rows], [r[f"{op}_GBps"]["max"] for r in rows]) for op in ops})
+
+
+# ---- ttft: SGLang cold vs kvtier hit ---------------------------------------------------------------
+def _prompts(sizes: list[int], repeat: int) -> dict[int, list[list[int]]]:
+    """``repeat`` distinct prompts per size: a different leading line makes every page hash differ."""
+    from transformers import AutoTokenizer
+
+    from kvtier.models import ensure_embedded_model
+
+    tokenizer = AutoTokenizer.from_pretrained(str(ensure_embedded_model()))
+    text = (Path(__file__).parents[1] / "data" / "longdoc.txt").read_text()
+    body = list(tokenizer(text)["input_ids"])
+    out: dict[int, list[list[int]]] = {}
+    for size in sizes:
+        out[size] = []
+        for i in range(repeat):
+            head = list(tokenizer(f"Document {size}-{i}. Read it and answer.\n")["input_ids"])
+            out[size].append((head + body)[:size])
+    return out
+
+
+def _seconds(values: list[float]) -> dict[str, float]:
+    return {"min_s": min(values), "median_s": statistics.median(values), "max_s": max(values), "runs": len(values)}
+
+
+def ttft_bench(sizes: list[int], repeat: int, disk_dir: Path | None, out: Path) -> dict[str, Any]:
+    from kvtier.bench.common import bar_plot
+    from kvtier.integrations.sglang.cli import flush_cache, generate, running_server, sglang_server_command
+    from kvtier.procs import free_port
+
+    prompts = _prompts(sizes, repeat)
+    results: dict[str, Any] = {"sizes": {}}
+    with tempfile.TemporaryDirectory(prefix="kvtier-sglang-ttft-", dir=disk_dir) as tmp:
+        cfg = Path(tmp) / "kvtier.yaml"
+        cfg.write_text(f"disk:\n  enabled: true\n  path: {Path(tmp) / 'disk'}\n")
+        argv = sglang_server_command(port=free_port(), config=str(cfg), prefetch_threshold=PAGE, cpu_test_rig=True)
+        with running_server(argv, Path(tmp) / "server.log") as url:
+            generate(url, [1, 2, 3], 1)  # one-off warm-up
+            for size in sizes:
+                cold: list[float] = []
+                hit: list[float] = []
+                device: list[float] = []
+                storage_tokens: list[int] = []
+                same_text = True
+                for ids in prompts[size]:
+                    flush_cache(url)
+                    start = time.perf_counter()
+                    first = generate(url, ids, 1)
+                    cold.append(time.perf_counter() - start)
+                    _wait_backed_up(Path(tmp) / "disk")
+                    start = time.perf_counter()
+                    generate(url, ids, 1)  # still in SGLang's device cache: the ceiling
+                    device.append(time.perf_counter() - start)
+                    flush_cache(url)
+                    start = time.perf_counter()
+                    second = generate(url, ids, 1)
+                    hit.append(time.perf_counter() - start)
+                    details = second["meta_info"].get("cached_tokens_details") or {}
+                    storage_tokens.append(int(details.get("storage", 0)))
+                    same_text &= first["text"] == second["text"]
+                r: dict[str, Any] = {
+                    "cold": _seconds(cold), "kvtier_hit": _seconds(hit), "device_hit": _seconds(device),
+                     "storage_tokens": storage_tokens, "same_greedy_token": same_text,
+                     "hit_over_device_hit": statistics.median(hit) / statistics.median(device),
+                     "ratio_cold_over_hit": {"median": statistics.median(cold) / statistics.median(hit),
+                                             "worst": min(cold) / max(hit), "best": max(cold) / min(hit)}}
+                results["sizes"][str(size)] = r
+                print(f"{size} tokens: cold TTFT {_fmt(r['cold'])}; kvtier hit {_fmt(r['kvtier_hit'])}; "
+                      f"ratio {r['ratio_cold_over_hit']['median']:.1f}x (worst {r['ratio_cold_over_hit']['worst']:.1f}"
+                      f", best {r['ratio_cold_over_hit']['best']:.1f}); SGLang device hit {_fmt(r['device_hit'])}, "
+                      f"kvtier hit ÷ device hit {r['hit_over_device_hit']:.2f}; storage tokens {storage_tokens}",
+                      flush=True)
+    kinds = (("cold", "cold"), ("kvtier hit", "kvtier_hit"), ("SGLang device hit", "device_hit"))
+    labels = [f"{s} tokens" for s in results["sizes"]]
+    series = {name: [results["sizes"][s][key]["median_s"] for s in results["sizes"]] for name, key in kinds}
+    errors = {name: ([results["sizes"][s][key]["min_s"] for s in results["sizes"]],
+                     [results["sizes"][s][key]["max_s"] for s in results["sizes"]]) for name, key in kinds}
+    bar_plot(out / "sglang_ttft.png", "SGLang TTFT: cold vs kvtier hit (median, min-max)", labels, series,
+             "seconds", errors)
+    return results
+
+
+def _wait_backed_up(disk: Path, timeout_s: float = 120.0) -> None:
+    """SGLang writes pages to storage on its own thread after the request: wait until the number of
+    stored objects stops growing."""
+    deadline = time.monotonic() + timeout_s
+    seen = -1
+    while time.monotonic() < deadline:
+        count = sum(1 for _ in disk.glob("??/*.kvt"))
+        if count == seen and count > 0:
+            return
+        seen = count
+        time.sleep(1.0)
+
+
+def _fmt(s: dict[str, float]) -> str:
+    return f"median {s['median_s']:.2f} s (min {s['min_s']:.2f}, max {s['max_s']:.2f})"
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("sglang")
+    def bench_sglang(
+        part: Annotated[str, typer.Argument(help="storage (no SGLang needed) or ttft (SGLang's venv).")] = "storage",
+        pages: Annotated[int, typer.Option(help="storage: pages per round (one SGLang batch).")] = 128,
+        page_tokens: Annotated[int, typer.Option(help="storage: tokens per SGLang page.")] = PAGE,
+        pages_per_object: Annotated[str, typer.Option(help="storage: the multi-page rows' object size, "
+                                                           "'auto' or 1..128.")] = "auto",
+        sizes: Annotated[str, typer.Option(help="ttft: prompt sizes in tokens.")] = "1024,2048",
+        repeat: Annotated[int, typer.Option(min=3, help="Runs (min/median/max over them).")] = 5,
+        disk_dir: Annotated[Path | None, typer.Option(help="Where the disk tier lives (default: a temp dir).")]
+        = None,
+        out: Annotated[Path, typer.Option(help="Results directory.")] = Path("results"),
+    ) -> None:
+        """SGLang storage write/read GB/s through the backend (1 page vs multi-page objects, fsync off/on,
+        ÷ copy_), or SGLang TTFT cold vs kvtier hit vs SGLang's device hit."""
+        from kvtier.bench.common import write_results
+        from kvtier.errors import ConfigError
+        from kvtier.integrations.common import check_engine
+
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        load_before = os.getloadavg()
+        if part == "storage":
+            group: int | str = pages_per_object if pages_per_object == "auto" else int(pages_per_object)
+            data = storage_bench(pages, page_tokens, group, repeat, disk_dir)
+            _print_storage(data)
+            name = "sglang_storage" if page_tokens == PAGE else f"sglang_storage_page{page_tokens}"
+            _plot_storage(data, out / f"{name}.png")
+        elif part == "ttft":
+            check_engine("sglang", "run it from SGLang's environment (.venv-sglang/bin/kvtier bench sglang ttft; "
+                         "scripts/install-sglang.sh makes it)", None, dry_run=False)
+            data = ttft_bench([int(s) for s in sizes.split(",")], repeat, disk_dir, out)
+            name = "sglang_ttft"
+        else:
+            raise ConfigError(f"kvtier bench sglang: part must be 'storage' or 'ttft', got {part!r}")
+        data.update(params={"part": part, "pages": pages, "page_tokens": page_tokens,
+                            "pages_per_object": pages_per_object, "sizes": sizes, "repeat": repeat},
+                    load_average={"before": load_before, "after": os.getloadavg()})
+        print(f"wrote {write_results(name, data, out)}")

@@ -1,0 +1,33 @@
+"""``kvtier bench sglang storage`` end to end on a small batch (no SGLang needed; timings not asserted)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from kvtier.cli import app
+
+
+def test_storage_bench_writes_rows_ratios_and_a_plot(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["bench", "sglang", "storage", "--pages", "8", "--repeat", "3",
+                                      "--disk-dir", str(tmp_path), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "out" / "sglang_storage.json").read_text())
+    rows = data["rows"]
+    assert set(rows) == {f"{sync}, {kind}" for sync in ("no fsync", "fsync")
+                         for kind in ("1 page per object", "multi-page objects")}
+    assert rows["fsync, 1 page per object"]["objects"] == 8
+    assert rows["fsync, multi-page objects"]["objects"] == 1  # auto: 8 pages of 360 KiB in one object
+    for row in rows.values():
+        assert len(row["write_s"]) == 3 and row["read_GBps"]["min"] <= row["read_GBps"]["max"]
+        assert row["write_vs_copy"] > 0 and row["read_vs_copy"] > 0
+    assert {"write", "read"} <= set(data["speedup (fsync)"])
+    assert (tmp_path / "out" / "sglang_storage.png").stat().st_size > 0
+    assert not list(tmp_path.glob("kvtier-sglang-bench-*"))  # the disk tier's scratch directory is gone
+
+
+def test_unknown_part_is_a_clear_error() -> None:
+    result = CliRunner().invoke(app, ["bench", "sglang", "latency"])
+    assert result.exit_code != 0 and "'storage' or 'ttft'" in str(result.exception)
