@@ -309,6 +309,9 @@ def decode_run(port: int, tokens: int, fourth: str | None, fourth_after: int = 8
         return {"itl": itl_stats(gaps)}
     window = (load.sent, load.stamps[0])
     gaps = [b - a for s in runs for a, b in s.gaps() if b > window[0] and a < window[1]]
+    if not gaps:
+        raise RuntimeError(f"no decoder token arrived while the fourth request waited {load.ttft:.2f}s: "
+                           "raise --decode-tokens")
     return {"itl": itl_stats(gaps), "fourth_ttft_s": load.ttft, "fourth_prompt_tokens": load.usage["prompt_tokens"]}
 
 
