@@ -289,13 +289,18 @@ def test_shared_tier_between_instances(
     assert all(r[2] == r[1] - 1 for r in b)
 
 
-def test_chunk_tokens_default_follows_vllm_block_size(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_chunk_tokens_default_follows_vllm_block_size(monkeypatch: pytest.MonkeyPatch,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
     from kvtier.config import load_config
+    from kvtier.integrations.vllm import connector
     from kvtier.integrations.vllm.connector import _chunk_default
 
     monkeypatch.delenv("KVTIER_CHUNK_TOKENS", raising=False)
+    monkeypatch.setattr(connector.log, "handlers", [caplog.handler])  # whatever kvtier's logging setup is
+    caplog.set_level("INFO", logger=connector.log.name)
     unset = load_config(overrides={"cpu": {"capacity": "64MiB"}})
     assert [_chunk_default(unset, b).chunk_tokens for b in (128, 16, 48)] == [128, 128, 144]
+    assert "chunk_tokens is not configured: using 144 (vLLM block size 48)" in caplog.text  # a logged choice
     assert _chunk_default(load_config(overrides={"chunk_tokens": 256}), 128).chunk_tokens == 256
     monkeypatch.setenv("KVTIER_CHUNK_TOKENS", "64")
     assert _chunk_default(load_config(), 128).chunk_tokens == 64  # set through the environment

@@ -214,10 +214,13 @@ def _chunk_default(config: KvtierConfig, block_size: int) -> KvtierConfig:
     where the block is 128). Hits end at a chunk boundary, so a chunk as small as vLLM's own unit keeps
     what is recomputed after a shared prefix as short as vLLM's prefix cache would (measured on the
     tests' NOVEL prompt, 499 tokens shared: 384 hit with 128-token chunks, 256 with 256), while the
-    floor keeps per-chunk costs (keys, frames, tier round trips) bounded for small GPU blocks."""
+    floor keeps per-chunk costs (keys, frames, tier round trips) bounded for small GPU blocks. The choice
+    is logged."""
     if "chunk_tokens" in config.model_fields_set or block_size <= 0:
         return config
     chunk = -(-MIN_DEFAULT_CHUNK // block_size) * block_size
+    log.info("kvtier chunk_tokens is not configured: using %d (vLLM block size %d); set chunk_tokens to choose "
+             "(processes sharing chunks need the same value)", chunk, block_size)
     return config.model_copy(update={"chunk_tokens": chunk})
 
 
