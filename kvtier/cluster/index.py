@@ -22,22 +22,17 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from kvtier.keys import chain_key
+from kvtier.keys import chain
 
 
 def chain_keys(root: bytes, tokens: np.ndarray, chunk_tokens: int, partial: bool = True) -> list[tuple[int, bytes]]:
     """``(end, key)`` of each chunk of ``tokens`` (uint32 array) for a namespace whose first parent is
     ``root``: the same chain as :class:`kvtier.keys.Chunker`."""
-    data = np.ascontiguousarray(tokens, dtype="<u4").tobytes()
-    n = len(data) // 4
+    ids = np.ascontiguousarray(tokens, dtype="<u4")
+    n = len(ids)
     stop = n if partial else n - n % chunk_tokens
-    out: list[tuple[int, bytes]] = []
-    parent = root
-    for start in range(0, stop, chunk_tokens):
-        end = min(start + chunk_tokens, n)
-        parent = chain_key(parent, data[start * 4 : end * 4])
-        out.append((end, parent))
-    return out
+    keys = chain(root, ids, chunk_tokens, -(-stop // chunk_tokens))
+    return [(min(i * chunk_tokens, n), key) for i, key in enumerate(keys[1:], start=1)]
 
 
 class ChunkIndex:
