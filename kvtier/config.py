@@ -203,8 +203,7 @@ class ClusterConfig(_Section):
     controller_url: str = Field("http://127.0.0.1:9000", description="Base URL of the controller.")
     instance_id: str = Field("", max_length=128, pattern=r"^[A-Za-z0-9._:-]*$",
                              description="Name of this engine in the cluster ('' = host:pid).")
-    token: str = Field("", description="Controller bearer token (fallback: $KVTIER_CONTROLLER_TOKEN); also guards "
-                                       "the P2P server.")
+    token: str = Field("", description="Controller bearer token; also guards the P2P server.")
     replace: bool = Field(False, description="Take over the instance id from a live session.")
     p2p: bool = Field(True, description="Serve chunks to peers and fetch missing chunks from them.")
     p2p_host: str = Field("127.0.0.1", description="Bind address of the P2P server.")
@@ -227,12 +226,11 @@ class ControllerConfig(_Section):
 
     host: str = Field("127.0.0.1", description="Bind address; anything but loopback requires a token.")
     port: int = Field(9000, ge=0, le=65535, description="HTTP port (0 picks a free one).")
-    token: str = Field("", description="Admin bearer token: every route (fallback: $KVTIER_CONTROLLER_TOKEN). "
-                                       "Without worker_token, workers present this one too.")
-    worker_token: str = Field("", description="Token of the worker channel only: register, heartbeat, events "
-                                              "(fallback: $KVTIER_CONTROLLER_WORKER_TOKEN).")
+    token: str = Field("", description="Admin bearer token: every route. Without worker_token, workers present "
+                                       "this one too.")
+    worker_token: str = Field("", description="Token of the worker channel only: register, heartbeat, events.")
     read_token: str = Field("", description="Token of lookups, instances, operation status and metrics only, e.g. "
-                                            "for routers (fallback: $KVTIER_CONTROLLER_READ_TOKEN).")
+                                            "for routers.")
     ttl_s: float = Field(10.0, gt=0, description="Drop a worker silent for this many seconds.")
     claim_ttl_s: float = Field(
         60.0, gt=0, description="Seconds an expired instance's id stays reserved for the registration that owned it."
@@ -308,17 +306,15 @@ class RouterConfig(_Section):
     )
     host: str = Field("127.0.0.1", description="Bind address; anything but loopback requires a token.")
     port: int = Field(8080, ge=0, le=65535, description="HTTP port (0 picks a free one).")
-    token: str = Field("", description="Bearer token clients must present (fallback: $KVTIER_ROUTER_TOKEN).")
-    backend_token: str = Field("", description="Bearer token sent to the backends (fallback: "
-                                               "$KVTIER_ROUTER_BACKEND_TOKEN).")
+    token: str = Field("", description="Bearer token clients must present.")
+    backend_token: str = Field("", description="Bearer token sent to the backends (e.g. vLLM's --api-key).")
     backend_header: bool = Field(False, description="Name the chosen backend in an x-kvtier-backend response header "
                                                     "(its instance id, else decode-N / prefill-N).")
     policy: RoutingPolicy = Field("kv", description="kv (longest cached prefix, then least loaded), least_loaded, "
                                                     "roundrobin.")
     controller_url: str = Field("", description="kvtier controller URL for prefix lookups ('' = the router's own "
                                                 "prefix table only).")
-    controller_token: str = Field("", description="Token of controller lookups (fallback: "
-                                                  "$KVTIER_CONTROLLER_READ_TOKEN, else $KVTIER_CONTROLLER_TOKEN).")
+    controller_token: str = Field("", description="Token of controller lookups.")
     lookup_timeout_s: float = Field(
         0.25, gt=0, description="Seconds a controller lookup may take before the router's prefix table answers instead."
     )
@@ -327,7 +323,7 @@ class RouterConfig(_Section):
                                            "by load without one).")
     kv_model: str = Field("", description="Model id the instances report to the controller ('' = the request's "
                                           "model).")
-    table_keys: int = Field(1 << 18, ge=1, description="Chunk keys kept in the router's own prefix table.")
+    table_size: int = Field(1 << 18, ge=1, description="Chunk keys kept in the router's own prefix table.")
     max_concurrent: int = Field(256, ge=1, description="Requests in flight before new ones get 429.")
     max_body_bytes: ByteSize = Field(16 * MiB, description="Largest request body (413 above).")
     connect_timeout_s: float = Field(2.0, gt=0, description="Seconds to connect to a backend.")
@@ -528,6 +524,12 @@ def _env_value(name: str, parts: list[str], raw: str) -> Any:
     return raw
 
 
+def fallback_note(key: str) -> str:
+    """`` Unset: `$NAME`.`` for a key of :data:`TOKEN_ENV` (what docs and ``--help`` add), else ``''``."""
+    names = TOKEN_ENV.get(key)
+    return f" Unset: {' else '.join(f'`${n}`' for n in names)}." if names else ""
+
+
 def _token_fallbacks(environ: Mapping[str, str]) -> dict[str, Any]:
     """The keys of :data:`TOKEN_ENV` whose variables are set, as a nested mapping."""
     out: dict[str, dict[str, Any]] = {}
@@ -653,7 +655,8 @@ def config_reference() -> str:
             if isinstance(ann, type) and issubclass(ann, BaseModel):
                 walk(ann, f"{prefix}{name}.")
                 continue
-            rows.append(f"| `{prefix}{name}` | `{_show_default(field)}` | {field.description or ''} |")
+            rows.append(f"| `{prefix}{name}` | `{_show_default(field)}` | {field.description or ''}"
+                        f"{fallback_note(prefix + name)} |")
 
     walk(KvtierConfig, "")
     return "\n".join(rows)

@@ -27,7 +27,7 @@ import typer
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from kvtier.config import KvtierConfig, is_secret, load_config, parse_bytes
+from kvtier.config import KvtierConfig, fallback_note, is_secret, load_config, parse_bytes
 from kvtier.errors import ConfigError
 
 # Flags whose names are not derived from their key (kept as users and deploy/ manifests know them).
@@ -91,7 +91,8 @@ def _option(key: str, field: FieldInfo) -> typer.models.OptionInfo:
     extra = f" One of: {', '.join(choices)}." if choices else ""
     extra += " Repeatable KEY=VALUE." if _kind(field) == "map" else " Repeatable." if _kind(field) == "list" else ""
     metavar = {"map": "KEY=VALUE", "list": "VALUE"}.get(_kind(field))
-    return typer.Option(None, *flags, help=f"{field.description or ''}{extra} (config key {key})",
+    text = f"{field.description or ''}{extra}{fallback_note(key).replace('`', '')} (config key {key})"
+    return typer.Option(None, *flags, help=text,
                         show_default=False, metavar=metavar)
 
 
@@ -106,7 +107,7 @@ def _pairs(key: str, items: list[str]) -> dict[str, str]:
     return out
 
 
-def overrides_from(fields: list[tuple[str, FieldInfo]], values: dict[str, Any]) -> dict[str, Any]:
+def _overrides_from(fields: list[tuple[str, FieldInfo]], values: dict[str, Any]) -> dict[str, Any]:
     """The nested override mapping of the options given (``values`` by parameter name)."""
     out: dict[str, Any] = {}
     for key, field in fields:
@@ -135,7 +136,7 @@ def config_command(app: typer.Typer, name: str, keys: Sequence[str], *, log_leve
     def register(body: Callable[[KvtierConfig], None]) -> Callable[[KvtierConfig], None]:
         def command(**values: Any) -> None:
             logging.getLogger("kvtier").setLevel(str(values.pop("log_level")).upper())
-            body(load_config(values.pop("config"), overrides=overrides_from(fields, values)))
+            body(load_config(values.pop("config"), overrides=_overrides_from(fields, values)))
 
         params = [inspect.Parameter(_param(key), inspect.Parameter.KEYWORD_ONLY, default=_option(key, field),
                                     annotation=_TYPES[_kind(field)]) for key, field in fields]

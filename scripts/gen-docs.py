@@ -54,7 +54,9 @@ SGLang's `hicache-storage-backend-extra-config`).
   (`KVTIER_DISK__ENABLED=true`, `KVTIER_CPU__CAPACITY=8GiB`). A value is read as its key's type: a
   string stays exactly as given (`KVTIER_SERVER__TOKEN='abc #x'` is `abc #x`), numbers, booleans and
   sizes are converted by the schema, lists are JSON (`KVTIER_AUTH__PREVIOUS_SECRETS='["old"]'`).
-- Token variables, used only for keys nothing else sets (the first one set wins): {tokens}.
+- Token variables: a key whose description says "Unset: `$NAME`" takes that variable's value where the
+  file, `KVTIER_<SECTION>__<KEY>` and the overrides leave it unset (with two names, the first one set);
+  deployments pass each token once that way ({tokens}).
 - Names that are not config keys: {reserved}. Any other `KVTIER_*` name that is not
   a key stops the process with an error naming the nearest valid key; so does an unknown key in the
   file, and a bad value names the key, the value and what is allowed.
@@ -145,7 +147,7 @@ def render() -> dict[Path, str]:
     return {
         DOCS / "configuration.md": CONFIG_HEAD.format(
             flags=", ".join(f"`{key}`: {' '.join(f'`{f}`' for f in flags)}" for key, flags in FLAGS.items()),
-            tokens=", ".join(f"`{key}` <- {' or '.join(f'`{n}`' for n in names)}" for key, names in TOKEN_ENV.items()),
+            tokens=", ".join(f"`{n}`" for n in sorted(TOKEN_NAMES)),
             reserved=", ".join(f"`{n}`" for n in sorted(RESERVED_ENV - TOKEN_NAMES)))
         + config_reference() + "\n",
         DOCS / "api.md": API_HEAD + "\n".join(api).rstrip() + "\n",

@@ -268,3 +268,12 @@ def test_events_section_replaces_the_separate_events_schema() -> None:
         with_overrides(cfg, {"events": {"topc": "x"}})  # what the vLLM connector does with kvtier_events
     with pytest.raises(ConfigError, match=r"events.max_queue.*0"):
         load_config(overrides={"events": {"max_queue": 0}}, environ={})
+
+
+def test_config_show_masks_exactly_the_secret_keys() -> None:
+    shown = redacted(load_config(environ={}))
+    masked = {f"{section}.{key}" for section, keys in shown.items() if isinstance(keys, dict)
+              for key, value in keys.items() if value == "<redacted>"}
+    assert masked == {"remote.token", "server.token", "server.admin_token", "cluster.token", "controller.token",
+                      "controller.worker_token", "controller.read_token", "router.token", "router.backend_token",
+                      "router.controller_token", "auth.secret", "auth.secret_file", "auth.previous_secrets"}

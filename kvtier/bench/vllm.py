@@ -3,23 +3,26 @@
 Every configuration is its own server (``kvtier serve``'s command line, the embedded SmolLM2 in float32
 on CPU), all started before the first request and then queried **interleaved**: the same prompt goes to
 each configuration in turn (the order rotates from prompt to prompt), one request at a time, so a load
-change on a shared machine hits every configuration alike. Ratios are per prompt pair, reported as
-min/median/max.
+change on a shared machine hits every configuration alike. Every table row is compared pair by pair
+(:class:`kvtier.bench.common.Report`: baseline ÷ ours per prompt or repeat, min/median/max, above 1 =
+faster than the baseline).
 
 Scenarios (``--scenario``):
 
 - ``long-doc-qa``: each document is sent once (warm-up) and again with another question (query: its
-  whole document is reusable). kvtier's query TTFT ÷ vLLM's own prefix-cache query TTFT (goal <= 1.1)
-  and ÷ vLLM without any cache.
+  whole document is reusable). vLLM's own prefix-cache query TTFT ÷ kvtier's (goal >= 1/1.1: kvtier's
+  hit at most 1.1x slower).
 - ``multi-round-qa``: ``--users`` users chat in lockstep rounds (a shared system prompt, a context of
   their own, earlier questions and answers, one new question); each round runs on every configuration
   in turn, all users at once. Rounds 2+ are compared pair by pair.
 - ``async-itl``: three users stream long answers while a fourth sends a ``--doc-tokens`` prompt whose
   KV kvtier serves from its disk tier (the CPU tier is too small to keep it: later documents evicted
   it; the files may sit in the OS page cache). Inter-token latency of the three during the fourth's
-  load ÷ the same three alone (goal <= 1.2), for ``kvtier_load_async`` false and true, per repeat.
+  load vs the same three alone (goal: at most 1.2x, i.e. ratio >= 1/1.2), for ``kvtier_load_async``
+  false and true, per repeat.
 
 ``--layerwise`` adds ``kvtier+layerwise`` (``kvtier_layerwise: true``) to the TTFT scenarios.
+``--quick`` shrinks every scenario to a smoke run.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from typing import Any
 
 import typer
 
-from kvtier.bench.common import bar_plot, write_results
+from kvtier.bench.common import Report, Row, require_engine
 from kvtier.procs import free_port, stop_process, wait_healthy
 
 MODEL_NAME = "bench-model"
@@ -208,21 +211,21 @@ def long_doc_qa(ports: dict[str, int], docs: int, doc_words: int, output_len: in
     return out
 
 
-def long_doc_report(results: dict[str, Any]) -> dict[str, Any]:
-    report: dict[str, Any] = {}
+def long_doc_report(results: dict[str, Any], report: Report) -> None:
+    """Rows: warm-up and query TTFT per configuration; kvtier's query rows against vLLM's prefix cache."""
+    ceiling: Row | None = None
+    if "vllm+prefix" in results:
+        ceiling = report.add("query TTFT", results["vllm+prefix"]["query_ttft_s"], series="vllm+prefix")
     for name, res in results.items():
-        if not name.startswith("kvtier"):
-            continue
-        row: dict[str, Any] = {}
-        if "vllm+prefix" in results:
-            row["query_ttft_vs_prefix_cache"] = pair_ratios(res["query_ttft_s"], results["vllm+prefix"]["query_ttft_s"])
-        if "vllm" in results:
-            row["query_ttft_vs_no_cache"] = pair_ratios(res["query_ttft_s"], results["vllm"]["query_ttft_s"])
-        if "kvtier" in results and name != "kvtier":
-            row["query_ttft_vs_kvtier"] = pair_ratios(res["query_ttft_s"], results["kvtier"]["query_ttft_s"])
-            row["warmup_ttft_vs_kvtier"] = pair_ratios(res["warmup_ttft_s"], results["kvtier"]["warmup_ttft_s"])
-        report[name] = row
-    return report
+        report.add("warm-up TTFT", res["warmup_ttft_s"], series=name)
+        if name != "vllm+prefix":
+            vs = ceiling if name.startswith("kvtier") else None
+            report.add("query TTFT", res["query_ttft_s"], series=name, vs=vs)
+    if "kvtier" in results and "kvtier+layerwise" in results:
+        whole, layered = results["kvtier"], results["kvtier+layerwise"]
+        report.meta["layerwise_vs_whole"] = {
+            "query_ttft": pair_ratios(layered["query_ttft_s"], whole["query_ttft_s"]),
+            "warmup_ttft": pair_ratios(layered["warmup_ttft_s"], whole["warmup_ttft_s"])}
 
 
 # ---- multi-round-qa ----------------------------------------------------------------------------------
@@ -248,23 +251,20 @@ def multi_round_qa(ports: dict[str, int], users: int, rounds: int, system_words:
     return {"ttft_s": ttft, "same_prompts": same_prompts}
 
 
-def multi_round_report(results: dict[str, Any]) -> dict[str, Any]:
+def multi_round_report(results: dict[str, Any], report: Report) -> None:
+    """Rows: round-1 TTFT and rounds 2+ TTFT per configuration (per user and round); kvtier's rounds 2+
+    against vLLM's prefix cache."""
     ttft = results["ttft_s"]
-
-    def later(name: str) -> list[float]:
-        return [t for round_ in ttft[name][1:] for t in round_]
-
-    report: dict[str, Any] = {}
-    for name in ttft:
-        if not name.startswith("kvtier") or not later(name):
-            continue
-        row: dict[str, Any] = {}
-        for base, label in (("vllm+prefix", "later_rounds_ttft_vs_prefix_cache"),
-                            ("vllm", "later_rounds_ttft_vs_no_cache"), ("kvtier", "later_rounds_ttft_vs_kvtier")):
-            if base in ttft and base != name:
-                row[label] = pair_ratios(later(name), later(base))
-        report[name] = row
-    return report
+    report.meta["same_prompts"] = results["same_prompts"]
+    later = {name: [t for round_ in rounds[1:] for t in round_] for name, rounds in ttft.items()}
+    ceiling: Row | None = None
+    if "vllm+prefix" in ttft and later["vllm+prefix"]:
+        ceiling = report.add("rounds 2+ TTFT", later["vllm+prefix"], series="vllm+prefix")
+    for name, rounds in ttft.items():
+        report.add("round 1 TTFT", rounds[0], series=name)
+        if name != "vllm+prefix" and later[name]:
+            vs = ceiling if name.startswith("kvtier") else None
+            report.add("rounds 2+ TTFT", later[name], series=name, vs=vs)
 
 
 # ---- async-itl ---------------------------------------------------------------------------------------
@@ -309,6 +309,9 @@ def decode_run(port: int, tokens: int, fourth: str | None, fourth_after: int = 8
         return {"itl": itl_stats(gaps)}
     window = (load.sent, load.stamps[0])
     gaps = [b - a for s in runs for a, b in s.gaps() if b > window[0] and a < window[1]]
+    if not gaps:
+        raise RuntimeError(f"no decoder token arrived while the fourth request waited {load.ttft:.2f}s: "
+                           "raise --decode-tokens")
     return {"itl": itl_stats(gaps), "fourth_ttft_s": load.ttft, "fourth_prompt_tokens": load.usage["prompt_tokens"]}
 
 
@@ -333,16 +336,14 @@ def async_itl(ports: dict[str, int], repeats: int, doc_words: int, tokens: int) 
     return out
 
 
-def async_itl_report(results: dict[str, Any]) -> dict[str, Any]:
-    report: dict[str, Any] = {}
+def async_itl_report(results: dict[str, Any], report: Report) -> None:
+    """Rows per configuration: the decoders' ITL p50 / p90 / max alone and during the fourth's load
+    (against alone, repeat by repeat), and the fourth's TTFT."""
     for name, res in results.items():
-        row: dict[str, Any] = {}
         for stat in ("p50", "p90", "max"):
-            row[f"itl_{stat}_loading_vs_alone"] = pair_ratios([r["itl"][stat] for r in res["loading"]],
-                                                              [r["itl"][stat] for r in res["alone"]])
-        row["fourth_ttft_s"] = spread([r["fourth_ttft_s"] for r in res["loading"]])
-        report[name] = row
-    return report
+            alone = report.add(f"ITL {stat} alone", [r["itl"][stat] for r in res["alone"]], series=name)
+            report.add(f"ITL {stat} during load", [r["itl"][stat] for r in res["loading"]], series=name, vs=alone)
+        report.add("4th user TTFT", [r["fourth_ttft_s"] for r in res["loading"]], series=name)
 
 
 # ---- running -----------------------------------------------------------------------------------------
@@ -371,38 +372,30 @@ def itl_configs(workdir: Path, chunk_tokens: int, doc_words: int) -> list[Config
     return configs
 
 
-def _plot(scenario: str, results: dict[str, Any], report: dict[str, Any], out: Path) -> None:
-    stem = f"vllm_{scenario.replace('-', '_')}"
-    names = list(report)
-    if scenario == "async-itl":
-        series = {s: [report[n][f"itl_{s}_loading_vs_alone"]["median"] for n in names] for s in ("p50", "p90", "max")}
-        errors = {s: ([report[n][f"itl_{s}_loading_vs_alone"]["min"] for n in names],
-                      [report[n][f"itl_{s}_loading_vs_alone"]["max"] for n in names]) for s in ("p50", "p90", "max")}
-        bar_plot(out / f"{stem}.png", "ITL of 3 users during a 4th's disk load ÷ alone (median, min-max)", names,
-                 series, "ratio", errors)
-        return
-    series, errors = {}, {}
-    for metric in sorted({m for row in report.values() for m in row}):
-        series[metric] = [report[n].get(metric, {}).get("median", 0.0) for n in names]
-        errors[metric] = ([report[n].get(metric, {}).get("min", 0.0) for n in names],
-                          [report[n].get(metric, {}).get("max", 0.0) for n in names])
-    bar_plot(out / f"{stem}.png", f"{scenario}: TTFT ratios per prompt pair (median, min-max)", names, series,
-             "ratio", errors)
+QUICK = {"docs": 2, "doc_words": 300, "users": 2, "rounds": 2, "answer_len": 8, "repeats": 1, "decode_tokens": 32}
+GOALS = {"long-doc-qa": 1 / 1.1, "multi-round-qa": 1 / 1.1, "async-itl": 1 / 1.2}
+TITLES = {"long-doc-qa": "long-doc-qa TTFT, interleaved (vs vLLM's own prefix-cache hit)",
+          "multi-round-qa": "multi-round-qa TTFT, interleaved (vs vLLM's own prefix-cache hit)",
+          "async-itl": "ITL of 3 decoding users during a 4th's 4K-token disk-tier load (vs alone)"}
 
 
 def run(scenario: str, configs: str, *, model: str | None = None, docs: int = 3, doc_words: int | None = None,
         output_len: int = 8, users: int = 4, rounds: int = 3, system_words: int = 150, history_words: int = 350,
         answer_len: int = 32, repeats: int = 3, decode_tokens: int = 128, chunk_tokens: int = 128,
         cpu_capacity: str = "1GiB", layerwise: bool = False, kv_space_gib: int = 1, start_timeout: float = 600,
-        out: str = "results") -> dict[str, Any]:
-    """Run one scenario; write ``results/vllm_<scenario>.json`` and a PNG; return the summary.
+        out_dir: str = "results", show: bool = True) -> dict[str, Any]:
+    """Run one scenario; write ``<out_dir>/vllm_<scenario>.json`` and ``.png``; return the record.
     ``doc_words`` defaults to 1,000 (≈2K tokens) for long-doc-qa, 2,040 (≈4K tokens) for async-itl."""
+    require_engine("vllm", "vllm")
     if scenario not in SCENARIOS:
         raise typer.BadParameter(f"--scenario must be one of {SCENARIOS}, got {scenario!r}")
     if doc_words is None:
         doc_words = 2040 if scenario == "async-itl" else 1000
     os.environ.setdefault("OMP_NUM_THREADS", "2")
     load_before = os.getloadavg()
+    params = {"docs": docs, "doc_words": doc_words, "output_len": output_len, "users": users, "rounds": rounds,
+              "repeats": repeats, "decode_tokens": decode_tokens, "chunk_tokens": chunk_tokens,
+              "cpu_capacity": cpu_capacity, "kv_space_gib": kv_space_gib}
     with tempfile.TemporaryDirectory(prefix="kvtier-vllm-bench-") as tmp:
         workdir = Path(tmp)
         if scenario == "async-itl":
@@ -414,31 +407,23 @@ def run(scenario: str, configs: str, *, model: str | None = None, docs: int = 3,
                 names.append("kvtier+layerwise")
             chosen = ttft_configs(names, chunk_tokens, cpu_capacity)
             max_model_len = 4096
+        report = Report(f"vllm_{scenario.replace('-', '_')}", TITLES[scenario], unit="s", goal=GOALS[scenario],
+                        meta={"scenario": scenario, "configs": [c.name for c in chosen], "params": params})
         with servers(chosen, workdir, model, max_model_len, kv_space_gib, start_timeout) as ports:
             if scenario == "long-doc-qa":
                 results = long_doc_qa(ports, docs, doc_words, output_len)
-                report = long_doc_report(results)
+                long_doc_report(results, report)
             elif scenario == "multi-round-qa":
                 results = multi_round_qa(ports, users, rounds, system_words, history_words, answer_len)
-                report = multi_round_report(results)
+                multi_round_report(results, report)
             else:
                 results = async_itl(ports, repeats, doc_words, decode_tokens)
-                report = async_itl_report(results)
-            cache = {name: hit_rates(port) for name, port in ports.items()}
-    summary = {"scenario": scenario, "configs": [c.name for c in chosen], "results": results, "report": report,
-               "cache": cache, "load_average": {"before": load_before, "after": os.getloadavg()},
-               "params": {"docs": docs, "doc_words": doc_words, "output_len": output_len, "users": users,
-                          "rounds": rounds, "repeats": repeats, "decode_tokens": decode_tokens,
-                          "chunk_tokens": chunk_tokens, "cpu_capacity": cpu_capacity, "kv_space_gib": kv_space_gib}}
-    stem = f"vllm_{scenario.replace('-', '_')}"
-    path = write_results(stem, summary, out)
-    _plot(scenario, results, report, Path(out))
-    for name, row in report.items():
-        print(f"{name}: " + ", ".join(f"{k} {v['min']:.2f}/{v['median']:.2f}/{v['max']:.2f}" for k, v in row.items()
-                                      if isinstance(v, dict)) + " (min/median/max)")
-    print(f"wrote {path} (load average before/after: {load_before[0]:.1f}/{os.getloadavg()[0]:.1f}; "
-          "the machine may be shared)")
-    return summary
+                async_itl_report(results, report)
+            report.meta["cache"] = {name: hit_rates(port) for name, port in ports.items()}
+    report.meta["results"] = results
+    report.meta["load_average"] = {"before": load_before, "after": os.getloadavg(),
+                                   "note": "the machine may be shared: compare rows of this run only"}
+    return report.finish(out_dir, show=show)
 
 
 def register(app: typer.Typer) -> None:
@@ -460,12 +445,13 @@ def register(app: typer.Typer) -> None:
         chunk_tokens: int = typer.Option(128, help="kvtier chunk (128 = vLLM's CPU block)."),
         cpu_capacity: str = typer.Option("1GiB", help="TTFT scenarios: kvtier CPU tier size."),
         layerwise: bool = typer.Option(False, help="TTFT scenarios: add kvtier+layerwise."),
+        quick: bool = typer.Option(False, help="A smoke run: tiny documents, few users, rounds and repeats."),
         out: str = typer.Option("results", help="Output directory."),
     ) -> None:
         """vLLM with and without kvtier, configurations interleaved: hit TTFT or inter-token latency."""
-        from kvtier.extras import require
-
-        require("vllm", "vllm")
-        run(scenario, configs, model=model, docs=docs, doc_words=doc_words, output_len=output_len, users=users,
-            rounds=rounds, answer_len=answer_len, repeats=repeats, decode_tokens=decode_tokens,
-            chunk_tokens=chunk_tokens, cpu_capacity=cpu_capacity, layerwise=layerwise, out=out)
+        sizes: dict[str, Any] = {"docs": docs, "doc_words": doc_words, "users": users, "rounds": rounds,
+                                 "answer_len": answer_len, "repeats": repeats, "decode_tokens": decode_tokens}
+        if quick:
+            sizes.update(QUICK)
+        run(scenario, configs, model=model, output_len=output_len, chunk_tokens=chunk_tokens,
+            cpu_capacity=cpu_capacity, layerwise=layerwise, out_dir=out, **sizes)

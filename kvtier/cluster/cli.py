@@ -12,9 +12,8 @@ from kvtier.config_cli import config_command
 def register(app: typer.Typer) -> None:
     @config_command(app, "controller", ["controller"])
     def controller(config: KvtierConfig) -> None:
-        """Run the controller until SIGTERM / SIGINT. Prefer the KVTIER_CONTROLLER_TOKEN,
-        KVTIER_CONTROLLER_WORKER_TOKEN and KVTIER_CONTROLLER_READ_TOKEN variables to --token, --worker-token
-        and --read-token: argv is visible to other users."""
+        """Run the controller until SIGTERM / SIGINT. Prefer the token variables to the token options: argv
+        is visible to other users."""
         from kvtier.cluster.controller import serve
 
         settings = config.controller

@@ -14,9 +14,7 @@ def register(app: typer.Typer) -> None:
     @config_command(app, "router", ["router", "chunk_tokens"], log_level="warning")
     def router(config: KvtierConfig) -> None:
         """Route OpenAI requests to the engine holding the longest cached prefix, until SIGTERM / SIGINT.
-        Prefer the KVTIER_ROUTER_TOKEN variable to --token (argv is visible to other users); controller
-        lookups present $KVTIER_CONTROLLER_READ_TOKEN (else $KVTIER_CONTROLLER_TOKEN) unless
-        --controller-token is given."""
+        Prefer the token variables to the token options: argv is visible to other users."""
         from kvtier.router.app import serve
 
         settings = config.router

@@ -14,7 +14,8 @@ from kvtier.config_cli import config_command
 def register(app: typer.Typer) -> None:
     @config_command(app, "server", ["server"])
     def server(config: KvtierConfig) -> None:
-        """Run the kvtier cache server until SIGTERM / SIGINT (then finish in-flight requests and stop)."""
+        """Run the kvtier cache server until SIGTERM / SIGINT (then finish in-flight requests and stop).
+        Prefer KVTIER_SERVER__TOKEN to --token: argv is visible to other users."""
         from kvtier.server.app import CacheServer, run
 
         cfg = config.server

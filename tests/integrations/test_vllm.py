@@ -211,8 +211,8 @@ def test_openai_server_reports_kvtier_hits(
     import time
     import urllib.request
 
-    from kvtier.bench.common import stop_process
     from kvtier.integrations.vllm.cli import server_command, server_env
+    from kvtier.procs import stop_process
 
     port, ctl_port = free_port(), free_port()
     overrides = _kvtier_extra(cluster={"enabled": True, "controller_url": f"http://127.0.0.1:{ctl_port}",
@@ -223,7 +223,7 @@ def test_openai_server_reports_kvtier_hits(
     env["VLLM_CPU_KVCACHE_SPACE"] = "1"
     log = tmp_path / "server.log"
     with controller(ctl_port, tmp_path / "controller.log", {"smol": model_dir}) as url, open(log, "wb") as out:
-        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             deadline = time.monotonic() + 400
             while True:
@@ -289,13 +289,18 @@ def test_shared_tier_between_instances(
     assert all(r[2] == r[1] - 1 for r in b)
 
 
-def test_chunk_tokens_default_follows_vllm_block_size(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_chunk_tokens_default_follows_vllm_block_size(monkeypatch: pytest.MonkeyPatch,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
     from kvtier.config import load_config
+    from kvtier.integrations.vllm import connector
     from kvtier.integrations.vllm.connector import _chunk_default
 
     monkeypatch.delenv("KVTIER_CHUNK_TOKENS", raising=False)
+    monkeypatch.setattr(connector.log, "handlers", [caplog.handler])  # whatever kvtier's logging setup is
+    caplog.set_level("INFO", logger=connector.log.name)
     unset = load_config(overrides={"cpu": {"capacity": "64MiB"}})
     assert [_chunk_default(unset, b).chunk_tokens for b in (128, 16, 48)] == [128, 128, 144]
+    assert "chunk_tokens is not configured: using 144 (vLLM block size 48)" in caplog.text  # a logged choice
     assert _chunk_default(load_config(overrides={"chunk_tokens": 256}), 128).chunk_tokens == 256
     monkeypatch.setenv("KVTIER_CHUNK_TOKENS", "64")
     assert _chunk_default(load_config(), 128).chunk_tokens == 64  # set through the environment

@@ -9,7 +9,17 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from kvtier.bench.vllm import Stream, itl_configs, itl_stats, pair_ratios, rotated, ttft_configs
+from kvtier.bench.common import Report
+from kvtier.bench.vllm import (
+    Stream,
+    async_itl_report,
+    itl_configs,
+    itl_stats,
+    long_doc_report,
+    pair_ratios,
+    rotated,
+    ttft_configs,
+)
 from kvtier.cli import app
 from kvtier.config import load_config
 
@@ -56,3 +66,33 @@ def test_registered_under_kvtier_bench() -> None:
     result = CliRunner().invoke(app, ["bench", "vllm", "--help"])
     assert result.exit_code == 0, result.output
     assert "async-itl" in result.output and "--layerwise" in result.output
+
+
+def _rows(report: Report) -> dict[tuple[str, str], dict]:
+    return {(r["series"], r["label"]): r for r in report.record()["rows"]}
+
+
+def test_long_doc_rows_compare_kvtier_with_the_prefix_cache_per_document() -> None:
+    results = {"vllm+prefix": {"warmup_ttft_s": [8.0, 8.0], "query_ttft_s": [0.4, 0.5]},
+               "kvtier": {"warmup_ttft_s": [3.0, 3.0], "query_ttft_s": [0.2, 1.0]},
+               "kvtier+layerwise": {"warmup_ttft_s": [3.3, 3.0], "query_ttft_s": [0.4, 1.0]}}
+    report = Report("t", "t", unit="s", goal=1 / 1.1)
+    long_doc_report(results, report)
+    rows = _rows(report)
+    kv = rows[("kvtier", "query TTFT")]
+    assert kv["vs"] == "vllm+prefix: query TTFT"
+    assert kv["ratio"] == {"min": 0.5, "median": 1.25, "max": 2.0}  # prefix ÷ kvtier, document by document
+    assert kv["meets_goal"] is True
+    assert "vs" not in rows[("kvtier", "warm-up TTFT")]
+    assert report.meta["layerwise_vs_whole"]["query_ttft"]["pairs"] == [2.0, 1.0]
+
+
+def test_itl_rows_compare_each_repeat_with_the_same_users_alone() -> None:
+    def run(p50: float) -> dict:
+        return {"itl": {"p50": p50, "p90": 2 * p50, "max": 4 * p50}, "fourth_ttft_s": 1.0}
+
+    results = {"kvtier-sync": {"alone": [run(0.05), run(0.04)], "loading": [run(0.1), run(0.04)]}}
+    report = Report("t", "t", unit="s", goal=1 / 1.2)
+    async_itl_report(results, report)
+    row = _rows(report)[("kvtier-sync", "ITL p50 during load")]
+    assert row["vs"] == "kvtier-sync: ITL p50 alone" and row["ratio"]["min"] == 0.5 and row["ratio"]["max"] == 1.0

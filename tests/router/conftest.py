@@ -4,24 +4,10 @@ fake OpenAI upstreams (see ``fake_openai``) as the engines."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 from fake_openai import FakeFleet
-from router_support import Proc, WorkerProc, start_controller
-
-
-@dataclass
-class Cluster:
-    controller: Proc
-    workers: dict[str, WorkerProc]
-    fleet: FakeFleet
-    logs: Path
-
-    def backend(self, name: str) -> str:
-        """``--backend`` value mapping fake upstream ``name`` to controller instance ``name``."""
-        return f"{self.fleet.url(name)}={name}"
+from router_support import Cluster, WorkerProc, start_controller
 
 
 @pytest.fixture(scope="module")

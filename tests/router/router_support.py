@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import socket
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+from fake_openai import FakeFleet
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "cluster"))
 from cluster_support import CHUNK, MODEL, TOKEN, TOKENIZER, WorkerProc, start_kvtier, tokens, wait_until
@@ -18,6 +20,7 @@ __all__ = [
     "MODEL",
     "TOKEN",
     "TOKENIZER",
+    "Cluster",
     "Proc",
     "WorkerProc",
     "dead_url",
@@ -42,6 +45,20 @@ class Proc:
     def stop(self) -> None:
         self.http.close()
         self.child.stop(10)
+
+
+@dataclass
+class Cluster:
+    """The router tests' shared setup (the `cluster` fixture): controller, workers A and B, fake upstreams."""
+
+    controller: Proc
+    workers: dict[str, WorkerProc]
+    fleet: FakeFleet
+    logs: Path
+
+    def backend(self, name: str) -> str:
+        """``--backend`` value mapping fake upstream ``name`` to controller instance ``name``."""
+        return f"{self.fleet.url(name)}={name}"
 
 
 def start_controller(log_dir: Path) -> Proc:

@@ -10,12 +10,12 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from conftest import Cluster
 from router_support import (
     CHUNK,
     MODEL,
     TOKEN,
     TOKENIZER,
+    Cluster,
     Proc,
     dead_url,
     metric,

@@ -40,9 +40,10 @@ How it works:
   holds its hit in ``start_load_kv`` and copies each layer in ``wait_for_layer_load`` just before that
   layer's attention; a save copies each layer in ``save_kv_layer`` just after it and is committed in
   ``wait_for_save`` only when every layer arrived (a load not copied into every layer is reported for
-  recompute). The same bytes move; what changes is when: on an accelerator the copy of layer ``l`` can
-  overlap the compute of layer ``l + 1``. On CPU the copies take the cores the forward pass uses, so it
-  is off by default (measured in docs/vllm.md). Asynchronous loads stay whole-request.
+  recompute). The same bytes move; what changes is when. The copies are synchronous (overlapping layer
+  ``l``'s copy with layer ``l + 1``'s compute on a GPU would need a copy stream); on CPU they take the
+  cores the forward pass uses, so it is off by default (measured in docs/vllm.md). Asynchronous loads
+  stay whole-request.
 - Requests with a cache salt, a LoRA adapter, multimodal inputs or prompt embeddings bypass kvtier (no
   lookup, no save).
 - Failure: a load that returns fewer tokens than promised (evicted meanwhile, damaged on disk, a tier
@@ -213,10 +214,13 @@ def _chunk_default(config: KvtierConfig, block_size: int) -> KvtierConfig:
     where the block is 128). Hits end at a chunk boundary, so a chunk as small as vLLM's own unit keeps
     what is recomputed after a shared prefix as short as vLLM's prefix cache would (measured on the
     tests' NOVEL prompt, 499 tokens shared: 384 hit with 128-token chunks, 256 with 256), while the
-    floor keeps per-chunk costs (keys, frames, tier round trips) bounded for small GPU blocks."""
+    floor keeps per-chunk costs (keys, frames, tier round trips) bounded for small GPU blocks. The choice
+    is logged."""
     if "chunk_tokens" in config.model_fields_set or block_size <= 0:
         return config
     chunk = -(-MIN_DEFAULT_CHUNK // block_size) * block_size
+    log.info("kvtier chunk_tokens is not configured: using %d (vLLM block size %d); set chunk_tokens to choose "
+             "(processes sharing chunks need the same value)", chunk, block_size)
     return config.model_copy(update={"chunk_tokens": chunk})
 
 
