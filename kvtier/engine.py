@@ -140,7 +140,9 @@ class CacheEngine:
                 part = todo[done : done + group]
 
                 def fill(slots: list[int], part: list[Chunk] = part) -> int:
-                    self._move(list(zip(part, slots)), kv, into_arena=True)
+                    # with lower tiers the write-back threads are sealing / sending the previous
+                    # group meanwhile: a multi-threaded copy_ would wait on the busy core
+                    self._move(list(zip(part, slots)), kv, into_arena=True, one_thread=self.storage.enabled)
                     for listener in self.chunk_listeners:
                         listener(arr, part[: len(slots)])
                     return len(slots)
@@ -178,9 +180,11 @@ class CacheEngine:
         view = self.cpu.arena.view(slot, record.num_tokens)
         self.storage.write_back(record, view, lambda: self.cpu.release(slot))
 
-    def _move(self, plan: Sequence[tuple[Chunk, int]], kv: KVLike, *, into_arena: bool) -> None:
+    def _move(self, plan: Sequence[tuple[Chunk, int]], kv: KVLike, *, into_arena: bool,
+              one_thread: bool = False) -> None:
         """Copy each planned chunk between its arena slot and ``kv``; full chunks in consecutive slots
-        move as one run (one ``copy_`` instead of one per chunk)."""
+        move as one run (one copy instead of one per chunk). ``one_thread``: copy on the calling
+        thread only (:func:`kvtier.tensors.copy_out`), for when other threads are busy with I/O."""
         c = self.spec.chunk_tokens
         i = 0
         while i < len(plan):
@@ -192,10 +196,10 @@ class CacheEngine:
                     count += 1
             if count == 1:
                 view = self.cpu.arena.view(slot, chunk.num_tokens)
-                (copy_in if into_arena else copy_out)(view, kv, chunk.start, chunk.end)
+                (copy_in if into_arena else copy_out)(view, kv, chunk.start, chunk.end, one_thread=one_thread)
             else:
                 run = self.cpu.arena.buffer[slot : slot + count]
-                (copy_in_run if into_arena else copy_out_run)(run, kv, chunk.start)
+                (copy_in_run if into_arena else copy_out_run)(run, kv, chunk.start, one_thread=one_thread)
             i += count
 
     # ---- retrieve --------------------------------------------------------------------------------

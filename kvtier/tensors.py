@@ -79,19 +79,20 @@ def check_kv(spec: KVSpec, kv: KVLike, min_tokens: int) -> None:
         raise LayoutError(f"KV covers {kv_length(kv)} tokens, need at least {min_tokens}")
 
 
-def copy_in(chunk: torch.Tensor, kv: KVLike, start: int, end: int) -> None:
+def copy_in(chunk: torch.Tensor, kv: KVLike, start: int, end: int, *, one_thread: bool = False) -> None:
     """Copy positions ``[start, end)`` of ``kv`` into canonical ``chunk[:, :, :end-start]``.
 
-    One ``copy_`` per chunk: torch's copy kernel uses every intra-op thread on sliced views (measured
-    0.9x of a contiguous ``copy_`` on a quiet 2-core machine; single-threaded numpy reached 0.56x).
-    """
+    By default one ``copy_`` per chunk: torch's copy kernel uses every intra-op thread on sliced views
+    (measured 0.9x of a contiguous ``copy_`` on a quiet 2-core machine; single-threaded numpy reached
+    0.56x). ``one_thread``: see :func:`copy_out`."""
     n = end - start
+    copy = _copy_one_thread if one_thread else _copy
     if isinstance(kv, torch.Tensor):
-        chunk[:, :, :n].copy_(kv[:, :, start:end])
+        copy(chunk[:, :, :n], kv[:, :, start:end])
         return
     for layer, (k, v) in enumerate(kv):
-        chunk[layer, 0, :n].copy_(k[start:end])
-        chunk[layer, 1, :n].copy_(v[start:end])
+        copy(chunk[layer, 0, :n], k[start:end])
+        copy(chunk[layer, 1, :n], v[start:end])
 
 
 def _run_view(kv: torch.Tensor, start: int, count: int, chunk_tokens: int) -> torch.Tensor:
@@ -99,25 +100,26 @@ def _run_view(kv: torch.Tensor, start: int, count: int, chunk_tokens: int) -> to
     return kv[:, :, start : start + count * chunk_tokens].unflatten(2, (count, chunk_tokens)).permute(2, 0, 1, 3, 4, 5)
 
 
-def copy_in_run(run: torch.Tensor, kv: KVLike, start: int) -> None:
+def copy_in_run(run: torch.Tensor, kv: KVLike, start: int, *, one_thread: bool = False) -> None:
     """Copy ``run.shape[0]`` full chunks of ``kv`` from position ``start`` into ``run`` (consecutive
-    arena slots, ``[k, L, 2, C, H, D]``): one ``copy_`` for the whole run when ``kv`` is one tensor."""
+    arena slots, ``[k, L, 2, C, H, D]``): one copy for the whole run when ``kv`` is one tensor.
+    ``one_thread``: see :func:`copy_out`."""
     count, c = int(run.shape[0]), int(run.shape[3])
     if isinstance(kv, torch.Tensor):
-        run.copy_(_run_view(kv, start, count, c))
+        (_copy_one_thread if one_thread else _copy)(run, _run_view(kv, start, count, c))
         return
     for i in range(count):
-        copy_in(run[i], kv, start + i * c, start + (i + 1) * c)
+        copy_in(run[i], kv, start + i * c, start + (i + 1) * c, one_thread=one_thread)
 
 
-def copy_out_run(run: torch.Tensor, kv: KVLike, start: int) -> None:
+def copy_out_run(run: torch.Tensor, kv: KVLike, start: int, *, one_thread: bool = False) -> None:
     """Inverse of :func:`copy_in_run`."""
     count, c = int(run.shape[0]), int(run.shape[3])
     if isinstance(kv, torch.Tensor):
-        _run_view(kv, start, count, c).copy_(run)
+        (_copy_one_thread if one_thread else _copy)(_run_view(kv, start, count, c), run)
         return
     for i in range(count):
-        copy_out(run[i], kv, start + i * c, start + (i + 1) * c)
+        copy_out(run[i], kv, start + i * c, start + (i + 1) * c, one_thread=one_thread)
 
 
 def copy_out(chunk: torch.Tensor, kv: KVLike, start: int, end: int, *, one_thread: bool = False) -> None:
