@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import queue
-import time
 from typing import Any
 
 
 def wait_done(q: queue.Queue[Any], timeout_s: float) -> bool:
     """Wait until every item put on ``q`` was marked done (``task_done``); False if ``timeout_s``
-    passed first."""
-    deadline = time.monotonic() + timeout_s
-    while q.unfinished_tasks:
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
+    passed first. Wakes on the queue's own condition (the one ``Queue.join`` waits on), not by polling,
+    so a synchronous caller resumes as soon as the last item is done."""
+    with q.all_tasks_done:
+        return q.all_tasks_done.wait_for(lambda: not q.unfinished_tasks, timeout=max(0.0, timeout_s))
