@@ -263,7 +263,7 @@ def summarize(rows: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
 
 
 def plot(path: Path, summary: dict[str, Any]) -> Path:
-    from kvtier.bench.common import pyplot
+    from kvtier.bench.common import pyplot, save_figure
 
     plt = pyplot()
 
@@ -288,11 +288,7 @@ def plot(path: Path, summary: dict[str, Any]) -> Path:
     ax2.set_ylim(0, 105)
     ax2.set_title("Answer quality")
     ax2.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=len(keys))
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def register(app: typer.Typer) -> None:

@@ -260,7 +260,7 @@ def run_codecs_bench(codecs: tuple[str, ...] = DEFAULT_CODECS, context_tokens: i
 
 def plot(rows: list[dict[str, Any]], path: Path) -> Path:
     """Three panels: ratio, decode MB/s (one core), perplexity increase."""
-    from kvtier.bench.common import pyplot
+    from kvtier.bench.common import pyplot, save_figure
 
     plt = pyplot()
 
@@ -281,11 +281,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
         ax.tick_params(axis="x", rotation=45)
         ax.legend(fontsize=8)
     fig.suptitle("kvtier codecs on SmolLM2-135M KV (bf16)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def register(app: typer.Typer) -> None:

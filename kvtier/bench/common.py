@@ -151,11 +151,16 @@ def bar_plot(path: Path | str, title: str, labels: list[str], series: dict[str, 
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend()
-    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: Path | str) -> Path:
+    """Lay out ``fig``, write it to ``path`` as a PNG (creating its directory) and close it."""
     out = Path(path)
+    fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
-    plt.close(fig)
+    pyplot().close(fig)
     return out
 
 
