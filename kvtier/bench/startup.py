@@ -40,19 +40,14 @@ def _import_once(code: str) -> tuple[float, bool]:
 
 
 def _start_once(args: list[str]) -> float:
-    """Seconds from spawning ``args`` to its listening line (stopping it afterwards is not timed)."""
-    from kvtier.procs import stop_process
+    """Seconds from spawning ``args`` to its listening line (stopping it afterwards is not timed). A child
+    that exits or stays silent for 120 s raises with what it printed."""
+    from kvtier.procs import Child
 
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
-    try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if "listening on" in line:
-                return time.perf_counter() - start
-        raise RuntimeError(f"{args} exited without listening")
-    finally:
-        stop_process(proc)
+    with Child([sys.executable, *args]) as child:
+        child.expect("listening on", 120)
+        return time.perf_counter() - start
 
 
 def run(repeat: int = 5, out_dir: str = "results", show: bool = True) -> dict[str, Any]:
