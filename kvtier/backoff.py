@@ -1,7 +1,8 @@
 """Exponential backoff over consecutive failures: the one retry policy of kvtier's clients.
 
-Used for a storage tier (the manager skips it while backing off), a router backend (out of rotation)
-and the cluster agent's controller loops (how long to wait before the next try).
+Used for a storage tier (the manager skips it while backing off), a router backend (out of rotation),
+the router's controller lookups (a fixed pause: ``base_s == max_s``), the remote tier's retries within
+one call, and the cluster agent's controller loops (how long to wait before the next try).
 
 Invariants: after the n-th failure in a row the next try is due ``min(max_s, base_s * 2**(n-1))``
 seconds later (:meth:`Backoff.ready` is False until then); one success resets the count and makes the

@@ -31,6 +31,10 @@ def test_demo_short(model_dir: Path, tmp_path: Path) -> None:
     assert len(rows) == 3 and all(r["identical"] for r in rows)
     assert [r["source"] for r in rows] == ["cpu", "cpu", "disk after restart"]
     assert rows[2]["hit_tokens"] >= prefix  # a fresh engine finds the prompt (asked before) on disk
+    # the restart row asks question 1 again: compared with question 1's no-cache answer, not recomputed
+    assert rows[2]["nocache_reused"] and not rows[0]["nocache_reused"]
+    assert rows[2]["ttft_nocache_s"] == rows[0]["ttft_nocache_s"]
+    assert rows[2]["answer_nocache"] == rows[0]["answer_nocache"] == rows[2]["answer_kvtier"]
     assert rows[0]["hit_tokens"] == 0  # the first question fills the cache
     assert rows[1]["hit_tokens"] == prefix > 0  # the second reuses the whole document prefix
     assert record["kvtier_stats"]["final"]["engine"]["promoted_chunks"] >= prefix // record["chunk_tokens"]

@@ -28,9 +28,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from kvtier.bench.common import free_port, stop_process
 from kvtier.cli import app
 from kvtier.config import load_config
+from kvtier.procs import Child, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -222,24 +222,19 @@ def _probe_paths(component: str) -> set[str]:
 @pytest.fixture
 def kvtier_process(tmp_path: Path) -> Iterator[Any]:
     """Start ``kvtier ARGS --port 0`` on loopback; return its port once it prints where it listens."""
-    procs: list[subprocess.Popen[str]] = []
+    children: list[Child] = []
 
     def start(args: list[str], env: dict[str, str] | None = None) -> int:
         clean = {k: v for k, v in os.environ.items() if not k.startswith("KVTIER_")}
-        with open(tmp_path / f"{args[0]}.log", "w") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "kvtier.cli", *args, "--port", "0"],
-                                    env={**clean, **(env or {})}, stdout=subprocess.PIPE, stderr=log, text=True)
-        procs.append(proc)
-        assert proc.stdout is not None
-        for line in proc.stdout:  # the ready line comes once the socket listens; EOF if the process died
-            found = re.search(r"listening on (?:http://)?[0-9.]+:([0-9]+)", line)
-            if found:
-                return int(found.group(1))
-        raise AssertionError(f"kvtier {args[0]} exited: {(tmp_path / f'{args[0]}.log').read_text()[-2000:]}")
+        child = Child([sys.executable, "-m", "kvtier.cli", *args, "--port", "0"], log=tmp_path / f"{args[0]}.log",
+                      env={**clean, **(env or {})})
+        children.append(child)
+        # the ready line comes once the socket listens; a process that dies raises with its log
+        return int(child.expect(r"listening on (?:http://)?[0-9.]+:([0-9]+)", 120).group(1))
 
     yield start
-    for proc in procs:
-        stop_process(proc)
+    for child in children:
+        child.stop()
 
 
 def _status(url: str) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -307,10 +308,19 @@ def test_colliding_key_with_other_tokens_is_a_counted_miss() -> None:
     assert e.retrieve(tokens, torch.zeros_like(kv_for(64))) == 32
 
 
-def test_store_in_groups_never_evicts_its_own_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_store_in_groups_never_evicts_its_own_chunks(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from kvtier.storage.disk import DiskTier
+
     monkeypatch.setattr("kvtier.engine.STORE_GROUP_BYTES", 3 * SPEC.chunk_bytes)
-    e = make(slots=5)  # no lower tier: nothing else holds the first group's slots
-    tokens = list(range(12 * 16))
-    assert e.store(tokens, kv_for(12 * 16)) == 5 * 16
-    assert e.lookup(tokens) == 5 * 16 and len(e.cpu) == 5
-    assert e.cpu.arena.free_slots == 0 and not any(e.cpu.arena.busy(s) for s in range(5))
+    cfg = load_config(environ={}, overrides={"chunk_tokens": 16, "cpu": {"capacity": 5 * SPEC.chunk_bytes}})
+    # a lower tier: store goes group by group (without one it copies everything in one group)
+    e = CacheEngine(SPEC, "test-model", cfg, tiers=[(DiskTier(tmp_path, 64 * SPEC.chunk_bytes, fsync=False), "raw")])
+    try:
+        tokens = list(range(12 * 16))
+        # groups of 3: the second takes the 2 free slots, the third finds only this store's own chunks
+        assert e.store(tokens, kv_for(12 * 16)) == 5 * 16
+        e.storage.flush()
+        assert e.lookup(tokens) == 5 * 16 and len(e.cpu) == 5
+        assert e.cpu.arena.free_slots == 0 and not any(e.cpu.arena.busy(s) for s in range(5))
+    finally:
+        e.close()

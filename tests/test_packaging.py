@@ -86,3 +86,6 @@ def test_demo_and_bench_name_their_extra_when_it_is_missing() -> None:
     bench = _without_extras(run_cli.format(args=["bench", "cpu", "--quick"]))
     assert bench.returncode == 2 and "pip install 'kvtier[bench]'" in bench.stderr, bench.stderr[-2000:]
     assert "GB/s" not in bench.stdout  # refused before measuring
+    hidden_hf = tuple(p for p in EXTRA_PACKAGES if p != "matplotlib")  # bench installed, hf not
+    ttft = _without_extras(run_cli.format(args=["bench", "ttft", "--contexts", "256", "--runs", "1"]), hidden_hf)
+    assert ttft.returncode == 2 and "pip install 'kvtier[hf]'" in ttft.stderr, ttft.stderr[-2000:]

@@ -41,6 +41,8 @@ from typing import Any
 
 import typer
 
+from kvtier.extras import require
+
 log = logging.getLogger(__name__)
 
 PREFIX = (
@@ -129,6 +131,7 @@ def run(count: int | None = 24, ratio: float = 0.15, check_layer: int = 1, extra
         max_new_tokens: int = 24, repeat: int = 1, seed: int = 0, dtype: str = "float32",
         progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run the benchmark; return the JSON-ready result (see the module doc)."""
+    require("transformers", "hf")  # the model benchmarks need the hf extra next to bench
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 

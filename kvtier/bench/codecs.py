@@ -24,6 +24,8 @@ from typing import Annotated, Any
 
 import typer
 
+from kvtier.extras import require
+
 log = logging.getLogger(__name__)
 
 DEFAULT_CODECS = ("raw", "lz4", "zstd", "int8", "fp8", "kivi", "cachegen", "cachegen-ans", "cachegen[a=0.3]",
@@ -80,6 +82,7 @@ def codec_for(label: str) -> Any:
 def load_workload(context_tokens: int, continuation: int, questions: int) -> Workload:
     """Prefill the embedded model over the document; keep the bf16 KV and the scoring inputs."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    require("transformers", "hf")  # the model benchmarks need the hf extra next to bench
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
@@ -283,18 +286,6 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-def markdown_table(record: dict[str, Any]) -> str:
-    """The measured rows as a Markdown table (docs/codecs.md is written from it)."""
-    lines = ["| codec | ratio vs bf16 | bits/value | encode MB/s | decode MB/s | ppl increase | top-1 agree "
-             "| greedy same | answers ok | max abs err |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in record["rows"]:
-        enc = "view" if r["codec"] == "raw" else f"{r['encode_MBps']:.0f}"  # raw encode returns a view
-        lines.append(f"| `{r['codec']}` | {r['ratio']:.2f} | {r['bits_per_value']:.2f} | {enc} | "
-                     f"{r['decode_MBps']:.0f} | {r['ppl_increase_pct']:+.2f}% | {r['top1_agreement']:.3f} | "
-                     f"{r['greedy_agreement']:.2f} | {r['answers_correct']:.2f} | {r['max_abs_err']:.3g} |")
-    return "\n".join(lines)
 
 
 def register(app: typer.Typer) -> None:

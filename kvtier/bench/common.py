@@ -31,11 +31,6 @@ from typing import Any
 from kvtier.errors import KvtierError
 from kvtier.extras import require
 
-# the process helpers live in kvtier.procs; re-exported for the benchmarks and integrations that import them here
-from kvtier.procs import free_port as free_port
-from kvtier.procs import stop_process as stop_process
-from kvtier.procs import wait_healthy as wait_healthy
-
 
 @dataclass(frozen=True)
 class Timing:
@@ -292,7 +287,7 @@ class Report:
         if show:
             from rich.console import Console
 
-            console = Console(width=max(Console().width, 120))
+            console = Console(width=max(Console().width, 140))
             console.print(self.table())
             console.print(f"wrote {path} and {png}")
         return record
@@ -300,7 +295,7 @@ class Report:
 
 def _cell(value: Cell) -> str:
     if isinstance(value, bool):
-        return "yes" if value else "NO"
+        return "yes" if value else "no"
     if isinstance(value, float):
         return f"{value:.3g}"
     return str(value)

@@ -22,7 +22,7 @@ from typing import Any
 
 import typer
 
-from kvtier.bench.common import stop_process
+from kvtier.procs import stop_process
 
 OPS = ("put", "put_parts", "get")
 

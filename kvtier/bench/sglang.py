@@ -18,6 +18,7 @@ in between, is SGLang's own device (radix-cache) hit on the same prompt: no copy
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import statistics
@@ -56,37 +57,20 @@ def _backend(pool: SimpleNamespace, path: Path, fsync: bool, pages_per_object: i
     return storage
 
 
-def _backend_round(pool: SimpleNamespace, n: int, path: Path, fsync: bool, pages_per_object: int | str,
-                   repeat: int) -> dict[str, Any]:
-    """Seconds of ``repeat`` writes and reads of ``n`` pages through the backend."""
-    import torch
-
-    from kvtier.bench.common import time_runs
-
-    storage = _backend(pool, path, fsync, pages_per_object)
-    keys = page_hashes(n, pool.page_size)
-    slots = torch.arange(n * pool.page_size)
-    first_call = SimpleNamespace(prefix_keys=[], extra_info=None)  # the batch starts the sequence
-    write = time_runs(lambda: storage.batch_set_v1(keys, slots, first_call), repeat=repeat, warmup=1,
-                      setup=storage.clear)
-    read = time_runs(lambda: storage.batch_get_v1(keys, slots, first_call), repeat=repeat, warmup=1)
-    if not all(storage.batch_get_v1(keys, slots, first_call)):
-        raise RuntimeError(f"benchmark pages did not read back ({storage.stats()})")
-    objects = storage.counters["write_objects"] // (repeat + 1)
-    group = storage.pages_per_object
-    storage.close()
-    return {"pages_per_object": group, "objects": objects, "write_s": write.runs, "read_s": read.runs}
-
-
 def _spread(values: list[float]) -> dict[str, float]:
     return {"min": min(values), "median": statistics.median(values), "max": max(values)}
 
 
+KINDS = (("1 page per object", 1), ("multi-page objects", None))  # None: --pages-per-object
+
+
 def storage_bench(pages: int, page_tokens: int, pages_per_object: int | str, repeat: int,
                   disk_dir: Path | None) -> dict[str, Any]:
+    """Per fsync setting, the ceiling and each object size's write and read, interleaved run by run
+    (:func:`~kvtier.bench.common.interleaved`), so ratios pair runs taken back to back."""
     import torch
 
-    from kvtier.bench.common import time_runs
+    from kvtier.bench.common import interleaved, paired
 
     g = torch.Generator().manual_seed(0)
     layers, heads, dim = SMOLLM2["layers"], SMOLLM2["heads"], SMOLLM2["dim"]
@@ -94,44 +78,56 @@ def storage_bench(pages: int, page_tokens: int, pages_per_object: int | str, rep
     pool = SimpleNamespace(layout="layer_first", kv_buffer=buffer, page_size=page_tokens, layer_num=layers,
                            head_num=heads, head_dim=dim, dtype=torch.bfloat16)
     nbytes = buffer.numel() * buffer.element_size()
+    gb = nbytes / 1e9
     dst = torch.empty_like(buffer)
-    ceiling = time_runs(lambda: dst.copy_(buffer), repeat=max(repeat, 5)).runs
-    rows: dict[str, dict[str, Any]] = {}
+    keys = page_hashes(pages, page_tokens)
+    slots = torch.arange(pages * page_tokens)
+    first_call = SimpleNamespace(prefix_keys=None, extra_info=None)  # SGLang's call at a sequence start
+    results: dict[str, Any] = {"pages": pages, "page_tokens": page_tokens, "bytes": nbytes, "rows": {}}
     with tempfile.TemporaryDirectory(prefix="kvtier-sglang-bench-", dir=disk_dir) as tmp:
         for fsync in (False, True):
             sync = "fsync" if fsync else "no fsync"
-            for label, group in (("1 page per object", 1), ("multi-page objects", pages_per_object)):
-                rows[f"{sync}, {label}"] = _backend_round(pool, pages, Path(tmp) / f"{sync}-{group}", fsync, group,
-                                                          repeat)
-    gb = nbytes / 1e9
-    results: dict[str, Any] = {"pages": pages, "page_tokens": page_tokens, "bytes": nbytes,
-                               "ceiling_copy_GBps": _spread([gb / s for s in ceiling]), "rows": {}}
-    for name, r in rows.items():
-        write, read = [gb / s for s in r["write_s"]], [gb / s for s in r["read_s"]]
-        results["rows"][name] = {**r, "write_GBps": _spread(write), "read_GBps": _spread(read),
-                                 "write_vs_copy": statistics.median(ceiling) / statistics.median(r["write_s"]),
-                                 "read_vs_copy": statistics.median(ceiling) / statistics.median(r["read_s"])}
-    for sync in ("no fsync", "fsync"):
-        before, after = rows[f"{sync}, 1 page per object"], rows[f"{sync}, multi-page objects"]
-        results[f"speedup ({sync})"] = {
-            "write": _spread([b / a for a, b in zip(sorted(after["write_s"]), sorted(before["write_s"]))]),
-            "read": _spread([b / a for a, b in zip(sorted(after["read_s"]), sorted(before["read_s"]))])}
+            ops: dict[str, Any] = {"copy_": lambda: dst.copy_(buffer)}
+            prepare: dict[str, Any] = {}
+            backends = {}
+            for kind, group in KINDS:
+                st = _backend(pool, Path(tmp) / f"{sync}-{kind}", fsync, group or pages_per_object)
+                backends[kind] = st
+                ops[f"{kind}: write"] = functools.partial(st.batch_set_v1, keys, slots, first_call)
+                prepare[f"{kind}: write"] = st.clear
+                ops[f"{kind}: read"] = functools.partial(st.batch_get_v1, keys, slots, first_call)
+            times = interleaved(ops, repeat, prepare=prepare)
+            ceiling = times["copy_"]
+            results[f"ceiling copy_ ({sync})"] = {"GBps": _spread([gb / t for t in ceiling]), "runs_s": ceiling}
+            for kind, st in backends.items():
+                if not all(st.batch_get_v1(keys, slots, first_call)):
+                    raise RuntimeError(f"benchmark pages did not read back ({st.stats()})")
+                row: dict[str, Any] = {"pages_per_object": st.pages_per_object,
+                                       "objects": -(-pages // st.pages_per_object)}
+                for op in ("write", "read"):
+                    runs = times[f"{kind}: {op}"]
+                    row[op] = {"GBps": _spread([gb / t for t in runs]), "runs_s": runs,
+                               "vs_copy": paired(runs, ceiling)}
+                results["rows"][f"{sync}, {kind}"] = row
+                st.close()
+            results[f"multi-page ÷ 1 page ({sync})"] = {
+                op: paired(times[f"{KINDS[1][0]}: {op}"], times[f"{KINDS[0][0]}: {op}"]) for op in ("write", "read")}
     return results
 
 
 def _print_storage(results: dict[str, Any]) -> None:
+    def fmt(d: dict[str, float], unit: str) -> str:
+        return f"{d['median']:.2f}{unit} ({d['min']:.2f}-{d['max']:.2f})"
+
     for name, r in results["rows"].items():
-        w, rd = r["write_GBps"], r["read_GBps"]
-        print(f"{name:34} {r['objects']:4} objects  write {w['median']:.2f} GB/s ({w['min']:.2f}-{w['max']:.2f})"
-              f"  read {rd['median']:.2f} GB/s ({rd['min']:.2f}-{rd['max']:.2f})"
-              f"  ÷ copy_: write {r['write_vs_copy']:.3f} read {r['read_vs_copy']:.3f}")
+        print(f"{name:30} {r['objects']:4} objects  write {fmt(r['write']['GBps'], ' GB/s')} "
+              f"÷ copy_ {fmt(r['write']['vs_copy'], 'x')}  read {fmt(r['read']['GBps'], ' GB/s')} "
+              f"÷ copy_ {fmt(r['read']['vs_copy'], 'x')}")
     for sync in ("no fsync", "fsync"):
-        s = results[f"speedup ({sync})"]
-        w, r = s["write"], s["read"]
-        print(f"multi-page ÷ 1 page ({sync}): write {w['median']:.2f}x ({w['min']:.2f}-{w['max']:.2f}), "
-              f"read {r['median']:.2f}x ({r['min']:.2f}-{r['max']:.2f})")
-    c = results["ceiling_copy_GBps"]
-    print(f"ceiling: copy_ {c['median']:.2f} GB/s ({c['min']:.2f}-{c['max']:.2f})")
+        s = results[f"multi-page ÷ 1 page ({sync})"]
+        c = results[f"ceiling copy_ ({sync})"]["GBps"]
+        print(f"multi-page ÷ 1 page ({sync}): write {fmt(s['write'], 'x')}, read {fmt(s['read'], 'x')}; "
+              f"copy_ {fmt(c, ' GB/s')}")
 
 
 def _plot_storage(results: dict[str, Any], path: Path) -> None:
@@ -142,8 +138,8 @@ def _plot_storage(results: dict[str, Any], path: Path) -> None:
     ops = ("write", "read")
     bar_plot(path, f"{results['pages']} SGLang pages of {results['page_tokens']} tokens "
              f"({results['bytes'] / 2**20:.0f} MiB) through KvtierStorage + disk (GB/s, median, min-max)", labels,
-             {op: [r[f"{op}_GBps"]["median"] for r in rows] for op in ops}, "GB/s",
-             {op: ([r[f"{op}_GBps"]["min"] for r in rows], [r[f"{op}_GBps"]["max"] for r in rows]) for op in ops})
+             {op: [r[op]["GBps"]["median"] for r in rows] for op in ops}, "GB/s",
+             {op: ([r[op]["GBps"]["min"] for r in rows], [r[op]["GBps"]["max"] for r in rows]) for op in ops})
 
 
 # ---- ttft: SGLang cold vs kvtier hit ---------------------------------------------------------------
@@ -259,9 +255,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """SGLang storage write/read GB/s through the backend (1 page vs multi-page objects, fsync off/on,
         ÷ copy_), or SGLang TTFT cold vs kvtier hit vs SGLang's device hit."""
-        from kvtier.bench.common import write_results
+        from kvtier.bench.common import require_engine, write_results
         from kvtier.errors import ConfigError
-        from kvtier.integrations.common import check_engine
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         load_before = os.getloadavg()
@@ -272,8 +267,7 @@ def register(app: typer.Typer) -> None:
             name = "sglang_storage" if page_tokens == PAGE else f"sglang_storage_page{page_tokens}"
             _plot_storage(data, out / f"{name}.png")
         elif part == "ttft":
-            check_engine("sglang", "run it from SGLang's environment (.venv-sglang/bin/kvtier bench sglang ttft; "
-                         "scripts/install-sglang.sh makes it)", None, dry_run=False)
+            require_engine("sglang", "sglang ttft")
             data = ttft_bench([int(s) for s in sizes.split(",")], repeat, disk_dir, out)
             name = "sglang_ttft"
         else:

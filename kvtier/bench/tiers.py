@@ -154,7 +154,7 @@ def _mooncake(frames: list[bytes], work: Path) -> Iterator[Ceiling]:
     from kvtier.storage.mooncake import MooncakeTier
     from kvtier.storage.mooncake_master import MooncakeMaster
 
-    segment = 2 * sum(len(f) for f in frames) + (256 << 20)
+    segment = 3 * sum(len(f) for f in frames) + (256 << 20)  # per client; a leased object may outlive its remove
     try:
         master = MooncakeMaster(work / "mooncake.log")
     except RuntimeError as exc:  # the package or its native libraries are missing
@@ -165,18 +165,24 @@ def _mooncake(frames: list[bytes], work: Path) -> Iterator[Ceiling]:
         plain = MooncakeDistributedStore()
         if plain.setup("127.0.0.1", m.metadata_server, segment, 256 << 20, "tcp", "", m.master) != 0:
             raise RuntimeError("a plain Mooncake client could not connect to the private master")
-        names = [f"ceiling:{i}" for i in range(len(frames))]
+        # every write under new names: Mooncake keeps an existing key's object (a put of it is a no-op)
+        # and may refuse to remove an object a reader leased, so reusing names could time nothing
+        generation = [0]
+
+        def names() -> list[str]:
+            return [f"ceiling:{generation[0]}:{i}" for i in range(len(frames))]
 
         def read() -> None:
-            if not all(plain.get(n) for n in names):
+            if not all(plain.get(n) for n in names()):
                 raise RuntimeError("mooncake lost a ceiling frame")
 
         def write() -> None:
-            if any(plain.put_parts(n, f) != 0 for n, f in zip(names, frames)):
+            generation[0] += 1
+            if any(plain.put_parts(n, f) != 0 for n, f in zip(names(), frames)):
                 raise RuntimeError("mooncake refused a ceiling frame")
 
-        def remove() -> None:
-            for n in names:
+        def remove() -> None:  # the previous generation, so the store does not fill up
+            for n in names():
                 plain.remove(n)
 
         tier = MooncakeTier(m.master, m.metadata_server, segment=segment)
@@ -220,17 +226,22 @@ def measure(name: str, tokens: int, repeat: int, work: Path) -> tuple[dict[str, 
     with CEILINGS[name](frames, work) as ceiling:
         engine = CacheEngine(spec, model, cfg, tiers=[(ceiling.tier, "raw")])
         try:
+            current = [ids]
+
             def retrieve() -> None:
-                if engine.retrieve(ids, into) != tokens:
+                if engine.retrieve(current[0], into) != tokens:
                     raise RuntimeError(f"retrieve missed: {engine.stats()}")
 
             def store() -> None:
-                if engine.store(ids, kv) != tokens or not engine.storage.flush(600):
+                if engine.store(current[0], kv) != tokens or not engine.storage.flush(600):
                     raise RuntimeError(f"store did not complete: {engine.stats()}")
 
             def before_store() -> None:
                 engine.cpu.clear()
                 engine.storage.clear()
+                # new token ids, so new keys: no tier can skip a put of a key it still holds (Mooncake
+                # keeps an existing key's object, and may not remove one a reader leased)
+                current[0] = current[0] + tokens
 
             def before_retrieve() -> None:
                 engine.cpu.clear()  # every chunk comes from the lower tier

@@ -21,6 +21,8 @@ from typing import Any
 
 import typer
 
+from kvtier.extras import require
+
 TIERS = ("cpu", "disk", "server", "redis")
 
 
@@ -65,6 +67,7 @@ def run_ttft(contexts: list[int], dtype: str = "bfloat16", runs: int = 3, suffix
 def _run(contexts: list[int], dtype: str, runs: int, suffix_tokens: int, out_dir: Path | str, progress: bool,
          model_dir: Path | None, tier: str, lower: dict[str, Any], show: bool) -> dict[str, Any]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    require("transformers", "hf")  # the model benchmarks need the hf extra next to bench
     from rich.progress import Progress
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -89,12 +89,8 @@ def codec_names() -> list[str]:
 
 
 def _load_builtin() -> None:
-    """Import the built-in codec modules (each registers itself); missing optional ones are skipped."""
+    """Import the built-in codec modules (each registers itself)."""
     import importlib
 
     for module in ("kvtier.codec.lossless", "kvtier.codec.quant", "kvtier.codec.cachegen"):
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
+        importlib.import_module(module)

@@ -23,6 +23,7 @@ from typing import NamedTuple
 
 import httpx
 
+from kvtier.backoff import Backoff
 from kvtier.router.metrics import RouterMetrics
 from kvtier.router.policy import Pool
 from kvtier.router.prefix import PrefixTable
@@ -45,13 +46,12 @@ class KvKnowledge:
         self.controller_url = controller_url.rstrip("/")
         self.headers = {"Authorization": f"Bearer {controller_token}"} if controller_token else {}
         self.timeout_s = timeout_s
-        self.backoff_s = backoff_s
-        self._down_until = 0.0
+        self._backoff = Backoff(backoff_s, backoff_s)  # a fixed pause after each failure
 
     async def hits(self, model: str, tokens: Sequence[int], pool: Pool) -> Hits:
         """Cached prefix tokens per backend of ``pool`` for ``tokens`` of ``model``."""
         answer: dict[str, int] | None = None
-        if self.controller_url and time.monotonic() >= self._down_until:
+        if self.controller_url and self._backoff.ready(time.monotonic()):
             answer = await self._ask_controller(model, tokens, pool)
             if answer:
                 return Hits(answer, "controller")
@@ -80,6 +80,7 @@ class KvKnowledge:
             self.metrics.lookups.labels("unanswered").inc()
             return None
         self.metrics.lookups.labels("ok").inc()
+        self._backoff.succeeded()
         out: dict[str, int] = {}
         for instance, hit in resp.json().get("instances", {}).items():
             backend = pool.by_instance(instance)
@@ -89,5 +90,5 @@ class KvKnowledge:
 
     def _fail(self, why: str) -> None:
         self.metrics.lookups.labels("failed").inc()
-        self._down_until = time.monotonic() + self.backoff_s
-        log.warning("controller lookup failed (%s); using the router's prefix table for %.1fs", why, self.backoff_s)
+        pause = self._backoff.failed()
+        log.warning("controller lookup failed (%s); using the router's prefix table for %.1fs", why, pause)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,21 +84,3 @@ def scan_dir(root: Path, verify: bool = True, progress: bool = True) -> DirRepor
             if file.error is not None:
                 report.corrupt.append(file)
     return report
-
-
-@contextlib.contextmanager
-def rebuild_progress(label: str = "indexing disk tier") -> Iterator[Callable[[int, int], None]]:
-    """A rich progress bar for ``DiskTier(..., progress=...)`` index rebuilds, for CLI commands::
-
-        with rebuild_progress() as progress:
-            tier = DiskTier(path, capacity, progress=progress)
-    """
-    from rich.progress import Progress
-
-    with Progress(transient=True) as bar:
-        task = bar.add_task(label, total=None)
-
-        def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
-
-        yield update

@@ -32,6 +32,7 @@ Invariants:
 from __future__ import annotations
 
 import logging
+import math
 import os
 import queue
 import socket
@@ -45,6 +46,7 @@ from typing import TypeVar
 import msgspec
 
 from kvtier import wire
+from kvtier.backoff import Backoff
 from kvtier.config import RemoteConfig
 from kvtier.errors import AuthError, CorruptChunk, ProtocolError, TierUnavailable
 from kvtier.keys import ChunkKey
@@ -324,9 +326,10 @@ class RemoteTier(Tier):
         if self._closed:
             raise TierUnavailable("remote tier is closed")
         last: BaseException | None = None
+        retry = Backoff(self.backoff_s, math.inf)
         for attempt in range(self.retries + 1):
             if attempt:
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+                time.sleep(retry.failed())
                 self._count("retries")
             conn: Connection | None = None
             ok = False

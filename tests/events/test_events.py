@@ -35,7 +35,7 @@ SPEC = KVSpec(num_layers=2, num_kv_heads=2, head_dim=8, dtype="float32", chunk_t
 
 
 def free_endpoint() -> str:
-    from kvtier.bench.common import free_port
+    from kvtier.procs import free_port
 
     return f"tcp://127.0.0.1:{free_port()}"
 

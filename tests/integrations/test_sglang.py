@@ -28,7 +28,6 @@ import pytest
 
 pytest.importorskip("sglang")
 
-from kvtier.bench.common import free_port
 from kvtier.integrations.sglang.cli import (
     flush_cache,
     generate,
@@ -39,6 +38,7 @@ from kvtier.integrations.sglang.pages import PageKeys, auto_pages_per_object, na
 from kvtier.keys import Namespace
 from kvtier.layout import KVSpec
 from kvtier.models import EMBEDDED_MODEL_ID, ensure_embedded_model
+from kvtier.procs import free_port
 
 pytestmark = pytest.mark.slow
 

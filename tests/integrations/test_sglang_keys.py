@@ -66,6 +66,8 @@ def storage_config(tmp_path: Path, **extra: Any) -> SimpleNamespace:
 
 
 def backend(tmp_path: Path, pool: SimpleNamespace | None = None, **extra: Any) -> KvtierStorage:
+    """A backend on a fake pool; one page per object unless ``kvtier_pages_per_object`` says otherwise."""
+    extra.setdefault("kvtier_pages_per_object", 1)
     storage = KvtierStorage(storage_config(tmp_path, **extra))
     storage.register_mem_pool_host(pool if pool is not None else fake_pool())
     return storage
@@ -387,10 +389,13 @@ def test_a_damaged_page_in_an_object_is_a_counted_miss(tmp_path: Path) -> None:
     assert storage.stats()["disk"]["corrupt"] == 1
 
 
-def test_without_prefix_keys_each_page_is_its_own_object(tmp_path: Path) -> None:
+def test_no_prefix_keys_means_the_sequence_start(tmp_path: Path) -> None:
+    """SGLang passes ``prefix_keys=None`` (not ``[]``) for a call at the start of a sequence."""
     storage = grouped(tmp_path)
-    assert storage.batch_set_v1(A[:5], slots(list(range(5)))) == [True] * 5
-    assert stored_objects(tmp_path) == 5
+    none = SimpleNamespace(prefix_keys=None, extra_info=None)
+    assert storage.batch_set_v1(A[:5], slots(list(range(5))), none) == [True] * 5
+    assert stored_objects(tmp_path) == 2  # pages 0-3 and the tail 4
+    assert storage.batch_exists(A[:5], after([])) == 5
     assert storage.batch_get_v1(A[:5], slots(list(range(5, 10)))) == [True] * 5
 
 
@@ -398,4 +403,5 @@ def test_pages_per_object_is_checked(tmp_path: Path) -> None:
     for bad in (0, 129, "8", True):
         with pytest.raises(ConfigError, match="kvtier_pages_per_object"):
             KvtierStorage(storage_config(tmp_path, kvtier_pages_per_object=bad))
-    assert backend(tmp_path).pages_per_object == MAX_PAGES_PER_OBJECT  # auto: this pool's pages are 1.5 KiB
+    auto = backend(tmp_path, kvtier_pages_per_object="auto")
+    assert auto.pages_per_object == MAX_PAGES_PER_OBJECT  # this pool's pages are 1.5 KiB

@@ -211,8 +211,8 @@ def test_openai_server_reports_kvtier_hits(
     import time
     import urllib.request
 
-    from kvtier.bench.common import stop_process
     from kvtier.integrations.vllm.cli import server_command, server_env
+    from kvtier.procs import stop_process
 
     port, ctl_port = free_port(), free_port()
     overrides = _kvtier_extra(cluster={"enabled": True, "controller_url": f"http://127.0.0.1:{ctl_port}",
@@ -223,7 +223,7 @@ def test_openai_server_reports_kvtier_hits(
     env["VLLM_CPU_KVCACHE_SPACE"] = "1"
     log = tmp_path / "server.log"
     with controller(ctl_port, tmp_path / "controller.log", {"smol": model_dir}) as url, open(log, "wb") as out:
-        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             deadline = time.monotonic() + 400
             while True:

@@ -82,7 +82,7 @@ def test_stock_vllm_server_exports_kvtier_metrics(vllm_env: dict[str, str], mode
     """Stock vLLM with the connector: after a hit, vLLM's /metrics holds kvtier's counters (hits, bytes,
     latency) under vLLM's own labels, no label collides with Prometheus target labels, and kvtier's
     INFO lines appear in vLLM's log (kvtier follows the engine's log level)."""
-    from kvtier.bench.common import stop_process, wait_healthy
+    from kvtier.procs import stop_process, wait_healthy
 
     port = free_port()
     transfer = {"kv_connector": "KvtierConnector", "kv_connector_module_path": "kvtier.integrations.vllm",

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import os
-import queue
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +17,7 @@ import torch
 from kvtier.frames import pack
 from kvtier.keys import Chunker, Namespace
 from kvtier.layout import KVSpec
-from kvtier.procs import rss_bytes
+from kvtier.procs import Child, rss_bytes
 from kvtier.record import token_record
 from kvtier.storage import remote_protocol as P
 
@@ -41,8 +39,7 @@ class ServerProcess:
         self.env = env or {}
         self.command = command or [sys.executable, "-m", "kvtier.server"]
         self.port = 0
-        self.proc: subprocess.Popen[str] | None = None
-        self.lines: queue.Queue[str] = queue.Queue()
+        self.proc: subprocess.Popen[bytes] | None = None
         self.log = workdir / "server.log"
         self.starts = 0
 
@@ -53,43 +50,23 @@ class ServerProcess:
             args += ["--persist", str(self.persist)]
         return args
 
-    def spawn(self) -> subprocess.Popen[str]:
+    def start(self, timeout_s: float = 60.0) -> ServerProcess:
+        """Start the server (on :attr:`port`, 0 = any free one) and wait for its address line; a server
+        that exits or stays silent raises with its log (see :class:`kvtier.procs.Child`)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("KVTIER_")}
         env.update(self.env)
         if self.token:
             env["KVTIER_SERVER__TOKEN"] = self.token
         self.starts += 1
-        errlog = open(self.log, "a")  # noqa: SIM115 - the child owns it
-        proc = subprocess.Popen(self.args(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errlog,
-                                text=True, env=env)
-        errlog.close()
-        self.lines = queue.Queue()
-        lines = self.lines
-
-        def pump() -> None:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                lines.put(line)
-            lines.put("")
-
-        threading.Thread(target=pump, daemon=True).start()
-        return proc
-
-    def start(self, timeout_s: float = 60.0) -> ServerProcess:
-        self.proc = self.spawn()
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
-            except queue.Empty:
-                self.kill()
-                raise RuntimeError(f"server did not start in {timeout_s}s; log:\n{self.log.read_text()}") from None
-            if not line:
-                self.proc.wait()
-                raise RuntimeError(f"server exited with {self.proc.returncode}; log:\n{self.log.read_text()}")
-            if "listening on" in line:
-                self.port = int(line.split("listening on", 1)[1].split()[0].rsplit(":", 1)[1])
-                return self
+        child = Child(self.args(), log=self.log, env=env)  # address line on stdout, logs on stderr
+        self.proc = child.proc
+        try:
+            address = child.expect(r"listening on (\S+)", timeout_s).group(1)
+        except TimeoutError:
+            self.kill()
+            raise
+        self.port = int(address.rsplit(":", 1)[1])
+        return self
 
     @property
     def pid(self) -> int:

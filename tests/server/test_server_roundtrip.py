@@ -21,6 +21,7 @@ from server_support import (
 from kvtier import wire
 from kvtier.errors import TierUnavailable
 from kvtier.layout import KVSpec
+from kvtier.procs import ChildExited
 from kvtier.storage import remote_protocol as P
 from kvtier.storage.remote import RemoteTier
 
@@ -176,7 +177,7 @@ def test_connection_limit(server: ServerProcess) -> None:
 
 def test_non_loopback_bind_without_token_refused(tmp_path: Path) -> None:
     srv = ServerProcess(tmp_path, host="0.0.0.0")
-    with pytest.raises(RuntimeError, match="exited with 2"):
+    with pytest.raises(ChildExited, match="exit code 2"):
         srv.start()
     assert "server.token" in srv.log.read_text()
 

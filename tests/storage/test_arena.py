@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -24,19 +26,21 @@ def test_freed_slots_come_back_lowest_first() -> None:
     assert [arena.allocate() for _ in range(5)] == [0, 1, 2, 5, 7]
 
 
-def test_store_after_clear_lands_in_consecutive_slots(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_store_after_clear_lands_in_consecutive_slots(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Every store after a clear gets one run of slots (one copy_), whatever order clear freed them in,
-    also when the store reserves them a few chunks at a time (here: one)."""
+    also when the store reserves them a few chunks at a time (here: one, as with write-back to disk)."""
     monkeypatch.setattr(engine_mod, "STORE_GROUP_BYTES", SPEC.chunk_bytes)
     tokens = 8 * SPEC.chunk_tokens
-    cfg = load_config(overrides={"chunk_tokens": SPEC.chunk_tokens, "cpu": {"capacity": 10 * SPEC.chunk_bytes}})
+    cfg = load_config(environ={}, overrides={
+        "chunk_tokens": SPEC.chunk_tokens, "cpu": {"capacity": 10 * SPEC.chunk_bytes},
+        "disk": {"enabled": True, "path": str(tmp_path / "disk"), "fsync": False}})
     kv = torch.randn(SPEC.chunk_shape(tokens))
     ids = np.arange(tokens, dtype=np.uint32)
     out = torch.empty_like(kv)
-    with CacheEngine(SPEC, "arena-test", cfg, tiers=[]) as engine:
+    with CacheEngine(SPEC, "arena-test", cfg) as engine:
         for _ in range(3):
             engine.cpu.clear()
-            assert engine.store(ids, kv) == tokens
+            assert engine.store(ids, kv) == tokens and engine.storage.flush(10)
             _arr, chunks = engine.chunker.chunks(ids)
             slots = [engine.cpu._index[c.key].slot for c in chunks]
             assert slots == list(range(slots[0], slots[0] + len(chunks)))

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import textwrap
 import time
@@ -21,6 +20,7 @@ from kvtier.config import load_config
 from kvtier.engine import CacheEngine
 from kvtier.errors import TierUnavailable
 from kvtier.layout import KVSpec
+from kvtier.procs import Child
 from kvtier.storage.mooncake import MooncakeTier
 
 mooncake_master = pytest.importorskip("kvtier.storage.mooncake_master")
@@ -116,24 +116,20 @@ WRITER = textwrap.dedent(
 )
 
 
-def test_two_processes_share_the_store(master: mooncake_master.MooncakeMaster) -> None:
+def test_two_processes_share_the_store(master: mooncake_master.MooncakeMaster, tmp_path: Path) -> None:
     """Process A stores (its segment holds the frames); this process, an engine of its own with an
     empty CPU tier, finds and reads them through the master."""
     args = json.dumps({"master": master.master, "metadata": master.metadata_server})
-    writer = subprocess.Popen([sys.executable, "-c", WRITER, args, str(Path(__file__).parent)],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONPATH": str(REPO)})
-    try:
-        assert writer.stdout is not None and writer.stdout.readline().strip() == "STORED", writer.stderr
+    with Child([sys.executable, "-c", WRITER, args, str(Path(__file__).parent)], log=tmp_path / "writer.log",
+               stdin=True, env={**os.environ, "PYTHONPATH": str(REPO)}) as writer:
+        writer.expect(r"^STORED$", 120)
         with engine_for(tier_for(master)) as reader:
             assert reader.lookup(TOKENS) == len(TOKENS)
             out = torch.zeros(SPEC.chunk_shape(len(TOKENS)))
             assert reader.retrieve(TOKENS, out) == len(TOKENS)
             assert torch.equal(out, kv(len(TOKENS), seed=7))
-    finally:
-        assert writer.stdin is not None
-        writer.stdin.close()
-        writer.wait(30)
+        writer.close_stdin()  # the writer closes its engine and exits
+        assert writer.proc.wait(30) == 0
 
 
 def test_master_killed_and_restarted_mid_workload(master: mooncake_master.MooncakeMaster) -> None:

@@ -7,8 +7,10 @@ cannot be produced on demand otherwise).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -18,6 +20,7 @@ from kvtier.engine import CacheEngine
 from kvtier.errors import TierUnavailable
 from kvtier.keys import ChunkKey
 from kvtier.layout import KVSpec
+from kvtier.record import ChunkRecord
 from kvtier.storage.disk import DiskTier, chunk_path
 
 SPEC = KVSpec(num_layers=3, num_kv_heads=2, head_dim=8, dtype="float32", chunk_tokens=16)
@@ -222,4 +225,47 @@ def test_concurrent_retrieves_promote_once_and_leak_nothing(disk: RecordingDisk,
     assert len(engine.cpu) <= N_CHUNKS  # each chunk indexed at most once; duplicate promotions gave slots back
     assert engine.cpu.arena.free_slots == N_CHUNKS + spare - len(engine.cpu)
     assert not any(engine.cpu.arena.busy(s) for s in range(N_CHUNKS + spare))
+    engine.close()
+
+
+def test_write_back_seals_the_next_chunk_while_writing(disk: RecordingDisk, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Write-back is a pipeline: the frame (checksum + MAC) of chunk 2 is computed while chunk 1 is being
+    written, not after. Sealing chunk 2 waits for a write to start, so a writer that sealed its whole
+    batch first would find chunk 2 sealed before its write, or never sealed during it."""
+    from kvtier import frames
+
+    writing, second_sealed = threading.Event(), threading.Event()
+    sealed: list[ChunkKey] = []
+    real_pack = frames.pack_parts
+
+    def pack_parts(record: ChunkRecord, *args: Any, **kwargs: Any) -> tuple[bytes, bytes | memoryview]:
+        if len(sealed) == 1:
+            writing.wait(5)
+        sealed.append(record.key)
+        if len(sealed) == 2:
+            second_sealed.set()
+        return real_pack(record, *args, **kwargs)
+
+    seen: list[tuple[bool, bool]] = []  # per put_many: (chunk 2 sealed before the write, sealed during it)
+    real_put = disk.put_many
+
+    def put_many(items: Sequence[tuple[ChunkKey, Sequence[bytes | memoryview]]]) -> None:
+        before = second_sealed.is_set()
+        writing.set()
+        seen.append((before, second_sealed.wait(5)))
+        real_put(items)
+
+    monkeypatch.setattr(frames, "pack_parts", pack_parts)
+    monkeypatch.setattr(disk, "put_many", put_many)
+    cfg = load_config(environ={}, overrides={"chunk_tokens": 16, "store_queue": 64, "cpu": {"capacity": "4MiB"},
+                                             "auth": {"secret": "pipeline test secret, long enough"}})
+    engine = CacheEngine(SPEC, "test-model", cfg, tiers=[(disk, "raw")])
+    kv = kv_for(len(TOKENS))
+    assert engine.store(TOKENS, kv) == len(TOKENS)
+    assert engine.storage.flush(30)
+    assert seen[0] == (False, True)
+    assert len(disk) == N_CHUNKS and engine.stats()["disk"]["writes"] == N_CHUNKS
+    engine.cpu.clear()
+    into = torch.zeros_like(kv)
+    assert engine.retrieve(TOKENS, into) == len(TOKENS) and torch.equal(into, kv)  # every MAC verified
     engine.close()

@@ -34,7 +34,9 @@ per group, keyed by its last page hash and page count (:class:`~kvtier.integrati
   reader's (after :func:`kvtier.record.verify` of the whole record with checksum and MAC): a damaged
   frame, a collision or a page of another prompt is a counted miss, never foreign KV.
 
-Without prefix keys (SGLang's legacy calls, or the flag off) every page is its own object. Keys are
+SGLang passes no prefix keys for a call at the start of a sequence (nor for any call with the flag off,
+or on its legacy non-v1 path): such a call starts at position 0, so without the flag groups are relative
+to each call and a prefix reached through other radix boundaries misses (never wrong KV). Keys are
 stable across processes and machines (no ``hash()``, no seed), which is what lets a restarted server
 hit; the page index is per process (after a restart, a prompt that diverges inside a group recomputes
 that group's shared pages).
@@ -78,6 +80,7 @@ from kvtier.integrations.sglang.pages import (
     PageKeys,
     PoolView,
     Span,
+    as_raw,
     auto_pages_per_object,
     copy_page,
     matching_pages,
@@ -104,6 +107,7 @@ __all__ = ["EXTRA_KEYS", "KvtierStorage"]
 
 EXTRA_KEYS = ("kvtier_config", "kvtier", "kvtier_model_id", "kvtier_pages_per_object")
 _T = TypeVar("_T")
+READ_BATCH_PAGES = 8  # pages per read batch of the storage manager
 
 
 # ---- the backend ----------------------------------------------------------------------------------
@@ -180,7 +184,6 @@ class KvtierStorage(_Base):
         self.keys: PageKeys | None = None
         self.view: PoolView | None = None
         self.manager: StorageManager | None = None
-        self._warned_no_prefix = False
         self._buffers = threading.local()
         if getattr(storage_config, "is_mla_model", False):
             log.error("kvtier: MLA models are not supported by the SGLang adapter; L3 stays empty")
@@ -199,9 +202,11 @@ class KvtierStorage(_Base):
         if self._group is None:
             self._group = auto_pages_per_object(view.spec.chunk_bytes)
         self.keys = PageKeys(Namespace(self.model_id, view.spec, "raw", self.config.tenant))
+        # read batches of about 8 pages whatever the object size, so copying out overlaps the next reads
         self.manager = StorageManager(view.spec, build_tiers(self.config, view.spec),
                                       queue_depth=self.config.store_queue,
-                                      auth=FrameKeys.from_config(self.config.auth))
+                                      auth=FrameKeys.from_config(self.config.auth),
+                                      read_batch=max(1, READ_BATCH_PAGES // self._group))
         log.info("kvtier: SGLang pages of %d tokens, %d pages per object, %s, namespace %s", view.page_size,
                  self._group, view.spec.fingerprint(), self.model_id)
 
@@ -213,15 +218,10 @@ class KvtierStorage(_Base):
     def _chain(self, keys: Sequence[str], extra_info: Any) -> tuple[list[str], int, int]:
         """(the page hashes from the sequence start, position of ``keys[0]`` in them, group size).
 
-        Without SGLang's prefix keys positions are unknown: the chain is ``keys`` and each page is its
-        own group."""
-        prefix = getattr(extra_info, "prefix_keys", None)
-        if prefix is None:
-            if self.pages_per_object > 1 and not self._warned_no_prefix:
-                self._warned_no_prefix = True
-                log.warning("kvtier: SGLang passes no prefix keys (set hicache_storage_pass_prefix_keys in "
-                            "the extra config); storing one page per object")
-            return list(keys), 0, 1
+        SGLang passes no prefix keys (``None``) for a call at the start of a sequence, and for every
+        call when ``hicache_storage_pass_prefix_keys`` is off; either way the call is taken to start at
+        position 0 (without the flag, groups are relative to each call)."""
+        prefix = getattr(extra_info, "prefix_keys", None) or []
         return [*prefix, *keys], len(prefix), self.pages_per_object
 
     # ---- finding objects --------------------------------------------------------------------------
@@ -290,9 +290,10 @@ class KvtierStorage(_Base):
                     self.counters["read_failures"] += 1
                     break
                 self.index.add(hit.record)
+                src = as_raw(load.out)
                 for p in range(hit.span.first, hit.end):
                     i = p - hit.span.start
-                    copy_page(target(p), load.out[:, :, i * page : (i + 1) * page])
+                    copy_page(target(p), src[:, :, i * page : (i + 1) * page])
                 done = hit.end
         return done - first
 
@@ -330,7 +331,7 @@ class KvtierStorage(_Base):
         view = self.view
         if view is None:
             return None
-        return [view.page(i) for i in view.page_starts(host_indices, len(keys))]
+        return [view.page(i, raw=True) for i in view.page_starts(host_indices, len(keys))]
 
     @_guarded(_no_pages)
     def batch_get_v1(self, keys: list[str], host_indices: torch.Tensor, extra_info: Any = None) -> list[bool]:
@@ -350,7 +351,7 @@ class KvtierStorage(_Base):
         view = self.view
         flats = list(target_locations) if target_locations is not None else [
             torch.empty(view.spec.chunk_bytes // view.spec.itemsize, dtype=view.spec.torch_dtype) for _ in keys]
-        ok = self._read(keys, None, [view.from_flat(f) for f in flats])
+        ok = self._read(keys, None, [as_raw(view.from_flat(f)) for f in flats])
         return [f if hit else None for f, hit in zip(flats, ok)]
 
     # ---- writes -----------------------------------------------------------------------------------
@@ -374,10 +375,11 @@ class KvtierStorage(_Base):
             numel = (span.end - span.start) * page_numel
             obj = flat[offset : offset + numel].view(spec.chunk_shape((span.end - span.start) * page))
             offset += numel
+            raw = as_raw(obj)
 
-            def slot(p: int, obj: torch.Tensor = obj, span: Span = span) -> torch.Tensor:
+            def slot(p: int, raw: torch.Tensor = raw, span: Span = span) -> torch.Tensor:
                 i = p - span.start
-                return obj[:, :, i * page : (i + 1) * page]
+                return raw[:, :, i * page : (i + 1) * page]
 
             if span.first > span.start and self._load(chain, span.start, span.first - span.start, group,
                                                       slot) < span.first - span.start:
@@ -441,7 +443,7 @@ class KvtierStorage(_Base):
         if self.view is None or values is None:
             return False
         view = self.view
-        return all(self._write(keys, None, [view.from_flat(v.reshape(-1)) for v in values]))
+        return all(self._write(keys, None, [as_raw(view.from_flat(v.reshape(-1))) for v in values]))
 
     # ---- management -------------------------------------------------------------------------------
     @_guarded(_none)

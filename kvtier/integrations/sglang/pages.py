@@ -24,7 +24,7 @@ from kvtier.record import ChunkRecord, Kind
 from kvtier.tensors import dtype_name
 from kvtier.wire import MAX_PAGE_IDENTITY
 
-__all__ = ["LAYOUTS", "PageIndex", "PageKeys", "PoolView", "Span", "auto_pages_per_object", "copy_page",
+__all__ = ["LAYOUTS", "PageIndex", "PageKeys", "PoolView", "Span", "as_raw", "auto_pages_per_object", "copy_page",
            "matching_pages", "namespace_model", "pages_of", "spans"]
 
 LAYOUTS = ("layer_first", "page_first")  # host layouts whose page is one strided view
@@ -148,12 +148,12 @@ class PageIndex:
     """Which object this process wrote or read holds a page: page id -> (object record, page offset).
 
     Lets a reader find an object by a page in its middle, whose own key it cannot compute (the object
-    ends with pages the reader does not have). Bounded: at most ``max_pages`` entries, the least
-    recently added or found dropped first. Lost on restart (then only objects whose every page the
+    ends with pages the reader does not have). Bounded: at most ``max_pages`` entries (about 240 bytes
+    each), the least recently added or found dropped first. Lost on restart (then only objects whose every page the
     reader knows are found). Thread-safe.
     """
 
-    def __init__(self, max_pages: int = 1 << 20) -> None:
+    def __init__(self, max_pages: int = 1 << 18) -> None:
         self.max_pages = max_pages
         self._lock = threading.Lock()
         self._entries: OrderedDict[bytes, tuple[ChunkRecord, int]] = OrderedDict()
@@ -203,14 +203,19 @@ class PoolView:
         if buffer.dim() != 5 or tuple(got) != want:
             raise LayoutError(f"host KV buffer {tuple(buffer.shape)} does not match layout {layout} and {self.spec}")
 
-    def page(self, index: int) -> torch.Tensor:
-        """The page starting at host slot ``index`` (a multiple of ``page_size``), as a canonical view."""
+    def page(self, index: int, raw: bool = False) -> torch.Tensor:
+        """The page starting at host slot ``index`` (a multiple of ``page_size``), as a canonical view;
+        ``raw``: of the same bytes as integers (:func:`as_raw`, what :func:`copy_page` copies fastest)."""
         if index % self.page_size:
             raise LayoutError(f"host index {index} is not at a page start (page size {self.page_size})")
-        buffer = self.pool.kv_buffer
+        buffer = self._raw_buffer if raw else self.pool.kv_buffer
         if self.layout == "layer_first":
             return buffer[:, :, index : index + self.page_size].permute(1, 0, 2, 3, 4)
         return buffer[:, index : index + self.page_size].permute(2, 0, 1, 3, 4)
+
+    @functools.cached_property
+    def _raw_buffer(self) -> torch.Tensor:
+        return as_raw(self.pool.kv_buffer)
 
     def page_starts(self, host_indices: torch.Tensor, pages: int) -> list[int]:
         """First host slot of each of ``pages`` pages (SGLang passes ``page_size`` slots per key)."""
@@ -229,16 +234,22 @@ class PoolView:
 _SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
+def as_raw(tensor: torch.Tensor) -> torch.Tensor:
+    """The same bytes as a tensor of the same-size integer type (a view; a no-op for integers)."""
+    as_int = _SAME_SIZE_INT[tensor.element_size()]
+    return tensor if tensor.dtype == as_int else tensor.view(as_int)
+
+
 def copy_page(dst: torch.Tensor, src: torch.Tensor) -> None:
     """``dst.copy_(src)`` for one page of any strides, single-threaded (numpy on an integer view).
 
     torch spreads a strided copy over every intra-op thread; for a 360 KiB page on a busy 2-core
     machine that measured 11 ms against 0.02 ms here (kvtier bench sglang), and SGLang's
-    forward pass needs those threads. Bytes are copied exactly (no dtype conversion).
+    forward pass needs those threads. Bytes are copied exactly (no dtype conversion). Pages already
+    :func:`as_raw` skip the dtype view per call (it costs as much as a small copy).
     """
     if dst.dtype != src.dtype or dst.shape != src.shape:
         raise LayoutError(f"page copy from {src.dtype}{tuple(src.shape)} to {dst.dtype}{tuple(dst.shape)}")
-    as_int = _SAME_SIZE_INT[dst.element_size()]
-    np.copyto(dst.view(as_int).numpy(), src.view(as_int).numpy())
+    np.copyto(as_raw(dst).numpy(), as_raw(src).numpy())
 
 
