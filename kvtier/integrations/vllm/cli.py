@@ -31,12 +31,9 @@ from kvtier.integrations.vllm.transfer import kv_transfer_config
 
 def _default_dtype() -> str:
     """float32 on CPU (vLLM's bfloat16 CPU path is ~6x slower on machines without AMX), auto elsewhere."""
-    try:
-        import torch
+    import torch  # a core dependency; imported here so `kvtier --help` stays fast
 
-        return "auto" if torch.cuda.is_available() else "float32"
-    except ImportError:
-        return "float32"
+    return "auto" if torch.cuda.is_available() else "float32"
 
 
 def server_command(
