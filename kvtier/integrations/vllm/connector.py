@@ -92,7 +92,7 @@ from kvtier.integrations.vllm import lookup as vllm_lookup
 from kvtier.integrations.vllm import stats as vllm_stats
 from kvtier.integrations.vllm.layerwise import LayerwiseStep
 from kvtier.integrations.vllm.plan import LoadReq, Planner, SaveReq
-from kvtier.integrations.vllm.transfer import KV_ROLES
+from kvtier.integrations.vllm.transfer import KV_ROLES, LOAD_SPAN_LOG
 from kvtier.layout import KVSpec
 from kvtier.metrics import configure_logging
 from kvtier.tensors import dtype_name
@@ -502,7 +502,6 @@ class KvtierConnector(KVConnectorBase_V1):
                     self._loader = ThreadPoolExecutor(1, thread_name_prefix="kvtier-load")
                 self._loading[load.req_id] = self._loader.submit(self._run_load, load, "async")
                 self._count("async_loads")
-                log.debug("kvtier: asynchronous load of %s [%d, %d) started", load.req_id, load.start, load.end)
             elif step is not None:
                 self._begin_layer_load(step, load)
             else:
@@ -530,16 +529,20 @@ class KvtierConnector(KVConnectorBase_V1):
             self._report_short(load, end)
 
     def _run_load(self, load: LoadReq, staging: str) -> None:
-        """Load, time and, when fewer tokens than promised arrived, report the blocks for recompute."""
+        """Load, time and, when fewer tokens than promised arrived, report the blocks for recompute.
+        The span is logged at debug level on the system-wide monotonic clock (``kvtier bench vllm``
+        reads it to find which inter-token gaps of other requests overlap the load)."""
         loaded = 0
-        began = time.perf_counter()
+        began = time.monotonic()
         try:
             if self._layers and self.usable:
                 loaded = self._load(load, staging)
         except Exception:
             log.exception("kvtier load for %s failed; vLLM will recompute", load.req_id)
             loaded = 0
-        self._stats.time("load", time.perf_counter() - began)
+        ended = time.monotonic()
+        self._stats.time("load", ended - began)
+        log.debug(LOAD_SPAN_LOG, load.req_id, "async" if load.is_async else "sync", loaded, load.end, began, ended)
         if loaded < load.end:
             self._report_short(load, loaded)
 
