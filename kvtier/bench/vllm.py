@@ -19,7 +19,7 @@ Scenarios (``--scenario``):
   KV kvtier serves from its disk tier (the CPU tier is too small to keep it: later documents evicted
   it; the files may sit in the OS page cache). Inter-token latency of the three during the fourth's
   load vs the same three alone (goal: at most 1.2x, i.e. ratio >= 1/1.2), for ``kvtier_load_async``
-  false and true, per repeat. "During the load" is the span the connector logs for it (its debug
+  false and true, per repeat. "During the load" is the span the connector logs for it (its info
   line :data:`~kvtier.integrations.vllm.transfer.LOAD_SPAN_LOG`, on the system-wide monotonic clock
   the streams are timed with): every gap of the three that overlaps it. The window from the fourth's
   request to its first token (which adds its lookup, its uncached tail's prefill and its first
@@ -149,17 +149,14 @@ def _has_cuda() -> bool:
 
 @contextlib.contextmanager
 def servers(configs: list[Config], workdir: Path, model: str | None, max_model_len: int, kv_space_gib: int,
-            start_timeout: float, log_level: str | None = None) -> Iterator[dict[str, int]]:
+            start_timeout: float) -> Iterator[dict[str, int]]:
     """Start every configuration's server at once; yield ``{name: port}`` once all are healthy. Each
     server is its own process group, so vLLM's engine-core process goes with it even when the server is
-    stopped before it finished starting. ``log_level``: kvtier's (``KVTIER_LOG_LEVEL``) in the servers;
-    each server's output goes to ``<workdir>/<name>.log``."""
+    stopped before it finished starting. Each server's output goes to ``<workdir>/<name>.log``."""
     from kvtier.integrations.vllm.cli import server_command, server_env
 
     started: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
     env = server_env({**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(kv_space_gib)})
-    if log_level is not None:
-        env["KVTIER_LOG_LEVEL"] = log_level
     extra_args = ["--seed", "0"]
     if _has_cuda():  # the servers share one GPU
         extra_args += ["--gpu-memory-utilization", f"{0.85 / len(configs):.2f}"]
@@ -333,7 +330,7 @@ def loading_stats(runs: list[Stream], load: Stream, spans: list[tuple[float, flo
     mine = [sp for sp in spans if load.sent <= sp[0] <= load.stamps[0]]
     if len(mine) != 1:
         raise RuntimeError(f"expected one load of the fourth request in the server log, found {len(mine)}: "
-                           "did its prompt hit kvtier (KVTIER_LOG_LEVEL=DEBUG)?")
+                           "did its prompt hit kvtier?")
     during, until = overlapping(runs, mine[0]), overlapping(runs, (load.sent, load.stamps[0]))
     if not until:
         raise RuntimeError(f"no decoder token arrived while the fourth request waited {load.ttft:.2f}s: "
@@ -448,8 +445,7 @@ def run(scenario: str, configs: str, *, model: str | None = None, docs: int = 3,
             max_model_len = 4096
         report = Report(f"vllm_{scenario.replace('-', '_')}", TITLES[scenario], unit="s", goal=GOALS[scenario],
                         meta={"scenario": scenario, "configs": [c.name for c in chosen], "params": params})
-        log_level = "DEBUG" if scenario == "async-itl" else None  # the connector's load spans
-        with servers(chosen, workdir, model, max_model_len, kv_space_gib, start_timeout, log_level) as ports:
+        with servers(chosen, workdir, model, max_model_len, kv_space_gib, start_timeout) as ports:
             if scenario == "long-doc-qa":
                 results = long_doc_qa(ports, docs, doc_words, output_len)
                 long_doc_report(results, report)

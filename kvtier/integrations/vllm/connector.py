@@ -530,7 +530,7 @@ class KvtierConnector(KVConnectorBase_V1):
 
     def _run_load(self, load: LoadReq, staging: str) -> None:
         """Load, time and, when fewer tokens than promised arrived, report the blocks for recompute.
-        The span is logged at debug level on the system-wide monotonic clock (``kvtier bench vllm``
+        One info line per load gives its span on the system-wide monotonic clock (``kvtier bench vllm``
         reads it to find which inter-token gaps of other requests overlap the load)."""
         loaded = 0
         began = time.monotonic()
@@ -542,7 +542,7 @@ class KvtierConnector(KVConnectorBase_V1):
             loaded = 0
         ended = time.monotonic()
         self._stats.time("load", ended - began)
-        log.debug(LOAD_SPAN_LOG, load.req_id, "async" if load.is_async else "sync", loaded, load.end, began, ended)
+        log.info(LOAD_SPAN_LOG, load.req_id, "async" if load.is_async else "sync", loaded, load.end, began, ended)
         if loaded < load.end:
             self._report_short(load, loaded)
 
