@@ -344,18 +344,21 @@ def async_itl(ports: dict[str, int], logs: dict[str, Path], repeats: int, doc_wo
     """Per configuration and repeat: ITL of three users alone, and during a fourth's disk-tier load
     (whose span the configuration's server log ``logs[name]`` tells)."""
     names = list(ports)
-    docs = documents(repeats + 1, doc_words, first=100)  # the last one only pushes the others out of CPU
-    question = "\nQuestion: which word comes first?\nAnswer:"
-    for name in names:  # store every document (CPU + disk); each evicts the one before from the CPU tier
-        for doc in docs:
-            stream(ports[name], doc + "\nQuestion: how many words?\nAnswer:", 1)
+    # the fourth sends a prompt stored whole before (its partial last chunk too): all but its last token
+    # are loaded, so its own prefill is one token, as a decoding user's step; the last document only
+    # pushes the others out of the CPU tier
+    prompts = [doc + "\nQuestion: which word comes first?\nAnswer:" for doc in documents(repeats + 1, doc_words,
+                                                                                        first=100)]
+    for name in names:  # store every prompt (CPU + disk); each evicts the one before from the CPU tier
+        for prompt in prompts:
+            stream(ports[name], prompt, 1)
     time.sleep(2)  # the write-back to disk finishes
     out: dict[str, Any] = {n: {"alone": [], "loading": []} for n in names}
     for k in range(repeats):
         for name in rotated(names, k):
             runs, _ = decode_run(ports[name], tokens, None)
             out[name]["alone"].append({"itl": itl_stats([b - a for s in runs for a, b in s.gaps(8)])})
-            runs, load = decode_run(ports[name], tokens, docs[k] + question)
+            runs, load = decode_run(ports[name], tokens, prompts[k])
             assert load is not None
             time.sleep(0.5)  # the span's log line reaches the file
             last = loading_stats(runs, load, load_spans(logs[name].read_text(errors="replace")))
