@@ -28,6 +28,7 @@ from kvtier.integrations.sglang.pages import (
     PageKeys,
     PoolView,
     Span,
+    as_raw,
     auto_pages_per_object,
     copy_exact,
     matching_pages,
@@ -199,14 +200,16 @@ def test_host_pages_copy_runs_of_consecutive_pages_byte_exact(layout: str) -> No
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float8_e4m3fn])
-def test_copy_page_is_byte_exact_between_strided_views(dtype: torch.dtype) -> None:
+def test_copy_exact_is_byte_exact_between_strided_views(dtype: torch.dtype) -> None:
     src = torch.randn(2, LAYERS, 4 * PAGE, HEADS, DIM).to(dtype)
     dst = torch.zeros(LAYERS, 2, PAGE, HEADS, DIM).to(dtype)
     view = src[:, :, PAGE : 2 * PAGE].permute(1, 0, 2, 3, 4)
-    copy_exact(dst, view)
+    copy_exact(as_raw(dst).numpy(), as_raw(view).numpy())
     assert torch.equal(dst.view(torch.uint8), view.contiguous().view(torch.uint8))
+    with pytest.raises(LayoutError):  # another element size, or another shape: never a converting copy
+        copy_exact(as_raw(dst).numpy(), as_raw(view.to(torch.float64)).numpy())
     with pytest.raises(LayoutError):
-        copy_exact(dst, view.to(torch.float16))
+        copy_exact(as_raw(dst).numpy(), as_raw(view[:, :, 1:]).numpy())
 
 
 def test_pool_view_rejects_what_it_cannot_map() -> None:

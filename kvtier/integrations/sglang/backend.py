@@ -350,7 +350,7 @@ class KvtierStorage(_Base):
         view = self.view
         flats = list(target_locations) if target_locations is not None else [
             torch.empty(view.spec.chunk_bytes // view.spec.itemsize, dtype=view.spec.torch_dtype) for _ in keys]
-        ok = self._read(keys, None, PageList([view.from_flat(f) for f in flats]))
+        ok = self._read(keys, None, PageList.of_tensors([view.from_flat(f) for f in flats]))
         return [f if hit else None for f, hit in zip(flats, ok)]
 
     # ---- writes -----------------------------------------------------------------------------------
@@ -377,7 +377,7 @@ class KvtierStorage(_Base):
             offset += numel
             obj_pages = object_pages(obj, page)
             head = span.first - span.start
-            if head and self._load(chain, span.start, head, group, PageList(obj_pages.unbind(2))) < head:
+            if head and self._load(chain, span.start, head, group, PageList.of_object(obj_pages)) < head:
                 self.counters["write_unmerged_pages"] += span.end - span.first  # group head not stored
                 continue
             sources.gather(obj_pages, head, span.first - first, span.end - span.first)
@@ -437,7 +437,7 @@ class KvtierStorage(_Base):
         if self.view is None or values is None:
             return False
         view = self.view
-        return all(self._write(keys, None, PageList([view.from_flat(v.reshape(-1)) for v in values])))
+        return all(self._write(keys, None, PageList.of_tensors([view.from_flat(v.reshape(-1)) for v in values])))
 
     # ---- management -------------------------------------------------------------------------------
     @_guarded(_none)

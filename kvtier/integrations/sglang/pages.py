@@ -211,30 +211,32 @@ class PoolView:
         if len(got) != len(want) or any(w is not None and w != g for w, g in zip(want, got)):
             raise LayoutError(f"host KV buffer {got} does not match layout {layout} and {self.spec}")
 
-    def pages(self, index: int, count: int = 1, raw: bool = False) -> torch.Tensor:
+    def raw_pages(self, index: int, count: int = 1) -> np.ndarray:
         """The ``count`` consecutive pages from host slot ``index`` (a multiple of ``page_size``) as one
-        ``[layers, 2, count, page_size, heads, head_dim]`` view; ``raw``: of the same bytes as integers
-        (:func:`as_raw`, what :func:`copy_exact` copies fastest)."""
+        ``[layers, 2, count, page_size, heads, head_dim]`` numpy view of the pool's bytes as integers
+        (:func:`as_raw`): what :class:`HostPages` copies, single-threaded, without a torch call."""
         if index % self.page_size:
             raise LayoutError(f"host index {index} is not at a page start (page size {self.page_size})")
-        buffer, n = (self._raw_buffer if raw else self.pool.kv_buffer), self.page_size
+        buffer, n = self._raw_buffer, self.page_size
         if self.layout == "page_first_direct":
-            return buffer[:, index // n : index // n + count].permute(2, 0, 1, 3, 4, 5)
+            return buffer[:, index // n : index // n + count].transpose(2, 0, 1, 3, 4, 5)
         tokens = slice(index, index + count * n)
-        if self.layout == "layer_first":
-            run = buffer[:, :, tokens].permute(1, 0, 2, 3, 4)
-        else:
-            run = buffer[:, tokens].permute(2, 0, 1, 3, 4)
-        return run.unflatten(2, (count, n))
+        run = buffer[:, :, tokens].transpose(1, 0, 2, 3, 4) if self.layout == "layer_first" else \
+            buffer[:, tokens].transpose(2, 0, 1, 3, 4)
+        return run.reshape(*run.shape[:2], count, n, *run.shape[3:])  # splits one axis: stays a view
 
-    def page(self, index: int, raw: bool = False) -> torch.Tensor:
+    def pages(self, index: int, count: int = 1) -> torch.Tensor:
+        """:meth:`raw_pages` as a tensor of the pool's dtype (a view)."""
+        return torch.from_numpy(self.raw_pages(index, count)).view(self.pool.kv_buffer.dtype)
+
+    def page(self, index: int) -> torch.Tensor:
         """The page starting at host slot ``index`` as a canonical ``[layers, 2, page_size, heads,
         head_dim]`` view (see :meth:`pages`)."""
-        return self.pages(index, 1, raw)[:, :, 0]
+        return self.pages(index, 1)[:, :, 0]
 
     @functools.cached_property
-    def _raw_buffer(self) -> torch.Tensor:
-        return as_raw(self.pool.kv_buffer)
+    def _raw_buffer(self) -> np.ndarray:
+        return as_raw(self.pool.kv_buffer).numpy()
 
     def page_starts(self, host_indices: torch.Tensor, pages: int) -> list[int]:
         """First host slot of each of ``pages`` pages (SGLang passes ``page_size`` slots per key)."""
@@ -262,23 +264,22 @@ def as_raw(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if tensor.dtype == as_int else tensor.view(as_int)
 
 
-def copy_exact(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """``dst.copy_(src)`` for tensors of any strides, single-threaded (numpy on an integer view).
+def object_pages(obj: torch.Tensor, page_size: int) -> np.ndarray:
+    """A canonical object ``[layers, 2, pages * page_size, heads, head_dim]`` as the same bytes in
+    ``[layers, 2, pages, page_size, heads, head_dim]`` (a numpy view of integers, :func:`as_raw`)."""
+    flat = as_raw(obj).numpy()
+    return flat.reshape(*flat.shape[:2], -1, page_size, *flat.shape[3:])
+
+
+def copy_exact(dst: np.ndarray, src: np.ndarray) -> None:
+    """``dst[...] = src`` for integer views of any strides, single-threaded, bytes exactly (no cast).
 
     torch spreads a strided copy over every intra-op thread; for a 360 KiB page on a busy 2-core
-    machine that measured 11 ms against 0.02 ms here (kvtier bench sglang), and SGLang's
-    forward pass needs those threads. Bytes are copied exactly (no dtype conversion). Tensors already
-    :func:`as_raw` skip the dtype view per call (it costs as much as a small copy).
-    """
+    machine that measured 11 ms against 0.02 ms here (kvtier bench sglang), and SGLang's forward pass
+    needs those threads. numpy copies one run per call with one ``memcpy`` per contiguous block."""
     if dst.dtype != src.dtype or dst.shape != src.shape:
-        raise LayoutError(f"copy from {src.dtype}{tuple(src.shape)} to {dst.dtype}{tuple(dst.shape)}")
-    np.copyto(as_raw(dst).numpy(), as_raw(src).numpy())
-
-
-def object_pages(obj: torch.Tensor, page_size: int) -> torch.Tensor:
-    """A canonical object ``[layers, 2, pages * page_size, heads, head_dim]`` as the same bytes in
-    ``[layers, 2, pages, page_size, heads, head_dim]`` (a view; integers, :func:`as_raw`)."""
-    return as_raw(obj).unflatten(2, (-1, page_size))
+        raise LayoutError(f"copy from {src.dtype}{src.shape} to {dst.dtype}{dst.shape}")
+    np.copyto(dst, src, casting="no")
 
 
 class Pages(ABC):
@@ -290,17 +291,17 @@ class Pages(ABC):
     def __len__(self) -> int: ...
 
     @abstractmethod
-    def runs(self, first: int, count: int) -> list[tuple[int, torch.Tensor]]:
+    def runs(self, first: int, count: int) -> list[tuple[int, np.ndarray]]:
         """Pages ``[first, first + count)`` as ``(offset from first, [layers, 2, n, page_size, heads,
         head_dim] raw view)`` runs, in order, covering them exactly once."""
 
-    def scatter(self, obj: torch.Tensor, at: int, first: int, count: int) -> None:
+    def scatter(self, obj: np.ndarray, at: int, first: int, count: int) -> None:
         """Copy pages ``[at, at + count)`` of ``obj`` (an :func:`object_pages` view) into pages
         ``[first, first + count)``."""
         for offset, run in self.runs(first, count):
             copy_exact(run, obj[:, :, at + offset : at + offset + run.shape[2]])
 
-    def gather(self, obj: torch.Tensor, at: int, first: int, count: int) -> None:
+    def gather(self, obj: np.ndarray, at: int, first: int, count: int) -> None:
         """Copy pages ``[first, first + count)`` into pages ``[at, at + count)`` of ``obj``."""
         for offset, run in self.runs(first, count):
             copy_exact(obj[:, :, at + offset : at + offset + run.shape[2]], run)
@@ -317,28 +318,38 @@ class HostPages(Pages):
     def __len__(self) -> int:
         return len(self.starts)
 
-    def runs(self, first: int, count: int) -> list[tuple[int, torch.Tensor]]:
-        out: list[tuple[int, torch.Tensor]] = []
+    def runs(self, first: int, count: int) -> list[tuple[int, np.ndarray]]:
+        out: list[tuple[int, np.ndarray]] = []
         starts, n = self.starts, self.view.page_size
         i, stop = first, first + count
         while i < stop:
             j = i + 1
             while j < stop and starts[j] == starts[j - 1] + n:
                 j += 1
-            out.append((i - first, self.view.pages(starts[i], j - i, raw=True)))
+            out.append((i - first, self.view.raw_pages(starts[i], j - i)))
             i = j
         return out
 
 
 class PageList(Pages):
-    """Pages given one by one as canonical ``[layers, 2, page_size, heads, head_dim]`` views (SGLang's
+    """Pages given one by one as ``[layers, 2, 1, page_size, heads, head_dim]`` raw views (SGLang's
     legacy flat pages, the pages of an object being built): one run per page."""
 
-    def __init__(self, pages: Sequence[torch.Tensor]) -> None:
-        self.pages = [as_raw(p).unsqueeze(2) for p in pages]
+    def __init__(self, pages: Sequence[np.ndarray]) -> None:
+        self.pages = list(pages)
+
+    @classmethod
+    def of_tensors(cls, pages: Sequence[torch.Tensor]) -> PageList:
+        """From canonical ``[layers, 2, page_size, heads, head_dim]`` tensor views."""
+        return cls([as_raw(p).numpy()[:, :, None] for p in pages])
+
+    @classmethod
+    def of_object(cls, obj: np.ndarray) -> PageList:
+        """The pages of an :func:`object_pages` view."""
+        return cls([obj[:, :, i : i + 1] for i in range(obj.shape[2])])
 
     def __len__(self) -> int:
         return len(self.pages)
 
-    def runs(self, first: int, count: int) -> list[tuple[int, torch.Tensor]]:
+    def runs(self, first: int, count: int) -> list[tuple[int, np.ndarray]]:
         return [(i, self.pages[first + i]) for i in range(count)]
