@@ -6,7 +6,10 @@ SmolLM2-135M geometry: 360 KiB per 16-token page) is written (``batch_set_v1``) 
 tier, with SGLang's prefix keys, as SGLang calls it. Rows: one page per object (the backend before
 multi-page objects) and ``--pages-per-object`` (default: the backend's "auto"), each with disk fsync
 off and on. The ceiling is a plain ``copy_`` of the same bytes in the same run; ratios are reported
-against it and between the two object sizes (min / median / max over ``--repeat`` runs).
+against it and between the two object sizes (min / median / max over ``--repeat`` runs). A second
+ceiling is the one copy the backend cannot avoid: the whole batch gathered from SGLang's host pool
+into kvtier's canonical layout (writes) and scattered back (reads), single-threaded, as the backend
+copies (``pool gather`` / ``pool scatter``; each row's ``vs_pool_copy``).
 ``--baseline NAME=DIR`` (repeatable) adds another kvtier checkout's backend (e.g. the one-page-per-object
 backend: ``git archive c3c4a65 kvtier | tar -x -C DIR``) in a child process, interleaved run by run with
 the others on the same batch; the multi-page rows are reported ÷ each baseline, paired per run.
@@ -118,6 +121,7 @@ def storage_bench(pages: int, page_tokens: int, pages_per_object: int | str, rep
     import torch
 
     from kvtier.bench.common import interleaved, paired
+    from kvtier.integrations.sglang.pages import HostPages, PoolView, object_pages
 
     g = torch.Generator().manual_seed(0)
     layers, heads, dim = SMOLLM2["layers"], SMOLLM2["heads"], SMOLLM2["dim"]
@@ -127,6 +131,9 @@ def storage_bench(pages: int, page_tokens: int, pages_per_object: int | str, rep
     nbytes = buffer.numel() * buffer.element_size()
     gb = nbytes / 1e9
     dst = torch.empty_like(buffer)
+    host = HostPages(PoolView(pool), [p * page_tokens for p in range(pages)])
+    canonical = object_pages(torch.empty((layers, 2, pages * page_tokens, heads, dim), dtype=torch.bfloat16),
+                             page_tokens)
     keys = page_hashes(pages, page_tokens)
     slots = torch.arange(pages * page_tokens)
     first_call = SimpleNamespace(prefix_keys=None, extra_info=None)  # SGLang's call at a sequence start
@@ -137,7 +144,9 @@ def storage_bench(pages: int, page_tokens: int, pages_per_object: int | str, rep
         (Path(tmp) / "keys").write_text("\n".join(keys))
         for fsync in (False, True):
             sync = "fsync" if fsync else "no fsync"
-            ops: dict[str, Any] = {"copy_": lambda: dst.copy_(buffer)}
+            ops: dict[str, Any] = {"copy_": lambda: dst.copy_(buffer),
+                                   "pool gather": lambda: host.gather(canonical, 0, 0, pages),
+                                   "pool scatter": lambda: host.scatter(canonical, 0, 0, pages)}
             prepare: dict[str, Any] = {}
             backends = {}
             others: list[Baseline] = []
@@ -156,6 +165,9 @@ def storage_bench(pages: int, page_tokens: int, pages_per_object: int | str, rep
                 times = interleaved(ops, repeat, prepare=prepare)
                 ceiling = times["copy_"]
             results[f"ceiling copy_ ({sync})"] = {"GBps": _spread([gb / t for t in ceiling]), "runs_s": ceiling}
+            pool_copy = {"write": times["pool gather"], "read": times["pool scatter"]}
+            results[f"ceiling pool copy ({sync})"] = {op: {"GBps": _spread([gb / t for t in runs]), "runs_s": runs}
+                                                      for op, runs in pool_copy.items()}
             for kind, st in backends.items():
                 if not all(st.batch_get_v1(keys, slots, first_call)):
                     raise RuntimeError(f"benchmark pages did not read back ({st.stats()})")
@@ -164,7 +176,7 @@ def storage_bench(pages: int, page_tokens: int, pages_per_object: int | str, rep
                 for op in ("write", "read"):
                     runs = times[f"{kind}: {op}"]
                     row[op] = {"GBps": _spread([gb / t for t in runs]), "runs_s": runs,
-                               "vs_copy": paired(runs, ceiling)}
+                               "vs_copy": paired(runs, ceiling), "vs_pool_copy": paired(runs, pool_copy[op])}
                 results["rows"][f"{sync}, {kind}"] = row
                 st.close()
             results[f"multi-page ÷ 1 page ({sync})"] = {
@@ -174,7 +186,7 @@ def storage_bench(pages: int, page_tokens: int, pages_per_object: int | str, rep
                 for op in ("write", "read"):
                     runs = other.runs[op][WARMUP:]
                     row[op] = {"GBps": _spread([gb / t for t in runs]), "runs_s": runs,
-                               "vs_copy": paired(runs, ceiling)}
+                               "vs_copy": paired(runs, ceiling), "vs_pool_copy": paired(runs, pool_copy[op])}
                 results["baselines"][f"{sync}, {other.name}"] = row
                 results[f"multi-page ÷ {other.name} ({sync})"] = {
                     op: paired(times[f"{KINDS[1][0]}: {op}"], row[op]["runs_s"]) for op in ("write", "read")}
@@ -185,22 +197,17 @@ def _print_storage(results: dict[str, Any]) -> None:
     def fmt(d: dict[str, float], unit: str) -> str:
         return f"{d['median']:.2f}{unit} ({d['min']:.2f}-{d['max']:.2f})"
 
-    for name, r in results["baselines"].items():
-        print(f"{name + ' (baseline)':41} write {fmt(r['write']['GBps'], ' GB/s')} ÷ copy_ "
-              f"{fmt(r['write']['vs_copy'], 'x')}  read {fmt(r['read']['GBps'], ' GB/s')} ÷ copy_ "
-              f"{fmt(r['read']['vs_copy'], 'x')}")
-        sync, other = name.split(", ", 1)
-        s = results[f"multi-page ÷ {other} ({sync})"]
-        print(f"multi-page ÷ {other} ({sync}): write {fmt(s['write'], 'x')}, read {fmt(s['read'], 'x')}")
-    for name, r in results["rows"].items():
-        print(f"{name:30} {r['objects']:4} objects  write {fmt(r['write']['GBps'], ' GB/s')} "
-              f"÷ copy_ {fmt(r['write']['vs_copy'], 'x')}  read {fmt(r['read']['GBps'], ' GB/s')} "
-              f"÷ copy_ {fmt(r['read']['vs_copy'], 'x')}")
+    rows = {**{f"{name} (baseline)": r for name, r in results["baselines"].items()}, **results["rows"]}
+    for name, r in rows.items():
+        print(f"{name:38} " + "  ".join(f"{op} {fmt(r[op]['GBps'], ' GB/s')} ÷ copy_ {fmt(r[op]['vs_copy'], 'x')} "
+                                         f"÷ pool copy {fmt(r[op]['vs_pool_copy'], 'x')}" for op in ("write", "read")))
     for sync in ("no fsync", "fsync"):
-        s = results[f"multi-page ÷ 1 page ({sync})"]
-        c = results[f"ceiling copy_ ({sync})"]["GBps"]
-        print(f"multi-page ÷ 1 page ({sync}): write {fmt(s['write'], 'x')}, read {fmt(s['read'], 'x')}; "
-              f"copy_ {fmt(c, ' GB/s')}")
+        c, pool = results[f"ceiling copy_ ({sync})"]["GBps"], results[f"ceiling pool copy ({sync})"]
+        print(f"ceilings ({sync}): copy_ {fmt(c, ' GB/s')}, pool gather {fmt(pool['write']['GBps'], ' GB/s')}, "
+              f"pool scatter {fmt(pool['read']['GBps'], ' GB/s')}")
+        for other in ["1 page", *(name.split(", ", 1)[1] for name in results["baselines"] if name.startswith(sync))]:
+            s = results[f"multi-page ÷ {other} ({sync})"]
+            print(f"  multi-page ÷ {other}: write {fmt(s['write'], 'x')}, read {fmt(s['read'], 'x')}")
 
 
 def _plot_storage(results: dict[str, Any], path: Path) -> None:

@@ -25,8 +25,10 @@ def test_storage_bench_writes_rows_ratios_and_a_plot(tmp_path: Path) -> None:
         for op in ("write", "read"):
             assert len(row[op]["runs_s"]) == 3 and row[op]["GBps"]["min"] <= row[op]["GBps"]["max"]
             assert 0 < row[op]["vs_copy"]["min"] <= row[op]["vs_copy"]["median"] <= row[op]["vs_copy"]["max"]
+            assert 0 < row[op]["vs_pool_copy"]["min"] <= row[op]["vs_pool_copy"]["max"]
     assert {"write", "read"} == set(data["multi-page ÷ 1 page (fsync)"])
     assert len(data["ceiling copy_ (no fsync)"]["runs_s"]) == 3
+    assert len(data["ceiling pool copy (fsync)"]["read"]["runs_s"]) == 3
     assert (tmp_path / "out" / "sglang_storage.png").stat().st_size > 0
     assert not list(tmp_path.glob("kvtier-sglang-bench-*"))  # the disk tier's scratch directory is gone
 
@@ -44,7 +46,7 @@ def test_a_baseline_checkout_runs_in_a_child_interleaved_with_ours(tmp_path: Pat
         for op in ("write", "read"):
             assert len(row[op]["runs_s"]) == 3 and all(t > 0 for t in row[op]["runs_s"])
             assert data[f"multi-page ÷ self ({sync})"][op]["min"] > 0
-    assert "multi-page ÷ self (fsync): write" in result.output
+    assert "multi-page ÷ self: write" in result.output and "pool scatter" in result.output
     assert not list(tmp_path.glob("kvtier-sglang-bench-*"))
 
 

@@ -42,9 +42,13 @@ hit; the page index is per process (after a restart, a prompt that diverges insi
 that group's shared pages).
 
 Layout. Objects are stored in kvtier's canonical layout ``[layers, 2, pages * page_size, heads,
-head_dim]``, whatever SGLang's host layout (``layer_first`` or ``page_first``), so the frames do not
-depend on ``--hicache-mem-layout``. MLA and hybrid (v2) pools are not supported: kvtier then stays off
-and SGLang runs without L3.
+head_dim]``, whatever SGLang's host layout (``layer_first``, ``page_first`` or ``page_first_direct``),
+so the frames do not depend on ``--hicache-mem-layout``. A write gathers each object's pages straight
+into the buffer its frame is checksummed and written from; a read scatters each verified object
+straight from the buffer the tier read it into: one single-threaded strided copy per run of pages
+that sit next to each other in the host pool (:class:`~kvtier.integrations.sglang.pages.HostPages`),
+not one per page. MLA and hybrid (v2) pools are not supported: kvtier then stays off and SGLang runs
+without L3.
 
 Failure. Every backend call catches everything: an error is logged, counted in :attr:`counters` and
 answered as a miss (``False`` / 0 pages); SGLang then recomputes. Writes are synchronous (the call
