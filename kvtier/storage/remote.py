@@ -21,8 +21,9 @@ Invariants:
   announces: a larger reply header closes the connection before any of its body is read, and a reply
   must arrive within ``timeout_s`` plus its size at 100 MB/s, so a hostile or broken server can neither
   exhaust this process's memory nor hold a call for ever (both are failed calls, i.e. misses).
-- ``get_many`` / ``get_each`` / ``put_many`` use the batched MGET / MPUT ops: one request for many
-  keys, replies streamed and each frame received into its own ``bytes`` object as it arrives.
+- ``get_many`` / ``get_each`` / ``get_each_into`` / ``put_many`` use the batched MGET / MPUT ops: one
+  request for many keys, replies streamed and each frame received into its own ``bytes`` object (or
+  its payload straight into the caller's buffer) and handed over as it arrives.
 - Reads use kernel socket timeouts on blocking sockets, so one ``recv(n, MSG_WAITALL)`` receives a
   whole GET frame straight into the ``bytes`` object returned (no copy); headers and other bodies are
   received with ``recv_into`` into the connection's preallocated buffers. Sends are one ``sendmsg``
@@ -578,14 +579,6 @@ class RemoteTier(Tier):
             self._count("hits", hits)
             self._count("gets_zero_copy", hits)
             self._count("misses", done - hits)
-
-    def get_many_into(
-        self, keys: Sequence[ChunkKey], payloads: Sequence[memoryview]
-    ) -> list[bytes | memoryview | None]:
-        """:meth:`get_each_into`, the heads returned in order."""
-        heads: list[bytes | memoryview | None] = [None] * len(keys)
-        self.get_each_into(keys, payloads, heads.__setitem__)
-        return heads
 
     def get_many(self, keys: Sequence[ChunkKey]) -> list[bytes | memoryview | None]:
         """Batched GET: the frames of ``keys`` in order (``None`` = miss)."""
