@@ -14,12 +14,14 @@ Invariants:
 - A header is validated before its body is read; a body above ``max_message_bytes`` is refused.
   Malformed input gets one error reply and closes *that* connection; nothing a peer sends stops the
   server or another connection.
-- Memory is bounded and grows with what arrives: a body is received straight into one uninitialised
-  buffer of its final size (address space only: the kernel commits a page when received bytes are
+- Memory is bounded and grows with what arrives: a body is received straight into one buffer of its
+  final size, either the buffer of a dropped frame kept for reuse (:mod:`kvtier.server.pool`) or a
+  fresh uninitialised one (address space only: the kernel commits a page when received bytes are
   written to it, so a header whose body never comes costs no memory); the store holds at most
-  ``capacity`` bytes; large request bodies being read or processed hold at most ``max_inflight_bytes``
-  (taken once the body's first byte arrived; a reader waits for budget, which back-pressures its
-  client through TCP), and large GET replies not
+  ``capacity`` bytes; large request bodies being read or processed, plus the buffers kept for reuse,
+  hold at most ``max_inflight_bytes`` (a body takes its share once its first byte arrived; a reader
+  waits for budget, which back-pressures its client through TCP, and kept buffers are freed first),
+  and large GET replies not
   yet taken by the kernel hold at most ``max_inflight_bytes`` of a separate budget. Bodies up to
   :data:`SMALL_BODY` take no budget, so a PING or a key lookup never waits behind large transfers. A
   whole request must arrive within ``read_timeout_s``; an authenticated connection may idle
