@@ -285,6 +285,18 @@ def test_mput_resumes_after_the_client_stalls_mid_frame(server: ServerProcess, t
     assert stats_of(server)["mput_one_pass"] >= 1
 
 
+def test_put_many_cuts_messages_at_the_server_limit(server: ServerProcess, tier: RemoteTier) -> None:
+    """Eight 256 KiB frames against a 1 MiB message limit: three MPUTs of whole frames, each received
+    in one pass, instead of one message the server must take item by item."""
+    frames = make_frames(8, KVSpec(8, 4, 64, "float32", 16), seed=45)
+    before = stats_of(server)
+    tier.put_many([(k, (f,)) for k, f in frames])
+    after = stats_of(server)
+    assert after["op_mput"] - before.get("op_mput", 0) == 3
+    assert after["mput_one_pass"] - before.get("mput_one_pass", 0) == 3
+    assert tier.get_many([k for k, _f in frames]) == [f for _k, f in frames]
+
+
 def test_get_many_into_receives_payloads_in_place(tier: RemoteTier) -> None:
     frames = make_frames(3, seed=43)
     tier.put_many([(k, (f,)) for k, f in frames])
