@@ -86,7 +86,7 @@ def copy_in(chunk: torch.Tensor, kv: KVLike, start: int, end: int, *, one_thread
     (measured 0.9x of a contiguous ``copy_`` on a quiet 2-core machine; single-threaded numpy reached
     0.56x). ``one_thread``: see :func:`copy_out`."""
     n = end - start
-    copy = _copy_one_thread if one_thread else _copy
+    copy = copy_one_thread if one_thread else _copy
     if isinstance(kv, torch.Tensor):
         copy(chunk[:, :, :n], kv[:, :, start:end])
         return
@@ -106,7 +106,7 @@ def copy_in_run(run: torch.Tensor, kv: KVLike, start: int, *, one_thread: bool =
     ``one_thread``: see :func:`copy_out`."""
     count, c = int(run.shape[0]), int(run.shape[3])
     if isinstance(kv, torch.Tensor):
-        (_copy_one_thread if one_thread else _copy)(run, _run_view(kv, start, count, c))
+        (copy_one_thread if one_thread else _copy)(run, _run_view(kv, start, count, c))
         return
     for i in range(count):
         copy_in(run[i], kv, start + i * c, start + (i + 1) * c, one_thread=one_thread)
@@ -116,7 +116,7 @@ def copy_out_run(run: torch.Tensor, kv: KVLike, start: int, *, one_thread: bool 
     """Inverse of :func:`copy_in_run`."""
     count, c = int(run.shape[0]), int(run.shape[3])
     if isinstance(kv, torch.Tensor):
-        (_copy_one_thread if one_thread else _copy)(_run_view(kv, start, count, c), run)
+        (copy_one_thread if one_thread else _copy)(_run_view(kv, start, count, c), run)
         return
     for i in range(count):
         copy_out(run[i], kv, start + i * c, start + (i + 1) * c, one_thread=one_thread)
@@ -129,7 +129,7 @@ def copy_out(chunk: torch.Tensor, kv: KVLike, start: int, end: int, *, one_threa
     reads in flight): torch splits a large ``copy_`` over all its threads and waits for the slowest,
     which on a busy core is several times slower than one thread's copy."""
     n = end - start
-    copy = _copy_one_thread if one_thread else _copy
+    copy = copy_one_thread if one_thread else _copy
     if isinstance(kv, torch.Tensor):
         copy(kv[:, :, start:end], chunk[:, :, :n])
         return
@@ -142,11 +142,22 @@ def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
     dst.copy_(src)
 
 
-def _copy_one_thread(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """``dst.copy_(src)`` done by numpy on this thread (CPU tensors of one dtype whose last axis is
-    contiguous, else ``copy_``)."""
+_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def copy_one_thread(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst.copy_(src)`` on the calling thread only: numpy on a same-size integer view of CPU tensors of
+    one dtype and shape (any strides, bytes copied exactly; numpy releases the GIL for the copy), else
+    ``copy_``. torch would wake its intra-op threads, which an engine's forward pass is using."""
     if (dst.device.type != "cpu" or src.device.type != "cpu" or dst.dtype != src.dtype or dst.dim() == 0
-            or dst.shape != src.shape or dst.stride(-1) != 1 or src.stride(-1) != 1):
+            or dst.shape != src.shape or dst.element_size() not in _SAME_SIZE_INT):
         dst.copy_(src)
         return
-    np.copyto(dst.detach().view(torch.uint8).numpy(), src.detach().view(torch.uint8).numpy())
+    np.copyto(int_view(dst.detach()).numpy(), int_view(src.detach()).numpy())
+
+
+def int_view(tensor: torch.Tensor) -> torch.Tensor:
+    """The same bytes as a tensor of the same-size integer type (a view; the tensor itself if it is
+    one): what numpy can take without a dtype of its own (bfloat16, float8) and copies bytes exactly."""
+    as_int = _SAME_SIZE_INT[tensor.element_size()]
+    return tensor if tensor.dtype == as_int else tensor.view(as_int)

@@ -61,7 +61,7 @@ def test_cpu_lookup_disk_benches(tmp_path: Path) -> None:
     from kvtier.bench import cpu, disk, lookup
 
     c = _rows(cpu.run(tokens=512, repeat=2, out_dir=str(tmp_path), show=False))
-    assert c[("", "retrieve")]["vs"] == "copy_"
+    assert c[("", "retrieve")]["vs"] == "copy_" == c[("", "copy_ again")]["vs"]
     lk = _rows(lookup.run(tokens=1024, repeat=2, out_dir=str(tmp_path), show=False))
     assert lk[("", "lookup(list)")]["vs"] == "hash only" and "ms" in lk[("", "hash only")]
     d = disk.run(tmp_path / "scratch", 1 << 20, 3, num_layers=2, num_kv_heads=2, head_dim=16, chunk_tokens=64,

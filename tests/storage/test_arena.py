@@ -45,3 +45,38 @@ def test_store_after_clear_lands_in_consecutive_slots(monkeypatch: pytest.Monkey
             slots = [engine.cpu._index[c.key].slot for c in chunks]
             assert slots == list(range(slots[0], slots[0] + len(chunks)))
             assert engine.retrieve(ids, out) == tokens and torch.equal(out, kv)
+
+
+def _thp_mode() -> str:
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return "never"
+    return text.split("[")[1].split("]")[0]
+
+
+def _anon_huge_kib(address: int) -> int:
+    """AnonHugePages of this process's mapping that contains ``address`` (from /proc/self/smaps)."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and all(c in "0123456789abcdef-" for c in head):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and head == "AnonHugePages:":
+            return int(line.split()[1])
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def test_arena_starts_zeroed_and_in_huge_pages_where_the_kernel_offers_them() -> None:
+    """The arena is zero, faulted in and writable; with THP on (``madvise``/``always``) its large
+    aligned part sits in 2 MiB pages, which a store's strided copy of a run of chunks walks faster."""
+    spec = KVSpec(num_layers=4, num_kv_heads=2, head_dim=64, dtype="bfloat16", chunk_tokens=256)
+    arena = Arena(spec, 64 * spec.chunk_bytes)  # 16 MiB
+    assert arena.buffer.shape == (64, *spec.chunk_shape()) and arena.buffer.dtype == torch.bfloat16
+    assert not arena.buffer.any()
+    arena.view(3).fill_(1.5)
+    assert arena.buffer[3].eq(1.5).all() and not arena.buffer[4].any()
+    if _thp_mode() not in ("always", "madvise") or not Path("/proc/self/smaps").exists():
+        pytest.skip("this kernel offers no transparent huge pages")
+    assert _anon_huge_kib(arena.buffer.data_ptr() + arena.capacity_bytes // 2) >= 2048
