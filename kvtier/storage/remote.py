@@ -473,9 +473,10 @@ class RemoteTier(Tier):
         return self._run("stats", call)
 
     def put_many(self, items: Sequence[tuple[ChunkKey, Sequence[bytes | memoryview]]]) -> None:
-        """Store every ``(key, frame parts)`` item with batched MPUTs (one message per
-        :data:`MPUT_BATCH` items, all sent before the replies are read). Refused items are counted
-        (``puts_refused``), as with :meth:`put`."""
+        """Store every ``(key, frame parts)`` item with batched MPUTs (one message per at most
+        :data:`MPUT_BATCH` items whose frames together fit the server's message limit, so the server
+        receives each message in one pass; all sent before the replies are read). Refused items are
+        counted (``puts_refused``), as with :meth:`put`."""
         batch = []
         for key, parts in items:
             _check_key(key)
@@ -487,8 +488,7 @@ class RemoteTier(Tier):
         def call(conn: Connection) -> list[bool]:
             sendable = [i for i, item in enumerate(batch) if item[2] + P.KEY_BYTES <= conn.max_body]
             sent: list[tuple[int, list[int]]] = []
-            for at in range(0, len(sendable), MPUT_BATCH):
-                group = sendable[at : at + MPUT_BATCH]
+            for group in _groups(sendable, [batch[i][2] for i in sendable], conn.max_body):
                 parts: list[_Body] = []
                 for i in group:
                     key, views, size = batch[i]
@@ -599,6 +599,20 @@ class RemoteTier(Tier):
     def close(self) -> None:
         self._closed = True
         self._drop_idle()
+
+
+def _groups(indices: list[int], sizes: list[int], max_bytes: int) -> list[list[int]]:
+    """``indices`` cut into consecutive groups of at most :data:`MPUT_BATCH`, each of at most
+    ``max_bytes`` in ``sizes`` (a single larger item forms its own group)."""
+    out: list[list[int]] = []
+    total = 0
+    for i, size in zip(indices, sizes, strict=True):
+        if not out or len(out[-1]) >= MPUT_BATCH or total + size > max_bytes:
+            out.append([])
+            total = 0
+        out[-1].append(i)
+        total += size
+    return out
 
 
 def _check_key(key: bytes) -> None:
