@@ -17,7 +17,7 @@ import xxhash
 from kvtier import wire
 from kvtier.config import load_config
 from kvtier.engine import CacheEngine
-from kvtier.errors import ConfigError, FrameAuthError
+from kvtier.errors import ConfigError, CorruptChunk, FrameAuthError
 from kvtier.frame_auth import FrameKeys
 from kvtier.frames import pack, unpack_into
 from kvtier.layout import KVSpec
@@ -278,3 +278,29 @@ def test_previous_secrets_from_the_environment() -> None:
     kv = torch.randn(SPEC.chunk_shape(record.num_tokens))
     frame = pack(record, kv, SPEC, auth=FrameKeys(old.encode()))
     unpack_into(frame, SPEC, torch.empty_like(kv), record.key, keys)  # an old key still reads
+
+
+def test_a_verified_mac_skips_the_checksum_pass_and_damage_stays_corruption(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a keyring, a frame whose MAC verifies is not checksummed again (the MAC covers the checksum
+    field and every byte it covers); a frame whose MAC fails is checksummed to tell damage
+    (CorruptChunk, discarded by the tiers) from another writer's frame (FrameAuthError, kept)."""
+    chunk = make_chunks()[0]
+    record = token_record(chunk, TOKENS)
+    kv = torch.randn(SPEC.chunk_shape(chunk.num_tokens))
+    keys = FrameKeys(SECRET.encode())
+    frame = pack(record, kv, SPEC, auth=keys)
+    out = torch.empty_like(kv)
+    passes: list[int] = []
+    real = wire._checksum
+    monkeypatch.setattr(wire, "_checksum", lambda meta, payload: passes.append(len(payload)) or real(meta, payload))
+    assert unpack_into(frame, SPEC, out, chunk.key, keys).record() == record and torch.equal(out, kv)
+    assert passes == []
+    unpack_into(frame, SPEC, out, chunk.key)  # without keys the checksum is the check
+    assert len(passes) == 1
+    damaged = bytearray(frame)
+    damaged[-5] ^= 0x01
+    with pytest.raises(CorruptChunk, match="checksum mismatch") as caught:
+        unpack_into(bytes(damaged), SPEC, out, chunk.key, keys)
+    assert not isinstance(caught.value, FrameAuthError)
+    with pytest.raises(FrameAuthError, match="does not hold"):
+        unpack_into(frame, SPEC, out, chunk.key, FrameKeys(OTHER.encode()))
