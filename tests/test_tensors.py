@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kvtier.layout import KVSpec
-from kvtier.tensors import copy_in, copy_in_run, copy_out, copy_out_run
+from kvtier.tensors import copy_in, copy_in_run, copy_one_thread, copy_out, copy_out_run
 
 SPEC = KVSpec(num_layers=3, num_kv_heads=2, head_dim=8, dtype="bfloat16", chunk_tokens=4)
 TOKENS = 13  # three full chunks and a partial one
@@ -69,10 +69,18 @@ def test_run_round_trip(layout: str, one_thread: bool) -> None:
     assert torch.equal(_dense(dst), expected)
 
 
-def test_one_thread_falls_back_when_last_axis_is_strided() -> None:
-    """A source whose last axis is not contiguous cannot be copied as bytes: torch copies it."""
+def test_one_thread_copies_any_strides_exactly() -> None:
+    """A source whose last axis is not contiguous (a transposed view) is copied element by element
+    through a same-size integer view, bit for bit."""
     src = torch.randn(SPEC.num_layers, 2, TOKENS, SPEC.head_dim, SPEC.num_kv_heads).to(SPEC.torch_dtype)
     kv = src.transpose(3, 4)
     chunk = torch.zeros(SPEC.chunk_shape(SPEC.chunk_tokens), dtype=SPEC.torch_dtype)
     copy_in(chunk, kv, 0, SPEC.chunk_tokens, one_thread=True)
     assert torch.equal(chunk, kv[:, :, : SPEC.chunk_tokens])
+
+
+def test_copy_one_thread_converts_dtypes_through_torch() -> None:
+    src = torch.randn(4, 8)
+    dst = torch.zeros(8, 4, dtype=torch.bfloat16).t()
+    copy_one_thread(dst, src)
+    assert torch.equal(dst, src.to(torch.bfloat16))

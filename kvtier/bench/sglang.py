@@ -6,7 +6,13 @@ SmolLM2-135M geometry: 360 KiB per 16-token page) is written (``batch_set_v1``) 
 tier, with SGLang's prefix keys, as SGLang calls it. Rows: one page per object (the backend before
 multi-page objects) and ``--pages-per-object`` (default: the backend's "auto"), each with disk fsync
 off and on. The ceiling is a plain ``copy_`` of the same bytes in the same run; ratios are reported
-against it and between the two object sizes (min / median / max over ``--repeat`` runs).
+against it and between the two object sizes (min / median / max over ``--repeat`` runs). A second
+ceiling is the one copy the backend cannot avoid: the whole batch gathered from SGLang's host pool
+into kvtier's canonical layout (writes) and scattered back (reads), single-threaded, as the backend
+copies (``pool gather`` / ``pool scatter``; each row's ``vs_pool_copy``).
+``--baseline NAME=DIR`` (repeatable) adds another kvtier checkout's backend (e.g. the one-page-per-object
+backend: ``git archive c3c4a65 kvtier | tar -x -C DIR``) in a child process, interleaved run by run with
+the others on the same batch; the multi-page rows are reported ÷ each baseline, paired per run.
 
 ``ttft`` (SGLang test venv): one SGLang server with kvtier (disk tier); per prompt size, ``--repeat``
 distinct prompts are sent cold (a kvtier miss: full prefill), then after ``/flush_cache`` (SGLang's
@@ -18,11 +24,14 @@ in between, is SGLang's own device (radix-cache) hit on the same prompt: no copy
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import json
 import os
 import statistics
 import struct
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -62,15 +71,57 @@ def _spread(values: list[float]) -> dict[str, float]:
 
 
 KINDS = (("1 page per object", 1), ("multi-page objects", None))  # None: --pages-per-object
+WARMUP = 1  # untimed first run of every op (interleaved's default)
+
+
+class Baseline:
+    """Another kvtier checkout's backend in a child process (:mod:`kvtier.bench.sglang_baseline`) on the
+    same batch. Keeps the seconds the child measured around each call (no pipe round trip in them)."""
+
+    def __init__(self, name: str, tree: Path, shape: dict[str, int], keys: Path, disk: Path, fsync: bool) -> None:
+        from kvtier.errors import ConfigError
+        from kvtier.procs import Child
+
+        tree = tree.resolve()
+        if not (tree / "kvtier" / "integrations").is_dir():
+            raise ConfigError(f"--baseline {name}={tree}: no kvtier/integrations there (a checkout of kvtier)")
+        self.name = name
+        self.runs: dict[str, list[float]] = {"write": [], "read": []}
+        loader = ("import importlib.util as u, sys; s = u.spec_from_file_location('kvtier_sglang_baseline', "
+                  "sys.argv[1]); m = u.module_from_spec(s); s.loader.exec_module(m); m.main(sys.argv[2:])")
+        argv = [sys.executable, "-c", loader, str(Path(__file__).with_name("sglang_baseline.py")),
+                "--shape", json.dumps(shape), "--keys", str(keys), "--disk", str(disk), *(["--fsync"] if fsync else [])]
+        # cwd = the tree: ``-c`` puts the working directory first on sys.path
+        self.child = Child(argv, env={**os.environ, "PYTHONPATH": str(tree)}, stdin=True, cwd=tree,
+                           log=disk.with_name(f"{disk.name}.log"))
+        try:
+            found = Path(self.child.expect(r"^ready (.+)$", 300)[1])
+            if tree not in found.parents:
+                raise ConfigError(f"--baseline {name}: the child imported kvtier from {found}, not from {tree}")
+        except BaseException:
+            self.child.stop()
+            raise
+
+    def run(self, op: str) -> None:
+        self.child.send(op)
+        done = self.child.expect(rf"^done {op} (\S+) (True|False)$", 600)
+        if done[2] != "True":
+            raise RuntimeError(f"baseline {self.name}: {op} did not keep every page (log: {self.child.log_tail()})")
+        self.runs[op].append(float(done[1]))
+
+    def close(self) -> None:
+        self.child.stop()
 
 
 def storage_bench(pages: int, page_tokens: int, pages_per_object: int | str, repeat: int,
-                  disk_dir: Path | None) -> dict[str, Any]:
-    """Per fsync setting, the ceiling and each object size's write and read, interleaved run by run
-    (:func:`~kvtier.bench.common.interleaved`), so ratios pair runs taken back to back."""
+                  disk_dir: Path | None, baselines: dict[str, Path] | None = None) -> dict[str, Any]:
+    """Per fsync setting, the ceiling, each object size's write and read and each baseline's,
+    interleaved run by run (:func:`~kvtier.bench.common.interleaved`), so ratios pair runs taken back
+    to back."""
     import torch
 
     from kvtier.bench.common import interleaved, paired
+    from kvtier.integrations.sglang.pages import HostPages, PoolView, object_pages
 
     g = torch.Generator().manual_seed(0)
     layers, heads, dim = SMOLLM2["layers"], SMOLLM2["heads"], SMOLLM2["dim"]
@@ -80,25 +131,43 @@ def storage_bench(pages: int, page_tokens: int, pages_per_object: int | str, rep
     nbytes = buffer.numel() * buffer.element_size()
     gb = nbytes / 1e9
     dst = torch.empty_like(buffer)
+    host = HostPages(PoolView(pool), [p * page_tokens for p in range(pages)])
+    canonical = object_pages(torch.empty((layers, 2, pages * page_tokens, heads, dim), dtype=torch.bfloat16),
+                             page_tokens)
     keys = page_hashes(pages, page_tokens)
     slots = torch.arange(pages * page_tokens)
     first_call = SimpleNamespace(prefix_keys=None, extra_info=None)  # SGLang's call at a sequence start
-    results: dict[str, Any] = {"pages": pages, "page_tokens": page_tokens, "bytes": nbytes, "rows": {}}
+    results: dict[str, Any] = {"pages": pages, "page_tokens": page_tokens, "bytes": nbytes, "rows": {},
+                               "baselines": {}}
+    shape = {"layers": layers, "heads": heads, "dim": dim, "pages": pages, "page_tokens": page_tokens}
     with tempfile.TemporaryDirectory(prefix="kvtier-sglang-bench-", dir=disk_dir) as tmp:
+        (Path(tmp) / "keys").write_text("\n".join(keys))
         for fsync in (False, True):
             sync = "fsync" if fsync else "no fsync"
-            ops: dict[str, Any] = {"copy_": lambda: dst.copy_(buffer)}
+            ops: dict[str, Any] = {"copy_": lambda: dst.copy_(buffer),
+                                   "pool gather": lambda: host.gather(canonical, 0, 0, pages),
+                                   "pool scatter": lambda: host.scatter(canonical, 0, 0, pages)}
             prepare: dict[str, Any] = {}
             backends = {}
-            for kind, group in KINDS:
-                st = _backend(pool, Path(tmp) / f"{sync}-{kind}", fsync, group or pages_per_object)
-                backends[kind] = st
-                ops[f"{kind}: write"] = functools.partial(st.batch_set_v1, keys, slots, first_call)
-                prepare[f"{kind}: write"] = st.clear
-                ops[f"{kind}: read"] = functools.partial(st.batch_get_v1, keys, slots, first_call)
-            times = interleaved(ops, repeat, prepare=prepare)
-            ceiling = times["copy_"]
+            others: list[Baseline] = []
+            with contextlib.ExitStack() as stack:
+                for name, tree in (baselines or {}).items():
+                    others.append(Baseline(name, tree, shape, Path(tmp) / "keys", Path(tmp) / f"{sync}-{name}", fsync))
+                    stack.callback(others[-1].close)
+                    for op in ("write", "read"):
+                        ops[f"baseline {name}: {op}"] = functools.partial(others[-1].run, op)
+                for kind, group in KINDS:
+                    st = _backend(pool, Path(tmp) / f"{sync}-{kind}", fsync, group or pages_per_object)
+                    backends[kind] = st
+                    ops[f"{kind}: write"] = functools.partial(st.batch_set_v1, keys, slots, first_call)
+                    prepare[f"{kind}: write"] = st.clear
+                    ops[f"{kind}: read"] = functools.partial(st.batch_get_v1, keys, slots, first_call)
+                times = interleaved(ops, repeat, prepare=prepare)
+                ceiling = times["copy_"]
             results[f"ceiling copy_ ({sync})"] = {"GBps": _spread([gb / t for t in ceiling]), "runs_s": ceiling}
+            pool_copy = {"write": times["pool gather"], "read": times["pool scatter"]}
+            results[f"ceiling pool copy ({sync})"] = {op: {"GBps": _spread([gb / t for t in runs]), "runs_s": runs}
+                                                      for op, runs in pool_copy.items()}
             for kind, st in backends.items():
                 if not all(st.batch_get_v1(keys, slots, first_call)):
                     raise RuntimeError(f"benchmark pages did not read back ({st.stats()})")
@@ -107,11 +176,20 @@ def storage_bench(pages: int, page_tokens: int, pages_per_object: int | str, rep
                 for op in ("write", "read"):
                     runs = times[f"{kind}: {op}"]
                     row[op] = {"GBps": _spread([gb / t for t in runs]), "runs_s": runs,
-                               "vs_copy": paired(runs, ceiling)}
+                               "vs_copy": paired(runs, ceiling), "vs_pool_copy": paired(runs, pool_copy[op])}
                 results["rows"][f"{sync}, {kind}"] = row
                 st.close()
             results[f"multi-page ÷ 1 page ({sync})"] = {
                 op: paired(times[f"{KINDS[1][0]}: {op}"], times[f"{KINDS[0][0]}: {op}"]) for op in ("write", "read")}
+            for other in others:
+                row = {}
+                for op in ("write", "read"):
+                    runs = other.runs[op][WARMUP:]
+                    row[op] = {"GBps": _spread([gb / t for t in runs]), "runs_s": runs,
+                               "vs_copy": paired(runs, ceiling), "vs_pool_copy": paired(runs, pool_copy[op])}
+                results["baselines"][f"{sync}, {other.name}"] = row
+                results[f"multi-page ÷ {other.name} ({sync})"] = {
+                    op: paired(times[f"{KINDS[1][0]}: {op}"], row[op]["runs_s"]) for op in ("write", "read")}
     return results
 
 
@@ -119,22 +197,25 @@ def _print_storage(results: dict[str, Any]) -> None:
     def fmt(d: dict[str, float], unit: str) -> str:
         return f"{d['median']:.2f}{unit} ({d['min']:.2f}-{d['max']:.2f})"
 
-    for name, r in results["rows"].items():
-        print(f"{name:30} {r['objects']:4} objects  write {fmt(r['write']['GBps'], ' GB/s')} "
-              f"÷ copy_ {fmt(r['write']['vs_copy'], 'x')}  read {fmt(r['read']['GBps'], ' GB/s')} "
-              f"÷ copy_ {fmt(r['read']['vs_copy'], 'x')}")
+    rows = {**{f"{name} (baseline)": r for name, r in results["baselines"].items()}, **results["rows"]}
+    for name, r in rows.items():
+        print(f"{name:38} " + "  ".join(f"{op} {fmt(r[op]['GBps'], ' GB/s')} ÷ copy_ {fmt(r[op]['vs_copy'], 'x')} "
+                                         f"÷ pool copy {fmt(r[op]['vs_pool_copy'], 'x')}" for op in ("write", "read")))
     for sync in ("no fsync", "fsync"):
-        s = results[f"multi-page ÷ 1 page ({sync})"]
-        c = results[f"ceiling copy_ ({sync})"]["GBps"]
-        print(f"multi-page ÷ 1 page ({sync}): write {fmt(s['write'], 'x')}, read {fmt(s['read'], 'x')}; "
-              f"copy_ {fmt(c, ' GB/s')}")
+        c, pool = results[f"ceiling copy_ ({sync})"]["GBps"], results[f"ceiling pool copy ({sync})"]
+        print(f"ceilings ({sync}): copy_ {fmt(c, ' GB/s')}, pool gather {fmt(pool['write']['GBps'], ' GB/s')}, "
+              f"pool scatter {fmt(pool['read']['GBps'], ' GB/s')}")
+        for other in ["1 page", *(name.split(", ", 1)[1] for name in results["baselines"] if name.startswith(sync))]:
+            s = results[f"multi-page ÷ {other} ({sync})"]
+            print(f"  multi-page ÷ {other}: write {fmt(s['write'], 'x')}, read {fmt(s['read'], 'x')}")
 
 
 def _plot_storage(results: dict[str, Any], path: Path) -> None:
     from kvtier.bench.common import bar_plot
 
-    rows = list(results["rows"].values())
-    labels = [name.replace(", ", "\n") for name in results["rows"]]
+    named = {**results["rows"], **{f"{name} (baseline)": r for name, r in results["baselines"].items()}}
+    rows = list(named.values())
+    labels = [name.replace(", ", "\n") for name in named]
     ops = ("write", "read")
     bar_plot(path, f"{results['pages']} SGLang pages of {results['page_tokens']} tokens "
              f"({results['bytes'] / 2**20:.0f} MiB) through KvtierStorage + disk (GB/s, median, min-max)", labels,
@@ -235,6 +316,18 @@ def _wait_backed_up(disk: Path, timeout_s: float = 120.0) -> None:
         time.sleep(1.0)
 
 
+def _baselines(specs: list[str]) -> dict[str, Path]:
+    from kvtier.errors import ConfigError
+
+    out: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, tree = spec.partition("=")
+        if not sep or not name or not tree or "," in name:
+            raise ConfigError(f"--baseline takes NAME=DIR (a kvtier checkout), got {spec!r}")
+        out[name] = Path(tree)
+    return out
+
+
 def _fmt(s: dict[str, float]) -> str:
     return f"median {s['median_s']:.2f} s (min {s['min_s']:.2f}, max {s['max_s']:.2f})"
 
@@ -252,6 +345,9 @@ def register(app: typer.Typer) -> None:
         disk_dir: Annotated[Path | None, typer.Option(help="Where the disk tier lives (default: a temp dir).")]
         = None,
         out: Annotated[Path, typer.Option(help="Results directory.")] = Path("results"),
+        baseline: Annotated[list[str] | None, typer.Option(
+            help="storage: NAME=DIR, another kvtier checkout's backend to time alongside (repeatable; e.g. "
+                 "DIR from `git archive c3c4a65 kvtier | tar -x -C DIR`).")] = None,
     ) -> None:
         """SGLang storage write/read GB/s through the backend (1 page vs multi-page objects, fsync off/on,
         ÷ copy_), or SGLang TTFT cold vs kvtier hit vs SGLang's device hit."""
@@ -262,7 +358,7 @@ def register(app: typer.Typer) -> None:
         load_before = os.getloadavg()
         if part == "storage":
             group: int | str = pages_per_object if pages_per_object == "auto" else int(pages_per_object)
-            data = storage_bench(pages, page_tokens, group, repeat, disk_dir)
+            data = storage_bench(pages, page_tokens, group, repeat, disk_dir, _baselines(baseline or []))
             _print_storage(data)
             name = "sglang_storage" if page_tokens == PAGE else f"sglang_storage_page{page_tokens}"
             _plot_storage(data, out / f"{name}.png")

@@ -15,11 +15,15 @@ Scenarios (``--scenario``):
 - ``multi-round-qa``: ``--users`` users chat in lockstep rounds (a shared system prompt, a context of
   their own, earlier questions and answers, one new question); each round runs on every configuration
   in turn, all users at once. Rounds 2+ are compared pair by pair.
-- ``async-itl``: three users stream long answers while a fourth sends a ``--doc-tokens`` prompt whose
+- ``async-itl``: three users stream long answers while a fourth sends a ``--doc-words`` prompt whose
   KV kvtier serves from its disk tier (the CPU tier is too small to keep it: later documents evicted
   it; the files may sit in the OS page cache). Inter-token latency of the three during the fourth's
   load vs the same three alone (goal: at most 1.2x, i.e. ratio >= 1/1.2), for ``kvtier_load_async``
-  false and true, per repeat.
+  false and true, per repeat. "During the load" is the span the connector logs for it (its info
+  line :data:`~kvtier.integrations.vllm.transfer.LOAD_SPAN_LOG`, on the system-wide monotonic clock
+  the streams are timed with): every gap of the three that overlaps it. The window from the fourth's
+  request to its first token (which adds its lookup, its uncached tail's prefill and its first
+  decode step: a batch of four, not three) is reported as well, as "until 4th's first token".
 
 ``--layerwise`` adds ``kvtier+layerwise`` (``kvtier_layerwise: true``) to the TTFT scenarios.
 ``--quick`` shrinks every scenario to a smoke run.
@@ -31,6 +35,7 @@ import contextlib
 import itertools
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -91,7 +96,7 @@ def stream(port: int, prompt: str, max_tokens: int, on_token: Callable[[int], No
             "stream_options": {"include_usage": True}, "ignore_eos": ignore_eos}
     req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
-    sent = time.perf_counter()
+    sent = time.monotonic()  # the clock the connector logs its load spans with (system-wide)
     stamps: list[float] = []
     text: list[str] = []
     usage = {"prompt_tokens": 0, "completion_tokens": 0}
@@ -105,12 +110,12 @@ def stream(port: int, prompt: str, max_tokens: int, on_token: Callable[[int], No
                 usage = {k: int(event["usage"][k]) for k in usage}
             piece = event["choices"][0].get("text") if event.get("choices") else None
             if piece:
-                stamps.append(time.perf_counter())
+                stamps.append(time.monotonic())
                 text.append(piece)
                 if on_token is not None:
                     on_token(len(stamps))
     if not stamps:
-        stamps.append(time.perf_counter())
+        stamps.append(time.monotonic())
     return Stream(sent, stamps, "".join(text), usage)
 
 
@@ -147,7 +152,7 @@ def servers(configs: list[Config], workdir: Path, model: str | None, max_model_l
             start_timeout: float) -> Iterator[dict[str, int]]:
     """Start every configuration's server at once; yield ``{name: port}`` once all are healthy. Each
     server is its own process group, so vLLM's engine-core process goes with it even when the server is
-    stopped before it finished starting."""
+    stopped before it finished starting. Each server's output goes to ``<workdir>/<name>.log``."""
     from kvtier.integrations.vllm.cli import server_command, server_env
 
     started: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
@@ -280,10 +285,9 @@ def itl_stats(gaps: list[float]) -> dict[str, float]:
     return {"p50": _percentile(gaps, 0.5), "p90": _percentile(gaps, 0.9), "max": max(gaps), "count": len(gaps)}
 
 
-def decode_run(port: int, tokens: int, fourth: str | None, fourth_after: int = 8) -> dict[str, Any]:
+def decode_run(port: int, tokens: int, fourth: str | None, fourth_after: int = 8) -> tuple[list[Stream], Stream | None]:
     """Three users stream ``tokens`` each; with ``fourth``, once all three have ``fourth_after`` tokens a
-    fourth request sends it (2 output tokens). The others' inter-token gaps that overlap the fourth's
-    wait for its first token (or, alone, those after the first ``fourth_after`` tokens)."""
+    fourth request sends it (2 output tokens). Returns the three streams and the fourth's."""
     ready = threading.Event()  # set once every decoder has streamed ``fourth_after`` tokens
     lock = threading.Lock()
     reached = [0]
@@ -302,47 +306,82 @@ def decode_run(port: int, tokens: int, fourth: str | None, fourth_after: int = 8
         futures = [pool.submit(user, u) for u in range(DECODERS)]
         if not ready.wait(600):
             raise RuntimeError("the decoding users did not start streaming within 600 s")
-        load: Stream | None = stream(port, fourth, 2) if fourth is not None else None
-        runs = [f.result() for f in futures]
-    if load is None:
-        gaps = [b - a for s in runs for a, b in s.gaps(fourth_after)]
-        return {"itl": itl_stats(gaps)}
-    window = (load.sent, load.stamps[0])
-    gaps = [b - a for s in runs for a, b in s.gaps() if b > window[0] and a < window[1]]
-    if not gaps:
+        load = stream(port, fourth, 2) if fourth is not None else None
+        return [f.result() for f in futures], load
+
+
+def overlapping(runs: list[Stream], window: tuple[float, float]) -> list[float]:
+    """The inter-token gaps of ``runs`` that overlap ``window`` (a gap spanning all of it included)."""
+    return [b - a for s in runs for a, b in s.gaps() if b > window[0] and a < window[1]]
+
+
+_SPAN = re.compile(r"kvtier: load of \S+ \((sync|async)\) reached (\d+) of (\d+) tokens, "
+                   r"monotonic ([\d.]+) to ([\d.]+)")
+
+
+def load_spans(log_text: str) -> list[tuple[float, float]]:
+    """Every load span the connector logged (:data:`~kvtier.integrations.vllm.transfer.LOAD_SPAN_LOG`)."""
+    return [(float(m[4]), float(m[5])) for m in _SPAN.finditer(log_text)]
+
+
+def loading_stats(runs: list[Stream], load: Stream, spans: list[tuple[float, float]]) -> dict[str, Any]:
+    """ITL of ``runs`` during the load that began while ``load`` waited for its first token (the
+    connector's span), and during the whole wait; the load's duration and the fourth's TTFT."""
+    mine = [sp for sp in spans if load.sent <= sp[0] <= load.stamps[0]]
+    if len(mine) != 1:
+        raise RuntimeError(f"expected one load of the fourth request in the server log, found {len(mine)}: "
+                           "did its prompt hit kvtier?")
+    during, until = overlapping(runs, mine[0]), overlapping(runs, (load.sent, load.stamps[0]))
+    if not until:
         raise RuntimeError(f"no decoder token arrived while the fourth request waited {load.ttft:.2f}s: "
                            "raise --decode-tokens")
-    return {"itl": itl_stats(gaps), "fourth_ttft_s": load.ttft, "fourth_prompt_tokens": load.usage["prompt_tokens"]}
+    return {"itl": itl_stats(during), "itl_until_first_token": itl_stats(until), "load_s": mine[0][1] - mine[0][0],
+            "fourth_ttft_s": load.ttft, "fourth_prompt_tokens": load.usage["prompt_tokens"]}
 
 
-def async_itl(ports: dict[str, int], repeats: int, doc_words: int, tokens: int) -> dict[str, Any]:
-    """Per configuration and repeat: ITL of three users alone, and during a fourth's disk-tier load."""
+def async_itl(ports: dict[str, int], logs: dict[str, Path], repeats: int, doc_words: int,
+              tokens: int) -> dict[str, Any]:
+    """Per configuration and repeat: ITL of three users alone, and during a fourth's disk-tier load
+    (whose span the configuration's server log ``logs[name]`` tells)."""
     names = list(ports)
-    docs = documents(repeats + 1, doc_words, first=100)  # the last one only pushes the others out of CPU
-    question = "\nQuestion: which word comes first?\nAnswer:"
-    for name in names:  # store every document (CPU + disk); each evicts the one before from the CPU tier
-        for doc in docs:
-            stream(ports[name], doc + "\nQuestion: how many words?\nAnswer:", 1)
+    # the fourth sends a prompt stored whole before (its partial last chunk too): all but its last token
+    # are loaded, so its own prefill is one token, as a decoding user's step; the last document only
+    # pushes the others out of the CPU tier
+    prompts = [doc + "\nQuestion: which word comes first?\nAnswer:" for doc in documents(repeats + 1, doc_words,
+                                                                                        first=100)]
+    for name in names:  # store every prompt (CPU + disk); each evicts the one before from the CPU tier
+        for prompt in prompts:
+            stream(ports[name], prompt, 1)
     time.sleep(2)  # the write-back to disk finishes
     out: dict[str, Any] = {n: {"alone": [], "loading": []} for n in names}
     for k in range(repeats):
         for name in rotated(names, k):
-            out[name]["alone"].append(decode_run(ports[name], tokens, None))
-            out[name]["loading"].append(decode_run(ports[name], tokens, docs[k] + question))
-            last = out[name]["loading"][-1]
+            runs, _ = decode_run(ports[name], tokens, None)
+            out[name]["alone"].append({"itl": itl_stats([b - a for s in runs for a, b in s.gaps(8)])})
+            runs, load = decode_run(ports[name], tokens, prompts[k])
+            assert load is not None
+            time.sleep(0.5)  # the span's log line reaches the file
+            last = loading_stats(runs, load, load_spans(logs[name].read_text(errors="replace")))
+            out[name]["loading"].append(last)
             print(f"  {name} repeat {k}: ITL p50 {out[name]['alone'][-1]['itl']['p50'] * 1e3:.0f} -> "
-                  f"{last['itl']['p50'] * 1e3:.0f} ms, max {last['itl']['max'] * 1e3:.0f} ms, fourth TTFT "
-                  f"{last['fourth_ttft_s']:.2f}s ({last['fourth_prompt_tokens']} tokens)", flush=True)
+                  f"{last['itl']['p50'] * 1e3:.0f} ms during the {last['load_s']:.2f}s load, max "
+                  f"{last['itl']['max'] * 1e3:.0f} ms; fourth TTFT {last['fourth_ttft_s']:.2f}s "
+                  f"({last['fourth_prompt_tokens']} tokens)", flush=True)
     return out
 
 
 def async_itl_report(results: dict[str, Any], report: Report) -> None:
     """Rows per configuration: the decoders' ITL p50 / p90 / max alone and during the fourth's load
-    (against alone, repeat by repeat), and the fourth's TTFT."""
+    (against alone, repeat by repeat), ITL p50 until the fourth's first token, the load's duration and
+    the fourth's TTFT."""
     for name, res in results.items():
-        for stat in ("p50", "p90", "max"):
-            alone = report.add(f"ITL {stat} alone", [r["itl"][stat] for r in res["alone"]], series=name)
-            report.add(f"ITL {stat} during load", [r["itl"][stat] for r in res["loading"]], series=name, vs=alone)
+        alone = {stat: report.add(f"ITL {stat} alone", [r["itl"][stat] for r in res["alone"]], series=name)
+                 for stat in ("p50", "p90", "max")}
+        for stat, row in alone.items():
+            report.add(f"ITL {stat} during load", [r["itl"][stat] for r in res["loading"]], series=name, vs=row)
+        report.add("ITL p50 until 4th's first token", [r["itl_until_first_token"]["p50"] for r in res["loading"]],
+                   series=name, vs=alone["p50"])
+        report.add("load", [r["load_s"] for r in res["loading"]], series=name)
         report.add("4th user TTFT", [r["fourth_ttft_s"] for r in res["loading"]], series=name)
 
 
@@ -417,7 +456,8 @@ def run(scenario: str, configs: str, *, model: str | None = None, docs: int = 3,
                 results = multi_round_qa(ports, users, rounds, system_words, history_words, answer_len)
                 multi_round_report(results, report)
             else:
-                results = async_itl(ports, repeats, doc_words, decode_tokens)
+                results = async_itl(ports, {c.name: workdir / f"{c.name}.log" for c in chosen}, repeats,
+                                    doc_words, decode_tokens)
                 async_itl_report(results, report)
             report.meta["cache"] = {name: hit_rates(port) for name, port in ports.items()}
     report.meta["results"] = results

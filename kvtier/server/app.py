@@ -58,6 +58,7 @@ from kvtier.compat import async_timeout
 from kvtier.config import ServerConfig
 from kvtier.errors import ConfigError, CorruptChunk, KvtierError, ProtocolError
 from kvtier.net import is_loopback, token_matches
+from kvtier.server.pool import BufferPool
 from kvtier.server.store import ChunkStore, Frame
 from kvtier.storage import remote_protocol as P
 
@@ -127,12 +128,17 @@ def authenticate(known: list[Identity], presented: str) -> tuple[str, bool] | No
 
 
 class ByteBudget:
-    """FIFO counting semaphore over bytes: ``acquire(n)`` waits until ``used + n <= cap``."""
+    """FIFO counting semaphore over bytes: ``acquire(n)`` waits until ``used + n <= cap``.
 
-    def __init__(self, cap: int) -> None:
+    ``reclaim()``, when given, frees bytes held only for reuse (the server's
+    :class:`~kvtier.server.pool.BufferPool`, which releases them here): it runs whenever a caller of
+    :meth:`acquire` would otherwise wait, so what is kept for reuse never delays a caller."""
+
+    def __init__(self, cap: int, reclaim: Callable[[], object] | None = None) -> None:
         self.cap = cap
         self.used = 0
         self.peak = 0
+        self._reclaim = reclaim
         self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
 
     def try_acquire(self, n: int) -> bool:
@@ -145,6 +151,8 @@ class ByteBudget:
     async def acquire(self, n: int) -> None:
         if n > self.cap:
             raise ProtocolError(f"{n} bytes exceed the in-flight cap of {self.cap}")
+        if self._reclaim is not None and (self._waiters or self.used + n > self.cap):
+            self._reclaim()
         if not self._waiters and self.used + n <= self.cap:
             self._take(n)
             return
@@ -342,15 +350,18 @@ class Connection(asyncio.BufferedProtocol):
             self._resume()
             await self._wait()
 
-    async def read_body(self, n: int) -> memoryview:
-        """The next ``n`` bytes, received into a fresh uninitialised buffer of exactly ``n`` bytes (the
-        frame the store then keeps: no byte is copied twice). ``numpy.empty`` takes address space, not
-        memory: pages are committed as received bytes land in them, so what a peer announces but does
-        not send costs nothing. Large remainders move through an I/O thread (see :meth:`_transfer`)."""
-        dest = np.empty(n, dtype=np.uint8).data
+    async def read_body(self, n: int) -> np.ndarray:
+        """The next ``n`` bytes, received into a buffer of exactly ``n`` bytes (the frame the store then
+        keeps: no byte is copied twice): one the server's :class:`~kvtier.server.pool.BufferPool` kept
+        (pages already committed: no page faults), or a fresh uninitialised one, which takes address
+        space, not memory: pages are committed as received bytes land in them, so what a peer announces
+        but does not send costs nothing. Large remainders move through an I/O thread (see
+        :meth:`_transfer`)."""
+        body = self.server.pool.take(n)
+        dest = body.data
         if n - self.buffered < DIRECT_IO or self._thread_socket() is None:
             await self.read_into(dest)
-            return dest
+            return body
         take = self.buffered
         dest[:take] = self.view[self.start : self.end]
         self.start = self.end = 0
@@ -358,7 +369,7 @@ class Connection(asyncio.BufferedProtocol):
         await self._transfer(_recv_rest, [dest, take], writable=False)
         self.server.counters["bytes_in"] += n - take
         self._resume()
-        return dest
+        return body
 
     # ---- writes ----------------------------------------------------------------------------------
     def write(self, *parts: bytes | bytearray | memoryview) -> None:
@@ -558,6 +569,9 @@ class CacheServer:
         self.started = time.monotonic()
         self.port = 0
         self._budgets: tuple[ByteBudget, ByteBudget] | None = None
+        # buffers of dropped frames, reused for request bodies; they hold request budget
+        self.pool = BufferPool(lambda n: self.budget.try_acquire(n), lambda n: self.budget.release(n))
+        self.store.memory.on_drop = self.pool.offer
         self.io_pool = (ThreadPoolExecutor(config.io_threads, thread_name_prefix="kvtier-server-io")
                         if config.io_threads else None)
         self._server: asyncio.Server | None = None
@@ -576,7 +590,7 @@ class CacheServer:
     def _budget_pair(self) -> tuple[ByteBudget, ByteBudget]:
         if self._budgets is None:  # created on the event loop that uses them
             cap = self.config.max_inflight_bytes
-            self._budgets = (ByteBudget(cap), ByteBudget(cap))
+            self._budgets = (ByteBudget(cap, self.pool.drop_all), ByteBudget(cap))
         return self._budgets
 
     async def start(self) -> int:
@@ -707,7 +721,7 @@ class CacheServer:
         these bodies are key lists and HELLO/LIST records, handled at once)."""
         await self.budget.acquire(n)
         try:
-            return await conn.read_body(n)
+            return (await conn.read_body(n)).data
         finally:
             self.budget.release(n)
 
@@ -736,9 +750,9 @@ class CacheServer:
             if not small:
                 self.budget.release(size)
 
-    async def _put(self, conn: Connection, key: bytes, frame: memoryview) -> Reply:
+    async def _put(self, conn: Connection, key: bytes, frame: np.ndarray) -> Reply:
         try:
-            wire.check_frame(frame, key)
+            wire.check_frame(frame.data, key)
         except CorruptChunk as exc:
             self.counters["refused_corrupt"] += 1
             return self._error(P.Status.CORRUPT, f"frame for key {key.hex()} refused: {exc}")
@@ -875,7 +889,7 @@ class CacheServer:
         out: dict[str, int | float] = dict(self.counters)
         out.update(
             connections=len(self.connections),
-            inflight_bytes=self.budget.used,
+            inflight_bytes=self.budget.used - self.pool.bytes,
             inflight_peak_bytes=self.budget.peak,
             reply_inflight_bytes=self.reply_budget.used,
             reply_inflight_peak_bytes=self.reply_budget.peak,
@@ -888,6 +902,7 @@ class CacheServer:
         if rss is not None:
             out["rss_bytes"] = rss
         out.update({f"store_{k}": v for k, v in self.store.stats().items()})
+        out.update(self.pool.stats())
         return out
 
     # ---- shutdown --------------------------------------------------------------------------------

@@ -25,8 +25,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from kvtier.errors import CorruptChunk, KvtierError
 from kvtier.storage.policy import make_policy
@@ -39,7 +41,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ENTRY_OVERHEAD = 160  # dict slot, key object, buffer header, policy node (approximate)
-Frame = bytes | bytearray | memoryview
+Frame = bytes | bytearray | memoryview | np.ndarray  # ndarray: a received body (see kvtier.server.pool)
+
+
+def as_buffer(frame: Frame) -> bytes | bytearray | memoryview:
+    """``frame`` as a bytes-like object (a received body is a numpy array)."""
+    return frame.data if isinstance(frame, np.ndarray) else frame
 
 
 def namespace(tenant: str) -> bytes:
@@ -58,6 +65,9 @@ class MemoryStore:
         self.used_bytes = 0
         self.ns_bytes: Counter[bytes] = Counter()
         self.counters: Counter[str] = Counter()
+        # called with each frame the map lets go of (the server reuses its buffer when nothing else
+        # holds it: see kvtier.server.pool); the frame is held only by the caller's local variable
+        self.on_drop: Callable[[Frame], None] | None = None
 
     @staticmethod
     def cost(frame: Frame) -> int:
@@ -93,13 +103,16 @@ class MemoryStore:
         self.counters["evictions"] += 1
         return True
 
-    def _forget(self, key: bytes) -> Frame | None:
+    def _forget(self, key: bytes) -> bool:
         frame = self._data.pop(key, None)
-        if frame is not None:
-            cost = self.cost(frame)
-            self.used_bytes -= cost
-            self.ns_bytes[key[:-KEY_BYTES]] -= cost
-        return frame
+        if frame is None:
+            return False
+        cost = self.cost(frame)
+        self.used_bytes -= cost
+        self.ns_bytes[key[:-KEY_BYTES]] -= cost
+        if self.on_drop is not None:
+            self.on_drop(frame)
+        return True
 
     def get(self, key: bytes) -> Frame | None:
         frame = self._data.get(key)
@@ -114,7 +127,7 @@ class MemoryStore:
         return len(self._data)
 
     def delete(self, key: bytes) -> bool:
-        if self._forget(key) is None:
+        if not self._forget(key):
             return False
         self._policy.remove(key)
         return True
@@ -153,7 +166,7 @@ class ChunkStore:
         quota = self.quotas.get(tenant, 0)
         disk = self._disk(tenant)
         if disk is not None:
-            if not await asyncio.to_thread(disk.write, key, (frame,)):
+            if not await asyncio.to_thread(disk.write, key, (as_buffer(frame),)):
                 self.counters["puts_refused"] += 1
                 return (f"persistence refused the frame of {len(frame)} bytes (persist capacity "
                         f"{disk.capacity_bytes} bytes, or the filesystem is full)")

@@ -22,7 +22,7 @@ interprets the payload. Contract for every implementation:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from kvtier.keys import ChunkKey
 
@@ -64,6 +64,16 @@ class Tier(ABC):
         """``get_into(keys[i], payloads[i])`` for every ``i``, in order (a ``None`` means: use
         ``get_many`` for that key). Default: one ``get_into`` after the other."""
         return [self.get_into(key, payload) for key, payload in zip(keys, payloads, strict=True)]
+
+    def get_each_into(self, keys: Sequence[ChunkKey], payloads: Sequence[memoryview],
+                      fn: Callable[[int, bytes | memoryview | None], None]) -> None:
+        """``get_many_into``, handing each head to ``fn(i, head)`` exactly once, in order of ``i``, as
+        soon as payload ``i`` is in place (a streaming tier calls it while later payloads are still
+        arriving, so the caller can verify and copy chunk ``i`` meanwhile). An exception from ``fn``
+        ends the call: no payload is written after it returns. Default: ``get_many_into``, then ``fn``
+        for each."""
+        for i, head in enumerate(self.get_many_into(keys, payloads)):
+            fn(i, head)
 
     def get_into(self, key: ChunkKey, payload: memoryview) -> bytes | memoryview | None:
         """Zero-copy read: place the stored payload of ``key`` straight into ``payload`` (which must be

@@ -540,36 +540,51 @@ class RemoteTier(Tier):
     def get_into(self, key: ChunkKey, payload: memoryview) -> bytes | memoryview | None:
         return self.get_many_into([key], [payload])[0]
 
-    def get_many_into(
-        self, keys: Sequence[ChunkKey], payloads: Sequence[memoryview]
-    ) -> list[bytes | memoryview | None]:
+    def get_each_into(self, keys: Sequence[ChunkKey], payloads: Sequence[memoryview],
+                      fn: Callable[[int, bytes | memoryview | None], None]) -> None:
         """Batched zero-copy GET (MGET): the payload of ``keys[i]`` is received straight into
-        ``payloads[i]`` (which must be exactly its size) and its head (wire header + metadata,
-        unverified; see :func:`kvtier.wire.unpack_head_into`) returned; ``None`` for a miss or a size
-        mismatch (that payload is then untouched; the caller falls back to ``get``).
-        After a failure mid-way a payload may hold partial bytes of a frame whose head is not returned."""
+        ``payloads[i]`` (which must be exactly its size) and ``fn(i, head)`` called as soon as it is
+        there (head: wire header + metadata, unverified, see :func:`kvtier.frames.unpack_head_into`;
+        ``None`` for a miss or a size mismatch, that payload then untouched), while the next frames
+        are still arriving. ``fn`` sees each index once, in order: a retry after a failure mid-way
+        asks only for the keys not handed over yet. An exception from ``fn`` drops the connection
+        (its reply stream is not read to the end) and propagates. After a failure a payload not
+        handed over may hold partial bytes of a frame."""
         if len(keys) != len(payloads):
             raise ValueError(f"{len(keys)} keys but {len(payloads)} payload buffers")
         for key in keys:
             _check_key(key)
+        done = 0  # keys handed to fn
+        hits = 0
 
-        def call(conn: Connection) -> list[bytes | memoryview | None]:
-            heads: list[bytes | memoryview | None] = []
-            for start in range(0, len(keys), EXISTS_BATCH):
+        def call(conn: Connection) -> None:
+            nonlocal done, hits
+            while done < len(keys):
+                start = done
                 batch = keys[start : start + EXISTS_BATCH]
                 rid = conn.send(P.Op.MGET, (b"".join(batch),), key_count=len(batch))
                 for i in range(len(batch)):
                     h, head = conn.recv_into(rid, P.Op.MGET, payloads[start + i])
                     if h.key_count != i:
                         raise ProtocolError(f"MGET item {h.key_count} while expecting {i}")
-                    heads.append(head)
-            return heads
+                    done += 1
+                    hits += head is not None
+                    fn(start + i, head)
 
-        heads = self._run("get_many", call) if keys else []
-        hits = sum(head is not None for head in heads)
-        self._count("hits", hits)
-        self._count("gets_zero_copy", hits)
-        self._count("misses", len(keys) - hits)
+        try:
+            if keys:
+                self._run("get_many", call)
+        finally:
+            self._count("hits", hits)
+            self._count("gets_zero_copy", hits)
+            self._count("misses", done - hits)
+
+    def get_many_into(
+        self, keys: Sequence[ChunkKey], payloads: Sequence[memoryview]
+    ) -> list[bytes | memoryview | None]:
+        """:meth:`get_each_into`, the heads returned in order."""
+        heads: list[bytes | memoryview | None] = [None] * len(keys)
+        self.get_each_into(keys, payloads, heads.__setitem__)
         return heads
 
     def get_many(self, keys: Sequence[ChunkKey]) -> list[bytes | memoryview | None]:

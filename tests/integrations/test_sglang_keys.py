@@ -21,15 +21,18 @@ import torch
 from kvtier.errors import ConfigError, LayoutError
 from kvtier.integrations.sglang.backend import KvtierStorage
 from kvtier.integrations.sglang.pages import (
+    LAYOUTS,
     MAX_PAGES_PER_OBJECT,
+    HostPages,
     PageIndex,
     PageKeys,
     PoolView,
     Span,
     auto_pages_per_object,
-    copy_page,
+    copy_exact,
     matching_pages,
     namespace_model,
+    object_pages,
     pages_of,
     spans,
 )
@@ -37,6 +40,7 @@ from kvtier.integrations.sglang.stats import IoStats
 from kvtier.keys import Namespace
 from kvtier.layout import KVSpec
 from kvtier.record import Kind
+from kvtier.tensors import int_view
 
 PAGE, LAYERS, HEADS, DIM = 16, 3, 2, 8
 
@@ -53,7 +57,8 @@ def page_hashes(tokens: list[int], page: int = PAGE) -> list[str]:
 
 def fake_pool(layout: str = "layer_first", slots: int = 8 * PAGE, seed: int = 0) -> SimpleNamespace:
     g = torch.Generator().manual_seed(seed)
-    shape = (2, LAYERS, slots, HEADS, DIM) if layout == "layer_first" else (2, slots, LAYERS, HEADS, DIM)
+    shape = {"layer_first": (2, LAYERS, slots, HEADS, DIM), "page_first": (2, slots, LAYERS, HEADS, DIM),
+             "page_first_direct": (2, slots // PAGE, LAYERS, PAGE, HEADS, DIM)}[layout]
     buffer = torch.randn(shape, generator=g).to(torch.bfloat16)
     return SimpleNamespace(layout=layout, kv_buffer=buffer, page_size=PAGE, layer_num=LAYERS, head_num=HEADS,
                            head_dim=DIM, dtype=torch.bfloat16)
@@ -142,7 +147,17 @@ def test_page_index_is_bounded() -> None:
 
 
 # ---- pool layout --------------------------------------------------------------------------------
-@pytest.mark.parametrize("layout", ["layer_first", "page_first"])
+def host_token(pool: SimpleNamespace, kv: int, layer: int, slot: int) -> torch.Tensor:
+    """Token ``slot``'s heads of one layer's K or V, read from the pool by SGLang's own layout rules."""
+    buffer = pool.kv_buffer
+    if pool.layout == "layer_first":
+        return buffer[kv, layer, slot]
+    if pool.layout == "page_first":
+        return buffer[kv, slot, layer]
+    return buffer[kv, slot // PAGE, layer, slot % PAGE]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_pool_view_gives_canonical_pages(layout: str) -> None:
     pool = fake_pool(layout)
     view = PoolView(pool)
@@ -151,27 +166,55 @@ def test_pool_view_gives_canonical_pages(layout: str) -> None:
     for layer in range(LAYERS):
         for kv in range(2):
             for t in range(PAGE):
-                slot = 2 * PAGE + t
-                want = pool.kv_buffer[kv, layer, slot] if layout == "layer_first" else pool.kv_buffer[kv, slot, layer]
-                assert torch.equal(page[layer, kv, t], want)
-    # the legacy path's flat page is the host page flattened in the pool's own order
-    host_page = pool.kv_buffer[:, :, 2 * PAGE : 3 * PAGE] if layout == "layer_first" else \
-        pool.kv_buffer[:, 2 * PAGE : 3 * PAGE]
+                assert torch.equal(page[layer, kv, t], host_token(pool, kv, layer, 2 * PAGE + t))
+    # the legacy path's flat page is the host page flattened in the pool's own order (SGLang's get_data_page)
+    host_page = {"layer_first": pool.kv_buffer[:, :, 2 * PAGE : 3 * PAGE],
+                 "page_first": pool.kv_buffer[:, 2 * PAGE : 3 * PAGE],
+                 "page_first_direct": pool.kv_buffer[:, 2:3]}[layout]
     assert torch.equal(view.from_flat(host_page.flatten()), page)
+    run = view.pages(2 * PAGE, 3)  # three consecutive pages as one view
+    assert run.shape == (LAYERS, 2, 3, PAGE, HEADS, DIM)
+    for i in range(3):
+        assert torch.equal(run[:, :, i], view.page((2 + i) * PAGE))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_host_pages_copy_runs_of_consecutive_pages_byte_exact(layout: str) -> None:
+    pool = fake_pool(layout, seed=3)
+    view = PoolView(pool)
+    starts = [p * PAGE for p in (3, 4, 5, 0, 7, 1, 2)]
+    pages = HostPages(view, starts)
+    assert [(offset, run.shape[2]) for offset, run in pages.runs(0, 7)] == [(0, 3), (3, 1), (4, 1), (5, 2)]
+    assert [(offset, run.shape[2]) for offset, run in pages.runs(1, 5)] == [(0, 2), (2, 1), (3, 1), (4, 1)]
+    obj = torch.zeros(SPEC.chunk_shape(9 * PAGE), dtype=torch.bfloat16)  # an object of 9 pages
+    pages.gather(object_pages(obj, PAGE), 1, 0, 7)  # call pages 0-6 -> object pages 1-7
+    for i, start in enumerate(starts):
+        assert torch.equal(obj[:, :, (i + 1) * PAGE : (i + 2) * PAGE], view.page(start))
+    assert not obj[:, :, :PAGE].any() and not obj[:, :, 8 * PAGE :].any()  # nothing outside the range
+    other = fake_pool(layout, seed=4)
+    before = [PoolView(other).page(p * PAGE).clone() for p in range(8)]
+    HostPages(PoolView(other), starts).scatter(object_pages(obj, PAGE), 2, 1, 5)  # object 2-6 -> call 1-5
+    for i, start in enumerate(starts):
+        want = obj[:, :, (i + 1) * PAGE : (i + 2) * PAGE] if 1 <= i <= 5 else before[start // PAGE]
+        assert torch.equal(PoolView(other).page(start), want)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float8_e4m3fn])
-def test_copy_page_is_byte_exact_between_strided_views(dtype: torch.dtype) -> None:
+def test_copy_exact_is_byte_exact_between_strided_views(dtype: torch.dtype) -> None:
     src = torch.randn(2, LAYERS, 4 * PAGE, HEADS, DIM).to(dtype)
     dst = torch.zeros(LAYERS, 2, PAGE, HEADS, DIM).to(dtype)
     view = src[:, :, PAGE : 2 * PAGE].permute(1, 0, 2, 3, 4)
-    copy_page(dst, view)
+    copy_exact(int_view(dst).numpy(), int_view(view).numpy())
     assert torch.equal(dst.view(torch.uint8), view.contiguous().view(torch.uint8))
+    with pytest.raises(LayoutError):  # another element size, or another shape: never a converting copy
+        copy_exact(int_view(dst).numpy(), int_view(view.to(torch.float64)).numpy())
     with pytest.raises(LayoutError):
-        copy_page(dst, view.to(torch.float16))
+        copy_exact(int_view(dst).numpy(), int_view(view[:, :, 1:]).numpy())
 
 
 def test_pool_view_rejects_what_it_cannot_map() -> None:
+    with pytest.raises(LayoutError, match="does not match"):
+        PoolView(SimpleNamespace(**{**vars(fake_pool()), "layout": "page_first_direct"}))
     with pytest.raises(LayoutError, match="page_head"):
         PoolView(SimpleNamespace(**{**vars(fake_pool()), "layout": "page_head"}))
     with pytest.raises(LayoutError, match="MHA"):
@@ -405,3 +448,17 @@ def test_pages_per_object_is_checked(tmp_path: Path) -> None:
             KvtierStorage(storage_config(tmp_path, kvtier_pages_per_object=bad))
     auto = backend(tmp_path, kvtier_pages_per_object="auto")
     assert auto.pages_per_object == MAX_PAGES_PER_OBJECT  # this pool's pages are 1.5 KiB
+
+
+def test_pages_move_between_layouts(tmp_path: Path) -> None:
+    """Objects are canonical whatever the host layout: pages written from one layout read into another."""
+    src = fake_pool("page_first_direct", slots=16 * PAGE, seed=1)
+    writer = grouped(tmp_path, src)
+    assert writer.batch_set_v1(A[:10], slots([9, 10, 11, 12, 0, 1, 2, 3, 4, 5]), after([])) == [True] * 10
+    writer.close()
+    for layout in ("layer_first", "page_first"):
+        dst = fake_pool(layout, slots=16 * PAGE, seed=2)
+        reader = grouped(tmp_path, dst)
+        assert reader.batch_get_v1(A[:10], slots([4, 5, 6, 7, 15, 14, 0, 1, 2, 3]), after([])) == [True] * 10
+        assert same_pages(src, [9, 10, 11, 12, 0, 1, 2, 3, 4, 5], dst, [4, 5, 6, 7, 15, 14, 0, 1, 2, 3])
+        reader.close()

@@ -4,6 +4,7 @@ request whose KV is still loading does not hold up the others. Skipped without v
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,8 @@ def async_runs(vllm_env: dict[str, str], model_dir: Path, reference: list[str]) 
         runs["hit"] = _generate(llm, STORED)
         runs.update(failure_rounds(llm, connector, STORED, {"broken": broken_retrieve}))
         runs["counters"] = dict(connector.counters)
+        runs["loader_nice"] = [os.getpriority(os.PRIO_PROCESS, t.native_id or 0) for t in threading.enumerate()
+                               if t.name.startswith("kvtier-load")]
     finally:
         _close(llm)
     return runs
@@ -84,6 +87,13 @@ def test_loading_request_does_not_block_others(reference: list[str], async_runs:
     (hit_text, n, cached), (novel_text, _n, _c) = async_runs["concurrent"]
     assert hit_text == reference[1] and cached == n - 1
     assert novel_text == reference[-1]
+
+
+def test_the_loader_runs_below_the_engines_priority(async_runs: dict[str, Any]) -> None:
+    from kvtier.integrations.vllm.loader import LOAD_NICE
+
+    own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())  # vLLM's worker thread here (uni)
+    assert async_runs["loader_nice"] == [max(LOAD_NICE, own)]
 
 
 def test_failed_async_load_recomputes(reference: list[str], async_runs: dict[str, Any]) -> None:

@@ -15,6 +15,8 @@ from kvtier.bench.vllm import (
     async_itl_report,
     itl_configs,
     itl_stats,
+    load_spans,
+    loading_stats,
     long_doc_report,
     pair_ratios,
     rotated,
@@ -22,6 +24,7 @@ from kvtier.bench.vllm import (
 )
 from kvtier.cli import app
 from kvtier.config import load_config
+from kvtier.integrations.vllm.transfer import LOAD_SPAN_LOG
 
 
 def test_every_configuration_goes_first_in_turn() -> None:
@@ -89,10 +92,33 @@ def test_long_doc_rows_compare_kvtier_with_the_prefix_cache_per_document() -> No
 
 def test_itl_rows_compare_each_repeat_with_the_same_users_alone() -> None:
     def run(p50: float) -> dict:
-        return {"itl": {"p50": p50, "p90": 2 * p50, "max": 4 * p50}, "fourth_ttft_s": 1.0}
+        itl = {"p50": p50, "p90": 2 * p50, "max": 4 * p50}
+        return {"itl": itl, "itl_until_first_token": {"p50": 3 * p50}, "load_s": 0.5, "fourth_ttft_s": 1.0}
 
     results = {"kvtier-sync": {"alone": [run(0.05), run(0.04)], "loading": [run(0.1), run(0.04)]}}
     report = Report("t", "t", unit="s", goal=1 / 1.2)
     async_itl_report(results, report)
-    row = _rows(report)[("kvtier-sync", "ITL p50 during load")]
+    rows = _rows(report)
+    row = rows[("kvtier-sync", "ITL p50 during load")]
     assert row["vs"] == "kvtier-sync: ITL p50 alone" and row["ratio"]["min"] == 0.5 and row["ratio"]["max"] == 1.0
+    until = rows[("kvtier-sync", "ITL p50 until 4th's first token")]
+    assert until["vs"] == "kvtier-sync: ITL p50 alone" and until["ratio"]["max"] == pytest.approx(1 / 3)
+
+
+def test_the_load_window_is_the_connectors_logged_span() -> None:
+    """Only the gaps overlapping the load the connector logged count as "during the load" (not the
+    fourth's own prefill after it); the window until the fourth's first token is kept apart."""
+    log = "\n".join(["INFO other line",
+                     "DEBUG " + LOAD_SPAN_LOG % ("cmpl-1", "async", 4096, 4096, 5.0, 6.0),  # an earlier repeat
+                     "DEBUG " + LOAD_SPAN_LOG % ("cmpl-2", "async", 4096, 4096, 10.2, 10.6)])
+    spans = load_spans(log)
+    assert spans == [(5.0, 6.0), (10.2, 10.6)]
+    decoder = Stream(sent=9.0, stamps=[9.5, 10.0, 10.1, 10.3, 10.5, 10.7, 11.5, 11.6], text="", usage={})
+    fourth = Stream(sent=10.05, stamps=[11.4], text="", usage={"prompt_tokens": 4100})
+    stats = loading_stats([decoder], fourth, spans)
+    assert stats["itl"]["count"] == 3  # 10.1-10.3, 10.3-10.5, 10.5-10.7 (10.0-10.1 ends before the load)
+    assert stats["load_s"] == pytest.approx(0.4) and stats["fourth_ttft_s"] == pytest.approx(1.35)
+    assert stats["itl_until_first_token"]["max"] == pytest.approx(0.8)  # the fourth's prefill step
+    assert stats["itl"]["max"] == pytest.approx(0.2)
+    with pytest.raises(RuntimeError, match="one load"):
+        loading_stats([decoder], fourth, [])

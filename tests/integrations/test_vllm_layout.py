@@ -92,9 +92,12 @@ def _layers_in_one_buffer(layout: str, count: int) -> list[torch.Tensor]:
 @pytest.mark.parametrize("one_buffer", [True, False])
 @pytest.mark.parametrize(("start", "end"), [(0, 3 * BS + 5), (BS, 3 * BS), (5, 4 * BS + 7), (3, 9), (0, 7),
                                             (2 * BS, 2 * BS + 1), (4, 4)])
-def test_span_moves_what_the_slot_mapping_moves(layout: str, one_buffer: bool, start: int, end: int) -> None:
+@pytest.mark.parametrize("one_thread", [False, True])
+def test_span_moves_what_the_slot_mapping_moves(layout: str, one_buffer: bool, start: int, end: int,
+                                                one_thread: bool) -> None:
     """scatter_span / gather_span (whole blocks as block copies, runs of consecutive ids at once) write
-    and read exactly the bytes of the per-token slot mapping, for partial and whole blocks alike."""
+    and read exactly the bytes of the per-token slot mapping, for partial and whole blocks alike, with
+    torch's copy or the calling thread's (the asynchronous loader's)."""
     layers = _layers_in_one_buffer(layout, 3) if one_buffer else [_paged(layout) for _ in range(3)]
     stacked = vl.stack_layers(layers)
     assert (stacked is not None) == one_buffer
@@ -102,7 +105,7 @@ def test_span_moves_what_the_slot_mapping_moves(layout: str, one_buffer: bool, s
     canon = torch.randn(3, 2, end - start, H, D, generator=torch.Generator().manual_seed(4))
     expected = [layer.clone() for layer in layers]
     vl.scatter_layers(layout, expected, vl.slot_mapping(block_ids, BS, start, end), D, canon)
-    vl.scatter_span(layout, layers, block_ids, start, end, canon, D, stacked)
+    vl.scatter_span(layout, layers, block_ids, start, end, canon, D, stacked, one_thread=one_thread)
     for got, want in zip(layers, expected):
         assert torch.equal(got, want)  # nothing else touched either
     out = torch.zeros(3, 2, end - start + 4, H, D)[:, :, 4:]  # a strided window, as the staging buffer

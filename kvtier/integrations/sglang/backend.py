@@ -42,9 +42,13 @@ hit; the page index is per process (after a restart, a prompt that diverges insi
 that group's shared pages).
 
 Layout. Objects are stored in kvtier's canonical layout ``[layers, 2, pages * page_size, heads,
-head_dim]``, whatever SGLang's host layout (``layer_first`` or ``page_first``), so the frames do not
-depend on ``--hicache-mem-layout``. MLA and hybrid (v2) pools are not supported: kvtier then stays off
-and SGLang runs without L3.
+head_dim]``, whatever SGLang's host layout (``layer_first``, ``page_first`` or ``page_first_direct``),
+so the frames do not depend on ``--hicache-mem-layout``. A write gathers each object's pages straight
+into the buffer its frame is checksummed and written from; a read scatters each verified object
+straight from the buffer the tier read it into: one single-threaded strided copy per run of pages
+that sit next to each other in the host pool (:class:`~kvtier.integrations.sglang.pages.HostPages`),
+not one per page. MLA and hybrid (v2) pools are not supported: kvtier then stays off and SGLang runs
+without L3.
 
 Failure. Every backend call catches everything: an error is logged, counted in :attr:`counters` and
 answered as a miss (``False`` / 0 pages); SGLang then recomputes. Writes are synchronous (the call
@@ -76,15 +80,17 @@ from kvtier.frame_auth import FrameKeys
 from kvtier.integrations.common import config_overrides
 from kvtier.integrations.sglang.pages import (
     MAX_PAGES_PER_OBJECT,
+    HostPages,
     PageIndex,
     PageKeys,
+    PageList,
+    Pages,
     PoolView,
     Span,
-    as_raw,
     auto_pages_per_object,
-    copy_page,
     matching_pages,
     namespace_model,
+    object_pages,
     pages_of,
     spans,
 )
@@ -268,10 +274,9 @@ class KvtierStorage(_Base):
         self.counters["index_hits"] += 1
         return _Hit(span, found[0], record, span.first + usable)
 
-    def _load(self, chain: Sequence[str], first: int, count: int, group: int,
-              target: Callable[[int], torch.Tensor]) -> int:
-        """Load pages ``[first, first + count)`` of ``chain`` into ``target(position)``; return how many
-        leading pages arrived verified."""
+    def _load(self, chain: Sequence[str], first: int, count: int, group: int, target: Pages) -> int:
+        """Load pages ``[first, first + count)`` of ``chain`` into ``target`` (its page ``i`` is page
+        ``first + i`` of the chain); return how many leading pages arrived verified."""
         if self.manager is None or self.keys is None or self.view is None:
             return 0
         spec, page = self.view.spec, self.view.page_size
@@ -290,10 +295,8 @@ class KvtierStorage(_Base):
                     self.counters["read_failures"] += 1
                     break
                 self.index.add(hit.record)
-                src = as_raw(load.out)
-                for p in range(hit.span.first, hit.end):
-                    i = p - hit.span.start
-                    copy_page(target(p), src[:, :, i * page : (i + 1) * page])
+                target.scatter(object_pages(load.out, page), hit.span.first - hit.span.start,
+                               hit.span.first - first, hit.end - hit.span.first)
                 done = hit.end
         return done - first
 
@@ -314,24 +317,24 @@ class KvtierStorage(_Base):
         return self.batch_exists([key]) == 1
 
     # ---- reads ------------------------------------------------------------------------------------
-    def _read(self, keys: Sequence[str], extra_info: Any, targets: Sequence[torch.Tensor]) -> list[bool]:
-        """Load the leading run of ``keys`` into canonical page views ``targets``; stop at the first miss."""
+    def _read(self, keys: Sequence[str], extra_info: Any, targets: Pages) -> list[bool]:
+        """Load the leading run of ``keys`` into ``targets``; stop at the first miss."""
         if self.manager is None or not keys:
             return [False] * len(keys)
         chain, first, group = self._chain(keys, extra_info)
         start = time.perf_counter()
-        hits = self._load(chain, first, len(keys), group, lambda p: targets[p - first])
+        hits = self._load(chain, first, len(keys), group, targets)
         self.io.record("prefetch", hits, hits * self.manager.spec.chunk_bytes, time.perf_counter() - start)
         self.counters["read_pages"] += hits
         self.counters["read_misses"] += len(keys) - hits
         return [i < hits for i in range(len(keys))]
 
-    def _host_pages(self, keys: Sequence[str], host_indices: torch.Tensor) -> list[torch.Tensor] | None:
-        """Canonical views of the host pool pages SGLang's v1 calls name (``None`` before registration)."""
+    def _host_pages(self, keys: Sequence[str], host_indices: torch.Tensor) -> HostPages | None:
+        """The host pool pages SGLang's v1 calls name (``None`` before registration)."""
         view = self.view
         if view is None:
             return None
-        return [view.page(i, raw=True) for i in view.page_starts(host_indices, len(keys))]
+        return HostPages(view, view.page_starts(host_indices, len(keys)))
 
     @_guarded(_no_pages)
     def batch_get_v1(self, keys: list[str], host_indices: torch.Tensor, extra_info: Any = None) -> list[bool]:
@@ -351,13 +354,14 @@ class KvtierStorage(_Base):
         view = self.view
         flats = list(target_locations) if target_locations is not None else [
             torch.empty(view.spec.chunk_bytes // view.spec.itemsize, dtype=view.spec.torch_dtype) for _ in keys]
-        ok = self._read(keys, None, [as_raw(view.from_flat(f)) for f in flats])
+        ok = self._read(keys, None, PageList.of_tensors([view.from_flat(f) for f in flats]))
         return [f if hit else None for f, hit in zip(flats, ok)]
 
     # ---- writes -----------------------------------------------------------------------------------
-    def _write(self, keys: Sequence[str], extra_info: Any, sources: Sequence[torch.Tensor]) -> list[bool]:
-        """Store canonical pages ``sources`` of ``keys``, one object per group; return once the tiers
-        have them (True per page stored)."""
+    def _write(self, keys: Sequence[str], extra_info: Any, sources: Pages) -> list[bool]:
+        """Store pages ``sources`` of ``keys``, one object per group, each gathered straight into the
+        buffer its frame is sealed and written from; return once the tiers have them (True per page
+        stored)."""
         if self.manager is None or self.keys is None or self.view is None or not keys:
             return [False] * len(keys)
         manager, spec, page = self.manager, self.view.spec, self.view.page_size
@@ -375,18 +379,12 @@ class KvtierStorage(_Base):
             numel = (span.end - span.start) * page_numel
             obj = flat[offset : offset + numel].view(spec.chunk_shape((span.end - span.start) * page))
             offset += numel
-            raw = as_raw(obj)
-
-            def slot(p: int, raw: torch.Tensor = raw, span: Span = span) -> torch.Tensor:
-                i = p - span.start
-                return raw[:, :, i * page : (i + 1) * page]
-
-            if span.first > span.start and self._load(chain, span.start, span.first - span.start, group,
-                                                      slot) < span.first - span.start:
+            obj_pages = object_pages(obj, page)
+            head = span.first - span.start
+            if head and self._load(chain, span.start, head, group, PageList.of_object(obj_pages)) < head:
                 self.counters["write_unmerged_pages"] += span.end - span.first  # group head not stored
                 continue
-            for p in range(span.first, span.end):
-                copy_page(slot(p), sources[p - first])
+            sources.gather(obj_pages, head, span.first - first, span.end - span.first)
             record = self.keys.record(chain[span.start : span.end])
             if manager.write_back(record, obj, _noop):
                 written.append(record)
@@ -443,7 +441,7 @@ class KvtierStorage(_Base):
         if self.view is None or values is None:
             return False
         view = self.view
-        return all(self._write(keys, None, [as_raw(view.from_flat(v.reshape(-1))) for v in values]))
+        return all(self._write(keys, None, PageList.of_tensors([view.from_flat(v.reshape(-1)) for v in values])))
 
     # ---- management -------------------------------------------------------------------------------
     @_guarded(_none)

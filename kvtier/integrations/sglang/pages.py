@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import threading
+from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,13 +22,14 @@ from kvtier.errors import LayoutError
 from kvtier.keys import KEY_BYTES, ChunkKey, Namespace
 from kvtier.layout import KVSpec
 from kvtier.record import ChunkRecord, Kind
-from kvtier.tensors import dtype_name
+from kvtier.tensors import dtype_name, int_view
 from kvtier.wire import MAX_PAGE_IDENTITY
 
-__all__ = ["LAYOUTS", "PageIndex", "PageKeys", "PoolView", "Span", "as_raw", "auto_pages_per_object", "copy_page",
-           "matching_pages", "namespace_model", "pages_of", "spans"]
+__all__ = ["LAYOUTS", "HostPages", "PageIndex", "PageKeys", "PageList", "Pages", "PoolView", "Span",
+           "auto_pages_per_object", "copy_exact", "matching_pages", "namespace_model", "object_pages", "pages_of",
+           "spans"]
 
-LAYOUTS = ("layer_first", "page_first")  # host layouts whose page is one strided view
+LAYOUTS = ("layer_first", "page_first", "page_first_direct")  # host layouts whose page is one strided view
 
 
 def namespace_model(model: str, tp_rank: int = 0, tp_size: int = 1, pp_rank: int = 0, pp_size: int = 1) -> str:
@@ -179,11 +181,13 @@ class PageIndex:
 
 
 class PoolView:
-    """Canonical ``[layers, 2, page_size, heads, head_dim]`` views of pages of SGLang's MHA host pool.
+    """Canonical views of pages of SGLang's MHA host pool: one page is ``[layers, 2, page_size, heads,
+    head_dim]``, a run of ``n`` consecutive pages ``[layers, 2, n, page_size, heads, head_dim]``.
 
     Needs only the pool's ``layout``, ``kv_buffer`` (``[2, layers, tokens, heads, dim]`` for
-    layer_first, ``[2, tokens, layers, heads, dim]`` for page_first), ``page_size``, ``layer_num``,
-    ``head_num``, ``head_dim`` and ``dtype``; raises :class:`LayoutError` for anything else.
+    layer_first, ``[2, tokens, layers, heads, dim]`` for page_first, ``[2, pages, layers, page_size,
+    heads, dim]`` for page_first_direct), ``page_size``, ``layer_num``, ``head_num``, ``head_dim`` and
+    ``dtype``; raises :class:`LayoutError` for anything else.
     """
 
     def __init__(self, pool: Any) -> None:
@@ -198,24 +202,41 @@ class PoolView:
         self.spec = KVSpec(int(pool.layer_num), int(pool.head_num), int(pool.head_dim),
                            dtype_name(pool.dtype), chunk_tokens=self.page_size)
         buffer = pool.kv_buffer
-        want = (2, self.spec.num_layers, self.spec.num_kv_heads, self.spec.head_dim)
-        got = (buffer.shape[0], buffer.shape[1 if layout == "layer_first" else 2], *buffer.shape[3:])
-        if buffer.dim() != 5 or tuple(got) != want:
-            raise LayoutError(f"host KV buffer {tuple(buffer.shape)} does not match layout {layout} and {self.spec}")
+        spec = self.spec
+        want = {"layer_first": (2, spec.num_layers, None, spec.num_kv_heads, spec.head_dim),
+                "page_first": (2, None, spec.num_layers, spec.num_kv_heads, spec.head_dim),
+                "page_first_direct": (2, None, spec.num_layers, self.page_size, spec.num_kv_heads,
+                                      spec.head_dim)}[layout]
+        got = tuple(buffer.shape)
+        if len(got) != len(want) or any(w is not None and w != g for w, g in zip(want, got)):
+            raise LayoutError(f"host KV buffer {got} does not match layout {layout} and {self.spec}")
 
-    def page(self, index: int, raw: bool = False) -> torch.Tensor:
-        """The page starting at host slot ``index`` (a multiple of ``page_size``), as a canonical view;
-        ``raw``: of the same bytes as integers (:func:`as_raw`, what :func:`copy_page` copies fastest)."""
+    def raw_pages(self, index: int, count: int = 1) -> np.ndarray:
+        """The ``count`` consecutive pages from host slot ``index`` (a multiple of ``page_size``) as one
+        ``[layers, 2, count, page_size, heads, head_dim]`` numpy view of the pool's bytes as integers
+        (:func:`~kvtier.tensors.int_view`): what :class:`HostPages` copies, single-threaded, without a torch call."""
         if index % self.page_size:
             raise LayoutError(f"host index {index} is not at a page start (page size {self.page_size})")
-        buffer = self._raw_buffer if raw else self.pool.kv_buffer
-        if self.layout == "layer_first":
-            return buffer[:, :, index : index + self.page_size].permute(1, 0, 2, 3, 4)
-        return buffer[:, index : index + self.page_size].permute(2, 0, 1, 3, 4)
+        buffer, n = self._raw_buffer, self.page_size
+        if self.layout == "page_first_direct":
+            return buffer[:, index // n : index // n + count].transpose(2, 0, 1, 3, 4, 5)
+        tokens = slice(index, index + count * n)
+        run = buffer[:, :, tokens].transpose(1, 0, 2, 3, 4) if self.layout == "layer_first" else \
+            buffer[:, tokens].transpose(2, 0, 1, 3, 4)
+        return run.reshape(*run.shape[:2], count, n, *run.shape[3:])  # splits one axis: stays a view
+
+    def pages(self, index: int, count: int = 1) -> torch.Tensor:
+        """:meth:`raw_pages` as a tensor of the pool's dtype (a view)."""
+        return torch.from_numpy(self.raw_pages(index, count)).view(self.pool.kv_buffer.dtype)
+
+    def page(self, index: int) -> torch.Tensor:
+        """The page starting at host slot ``index`` as a canonical ``[layers, 2, page_size, heads,
+        head_dim]`` view (see :meth:`pages`)."""
+        return self.pages(index, 1)[:, :, 0]
 
     @functools.cached_property
-    def _raw_buffer(self) -> torch.Tensor:
-        return as_raw(self.pool.kv_buffer)
+    def _raw_buffer(self) -> np.ndarray:
+        return int_view(self.pool.kv_buffer).numpy()
 
     def page_starts(self, host_indices: torch.Tensor, pages: int) -> list[int]:
         """First host slot of each of ``pages`` pages (SGLang passes ``page_size`` slots per key)."""
@@ -224,32 +245,102 @@ class PoolView:
         return [int(i) for i in host_indices[:: self.page_size][:pages].tolist()]
 
     def from_flat(self, flat: torch.Tensor) -> torch.Tensor:
-        """Canonical view of a flat page as SGLang's legacy (non-v1) path passes it."""
+        """Canonical view of a flat page as SGLang's legacy (non-v1) path passes it (the pool's own
+        order of one page)."""
         n, spec = self.page_size, self.spec
         if self.layout == "layer_first":
             return flat.view(2, spec.num_layers, n, spec.num_kv_heads, spec.head_dim).permute(1, 0, 2, 3, 4)
-        return flat.view(2, n, spec.num_layers, spec.num_kv_heads, spec.head_dim).permute(2, 0, 1, 3, 4)
+        if self.layout == "page_first":
+            return flat.view(2, n, spec.num_layers, spec.num_kv_heads, spec.head_dim).permute(2, 0, 1, 3, 4)
+        return flat.view(2, spec.num_layers, n, spec.num_kv_heads, spec.head_dim).permute(1, 0, 2, 3, 4)
 
 
-_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+def object_pages(obj: torch.Tensor, page_size: int) -> np.ndarray:
+    """A canonical object ``[layers, 2, pages * page_size, heads, head_dim]`` as the same bytes in
+    ``[layers, 2, pages, page_size, heads, head_dim]`` (a numpy view of integers, :func:`~kvtier.tensors.int_view`)."""
+    flat = int_view(obj).numpy()
+    return flat.reshape(*flat.shape[:2], -1, page_size, *flat.shape[3:])
 
 
-def as_raw(tensor: torch.Tensor) -> torch.Tensor:
-    """The same bytes as a tensor of the same-size integer type (a view; a no-op for integers)."""
-    as_int = _SAME_SIZE_INT[tensor.element_size()]
-    return tensor if tensor.dtype == as_int else tensor.view(as_int)
-
-
-def copy_page(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """``dst.copy_(src)`` for one page of any strides, single-threaded (numpy on an integer view).
+def copy_exact(dst: np.ndarray, src: np.ndarray) -> None:
+    """``dst[...] = src`` for integer views of any strides, single-threaded, bytes exactly (no cast).
 
     torch spreads a strided copy over every intra-op thread; for a 360 KiB page on a busy 2-core
-    machine that measured 11 ms against 0.02 ms here (kvtier bench sglang), and SGLang's
-    forward pass needs those threads. Bytes are copied exactly (no dtype conversion). Pages already
-    :func:`as_raw` skip the dtype view per call (it costs as much as a small copy).
-    """
+    machine that measured 11 ms against 0.02 ms here (kvtier bench sglang), and SGLang's forward pass
+    needs those threads. numpy copies one run per call with one ``memcpy`` per contiguous block."""
     if dst.dtype != src.dtype or dst.shape != src.shape:
-        raise LayoutError(f"page copy from {src.dtype}{tuple(src.shape)} to {dst.dtype}{tuple(dst.shape)}")
-    np.copyto(as_raw(dst).numpy(), as_raw(src).numpy())
+        raise LayoutError(f"copy from {src.dtype}{src.shape} to {dst.dtype}{dst.shape}")
+    np.copyto(dst, src, casting="no")
 
 
+class Pages(ABC):
+    """The pages one SGLang call names (``0 .. len - 1``, in key order), wherever they live, moved to
+    and from canonical objects (:func:`object_pages` views) in runs: one single-threaded strided copy
+    (:func:`copy_exact`) per run of pages that sit next to each other."""
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @abstractmethod
+    def runs(self, first: int, count: int) -> list[tuple[int, np.ndarray]]:
+        """Pages ``[first, first + count)`` as ``(offset from first, [layers, 2, n, page_size, heads,
+        head_dim] raw view)`` runs, in order, covering them exactly once."""
+
+    def scatter(self, obj: np.ndarray, at: int, first: int, count: int) -> None:
+        """Copy pages ``[at, at + count)`` of ``obj`` (an :func:`object_pages` view) into pages
+        ``[first, first + count)``."""
+        for offset, run in self.runs(first, count):
+            copy_exact(run, obj[:, :, at + offset : at + offset + run.shape[2]])
+
+    def gather(self, obj: np.ndarray, at: int, first: int, count: int) -> None:
+        """Copy pages ``[first, first + count)`` into pages ``[at, at + count)`` of ``obj``."""
+        for offset, run in self.runs(first, count):
+            copy_exact(obj[:, :, at + offset : at + offset + run.shape[2]], run)
+
+
+class HostPages(Pages):
+    """Pages of SGLang's host pool at host slots ``starts``; consecutive host pages form one run (SGLang
+    allocates a request's pages mostly in order, so a batch is a few runs, often one per object)."""
+
+    def __init__(self, view: PoolView, starts: Sequence[int]) -> None:
+        self.view = view
+        self.starts = list(starts)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def runs(self, first: int, count: int) -> list[tuple[int, np.ndarray]]:
+        out: list[tuple[int, np.ndarray]] = []
+        starts, n = self.starts, self.view.page_size
+        i, stop = first, first + count
+        while i < stop:
+            j = i + 1
+            while j < stop and starts[j] == starts[j - 1] + n:
+                j += 1
+            out.append((i - first, self.view.raw_pages(starts[i], j - i)))
+            i = j
+        return out
+
+
+class PageList(Pages):
+    """Pages given one by one as ``[layers, 2, 1, page_size, heads, head_dim]`` raw views (SGLang's
+    legacy flat pages, the pages of an object being built): one run per page."""
+
+    def __init__(self, pages: Sequence[np.ndarray]) -> None:
+        self.pages = list(pages)
+
+    @classmethod
+    def of_tensors(cls, pages: Sequence[torch.Tensor]) -> PageList:
+        """From canonical ``[layers, 2, page_size, heads, head_dim]`` tensor views."""
+        return cls([int_view(p).numpy()[:, :, None] for p in pages])
+
+    @classmethod
+    def of_object(cls, obj: np.ndarray) -> PageList:
+        """The pages of an :func:`object_pages` view."""
+        return cls([obj[:, :, i : i + 1] for i in range(obj.shape[2])])
+
+    def __len__(self) -> int:
+        return len(self.pages)
+
+    def runs(self, first: int, count: int) -> list[tuple[int, np.ndarray]]:
+        return [(i, self.pages[first + i]) for i in range(count)]

@@ -11,7 +11,9 @@ Extra config keys (all optional): ``kvtier_config`` (YAML file; default ``$KVTIE
 (a mapping of config overrides), ``kvtier_model_id`` (the model part of every key; default the served
 model name), ``kvtier_layout`` (force a layout of :mod:`kvtier.integrations.vllm.layout`),
 ``kvtier_flush_timeout_s`` (how long a ``kv_producer`` waits per step for its lower-tier writes; default
-10), ``kvtier_load_async`` (load off the critical path, default false; see below), ``kvtier_layerwise``
+10), ``kvtier_load_async`` (load off the critical path, default false; see below), ``kvtier_load_nice``
+(the asynchronous loader thread's nice value, 0-19, default
+:data:`~kvtier.integrations.vllm.loader.LOAD_NICE`), ``kvtier_layerwise``
 (move KV one attention layer at a time inside the forward pass, default false; see below), ``kvtier_events``
 (publish vLLM KV events for kvtier's tiers, :mod:`kvtier.integrations.vllm.events`). ``KVTIER_*``
 environment variables apply as everywhere else. ``chunk_tokens``, unless set, follows vLLM's block
@@ -32,7 +34,10 @@ How it works:
   Loading is synchronous (before the step's forward pass) unless ``kvtier_load_async``: then vLLM
   admits the request without scheduling it, a loader thread in the worker fills its blocks while other
   requests keep running, and ``get_finished`` reports it done; vLLM schedules it in the next step. A
-  request aborted meanwhile keeps its blocks until the load is done (``request_finished``).
+  request aborted meanwhile keeps its blocks until the load is done (``request_finished``). The
+  loader stays out of the forward pass's way: it runs at a lower CPU priority (``kvtier_load_nice``;
+  Linux nice values are per thread) and copies on its own thread only (no torch intra-op threads,
+  which the forward pass uses; numpy and xxhash release the GIL while they copy and hash).
 - Saving: after each step, the prompt's whole chunks computed so far (chunked prefill stores them as
   they complete), the partial last chunk at the end of prefill, never decode tokens; copied out of the
   paged cache in ``wait_for_save``.
@@ -88,11 +93,12 @@ from kvtier.engine import CacheEngine
 from kvtier.errors import ConfigError, KvtierError, LayoutError
 from kvtier.integrations.common import config_overrides
 from kvtier.integrations.vllm import layout as vllm_layout
+from kvtier.integrations.vllm import loader as vllm_loader
 from kvtier.integrations.vllm import lookup as vllm_lookup
 from kvtier.integrations.vllm import stats as vllm_stats
 from kvtier.integrations.vllm.layerwise import LayerwiseStep
 from kvtier.integrations.vllm.plan import LoadReq, Planner, SaveReq
-from kvtier.integrations.vllm.transfer import KV_ROLES
+from kvtier.integrations.vllm.transfer import KV_ROLES, LOAD_SPAN_LOG
 from kvtier.layout import KVSpec
 from kvtier.metrics import configure_logging
 from kvtier.tensors import dtype_name
@@ -117,7 +123,7 @@ log = logging.getLogger(__name__)
 __all__ = ["KvtierConnector", "reset_engines", "shared_engine"]
 
 EXTRA_KEYS = ("kvtier_config", "kvtier", "kvtier_model_id", "kvtier_layout", "kvtier_flush_timeout_s",
-              "kvtier_load_async", "kvtier_layerwise", "kvtier_events")
+              "kvtier_load_async", "kvtier_load_nice", "kvtier_layerwise", "kvtier_events")
 
 
 # ---- one engine per process ------------------------------------------------------------------------
@@ -262,6 +268,7 @@ class KvtierConnector(KVConnectorBase_V1):
         load_async = extra.get("kvtier_load_async", False)
         if not isinstance(load_async, bool):
             raise ConfigError(f"kvtier_load_async must be true or false, got {load_async!r}")
+        self._load_nice = vllm_loader.check_nice(extra.get("kvtier_load_nice", vllm_loader.LOAD_NICE))
         layerwise = extra.get("kvtier_layerwise", False)
         if not isinstance(layerwise, bool):
             raise ConfigError(f"kvtier_layerwise must be true or false, got {layerwise!r}")
@@ -496,10 +503,9 @@ class KvtierConnector(KVConnectorBase_V1):
         for load in meta.loads:
             if load.is_async:
                 if self._loader is None:
-                    self._loader = ThreadPoolExecutor(1, thread_name_prefix="kvtier-load")
+                    self._loader = vllm_loader.loader(self._load_nice)
                 self._loading[load.req_id] = self._loader.submit(self._run_load, load, "async")
                 self._count("async_loads")
-                log.debug("kvtier: asynchronous load of %s [%d, %d) started", load.req_id, load.start, load.end)
             elif step is not None:
                 self._begin_layer_load(step, load)
             else:
@@ -527,16 +533,20 @@ class KvtierConnector(KVConnectorBase_V1):
             self._report_short(load, end)
 
     def _run_load(self, load: LoadReq, staging: str) -> None:
-        """Load, time and, when fewer tokens than promised arrived, report the blocks for recompute."""
+        """Load, time and, when fewer tokens than promised arrived, report the blocks for recompute.
+        One info line per load gives its span on the system-wide monotonic clock (``kvtier bench vllm``
+        reads it to find which inter-token gaps of other requests overlap the load)."""
         loaded = 0
-        began = time.perf_counter()
+        began = time.monotonic()
         try:
             if self._layers and self.usable:
                 loaded = self._load(load, staging)
         except Exception:
             log.exception("kvtier load for %s failed; vLLM will recompute", load.req_id)
             loaded = 0
-        self._stats.time("load", time.perf_counter() - began)
+        ended = time.monotonic()
+        self._stats.time("load", ended - began)
+        log.info(LOAD_SPAN_LOG, load.req_id, "async" if load.is_async else "sync", loaded, load.end, began, ended)
         if loaded < load.end:
             self._report_short(load, loaded)
 
@@ -566,7 +576,8 @@ class KvtierConnector(KVConnectorBase_V1):
         if end <= load.start:
             return 0
         vllm_layout.scatter_span(self._layout, self._layers, load.block_ids, load.start, end,
-                                 staging[:, :, load.start : end], self.spec.head_dim, self._stacked)
+                                 staging[:, :, load.start : end], self.spec.head_dim, self._stacked,
+                                 one_thread=load.is_async)
         self._count("loaded_tokens", end - load.start)
         return end
 

@@ -38,6 +38,7 @@ from collections.abc import Sequence
 import torch
 
 from kvtier.errors import LayoutError
+from kvtier.tensors import copy_one_thread
 
 LAYOUTS = ("cpu", "bhnc", "flash", "flashinfer")
 
@@ -188,7 +189,7 @@ def block_runs(block_ids: Sequence[int], first: int, count: int) -> list[tuple[i
 
 def _span_move(layout: str, layers: Sequence[torch.Tensor], stacked: torch.Tensor | None,
                block_ids: Sequence[int], start: int, end: int, kv: torch.Tensor, head_dim: int,
-               *, into_paged: bool) -> None:
+               *, into_paged: bool, one_thread: bool) -> None:
     if kv.shape[0] != len(layers) or kv.shape[2] != end - start:
         raise LayoutError(f"canonical KV {tuple(kv.shape)} does not match {len(layers)} layers × "
                           f"positions [{start}, {end})")
@@ -210,12 +211,13 @@ def _span_move(layout: str, layers: Sequence[torch.Tensor], stacked: torch.Tenso
                 pk = k4[..., block : block + n, :, :, :]
                 pv = v4[..., block : block + n, :, :, :]
                 ck, cv = src.select(-4, 0).unflatten(-3, (n, bs)), src.select(-4, 1).unflatten(-3, (n, bs))
+                copy = copy_one_thread if one_thread else torch.Tensor.copy_
                 if into_paged:
-                    pk.copy_(ck)
-                    pv.copy_(cv)
+                    copy(pk, ck)
+                    copy(pv, cv)
                 else:
-                    ck.copy_(pk)
-                    cv.copy_(pv)
+                    copy(ck, pk)
+                    copy(cv, pv)
         edges.append((max(start, last * bs), end))
     elif not edges:
         edges = [(start, end)]
@@ -228,19 +230,22 @@ def _span_move(layout: str, layers: Sequence[torch.Tensor], stacked: torch.Tenso
 
 
 def scatter_span(layout: str, layers: Sequence[torch.Tensor], block_ids: Sequence[int], start: int, end: int,
-                 kv: torch.Tensor, head_dim: int, stacked: torch.Tensor | None = None) -> None:
+                 kv: torch.Tensor, head_dim: int, stacked: torch.Tensor | None = None, *,
+                 one_thread: bool = False) -> None:
     """Write canonical ``kv`` (``[layers, 2, end - start, kv_heads, head_dim]``) into positions
     ``[start, end)`` of the request whose block table is ``block_ids``. Whole blocks move as one
     strided copy per run of consecutive block ids (per layer, or once for all when ``stacked`` is
     :func:`stack_layers` of ``layers``); a partial first or last block goes through its slots.
+    ``one_thread``: the whole blocks move on the calling thread only (:func:`kvtier.tensors.copy_one_thread`;
+    for a copy beside the engine's forward pass, which uses torch's intra-op threads).
     Precondition: ``block_ids`` covers position ``end - 1`` and holds no id twice."""
-    _span_move(layout, layers, stacked, block_ids, start, end, kv, head_dim, into_paged=True)
+    _span_move(layout, layers, stacked, block_ids, start, end, kv, head_dim, into_paged=True, one_thread=one_thread)
 
 
 def gather_span(layout: str, layers: Sequence[torch.Tensor], block_ids: Sequence[int], start: int, end: int,
                 out: torch.Tensor, head_dim: int, stacked: torch.Tensor | None = None) -> torch.Tensor:
     """Inverse of :func:`scatter_span`: fill canonical ``out`` from positions ``[start, end)``."""
-    _span_move(layout, layers, stacked, block_ids, start, end, out, head_dim, into_paged=False)
+    _span_move(layout, layers, stacked, block_ids, start, end, out, head_dim, into_paged=False, one_thread=False)
     return out
 
 

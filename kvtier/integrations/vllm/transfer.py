@@ -10,6 +10,10 @@ from kvtier.errors import ConfigError
 CONNECTOR_NAME = "KvtierConnector"
 MODULE_PATH = "kvtier.integrations.vllm"
 KV_ROLES = ("kv_both", "kv_producer", "kv_consumer")
+#: the connector's info line for every whole-request load: request id, ``sync``/``async``, the end of
+#: what was loaded, the promised end, the load's span on the system-wide monotonic clock
+#: (``time.monotonic``; ``kvtier bench vllm --scenario async-itl`` reads it from the server's log)
+LOAD_SPAN_LOG = "kvtier: load of %s (%s) reached %d of %d tokens, monotonic %.6f to %.6f"
 
 
 def kv_transfer_config(extra: dict[str, Any] | None = None, kv_role: str = "kv_both") -> dict[str, Any]:
