@@ -64,8 +64,9 @@ def assert_within_bound(codec: Codec, chunk: torch.Tensor, decoded: torch.Tensor
     """``|x - x̂| <= bound + u·|x̂| + d/2`` (+ float32 slack), the documented bound of ``codec``.
 
     ``d`` is the spacing of the engine dtype's subnormals: the cast of a tiny reconstruction rounds to
-    an absolute grid there, not a relative one (fp16's is 2^-24). The float32 slack is relative to the chunk's largest magnitude: reconstructions such as
-    ``anchor + q·step`` round at the scale of their terms, not of the (possibly tiny) result.
+    an absolute grid there, not a relative one (fp16's is 2^-24). The float32 slack is relative to the
+    chunk's largest magnitude: reconstructions such as ``anchor + q·step`` round at the scale of their
+    terms, not of the (possibly tiny) result.
     """
     x = chunk.float()
     y = decoded.float()
