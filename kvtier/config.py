@@ -65,6 +65,10 @@ ByteSize = Annotated[int, BeforeValidator(parse_bytes), Field(ge=0)]
 Policy = Literal["lru", "lfu", "fifo", "s3fifo"]
 CodecName = str  # validated against the codec registry by the tier that uses it
 MAX_BATCH_KEYS = 1 << 16  # keys in one controller request (kvtier.cluster.schema.MAX_KEYS)
+# Where no config sets ``chunk_tokens``: the vLLM connector chunks by the smallest multiple of vLLM's
+# block size that is at least this (128 on CPU and for GPU blocks of 16-128), and the router's prefix
+# table by this, so that both agree.
+MIN_DEFAULT_CHUNK = 128
 
 
 class _Section(BaseModel):
@@ -169,7 +173,8 @@ class ServerConfig(_Section):
     persist_path: str = Field("", description="If set, chunks are also kept in a disk tier here.")
     max_connections: int = Field(256, ge=1, description="Connections accepted at once.")
     max_message_bytes: ByteSize = Field(256 * MiB, description="Largest frame accepted.")
-    max_inflight_bytes: ByteSize = Field(1 * GiB, description="Bytes of requests being processed at once.")
+    max_inflight_bytes: ByteSize = Field(
+        1 * GiB, description="Bytes of requests in progress plus receive buffers kept for reuse.")
     persist_capacity: ByteSize = Field(20 * GiB, description="Byte cap of the persistence directory.")
     persist_fsync: bool = Field(True, description="fsync persisted chunks before acknowledging a put.")
     idle_timeout_s: float = Field(300.0, gt=0, description="Close a connection idle this long.")
@@ -295,7 +300,8 @@ BackendSpec = Annotated[tuple[str, str], BeforeValidator(parse_backend)]
 
 class RouterConfig(_Section):
     """``kvtier router``: the KV-aware OpenAI-compatible proxy (and disaggregated-prefill proxy). Its own
-    prefix table chunks prompts by the root ``chunk_tokens``."""
+    prefix table chunks prompts by the root ``chunk_tokens`` when the config sets it, else by 128
+    tokens, the chunk of a vLLM engine whose config does not set it."""
 
     backends: tuple[BackendSpec, ...] = Field(
         (), description="Engines as URL or URL=INSTANCE_ID (decoders with prefill); INSTANCE_ID is the id its "

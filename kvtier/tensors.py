@@ -153,5 +153,11 @@ def copy_one_thread(dst: torch.Tensor, src: torch.Tensor) -> None:
             or dst.shape != src.shape or dst.element_size() not in _SAME_SIZE_INT):
         dst.copy_(src)
         return
-    as_int = _SAME_SIZE_INT[dst.element_size()]
-    np.copyto(dst.detach().view(as_int).numpy(), src.detach().view(as_int).numpy())
+    np.copyto(int_view(dst.detach()).numpy(), int_view(src.detach()).numpy())
+
+
+def int_view(tensor: torch.Tensor) -> torch.Tensor:
+    """The same bytes as a tensor of the same-size integer type (a view; the tensor itself if it is
+    one): what numpy can take without a dtype of its own (bfloat16, float8) and copies bytes exactly."""
+    as_int = _SAME_SIZE_INT[tensor.element_size()]
+    return tensor if tensor.dtype == as_int else tensor.view(as_int)

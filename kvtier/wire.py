@@ -16,10 +16,12 @@ Layout (little endian)::
 
 The checksum detects damage and lets a process without the tenant's secret (the cache server) check
 frames; the MAC (:mod:`kvtier.frame_auth`) proves the writer held the secret. A reader with a keyring
-accepts only frames whose MAC verifies under a key it holds (:class:`FrameAuthError` otherwise); a
-reader without one checks the checksum only and so trusts every writer of its tiers.
+accepts only frames whose MAC verifies under a key it holds (:class:`FrameAuthError` otherwise, or
+:class:`CorruptChunk` when the checksum shows damage) and does not checksum them again: the MAC covers
+the checksum field and every byte the checksum covers. A reader without keys checks the checksum only
+and so trusts every writer of its tiers.
 
-Invariant: :func:`unpack_meta` returns only frames whose lengths, checksum, MAC (when the reader has
+Invariant: :func:`unpack_meta` returns only frames whose lengths, checksum (MAC when the reader has
 keys), metadata schema and record are valid; anything else raises :class:`CorruptChunk`. No pickle:
 the metadata is a typed msgspec record and the payload is codec bytes.
 
@@ -30,6 +32,7 @@ corrupt miss (and a disk tier quarantines the file); nothing converts it.
 
 from __future__ import annotations
 
+import hmac
 import struct
 from collections.abc import Iterable
 from typing import Any, NamedTuple
@@ -123,16 +126,18 @@ def read_header(frame: bytes | bytearray | memoryview) -> Header:
     return Header(meta_len, payload_len, checksum, key_id, mac)
 
 
-def _authenticate(head: memoryview, header: Header, parts: Iterable[bytes | memoryview],
-                  auth: FrameKeys) -> None:
+def _mac_problem(head: memoryview, header: Header, parts: Iterable[bytes | memoryview],
+                 auth: FrameKeys) -> str | None:
+    """``None`` when the frame's MAC verifies under a key of ``auth``, else why it does not."""
     if header.key_id == 0:
-        raise FrameAuthError("frame carries no MAC but this reader requires one (auth.secret is set)")
+        return "frame carries no MAC but this reader requires one (auth.secret is set)"
     mac = auth.mac(header.key_id, (head[:MAC_COVERS], *parts))
     if mac is None:
-        raise FrameAuthError(f"frame was authenticated with key id {header.key_id:#010x}, which this "
-                             "keyring does not hold (another tenant, or a dropped previous secret)")
-    if mac != header.mac:
-        raise FrameAuthError("MAC mismatch: the frame was not written by a holder of this tenant's secret")
+        return (f"frame was authenticated with key id {header.key_id:#010x}, which this keyring does not "
+                "hold (another tenant, or a dropped previous secret)")
+    if not hmac.compare_digest(mac, header.mac):
+        return "MAC mismatch: the frame was not written by a holder of this tenant's secret"
+    return None
 
 
 def _decode_meta(meta_bytes: bytes | memoryview) -> ChunkMeta:
@@ -162,10 +167,14 @@ def verify_parts(head: bytes | bytearray | memoryview, payload: bytes | memoryvi
         raise CorruptChunk(f"head of {len(view)} bytes and payload of {payload_bytes} bytes, header says "
                            f"{HEADER_BYTES + header.meta_len} and {header.payload_len}")
     meta_bytes = view[HEADER_BYTES:]
-    if _checksum(meta_bytes, payload) != header.checksum:
+    # A MAC that verifies covers the checksum field and every byte the checksum covers: no second pass
+    # over the payload. Without one, the checksum tells damage (CorruptChunk) from a frame this keyring
+    # did not write (FrameAuthError), as it does for a reader without keys.
+    problem = None if auth is None else _mac_problem(view, header, (meta_bytes, payload), auth)
+    if (auth is None or problem is not None) and _checksum(meta_bytes, payload) != header.checksum:
         raise CorruptChunk("checksum mismatch")
-    if auth is not None:
-        _authenticate(view, header, (meta_bytes, payload), auth)
+    if problem is not None:
+        raise FrameAuthError(problem)
     return _decode_meta(meta_bytes)
 
 

@@ -51,7 +51,7 @@ from kvtier.net import BearerAuth, Gate, serve_http
 from kvtier.router.kv import KvKnowledge
 from kvtier.router.metrics import RouterMetrics
 from kvtier.router.policy import Backend, Chooser, Pool
-from kvtier.router.prefix import PrefixTable
+from kvtier.router.prefix import PrefixTable, table_chunk_tokens
 from kvtier.router.tokens import PromptTokens
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ class Router:
             timeout=httpx.Timeout(s.read_timeout_s, connect=s.connect_timeout_s, pool=s.connect_timeout_s),
             limits=httpx.Limits(max_connections=2 * s.max_concurrent, max_keepalive_connections=64))
         self.tokens = PromptTokens(s.tokenizer)
-        self.kv = KvKnowledge(self.client, PrefixTable(config.chunk_tokens, s.table_size), self.metrics,
+        self.kv = KvKnowledge(self.client, PrefixTable(table_chunk_tokens(config), s.table_size), self.metrics,
                               controller_url=s.controller_url, controller_token=s.controller_token,
                               timeout_s=s.lookup_timeout_s, backoff_s=s.controller_backoff_s)
         self.active = 0

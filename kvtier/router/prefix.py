@@ -1,7 +1,9 @@
 """The router's own record of which prompt prefixes it sent where: the fallback when the controller
 cannot be asked.
 
-Prompts are cut into whole chunks of ``chunk_tokens`` tokens keyed by the same hash chain as kvtier's
+Prompts are cut into whole chunks of ``chunk_tokens`` tokens (:func:`table_chunk_tokens`: the engines'
+chunk size, so that a prefix the router credits a backend with is one the engine can hit) keyed by the
+same hash chain as kvtier's
 chunk keys (:func:`kvtier.cluster.index.chain_keys`, from a root of the router's own: these keys are
 never compared with an engine's). A trailing partial chunk is not recorded.
 
@@ -16,17 +18,29 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import blake3
 import numpy as np
 
 from kvtier.cluster.index import chain_keys
+from kvtier.config import MIN_DEFAULT_CHUNK
+
+if TYPE_CHECKING:
+    from kvtier.config import KvtierConfig
 
 _ROOT = blake3.blake3(b"kvtier-router/v1").digest(length=16)
 
 
+def table_chunk_tokens(config: KvtierConfig) -> int:
+    """The prefix table's chunk size: the root ``chunk_tokens`` when ``config`` sets it (file, env or
+    override: engines reading the same file use it too), else :data:`kvtier.config.MIN_DEFAULT_CHUNK`,
+    what a vLLM connector with no ``chunk_tokens`` configured uses."""
+    return config.chunk_tokens if "chunk_tokens" in config.model_fields_set else MIN_DEFAULT_CHUNK
+
+
 class PrefixTable:
-    def __init__(self, chunk_tokens: int = 256, max_keys: int = 1 << 18) -> None:
+    def __init__(self, chunk_tokens: int = MIN_DEFAULT_CHUNK, max_keys: int = 1 << 18) -> None:
         if chunk_tokens <= 0 or max_keys <= 0:
             raise ValueError("chunk_tokens and max_keys must be positive")
         self.chunk_tokens = chunk_tokens

@@ -7,9 +7,11 @@ Invariants:
   ``collisions``), discarded from that tier when damaged, and treated as a miss.
 - With a keyring (``auth``) every frame written down carries a MAC under the current key.
 - Reads of many chunks (:meth:`StorageManager.load_many`) are pipelined: batches of up to
-  ``read_batch`` chunks (at most ``READ_BATCH_BYTES``) go to the tier in one ``get_many_into`` /
+  ``read_batch`` chunks (at most ``READ_BATCH_BYTES``) go to the tier in one ``get_each_into`` /
   ``get_many`` call on a reader thread, at most ``read_ahead`` batches ahead of the chunk the caller is
-  verifying and copying. Chunks are verified and handed out strictly in order; the first chunk that
+  verifying and copying; a streaming tier hands each chunk over as soon as it is in place, so the
+  caller verifies and copies chunk i while i+1 arrives. Chunks are verified and handed out strictly in
+  order; the first chunk that
   misses or fails verification ends the run (prefix semantics: it and every chunk after it are misses,
   counted as ``misses`` / ``read_ahead_dropped``). When ``load_many`` returns or its iterator is closed,
   no read into the caller's tensors is still in flight.
@@ -91,6 +93,11 @@ class Load:
 
 # what the reader hands back per chunk: (head of a zero-copy read | whole frame | None, zero-copy?)
 _Fetched = tuple[bytes | memoryview | None, bool]
+
+
+class _Stopped(BaseException):
+    """The consumer of a read closed it: the reader stops at once. A ``BaseException`` so that the
+    tier code it passes through (which turns every ``Exception`` into a failed call) lets it out."""
 
 
 @dataclass
@@ -222,46 +229,58 @@ class StorageManager:
         Yields True for each chunk now verified in its ``out``; after the first chunk that is not, yields
         False once and stops. Close the iterator (or exhaust it) before reusing any ``out``."""
         batches = self._batches(loads)
-        pending: deque[tuple[list[Load], Future[list[_Fetched]]]] = deque()
+        pending: deque[tuple[list[Load], queue.SimpleQueue[_Fetched], Future[None]]] = deque()
+        stopped = threading.Event()
         reader = self._reader
 
         def submit() -> None:
             if not batches:
                 return
             batch = batches.popleft()
+            arrived: queue.SimpleQueue[_Fetched] = queue.SimpleQueue()
+
+            def deliver(got: _Fetched) -> None:
+                if stopped.is_set():  # the caller is gone: write nothing more into its tensors
+                    raise _Stopped
+                arrived.put(got)
+
             try:
                 if reader is None:
                     raise RuntimeError("storage manager closed")
-                future = reader.submit(self._fetch, batch)
+                future = reader.submit(self._fetch, batch, deliver)
             except RuntimeError:  # closed meanwhile: the batch is a miss
+                for _load in batch:
+                    arrived.put((None, False))
                 future = Future()
-                future.set_result([(None, False)] * len(batch))
-            pending.append((batch, future))
+                future.set_result(None)
+            pending.append((batch, arrived, future))
 
         try:
             for _ in range(self.read_ahead):
                 submit()
             while pending:
-                batch, future = pending.popleft()
-                try:
-                    fetched = future.result()  # _fetch turns every tier failure into misses
-                except Exception:  # a bug below must not reach the engine: the batch is missed
-                    log.exception("reading a batch from tier %s failed", self.slots[batch[0].tier].tier.name)
-                    fetched = [(None, False)] * len(batch)
-                submit()
-                for i, (load, got) in enumerate(zip(batch, fetched)):
+                batch, arrived, future = pending.popleft()
+                topped_up = False  # the next batch is asked for once this one is read, as before streaming
+                for i, load in enumerate(batch):  # each chunk as soon as the reader placed it
+                    got = arrived.get()
+                    if not topped_up and future.done():
+                        submit()
+                        topped_up = True
                     if not self._verify(load, got):
-                        dropped = len(batch) - i - 1 + sum(len(b) for b, _f in pending) + sum(map(len, batches))
+                        dropped = len(batch) - i - 1 + sum(len(b) for b, _a, _f in pending) + sum(map(len, batches))
                         self.counters["read_ahead_dropped"] += dropped
                         yield False
                         return
                     yield True
+                if not topped_up:
+                    submit()
         finally:
-            for _batch, future in pending:  # nothing may still write into the caller's tensors
+            stopped.set()
+            for _batch, _arrived, future in pending:  # nothing may still write into the caller's tensors
                 future.cancel()
-            for _batch, future in pending:
+            for _batch, _arrived, future in pending:
                 if not future.cancelled():
-                    with contextlib.suppress(Exception):
+                    with contextlib.suppress(Exception, _Stopped):
                         future.result()
 
     def _batches(self, loads: Sequence[Load]) -> deque[list[Load]]:
@@ -280,29 +299,42 @@ class StorageManager:
                 size += nbytes
         return out
 
-    def _fetch(self, batch: list[Load]) -> list[_Fetched]:
-        """Reader thread: the frames (or zero-copy heads) of ``batch``, ``None`` for each miss; a tier
-        failure makes every chunk of the batch a miss."""
+    def _fetch(self, batch: list[Load], deliver: Callable[[_Fetched], None]) -> None:
+        """Reader thread: ``deliver`` the frame (or zero-copy head) of each chunk of ``batch`` exactly
+        once, in order, each as soon as it is in place (while later ones are still arriving, where the
+        tier streams); ``None`` for each miss. A tier failure (or a bug below) makes every chunk not
+        delivered yet a miss. Raises :class:`_Stopped` when ``deliver`` does (the caller is gone)."""
         slot = self.slots[batch[0].tier]
-        got: list[_Fetched] = [(None, False)] * len(batch)
-        if not slot.usable(time.monotonic()):
-            return got
-        keys = [load.record.key for load in batch]
+        got: list[_Fetched | None] = [None] * len(batch)
+        sent = 0
+
+        def arrived(i: int, head: bytes | memoryview | None) -> None:
+            nonlocal sent
+            got[i] = (head, head is not None)
+            while sent < len(batch) and (item := got[sent]) is not None and item[0] is not None:
+                sent += 1
+                deliver(item)  # held back after a head-less chunk until its fallback read below
+
         try:
-            if slot.reads_into:
-                views = [frames.payload_view(load.out) for load in batch]
-                dests = [v for v in views if v is not None]
-                if len(dests) == len(batch):
-                    heads = self._call(slot, "get", partial(slot.tier.get_many_into, keys, dests))
-                    got = [(h, h is not None) for h in heads]  # type: ignore[attr-defined]
-            rest = [i for i, (data, _zero) in enumerate(got) if data is None]
-            if rest:
-                found = self._call(slot, "get", partial(slot.tier.get_many, [keys[i] for i in rest]))
-                for i, frame in zip(rest, found):  # type: ignore[call-overload]
-                    got[i] = (frame, False)
+            if slot.usable(time.monotonic()):
+                keys = [load.record.key for load in batch]
+                if slot.reads_into:
+                    views = [frames.payload_view(load.out) for load in batch]
+                    dests = [v for v in views if v is not None]
+                    if len(dests) == len(batch):
+                        self._call(slot, "get", partial(slot.tier.get_each_into, keys, dests, arrived))
+                rest = [i for i in range(sent, len(batch)) if (item := got[i]) is None or item[0] is None]
+                if rest:
+                    found = self._call(slot, "get", partial(slot.tier.get_many, [keys[i] for i in rest]))
+                    for i, frame in zip(rest, found):  # type: ignore[call-overload]
+                        got[i] = (frame, False)
         except TierUnavailable:
             pass  # counted by _call; the chunks not fetched are misses
-        return got
+        except Exception:  # a bug below must not reach the engine: what is left of the batch is missed
+            log.exception("reading a batch from tier %s failed", slot.tier.name)
+            got[sent:] = [None] * (len(batch) - sent)
+        for item in got[sent:]:
+            deliver(item if item is not None else (None, False))
 
     def _verify(self, load: Load, got: _Fetched) -> bool:
         """Check one fetched chunk (decoding a whole frame into ``load.out``); count the outcome."""

@@ -21,8 +21,9 @@ Invariants:
   announces: a larger reply header closes the connection before any of its body is read, and a reply
   must arrive within ``timeout_s`` plus its size at 100 MB/s, so a hostile or broken server can neither
   exhaust this process's memory nor hold a call for ever (both are failed calls, i.e. misses).
-- ``get_many`` / ``get_each`` / ``put_many`` use the batched MGET / MPUT ops: one request for many
-  keys, replies streamed and each frame received into its own ``bytes`` object as it arrives.
+- ``get_many`` / ``get_each`` / ``get_each_into`` / ``put_many`` use the batched MGET / MPUT ops: one
+  request for many keys, replies streamed and each frame received into its own ``bytes`` object (or
+  its payload straight into the caller's buffer) and handed over as it arrives.
 - Reads use kernel socket timeouts on blocking sockets, so one ``recv(n, MSG_WAITALL)`` receives a
   whole GET frame straight into the ``bytes`` object returned (no copy); headers and other bodies are
   received with ``recv_into`` into the connection's preallocated buffers. Sends are one ``sendmsg``
@@ -472,9 +473,10 @@ class RemoteTier(Tier):
         return self._run("stats", call)
 
     def put_many(self, items: Sequence[tuple[ChunkKey, Sequence[bytes | memoryview]]]) -> None:
-        """Store every ``(key, frame parts)`` item with batched MPUTs (one message per
-        :data:`MPUT_BATCH` items, all sent before the replies are read). Refused items are counted
-        (``puts_refused``), as with :meth:`put`."""
+        """Store every ``(key, frame parts)`` item with batched MPUTs (one message per at most
+        :data:`MPUT_BATCH` items whose frames together fit the server's message limit, so the server
+        receives each message in one pass; all sent before the replies are read). Refused items are
+        counted (``puts_refused``), as with :meth:`put`."""
         batch = []
         for key, parts in items:
             _check_key(key)
@@ -486,8 +488,7 @@ class RemoteTier(Tier):
         def call(conn: Connection) -> list[bool]:
             sendable = [i for i, item in enumerate(batch) if item[2] + P.KEY_BYTES <= conn.max_body]
             sent: list[tuple[int, list[int]]] = []
-            for at in range(0, len(sendable), MPUT_BATCH):
-                group = sendable[at : at + MPUT_BATCH]
+            for group in _groups(sendable, [batch[i][2] for i in sendable], conn.max_body):
                 parts: list[_Body] = []
                 for i in group:
                     key, views, size = batch[i]
@@ -540,37 +541,44 @@ class RemoteTier(Tier):
     def get_into(self, key: ChunkKey, payload: memoryview) -> bytes | memoryview | None:
         return self.get_many_into([key], [payload])[0]
 
-    def get_many_into(
-        self, keys: Sequence[ChunkKey], payloads: Sequence[memoryview]
-    ) -> list[bytes | memoryview | None]:
+    def get_each_into(self, keys: Sequence[ChunkKey], payloads: Sequence[memoryview],
+                      fn: Callable[[int, bytes | memoryview | None], None]) -> None:
         """Batched zero-copy GET (MGET): the payload of ``keys[i]`` is received straight into
-        ``payloads[i]`` (which must be exactly its size) and its head (wire header + metadata,
-        unverified; see :func:`kvtier.wire.unpack_head_into`) returned; ``None`` for a miss or a size
-        mismatch (that payload is then untouched; the caller falls back to ``get``).
-        After a failure mid-way a payload may hold partial bytes of a frame whose head is not returned."""
+        ``payloads[i]`` (which must be exactly its size) and ``fn(i, head)`` called as soon as it is
+        there (head: wire header + metadata, unverified, see :func:`kvtier.frames.unpack_head_into`;
+        ``None`` for a miss or a size mismatch, that payload then untouched), while the next frames
+        are still arriving. ``fn`` sees each index once, in order: a retry after a failure mid-way
+        asks only for the keys not handed over yet. An exception from ``fn`` drops the connection
+        (its reply stream is not read to the end) and propagates. After a failure a payload not
+        handed over may hold partial bytes of a frame."""
         if len(keys) != len(payloads):
             raise ValueError(f"{len(keys)} keys but {len(payloads)} payload buffers")
         for key in keys:
             _check_key(key)
+        done = 0  # keys handed to fn
+        hits = 0
 
-        def call(conn: Connection) -> list[bytes | memoryview | None]:
-            heads: list[bytes | memoryview | None] = []
-            for start in range(0, len(keys), EXISTS_BATCH):
+        def call(conn: Connection) -> None:
+            nonlocal done, hits
+            while done < len(keys):
+                start = done
                 batch = keys[start : start + EXISTS_BATCH]
                 rid = conn.send(P.Op.MGET, (b"".join(batch),), key_count=len(batch))
                 for i in range(len(batch)):
                     h, head = conn.recv_into(rid, P.Op.MGET, payloads[start + i])
                     if h.key_count != i:
                         raise ProtocolError(f"MGET item {h.key_count} while expecting {i}")
-                    heads.append(head)
-            return heads
+                    done += 1
+                    hits += head is not None
+                    fn(start + i, head)
 
-        heads = self._run("get_many", call) if keys else []
-        hits = sum(head is not None for head in heads)
-        self._count("hits", hits)
-        self._count("gets_zero_copy", hits)
-        self._count("misses", len(keys) - hits)
-        return heads
+        try:
+            if keys:
+                self._run("get_many", call)
+        finally:
+            self._count("hits", hits)
+            self._count("gets_zero_copy", hits)
+            self._count("misses", done - hits)
 
     def get_many(self, keys: Sequence[ChunkKey]) -> list[bytes | memoryview | None]:
         """Batched GET: the frames of ``keys`` in order (``None`` = miss)."""
@@ -591,6 +599,20 @@ class RemoteTier(Tier):
     def close(self) -> None:
         self._closed = True
         self._drop_idle()
+
+
+def _groups(indices: list[int], sizes: list[int], max_bytes: int) -> list[list[int]]:
+    """``indices`` cut into consecutive groups of at most :data:`MPUT_BATCH`, each of at most
+    ``max_bytes`` in ``sizes`` (a single larger item forms its own group)."""
+    out: list[list[int]] = []
+    total = 0
+    for i, size in zip(indices, sizes, strict=True):
+        if not out or len(out[-1]) >= MPUT_BATCH or total + size > max_bytes:
+            out.append([])
+            total = 0
+        out[-1].append(i)
+        total += size
+    return out
 
 
 def _check_key(key: bytes) -> None:

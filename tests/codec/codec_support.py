@@ -61,15 +61,19 @@ def roundtrip(codec: Codec, chunk: torch.Tensor, spec: KVSpec, out: torch.Tensor
 
 
 def assert_within_bound(codec: Codec, chunk: torch.Tensor, decoded: torch.Tensor) -> None:
-    """``|x - x̂| <= bound + u·|x̂|`` (+ float32 slack), the documented bound of ``codec``.
+    """``|x - x̂| <= bound + u·|x̂| + d/2`` (+ float32 slack), the documented bound of ``codec``.
 
-    The float32 slack is relative to the chunk's largest magnitude: reconstructions such as
-    ``anchor + q·step`` round at the scale of their terms, not of the (possibly tiny) result.
+    ``d`` is the spacing of the engine dtype's subnormals: the cast of a tiny reconstruction rounds to
+    an absolute grid there, not a relative one (fp16's is 2^-24). The float32 slack is relative to the
+    chunk's largest magnitude: reconstructions such as ``anchor + q·step`` round at the scale of their
+    terms, not of the (possibly tiny) result.
     """
     x = chunk.float()
     y = decoded.float()
     bound = codec.error_bound(chunk)  # type: ignore[attr-defined]
     scale = float(x.abs().max()) if x.numel() else 0.0
-    slack = unit_roundoff(chunk.dtype) * y.abs() + 1e-6 * (scale + bound) + 1e-30
+    info = torch.finfo(chunk.dtype)
+    subnormal_half = float(info.smallest_normal) * float(info.eps) / 2
+    slack = unit_roundoff(chunk.dtype) * y.abs() + subnormal_half + 1e-6 * (scale + bound) + 1e-30
     excess = (x - y).abs() - bound - slack
     assert float(excess.max()) <= 0, f"{codec.name}: error exceeds its bound by {float(excess.max())}"

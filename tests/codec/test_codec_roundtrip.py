@@ -105,3 +105,25 @@ def test_cachegen_wide_symbols_and_step_growth(name: str) -> None:
     assert_within_bound(LOSSY[name], chunk, out)
     step = LOSSY[name].error_bound(chunk)[1, 0, 7, 1, 3] * 2  # type: ignore[attr-defined]
     assert float(step) >= 4e4 / 2047  # grown so that at most 4095 bins cover the plane
+
+
+@pytest.mark.parametrize("name", list(LOSSLESS))
+def test_lossless_codecs_copy_on_the_calling_thread(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Encode and decode (into a contiguous chunk and into a slot view of fewer tokens) never call
+    torch's ``copy_``, which spreads a copy over every intra-op thread: decoding runs beside reads in
+    flight and encoding beside the write-back's I/O, where a multi-threaded copy waits for the busy
+    core."""
+    spec = spec_for("bfloat16")
+    chunk = kv_like(spec, 32, seed=4)
+    slot = torch.full(spec.chunk_shape(64), 7, dtype=chunk.dtype)
+    calls: list[tuple[int, ...]] = []
+    real = torch.Tensor.copy_
+
+    def counted(self: torch.Tensor, src: torch.Tensor, non_blocking: bool = False) -> torch.Tensor:
+        calls.append(tuple(self.shape))
+        return real(self, src, non_blocking)
+
+    monkeypatch.setattr(torch.Tensor, "copy_", counted)
+    for out in (torch.full_like(chunk, 7), slot[:, :, :32]):
+        assert torch.equal(roundtrip(LOSSLESS[name], chunk, spec, out), chunk)
+    assert calls == []

@@ -28,7 +28,6 @@ from kvtier.integrations.sglang.pages import (
     PageKeys,
     PoolView,
     Span,
-    as_raw,
     auto_pages_per_object,
     copy_exact,
     matching_pages,
@@ -41,6 +40,7 @@ from kvtier.integrations.sglang.stats import IoStats
 from kvtier.keys import Namespace
 from kvtier.layout import KVSpec
 from kvtier.record import Kind
+from kvtier.tensors import int_view
 
 PAGE, LAYERS, HEADS, DIM = 16, 3, 2, 8
 
@@ -204,12 +204,12 @@ def test_copy_exact_is_byte_exact_between_strided_views(dtype: torch.dtype) -> N
     src = torch.randn(2, LAYERS, 4 * PAGE, HEADS, DIM).to(dtype)
     dst = torch.zeros(LAYERS, 2, PAGE, HEADS, DIM).to(dtype)
     view = src[:, :, PAGE : 2 * PAGE].permute(1, 0, 2, 3, 4)
-    copy_exact(as_raw(dst).numpy(), as_raw(view).numpy())
+    copy_exact(int_view(dst).numpy(), int_view(view).numpy())
     assert torch.equal(dst.view(torch.uint8), view.contiguous().view(torch.uint8))
     with pytest.raises(LayoutError):  # another element size, or another shape: never a converting copy
-        copy_exact(as_raw(dst).numpy(), as_raw(view.to(torch.float64)).numpy())
+        copy_exact(int_view(dst).numpy(), int_view(view.to(torch.float64)).numpy())
     with pytest.raises(LayoutError):
-        copy_exact(as_raw(dst).numpy(), as_raw(view[:, :, 1:]).numpy())
+        copy_exact(int_view(dst).numpy(), int_view(view[:, :, 1:]).numpy())
 
 
 def test_pool_view_rejects_what_it_cannot_map() -> None:

@@ -294,6 +294,7 @@ def test_chunk_tokens_default_follows_vllm_block_size(monkeypatch: pytest.Monkey
     from kvtier.config import load_config
     from kvtier.integrations.vllm import connector
     from kvtier.integrations.vllm.connector import _chunk_default
+    from kvtier.router.prefix import table_chunk_tokens
 
     monkeypatch.delenv("KVTIER_CHUNK_TOKENS", raising=False)
     monkeypatch.setattr(connector.log, "handlers", [caplog.handler])  # whatever kvtier's logging setup is
@@ -304,3 +305,6 @@ def test_chunk_tokens_default_follows_vllm_block_size(monkeypatch: pytest.Monkey
     assert _chunk_default(load_config(overrides={"chunk_tokens": 256}), 128).chunk_tokens == 256
     monkeypatch.setenv("KVTIER_CHUNK_TOKENS", "64")
     assert _chunk_default(load_config(), 128).chunk_tokens == 64  # set through the environment
+    # the router's prefix table chunks like a CPU engine reading the same (or no) config
+    for config in (unset, load_config(overrides={"chunk_tokens": 256}), load_config()):
+        assert table_chunk_tokens(config) == _chunk_default(config, 128).chunk_tokens

@@ -77,3 +77,25 @@ def test_prefix_table_is_bounded_lru() -> None:
     assert len(table) == 6
     assert table.match(table.keys(new), ["B"]) == {}
     assert table.match(table.keys(old), ["A"]) == {"A": 6}
+
+
+def test_prefix_table_chunks_like_an_engine_with_the_same_config() -> None:
+    """No chunk_tokens anywhere: the table chunks by 128 tokens, as the vLLM connector on CPU does (a
+    prompt sharing 200 tokens is credited 128, where 256-token chunks credited nothing); a chunk_tokens
+    set in the config (override or environment) is the table's too."""
+    from kvtier.config import MIN_DEFAULT_CHUNK, load_config
+    from kvtier.router.app import Router
+
+    def make(**config: object) -> Router:
+        return Router(load_config(environ=env, overrides={"router": {"backends": ["http://b0"]}, **config}))
+
+    env: dict[str, str] = {}
+    router = make()
+    table = router.kv.table
+    assert table.chunk_tokens == MIN_DEFAULT_CHUNK == 128
+    sent = list(range(1000, 1300))
+    router.kv.record(sent, "http://b0")
+    assert table.match(table.keys([*sent[:200], *range(7, 107)]), ["http://b0"]) == {"http://b0": 128}
+    assert make(chunk_tokens=256).kv.table.chunk_tokens == 256
+    env["KVTIER_CHUNK_TOKENS"] = "64"
+    assert make().kv.table.chunk_tokens == 64

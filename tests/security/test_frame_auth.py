@@ -17,7 +17,7 @@ import xxhash
 from kvtier import wire
 from kvtier.config import load_config
 from kvtier.engine import CacheEngine
-from kvtier.errors import ConfigError, FrameAuthError
+from kvtier.errors import ConfigError, CorruptChunk, FrameAuthError
 from kvtier.frame_auth import FrameKeys
 from kvtier.frames import pack, unpack_into
 from kvtier.layout import KVSpec
@@ -210,15 +210,28 @@ def test_flipped_byte_is_a_miss(disk: dict[str, Any], where: str) -> None:
         assert stats["mac_failures"] == 1  # checksum still fine: only the MAC catches it
 
 
-def test_frame_level_checks() -> None:
+def test_frame_level_checks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A frame whose MAC verifies is not checksummed again (the MAC covers the checksum field and every
+    byte it covers); one whose MAC fails is, to tell damage (CorruptChunk, discarded by the tiers) from
+    another writer's frame (FrameAuthError, kept)."""
     chunk = make_chunks()[0]
     record = token_record(chunk, TOKENS)
     kv = torch.randn(SPEC.chunk_shape(chunk.num_tokens))
     keys = FrameKeys(SECRET.encode())
     frame = pack(record, kv, SPEC, auth=keys)
     out = torch.empty_like(kv)
+    passes: list[int] = []
+    real = wire._checksum
+    monkeypatch.setattr(wire, "_checksum", lambda meta, payload: passes.append(len(payload)) or real(meta, payload))
     assert unpack_into(frame, SPEC, out, chunk.key, keys).record() == record and torch.equal(out, kv)
+    assert passes == []
     unpack_into(frame, SPEC, out, chunk.key)  # a reader without keys checks the checksum only
+    assert len(passes) == 1
+    damaged = bytearray(frame)
+    damaged[-5] ^= 0x01
+    with pytest.raises(CorruptChunk, match="checksum mismatch") as caught:
+        unpack_into(bytes(damaged), SPEC, out, chunk.key, keys)
+    assert not isinstance(caught.value, FrameAuthError)
     wire.check_frame(frame, chunk.key)  # so does the cache server
     with pytest.raises(FrameAuthError, match="does not hold"):
         unpack_into(frame, SPEC, out, chunk.key, FrameKeys(OTHER.encode()))
@@ -278,3 +291,4 @@ def test_previous_secrets_from_the_environment() -> None:
     kv = torch.randn(SPEC.chunk_shape(record.num_tokens))
     frame = pack(record, kv, SPEC, auth=FrameKeys(old.encode()))
     unpack_into(frame, SPEC, torch.empty_like(kv), record.key, keys)  # an old key still reads
+

@@ -22,10 +22,10 @@ from kvtier.errors import LayoutError
 from kvtier.keys import KEY_BYTES, ChunkKey, Namespace
 from kvtier.layout import KVSpec
 from kvtier.record import ChunkRecord, Kind
-from kvtier.tensors import dtype_name
+from kvtier.tensors import dtype_name, int_view
 from kvtier.wire import MAX_PAGE_IDENTITY
 
-__all__ = ["LAYOUTS", "HostPages", "PageIndex", "PageKeys", "PageList", "Pages", "PoolView", "Span", "as_raw",
+__all__ = ["LAYOUTS", "HostPages", "PageIndex", "PageKeys", "PageList", "Pages", "PoolView", "Span",
            "auto_pages_per_object", "copy_exact", "matching_pages", "namespace_model", "object_pages", "pages_of",
            "spans"]
 
@@ -214,7 +214,7 @@ class PoolView:
     def raw_pages(self, index: int, count: int = 1) -> np.ndarray:
         """The ``count`` consecutive pages from host slot ``index`` (a multiple of ``page_size``) as one
         ``[layers, 2, count, page_size, heads, head_dim]`` numpy view of the pool's bytes as integers
-        (:func:`as_raw`): what :class:`HostPages` copies, single-threaded, without a torch call."""
+        (:func:`~kvtier.tensors.int_view`): what :class:`HostPages` copies, single-threaded, without a torch call."""
         if index % self.page_size:
             raise LayoutError(f"host index {index} is not at a page start (page size {self.page_size})")
         buffer, n = self._raw_buffer, self.page_size
@@ -236,7 +236,7 @@ class PoolView:
 
     @functools.cached_property
     def _raw_buffer(self) -> np.ndarray:
-        return as_raw(self.pool.kv_buffer).numpy()
+        return int_view(self.pool.kv_buffer).numpy()
 
     def page_starts(self, host_indices: torch.Tensor, pages: int) -> list[int]:
         """First host slot of each of ``pages`` pages (SGLang passes ``page_size`` slots per key)."""
@@ -255,19 +255,10 @@ class PoolView:
         return flat.view(2, spec.num_layers, n, spec.num_kv_heads, spec.head_dim).permute(1, 0, 2, 3, 4)
 
 
-_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def as_raw(tensor: torch.Tensor) -> torch.Tensor:
-    """The same bytes as a tensor of the same-size integer type (a view; a no-op for integers)."""
-    as_int = _SAME_SIZE_INT[tensor.element_size()]
-    return tensor if tensor.dtype == as_int else tensor.view(as_int)
-
-
 def object_pages(obj: torch.Tensor, page_size: int) -> np.ndarray:
     """A canonical object ``[layers, 2, pages * page_size, heads, head_dim]`` as the same bytes in
-    ``[layers, 2, pages, page_size, heads, head_dim]`` (a numpy view of integers, :func:`as_raw`)."""
-    flat = as_raw(obj).numpy()
+    ``[layers, 2, pages, page_size, heads, head_dim]`` (a numpy view of integers, :func:`~kvtier.tensors.int_view`)."""
+    flat = int_view(obj).numpy()
     return flat.reshape(*flat.shape[:2], -1, page_size, *flat.shape[3:])
 
 
@@ -341,7 +332,7 @@ class PageList(Pages):
     @classmethod
     def of_tensors(cls, pages: Sequence[torch.Tensor]) -> PageList:
         """From canonical ``[layers, 2, page_size, heads, head_dim]`` tensor views."""
-        return cls([as_raw(p).numpy()[:, :, None] for p in pages])
+        return cls([int_view(p).numpy()[:, :, None] for p in pages])
 
     @classmethod
     def of_object(cls, obj: np.ndarray) -> PageList:

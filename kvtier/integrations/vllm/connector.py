@@ -88,7 +88,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
-from kvtier.config import KvtierConfig, load_config, with_overrides
+from kvtier.config import MIN_DEFAULT_CHUNK, KvtierConfig, load_config, with_overrides
 from kvtier.engine import CacheEngine
 from kvtier.errors import ConfigError, KvtierError, LayoutError
 from kvtier.integrations.common import config_overrides
@@ -209,9 +209,6 @@ def _model_id(vllm_config: VllmConfig, extra: dict[str, Any]) -> str:
                 or vllm_config.model_config.model)
     # every rank holds other heads / layers under the same tokens: keep their keys apart
     return model + _rank_suffix(vllm_config)
-
-
-MIN_DEFAULT_CHUNK = 128
 
 
 def _chunk_default(config: KvtierConfig, block_size: int) -> KvtierConfig:
