@@ -173,7 +173,8 @@ class ServerConfig(_Section):
     persist_path: str = Field("", description="If set, chunks are also kept in a disk tier here.")
     max_connections: int = Field(256, ge=1, description="Connections accepted at once.")
     max_message_bytes: ByteSize = Field(256 * MiB, description="Largest frame accepted.")
-    max_inflight_bytes: ByteSize = Field(1 * GiB, description="Bytes of requests being processed at once.")
+    max_inflight_bytes: ByteSize = Field(
+        1 * GiB, description="Bytes of requests in progress plus receive buffers kept for reuse.")
     persist_capacity: ByteSize = Field(20 * GiB, description="Byte cap of the persistence directory.")
     persist_fsync: bool = Field(True, description="fsync persisted chunks before acknowledging a put.")
     idle_timeout_s: float = Field(300.0, gt=0, description="Close a connection idle this long.")

@@ -8,8 +8,9 @@ and ``CacheEngine.store`` until every chunk is written to that tier (copy in, fr
 Ceilings, on the same frames, measured in the same run and interleaved with ours (the order alternates
 every run, so the machine's drift hits both sides alike; ratios are per run pair, min/median/max):
 
-- ``server``: a plain-socket peer on loopback streaming the frames back to back into a preallocated
-  buffer (read) / receiving them (write): raw loopback TCP, no framing, no checksum, no round trips;
+- ``server``: a plain-socket peer on loopback streaming the frames back to back into one preallocated
+  buffer per frame (read) / receiving each into a buffer of its own (write): raw loopback TCP, no
+  framing, no checksum, no round trips (:func:`kvtier.bench.server.raw_peer`);
 - ``redis``: a plain ``redis.Redis`` client doing one pipelined batch of ``GET`` / ``SET``;
 - ``disk``: each frame ``write`` + ``fsync`` to its own file / read back cold (page cache dropped before
   every read, ours and the ceiling's alike);
@@ -24,9 +25,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
-import struct
-import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -65,32 +63,13 @@ class Ceiling:
 
 @contextlib.contextmanager
 def _server(frames: list[bytes], _work: Path) -> Iterator[Ceiling]:
-    from kvtier.bench.server import SINK, exact, kvtier_server, process
+    from kvtier.bench.server import kvtier_server, raw_peer
     from kvtier.storage.remote import RemoteTier
 
     size = len(frames[0])
-    with kvtier_server(3 * size * len(frames) + (64 << 20)) as port, \
-            process([sys.executable, "-c", SINK, str(size)], r"^(\d+)$") as sink_port:
-        raw = socket.create_connection(("127.0.0.1", sink_port))
-        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        into, ack = memoryview(bytearray(size)), memoryview(bytearray(1))
-
-        def read() -> None:
-            raw.sendall(b"G" + struct.pack("<I", len(frames)))
-            for _ in frames:
-                exact(raw, into)
-
-        def write() -> None:
-            raw.sendall(b"P" + struct.pack("<I", len(frames)))
-            for f in frames:
-                raw.sendall(f)
-            exact(raw, ack)
-
-        try:
-            yield Ceiling(RemoteTier("127.0.0.1", port, timeout_s=30.0), read, write,
-                          "raw loopback TCP stream of the same bytes")
-        finally:
-            raw.close()
+    with kvtier_server(3 * size * len(frames) + (64 << 20)) as port, raw_peer(frames) as (put, get):
+        yield Ceiling(RemoteTier("127.0.0.1", port, timeout_s=30.0), get, put,
+                      "raw loopback TCP stream of the same bytes (distinct buffers both sides)")
 
 
 @contextlib.contextmanager

@@ -14,12 +14,14 @@ Invariants:
 - A header is validated before its body is read; a body above ``max_message_bytes`` is refused.
   Malformed input gets one error reply and closes *that* connection; nothing a peer sends stops the
   server or another connection.
-- Memory is bounded and grows with what arrives: a body is received straight into one uninitialised
-  buffer of its final size (address space only: the kernel commits a page when received bytes are
+- Memory is bounded and grows with what arrives: a body is received straight into one buffer of its
+  final size, either the buffer of a dropped frame kept for reuse (:mod:`kvtier.server.pool`) or a
+  fresh uninitialised one (address space only: the kernel commits a page when received bytes are
   written to it, so a header whose body never comes costs no memory); the store holds at most
-  ``capacity`` bytes; large request bodies being read or processed hold at most ``max_inflight_bytes``
-  (taken once the body's first byte arrived; a reader waits for budget, which back-pressures its
-  client through TCP), and large GET replies not
+  ``capacity`` bytes; large request bodies being read or processed, plus the buffers kept for reuse,
+  hold at most ``max_inflight_bytes`` (a body takes its share once its first byte arrived; a reader
+  waits for budget, which back-pressures its client through TCP, and kept buffers are freed first),
+  and large GET replies not
   yet taken by the kernel hold at most ``max_inflight_bytes`` of a separate budget. Bodies up to
   :data:`SMALL_BODY` take no budget, so a PING or a key lookup never waits behind large transfers. A
   whole request must arrive within ``read_timeout_s``; an authenticated connection may idle
@@ -44,6 +46,7 @@ import re
 import signal
 import socket
 import struct
+import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
@@ -58,6 +61,7 @@ from kvtier.compat import async_timeout
 from kvtier.config import ServerConfig
 from kvtier.errors import ConfigError, CorruptChunk, KvtierError, ProtocolError
 from kvtier.net import is_loopback, token_matches
+from kvtier.server.mput import MputBody
 from kvtier.server.pool import BufferPool
 from kvtier.server.store import ChunkStore, Frame
 from kvtier.storage import remote_protocol as P
@@ -371,6 +375,20 @@ class Connection(asyncio.BufferedProtocol):
         self._resume()
         return body
 
+    def can_stream(self, n: int) -> bool:
+        """Whether the next ``n`` bytes are worth receiving through an I/O thread (and one exists)."""
+        return n - self.buffered >= DIRECT_IO and self._thread_socket() is not None
+
+    async def read_mput(self, body: MputBody) -> None:
+        """Receive an MPUT body through an I/O thread in one pass (see :mod:`kvtier.server.mput`);
+        only when :meth:`can_stream` said so for its length: what is buffered lies inside it."""
+        body.prefix = memoryview(bytes(self.view[self.start : self.end]))
+        self.start = self.end = 0
+        self._pause()  # the transport must not read while the thread does
+        await self._transfer(_recv_mput, body, writable=False)
+        self.server.counters["bytes_in"] += body.received
+        self._resume()
+
     # ---- writes ----------------------------------------------------------------------------------
     def write(self, *parts: bytes | bytearray | memoryview) -> None:
         if self.transport is None or self.closed or self.transport.is_closing():
@@ -529,6 +547,12 @@ def _recv_rest(sock: socket.socket, state: list[Any]) -> bool:
     return True
 
 
+def _recv_mput(sock: socket.socket, body: MputBody) -> bool:
+    """Receive ``body``'s items; False (progress kept) once the peer sent nothing for :data:`STALL_S`."""
+    with _blocking(sock):
+        return body.run(sock)
+
+
 def _send_some(sock: socket.socket, views: list[memoryview]) -> bool:
     """Send ``views`` (consumed as they go); False (the rest kept) once the peer took nothing for
     :data:`STALL_S`."""
@@ -569,13 +593,22 @@ class CacheServer:
         self.started = time.monotonic()
         self.port = 0
         self._budgets: tuple[ByteBudget, ByteBudget] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # set by start()
+        self._loop_thread = 0
         # buffers of dropped frames, reused for request bodies; they hold request budget
-        self.pool = BufferPool(lambda n: self.budget.try_acquire(n), lambda n: self.budget.release(n))
+        self.pool = BufferPool(lambda n: self.budget.try_acquire(n), self._give_back)
         self.store.memory.on_drop = self.pool.offer
         self.io_pool = (ThreadPoolExecutor(config.io_threads, thread_name_prefix="kvtier-server-io")
                         if config.io_threads else None)
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+
+    def _give_back(self, n: int) -> None:
+        """Release ``n`` bytes of request budget from any thread (the budget lives on the event loop)."""
+        if self._loop is None or threading.get_ident() == self._loop_thread:
+            self.budget.release(n)
+        else:
+            self._loop.call_soon_threadsafe(self.budget.release, n)
 
     @property
     def budget(self) -> ByteBudget:
@@ -597,6 +630,7 @@ class CacheServer:
         """Bind and listen; return the port (useful with port 0)."""
         _raise_fd_limit(3 * self.config.max_connections + 64)  # socket + duplicate per connection, files
         loop = asyncio.get_running_loop()
+        self._loop, self._loop_thread = loop, threading.get_ident()
         self._server = await loop.create_server(
             lambda: Connection(self), self.config.host, self.config.port, reuse_address=True, backlog=512
         )
@@ -754,8 +788,15 @@ class CacheServer:
         try:
             wire.check_frame(frame.data, key)
         except CorruptChunk as exc:
-            self.counters["refused_corrupt"] += 1
-            return self._error(P.Status.CORRUPT, f"frame for key {key.hex()} refused: {exc}")
+            return self._corrupt(key, str(exc))
+        return await self._store(conn, key, frame)
+
+    def _corrupt(self, key: bytes, why: str) -> Reply:
+        self.counters["refused_corrupt"] += 1
+        return self._error(P.Status.CORRUPT, f"frame for key {key.hex()} refused: {why}")
+
+    async def _store(self, conn: Connection, key: bytes, frame: np.ndarray) -> Reply:
+        """Store a frame that passed :func:`kvtier.wire.check_frame`."""
         try:
             refused = await self.store.put(conn.tenant, key, frame)
         except KvtierError as exc:
@@ -767,7 +808,28 @@ class CacheServer:
         return P.Status.OK, [], 0, 0, 0
 
     async def _mput(self, conn: Connection, h: P.Header) -> Reply:
-        """Items ``key | u64 length | frame`` read and stored one at a time; one status byte each."""
+        """Items ``key | u64 length | frame``, one status byte each. A body whose frames fit one message
+        limit is received and checked by an I/O thread in one pass, under one budget of its frame bytes
+        (:mod:`kvtier.server.mput`); others item by item."""
+        frame_bytes = h.body_len - h.key_count * P.MPUT_ITEM.size
+        if frame_bytes > self.config.max_message_bytes or not conn.can_stream(h.body_len):
+            return await self._mput_items(conn, h)
+        await self._timed(conn.wait_data())  # a header whose body never comes holds no budget
+        await self._timed(self.budget.acquire(frame_bytes))
+        try:
+            body = MputBody(h.key_count, h.body_len, self.config.max_message_bytes, self.pool.take)
+            await self._timed(conn.read_mput(body))
+            self.counters["mput_one_pass"] += 1
+            statuses = bytearray()
+            for key, frame, why in body.items:
+                reply = self._corrupt(key, why) if why else await self._store(conn, key, frame)
+                statuses.append(reply[0])
+            return P.Status.OK, [bytes(statuses)], h.key_count, 0, 0
+        finally:
+            self.budget.release(frame_bytes)
+
+    async def _mput_items(self, conn: Connection, h: P.Header) -> Reply:
+        """Items read and stored one at a time through the event loop."""
         left = h.body_len
         statuses = bytearray()
         for i in range(h.key_count):

@@ -23,11 +23,14 @@ Invariants:
   one (``numpy.empty``: address space only, committed as bytes arrive). A kept buffer holds an old
   frame's bytes until the receive overwrites them; the server stores or serves a body only once it was
   received whole.
+- ``take`` may run on an I/O thread (it then returns the budget through ``give_back``, which the
+  server makes safe to call from any thread); ``offer`` and ``drop_all`` run on the event loop.
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -62,6 +65,7 @@ class BufferPool:
         self._hold = hold
         self._give_back = give_back
         self._free: dict[int, list[np.ndarray]] = {}
+        self._lock = threading.Lock()
         self.bytes = 0
         self.reused = 0
         self.kept = 0
@@ -69,16 +73,17 @@ class BufferPool:
     def take(self, n: int) -> np.ndarray:
         """A buffer of exactly ``n`` bytes: a kept one (its budget returned: the caller holds its own)
         or a fresh uninitialised one."""
-        kept = self._free.get(n)
-        if kept:
+        with self._lock:
+            kept = self._free.get(n)
+            if not kept:
+                return np.empty(n, dtype=np.uint8)
             arr = kept.pop()
             if not kept:
                 del self._free[n]
             self.bytes -= n
-            self._give_back(n)
             self.reused += 1
-            return arr
-        return np.empty(n, dtype=np.uint8)
+        self._give_back(n)
+        return arr
 
     def offer(self, frame: Any) -> None:
         """Keep ``frame`` if it is a buffer this pool can reuse, nothing else references it (see the
@@ -88,15 +93,17 @@ class BufferPool:
         n = frame.nbytes
         if n < MIN_POOLED or _refs(frame) > _ALONE or not self._hold(n):
             return
-        self._free.setdefault(n, []).append(frame)
-        self.bytes += n
-        self.kept += 1
+        with self._lock:
+            self._free.setdefault(n, []).append(frame)
+            self.bytes += n
+            self.kept += 1
 
     def drop_all(self) -> int:
         """Free every kept buffer and return its budget; return how many bytes were freed."""
-        freed = self.bytes
-        self._free.clear()
-        self.bytes = 0
+        with self._lock:
+            freed = self.bytes
+            self._free.clear()
+            self.bytes = 0
         if freed:
             self._give_back(freed)
         return freed

@@ -62,18 +62,21 @@ class Tier(ABC):
         self, keys: Sequence[ChunkKey], payloads: Sequence[memoryview]
     ) -> list[bytes | memoryview | None]:
         """``get_into(keys[i], payloads[i])`` for every ``i``, in order (a ``None`` means: use
-        ``get_many`` for that key). Default: one ``get_into`` after the other."""
-        return [self.get_into(key, payload) for key, payload in zip(keys, payloads, strict=True)]
+        ``get_many`` for that key): :meth:`get_each_into` with the heads collected."""
+        heads: list[bytes | memoryview | None] = [None] * len(keys)
+        self.get_each_into(keys, payloads, heads.__setitem__)
+        return heads
 
     def get_each_into(self, keys: Sequence[ChunkKey], payloads: Sequence[memoryview],
                       fn: Callable[[int, bytes | memoryview | None], None]) -> None:
         """``get_many_into``, handing each head to ``fn(i, head)`` exactly once, in order of ``i``, as
-        soon as payload ``i`` is in place (a streaming tier calls it while later payloads are still
-        arriving, so the caller can verify and copy chunk ``i`` meanwhile). An exception from ``fn``
-        ends the call: no payload is written after it returns. Default: ``get_many_into``, then ``fn``
-        for each."""
-        for i, head in enumerate(self.get_many_into(keys, payloads)):
-            fn(i, head)
+        soon as payload ``i`` is in place (before payload ``i+1`` is read, so the caller can verify and
+        copy chunk ``i`` meanwhile). An exception from ``fn`` ends the call: no payload is written after
+        it. Default: one ``get_into`` after the other; a tier that batches reads overrides this."""
+        if len(keys) != len(payloads):
+            raise ValueError(f"{len(keys)} keys but {len(payloads)} payload buffers")
+        for i, (key, payload) in enumerate(zip(keys, payloads)):
+            fn(i, self.get_into(key, payload))
 
     def get_into(self, key: ChunkKey, payload: memoryview) -> bytes | memoryview | None:
         """Zero-copy read: place the stored payload of ``key`` straight into ``payload`` (which must be

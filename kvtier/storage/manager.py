@@ -259,15 +259,21 @@ class StorageManager:
             for _ in range(self.read_ahead):
                 submit()
             while pending:
-                batch, arrived, _future = pending.popleft()
+                batch, arrived, future = pending.popleft()
+                topped_up = False  # the next batch is asked for once this one is read, as before streaming
                 for i, load in enumerate(batch):  # each chunk as soon as the reader placed it
-                    if not self._verify(load, arrived.get()):
+                    got = arrived.get()
+                    if not topped_up and future.done():
+                        submit()
+                        topped_up = True
+                    if not self._verify(load, got):
                         dropped = len(batch) - i - 1 + sum(len(b) for b, _a, _f in pending) + sum(map(len, batches))
                         self.counters["read_ahead_dropped"] += dropped
                         yield False
                         return
                     yield True
-                submit()
+                if not topped_up:
+                    submit()
         finally:
             stopped.set()
             for _batch, _arrived, future in pending:  # nothing may still write into the caller's tensors

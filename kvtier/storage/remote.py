@@ -21,8 +21,9 @@ Invariants:
   announces: a larger reply header closes the connection before any of its body is read, and a reply
   must arrive within ``timeout_s`` plus its size at 100 MB/s, so a hostile or broken server can neither
   exhaust this process's memory nor hold a call for ever (both are failed calls, i.e. misses).
-- ``get_many`` / ``get_each`` / ``put_many`` use the batched MGET / MPUT ops: one request for many
-  keys, replies streamed and each frame received into its own ``bytes`` object as it arrives.
+- ``get_many`` / ``get_each`` / ``get_each_into`` / ``put_many`` use the batched MGET / MPUT ops: one
+  request for many keys, replies streamed and each frame received into its own ``bytes`` object (or
+  its payload straight into the caller's buffer) and handed over as it arrives.
 - Reads use kernel socket timeouts on blocking sockets, so one ``recv(n, MSG_WAITALL)`` receives a
   whole GET frame straight into the ``bytes`` object returned (no copy); headers and other bodies are
   received with ``recv_into`` into the connection's preallocated buffers. Sends are one ``sendmsg``
@@ -472,9 +473,10 @@ class RemoteTier(Tier):
         return self._run("stats", call)
 
     def put_many(self, items: Sequence[tuple[ChunkKey, Sequence[bytes | memoryview]]]) -> None:
-        """Store every ``(key, frame parts)`` item with batched MPUTs (one message per
-        :data:`MPUT_BATCH` items, all sent before the replies are read). Refused items are counted
-        (``puts_refused``), as with :meth:`put`."""
+        """Store every ``(key, frame parts)`` item with batched MPUTs (one message per at most
+        :data:`MPUT_BATCH` items whose frames together fit the server's message limit, so the server
+        receives each message in one pass; all sent before the replies are read). Refused items are
+        counted (``puts_refused``), as with :meth:`put`."""
         batch = []
         for key, parts in items:
             _check_key(key)
@@ -486,8 +488,7 @@ class RemoteTier(Tier):
         def call(conn: Connection) -> list[bool]:
             sendable = [i for i, item in enumerate(batch) if item[2] + P.KEY_BYTES <= conn.max_body]
             sent: list[tuple[int, list[int]]] = []
-            for at in range(0, len(sendable), MPUT_BATCH):
-                group = sendable[at : at + MPUT_BATCH]
+            for group in _groups(sendable, [batch[i][2] for i in sendable], conn.max_body):
                 parts: list[_Body] = []
                 for i in group:
                     key, views, size = batch[i]
@@ -579,14 +580,6 @@ class RemoteTier(Tier):
             self._count("gets_zero_copy", hits)
             self._count("misses", done - hits)
 
-    def get_many_into(
-        self, keys: Sequence[ChunkKey], payloads: Sequence[memoryview]
-    ) -> list[bytes | memoryview | None]:
-        """:meth:`get_each_into`, the heads returned in order."""
-        heads: list[bytes | memoryview | None] = [None] * len(keys)
-        self.get_each_into(keys, payloads, heads.__setitem__)
-        return heads
-
     def get_many(self, keys: Sequence[ChunkKey]) -> list[bytes | memoryview | None]:
         """Batched GET: the frames of ``keys`` in order (``None`` = miss)."""
         out: list[bytes | memoryview | None] = [None] * len(keys)
@@ -606,6 +599,20 @@ class RemoteTier(Tier):
     def close(self) -> None:
         self._closed = True
         self._drop_idle()
+
+
+def _groups(indices: list[int], sizes: list[int], max_bytes: int) -> list[list[int]]:
+    """``indices`` cut into consecutive groups of at most :data:`MPUT_BATCH`, each of at most
+    ``max_bytes`` in ``sizes`` (a single larger item forms its own group)."""
+    out: list[list[int]] = []
+    total = 0
+    for i, size in zip(indices, sizes, strict=True):
+        if not out or len(out[-1]) >= MPUT_BATCH or total + size > max_bytes:
+            out.append([])
+            total = 0
+        out[-1].append(i)
+        total += size
+    return out
 
 
 def _check_key(key: bytes) -> None:

@@ -35,9 +35,9 @@ MGET is answered by N messages, one per key in request order, each a full header
 request id, status OK or NOT_FOUND, key count = the item's index, :data:`FLAG_MORE` on all but the last)
 followed by that key's frame (empty on NOT_FOUND): the client can consume frame i while frame i+1 is
 on the wire, and receive each straight into its destination. A non-OK, non-NOT_FOUND status ends the
-reply early (its body is the explanation). MPUT's body is read item by item (each frame at most the
-server's message limit, each stored before the next is read) and answered once; a refused item
-(CORRUPT, REFUSED) does not stop the others.
+reply early (its body is the explanation). MPUT's items are validated one by one before their frames are
+read (each frame at most the server's message limit) and answered once, after every item was stored
+or refused; a refused item (CORRUPT, REFUSED) does not stop the others.
 
 A non-OK response carries a UTF-8 explanation as its body. Invariants: a receiver validates the header
 (magic, version, opcode, key count vs. body length, body length vs. its limit) *before* reading the

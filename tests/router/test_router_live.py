@@ -45,7 +45,8 @@ def served_by(resp: httpx.Response) -> str:
 @pytest.fixture(scope="module")
 def kv_router(cluster: Cluster) -> Iterator[Proc]:
     args = ["--backend", cluster.backend("A"), "--backend", cluster.backend("B"), "--controller",
-            cluster.controller.url, "--kv-model", MODEL, "--chunk-tokens", str(CHUNK), "--backend-header"]
+            cluster.controller.url, "--kv-model", MODEL, "--chunk-tokens", str(CHUNK), "--backend-header",
+            "--lookup-timeout", "5"]  # routing by hits must not depend on the machine's load (default 0.25 s)
     if TOKENIZER.is_file():
         args += ["--tokenizer", str(TOKENIZER.parent)]
     router = start_router(cluster.logs, "kv", *args)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -239,12 +240,17 @@ def test_mget_streams_one_reply_per_key_in_order(server: ServerProcess, tier: Re
         assert read_reply(sock)[0].request_id == 6  # the next request's reply follows the last item
 
 
-def test_mput_answers_each_item_and_keeps_the_connection(server: ServerProcess, tier: RemoteTier) -> None:
-    frames = make_frames(3, seed=42)
+@pytest.mark.parametrize("spec", [None, KVSpec(8, 4, 64, "float32", 16)], ids=["item by item", "one thread pass"])
+def test_mput_answers_each_item_and_keeps_the_connection(server: ServerProcess, tier: RemoteTier,
+                                                         spec: KVSpec | None) -> None:
+    """Small bodies go item by item through the event loop, large ones (256 KiB frames) through one I/O
+    thread pass (kvtier.server.mput): the same answers either way."""
+    frames = make_frames(3, seed=42) if spec is None else make_frames(3, spec, seed=42)
     bad = bytearray(frames[1][1])
     bad[-1] ^= 1
     items = [(frames[0][0], frames[0][1]), (frames[1][0], bytes(bad)), (frames[2][0], frames[2][1])]
     body = b"".join(P.MPUT_ITEM.pack(k, len(f)) + f for k, f in items)
+    one_pass = stats_of(server).get("mput_one_pass", 0)
     with server.connect() as sock:
         sock.sendall(hello() + request(P.Op.MPUT, 2, body, key_count=3) + request(P.Op.PING, 3))
         read_reply(sock)
@@ -252,11 +258,43 @@ def test_mput_answers_each_item_and_keeps_the_connection(server: ServerProcess, 
         assert h.status == P.Status.OK and list(statuses) == [P.Status.OK, P.Status.CORRUPT, P.Status.OK]
         assert read_reply(sock)[0].request_id == 3
     assert tier.exists([k for k, _f in frames]) == [True, False, True]
+    assert stats_of(server).get("mput_one_pass", 0) == one_pass + (spec is not None)
     lying = P.MPUT_ITEM.pack(frames[0][0], len(body)) + frames[0][1]  # announces more than the body holds
     with server.connect() as sock:
         sock.sendall(hello() + request(P.Op.MPUT, 2, lying, key_count=1))
         read_reply(sock)
         assert P.unpack_header(read_until_closed(sock, 10)[: P.HEADER_BYTES]).status == P.Status.BAD_REQUEST
+
+
+def test_mput_resumes_after_the_client_stalls_mid_frame(server: ServerProcess, tier: RemoteTier) -> None:
+    """The I/O thread gives the connection back to the event loop while the client is silent, then
+    finishes the same body when the rest arrives; the request after it is answered too."""
+    frames = make_frames(3, KVSpec(8, 4, 64, "float32", 16), seed=44)
+    body = b"".join(P.MPUT_ITEM.pack(k, len(f)) + f for k, f in frames)
+    message = request(P.Op.MPUT, 2, body, key_count=3)
+    cut = len(message) // 2
+    with server.connect() as sock:
+        sock.sendall(hello() + message[:cut])
+        time.sleep(1.0)  # several of the server's stall periods
+        sock.sendall(message[cut:] + request(P.Op.PING, 3))
+        read_reply(sock)
+        h, statuses = read_reply(sock)
+        assert (h.request_id, h.status, list(statuses)) == (2, P.Status.OK, [P.Status.OK] * 3)
+        assert read_reply(sock)[0].request_id == 3
+    assert tier.get_many([k for k, _f in frames]) == [f for _k, f in frames]
+    assert stats_of(server)["mput_one_pass"] >= 1
+
+
+def test_put_many_cuts_messages_at_the_server_limit(server: ServerProcess, tier: RemoteTier) -> None:
+    """Eight 256 KiB frames against a 1 MiB message limit: three MPUTs of whole frames, each received
+    in one pass, instead of one message the server must take item by item."""
+    frames = make_frames(8, KVSpec(8, 4, 64, "float32", 16), seed=45)
+    before = stats_of(server)
+    tier.put_many([(k, (f,)) for k, f in frames])
+    after = stats_of(server)
+    assert after["op_mput"] - before.get("op_mput", 0) == 3
+    assert after["mput_one_pass"] - before.get("mput_one_pass", 0) == 3
+    assert tier.get_many([k for k, _f in frames]) == [f for _k, f in frames]
 
 
 def test_get_many_into_receives_payloads_in_place(tier: RemoteTier) -> None:

@@ -8,7 +8,7 @@ cannot be produced on demand otherwise).
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,13 +38,12 @@ class RecordingDisk(DiskTier):
         self.write_batches: list[int] = []
         self.fail_key = fail_key
 
-    def get_many_into(
-        self, keys: Sequence[ChunkKey], payloads: Sequence[memoryview]
-    ) -> list[bytes | memoryview | None]:
+    def get_each_into(self, keys: Sequence[ChunkKey], payloads: Sequence[memoryview],
+                      fn: Callable[[int, bytes | memoryview | None], None]) -> None:
         self.read_batches.append(len(keys))
         if self.fail_key in keys:
             raise TierUnavailable("injected: disk gone mid-retrieve")
-        return super().get_many_into(keys, payloads)
+        super().get_each_into(keys, payloads, fn)
 
     def put_many(self, items: Sequence[tuple[ChunkKey, Sequence[bytes | memoryview]]]) -> None:
         self.write_batches.append(len(items))
