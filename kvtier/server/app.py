@@ -370,7 +370,9 @@ class Connection(asyncio.BufferedProtocol):
         dest[:take] = self.view[self.start : self.end]
         self.start = self.end = 0
         self._pause()  # the transport must not read while the thread does
-        await self._transfer(_recv_rest, [dest, take], writable=False)
+        state = [dest, take]
+        await self._transfer(_recv_rest, state, writable=False)
+        state.clear()  # whatever still holds the thread's state must not hold the body (see pool.py)
         self.server.counters["bytes_in"] += n - take
         self._resume()
         return body
@@ -820,8 +822,10 @@ class CacheServer:
             body = MputBody(h.key_count, h.body_len, self.config.max_message_bytes, self.pool.take)
             await self._timed(conn.read_mput(body))
             self.counters["mput_one_pass"] += 1
+            items, body.items = body.items, []  # the store holds the frames now, not the body
             statuses = bytearray()
-            for key, frame, why in body.items:
+            while items:
+                key, frame, why = items.pop(0)
                 reply = self._corrupt(key, why) if why else await self._store(conn, key, frame)
                 statuses.append(reply[0])
             return P.Status.OK, [bytes(statuses)], h.key_count, 0, 0
