@@ -15,9 +15,10 @@ Scenarios (``--scenario``):
 - ``multi-round-qa``: ``--users`` users chat in lockstep rounds (a shared system prompt, a context of
   their own, earlier questions and answers, one new question); each round runs on every configuration
   in turn, all users at once. Rounds 2+ are compared pair by pair.
-- ``async-itl``: three users stream long answers while a fourth sends a ``--doc-words`` prompt whose
-  KV kvtier serves from its disk tier (the CPU tier is too small to keep it: later documents evicted
-  it; the files may sit in the OS page cache). Inter-token latency of the three during the fourth's
+- ``async-itl``: three users stream long answers while a fourth sends a ``--doc-words`` prompt stored
+  whole before (so its own prefill is one token, like a decoding user's step) whose KV kvtier serves
+  from its disk tier (the CPU tier is too small to keep it: later documents evicted it; the files may
+  sit in the OS page cache). Inter-token latency of the three during the fourth's
   load vs the same three alone (goal: at most 1.2x, i.e. ratio >= 1/1.2), for ``kvtier_load_async``
   false and true, per repeat. "During the load" is the span the connector logs for it (its info
   line :data:`~kvtier.integrations.vllm.transfer.LOAD_SPAN_LOG`, on the system-wide monotonic clock
