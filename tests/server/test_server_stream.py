@@ -180,3 +180,67 @@ def test_engine_stream_reads_verify_every_chunk(server: ServerProcess) -> None:
         assert not into[:, :, 5 * 16 :].any()
         stats = engine.stats()
         assert stats["remote"]["collisions"] == 1 and stats["manager"]["read_ahead_dropped"] == 2
+
+
+class _FlippingProxy(_CuttingProxy):
+    """A loopback TCP relay to ``port`` that inverts one byte of the server-to-client stream: the last
+    byte of the first occurrence of ``marker`` (damage in transit; the server's stored frame is intact)."""
+
+    def __init__(self, port: int, marker: bytes) -> None:
+        self.marker, self.flipped = marker, 0
+        super().__init__(port, cut=0)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _addr = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.port))
+            self.accepted += 1
+            threading.Thread(target=self._pump, args=(client, upstream, None, (client, upstream)), daemon=True).start()
+            threading.Thread(target=self._flip, args=(upstream, client), daemon=True).start()
+
+    def _flip(self, src: socket.socket, dst: socket.socket) -> None:
+        tail = b""  # the bytes before ``data``, enough to find a marker cut across two reads
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                found = (tail + data).find(self.marker)
+                if found >= 0 and not self.flipped:
+                    buf = bytearray(data)
+                    buf[found + len(self.marker) - 1 - len(tail)] ^= 0xFF
+                    data = bytes(buf)
+                    self.flipped += 1
+                dst.sendall(data)
+                tail = (tail + data)[-(len(self.marker) - 1) :]
+        for sock in (src, dst):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
+def test_engine_counts_a_byte_flipped_in_transit_mid_frame_as_a_miss(server: ServerProcess) -> None:
+    """A byte damaged on the wire in the middle of a chunk's payload (received straight into the CPU
+    tier's slot): the chunk is a counted corrupt miss, the hit ends before it, the chunks before it are
+    verified and returned, and nothing at or after the damaged chunk is reported written."""
+    spec = KVSpec(num_layers=2, num_kv_heads=2, head_dim=8, dtype="float32", chunk_tokens=16)
+    cfg = load_config(environ={}, overrides={"chunk_tokens": 16})
+    tokens = np.arange(9_000, 9_000 + 8 * 16, dtype=np.uint32)
+    kv = torch.randn(spec.chunk_shape(len(tokens)), generator=torch.Generator().manual_seed(5))
+    kv[1, 0, 3 * 16 + 8] = torch.arange(1000.0, 1016.0).reshape(2, 8)  # a marker in chunk 3's payload middle
+    direct = RemoteTier("127.0.0.1", server.port, timeout_s=5.0)
+    with CacheEngine(spec, "flip-test", cfg, tiers=[(direct, "raw")]) as engine:
+        engine.store(tokens, kv)
+        assert engine.storage.flush(30)
+    proxy = _FlippingProxy(server.port, kv[1, 0, 3 * 16 + 8].contiguous().numpy().tobytes())
+    tier = RemoteTier("127.0.0.1", proxy.address, timeout_s=5.0)
+    try:
+        with CacheEngine(spec, "flip-test", cfg, tiers=[(tier, "raw")]) as engine:
+            into = torch.zeros_like(kv)
+            assert engine.retrieve(tokens, into) == 3 * 16
+            assert proxy.flipped == 1
+            assert torch.equal(into[:, :, : 3 * 16], kv[:, :, : 3 * 16])
+            assert not into[:, :, 3 * 16 :].any()
+            stats = engine.stats()
+            assert stats["remote"]["corrupt"] == 1 and stats["remote"]["gets_zero_copy"] >= 4
+    finally:
+        proxy.close()
