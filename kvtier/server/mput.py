@@ -11,9 +11,10 @@ of 8K tokens, load average ~6.)
 
 Each frame is received :data:`SLICE` bytes at a time and each slice hashed (the running xxh3 of the
 checksum input) right after ``recv_into`` put it in the CPU cache, instead of one more pass over the
-whole frame once it is in: interleaved A/B of engine stores of 8K tokens against a real server, new /
-old speed 1.15x and 1.09x median (9 and 11 paired runs, shared machine), server CPU per store 50.7 ->
-45.1 ms and 54.7 -> 51.1 ms median (s22-serverwrite report).
+whole frame once it is in: engine stores of 8K tokens against a real server, old and new code
+interleaved run by run on a shared 2-core machine, new / old speed 1.15x, 1.09x, 1.04x median (9-13
+pairs; one noisier 4-way run 0.89x), server CPU per store 2-9% lower; ``kvtier bench tiers --tier
+server`` gives the store ratio against raw loopback TCP.
 
 Invariants:
 - Every item is validated before its frame is received: a frame above ``limit`` or beyond the bytes

@@ -67,9 +67,9 @@ Buffer = bytes | bytearray | memoryview
 Progress = Callable[[int, int], None]
 HEAD_GUESS = 4096  # first read of get_into: fixed header + metadata (~1.1 KiB for 256 tokens)
 FULL_PAUSE_S = 1.0  # after ENOSPC, puts are dropped (counted) this long without touching the disk
-# files a syncing put_many writes at once: 189 MB in 32 files to ext4 on this machine's virtual disk
-# went 0.65x -> 1.54x of one-after-the-other write + fsync (median of 7 interleaved runs, shared
-# machine; /tmp/sw22/diskab.py in the s22-serverwrite report, reproduced by ``kvtier bench tiers --tier disk``)
+# files a syncing put_many writes at once: one put_many of 189 MB in 32 files (ext4, 2-core VM) went
+# from 0.65x to 1.54x of plain write + fsync per file (medians of 7 interleaved runs on a shared
+# machine); the engine-level ratio is ``kvtier bench tiers --tier disk`` (store vs its write+fsync)
 SYNC_WRITERS = 4
 
 
