@@ -114,10 +114,13 @@ class _CuttingProxy:
             except OSError:
                 return
             upstream = socket.create_connection(("127.0.0.1", self.port))
-            limit = self.cut if self.accepted == 0 else None
             self.accepted += 1
-            for src, dst, cap in ((client, upstream, None), (upstream, client, limit)):
-                threading.Thread(target=self._pump, args=(src, dst, cap, (client, upstream)), daemon=True).start()
+            self._relay(client, upstream)
+
+    def _relay(self, client: socket.socket, upstream: socket.socket) -> None:
+        limit = self.cut if self.accepted == 1 else None
+        for src, dst, cap in ((client, upstream, None), (upstream, client, limit)):
+            threading.Thread(target=self._pump, args=(src, dst, cap, (client, upstream)), daemon=True).start()
 
     @staticmethod
     def _pump(src: socket.socket, dst: socket.socket, cap: int | None, both: tuple[socket.socket, ...]) -> None:
@@ -190,16 +193,9 @@ class _FlippingProxy(_CuttingProxy):
         self.marker, self.flipped = marker, 0
         super().__init__(port, cut=0)
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _addr = self.listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.port))
-            self.accepted += 1
-            threading.Thread(target=self._pump, args=(client, upstream, None, (client, upstream)), daemon=True).start()
-            threading.Thread(target=self._flip, args=(upstream, client), daemon=True).start()
+    def _relay(self, client: socket.socket, upstream: socket.socket) -> None:
+        threading.Thread(target=self._pump, args=(client, upstream, None, (client, upstream)), daemon=True).start()
+        threading.Thread(target=self._flip, args=(upstream, client), daemon=True).start()
 
     def _flip(self, src: socket.socket, dst: socket.socket) -> None:
         tail = b""  # the bytes before ``data``, enough to find a marker cut across two reads
