@@ -466,9 +466,11 @@ class StorageManager:
         """True if ``tier`` is one of this manager's tiers."""
         return any(slot.tier is tier for slot in self.slots)
 
-    def put_frame(self, key: ChunkKey, frame: bytes) -> int:
-        """Write an encoded frame to every writable tier now, with the health checks and backoff of
-        write-back; return how many tiers did not take it (failed or skipped as unhealthy)."""
+    def put_frame(self, key: ChunkKey, frame: bytes | Sequence[bytes | memoryview]) -> int:
+        """Write an encoded frame (or its parts in order, written without joining them) to every writable
+        tier now, with the health checks and backoff of write-back; return how many tiers did not take
+        it (failed or skipped as unhealthy)."""
+        parts = (frame,) if isinstance(frame, bytes) else frame
         missed = 0
         now = time.monotonic()
         for slot in self.slots:
@@ -479,9 +481,9 @@ class StorageManager:
                 missed += 1
                 continue
             try:
-                self._call(slot, "put", partial(slot.tier.put, key, frame))
+                self._call(slot, "put", partial(slot.tier.put_parts, key, parts))
                 slot.counters["writes"] += 1
-                slot.counters["bytes_written"] += len(frame)
+                slot.counters["bytes_written"] += sum(memoryview(p).nbytes for p in parts)
             except TierUnavailable:
                 slot.counters["writes_failed"] += 1
                 missed += 1

@@ -317,6 +317,7 @@ def test_any_error_is_a_counted_miss(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
     monkeypatch.setattr(storage.manager, "locate", broken)
     monkeypatch.setattr(storage.manager, "write_back", broken)
+    monkeypatch.setattr(storage.manager, "put_frame", broken)
     assert storage.batch_exists(HASHES[:2]) == 0
     assert storage.batch_get_v1(HASHES[:2], slots([0, 1])) == [False, False]
     assert storage.batch_set_v1(HASHES[:2], slots([0, 1])) == [False, False]

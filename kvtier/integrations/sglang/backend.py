@@ -69,11 +69,14 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from concurrent import futures
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import numpy as np
 import torch
 
+from kvtier import wire
 from kvtier.config import KvtierConfig, load_config
 from kvtier.errors import ConfigError, LayoutError
 from kvtier.frame_auth import FrameKeys
@@ -91,6 +94,7 @@ from kvtier.integrations.sglang.pages import (
     matching_pages,
     namespace_model,
     object_pages,
+    object_slabs,
     pages_of,
     spans,
 )
@@ -114,6 +118,8 @@ __all__ = ["EXTRA_KEYS", "KvtierStorage"]
 EXTRA_KEYS = ("kvtier_config", "kvtier", "kvtier_model_id", "kvtier_pages_per_object")
 _T = TypeVar("_T")
 READ_BATCH_PAGES = 8  # pages per read batch of the storage manager
+FLUSH_TIMEOUT_S = 30.0  # a write call waits this long for its objects (as the manager's flush)
+PUT_THREADS = 2  # objects written at once by a write call (their file writes / fsyncs overlap)
 
 
 # ---- the backend ----------------------------------------------------------------------------------
@@ -190,6 +196,8 @@ class KvtierStorage(_Base):
         self.keys: PageKeys | None = None
         self.view: PoolView | None = None
         self.manager: StorageManager | None = None
+        self._direct = False  # every writable tier stores raw frames: objects go down straight from the pool
+        self._putter: futures.ThreadPoolExecutor | None = None  # the thread those objects are written on
         self._buffers = threading.local()
         if getattr(storage_config, "is_mla_model", False):
             log.error("kvtier: MLA models are not supported by the SGLang adapter; L3 stays empty")
@@ -213,6 +221,9 @@ class KvtierStorage(_Base):
                                       queue_depth=self.config.store_queue,
                                       auth=FrameKeys.from_config(self.config.auth),
                                       read_batch=max(1, READ_BATCH_PAGES // self._group))
+        self._direct = all(slot.codec == "raw" for slot in self.manager.slots
+                           if not getattr(slot.tier, "read_only", False))
+        self._putter = futures.ThreadPoolExecutor(max_workers=PUT_THREADS, thread_name_prefix="kvtier-sglang-put")
         log.info("kvtier: SGLang pages of %d tokens, %d pages per object, %s, namespace %s", view.page_size,
                  self._group, view.spec.fingerprint(), self.model_id)
 
@@ -359,9 +370,9 @@ class KvtierStorage(_Base):
 
     # ---- writes -----------------------------------------------------------------------------------
     def _write(self, keys: Sequence[str], extra_info: Any, sources: Pages) -> list[bool]:
-        """Store pages ``sources`` of ``keys``, one object per group, each gathered straight into the
-        buffer its frame is sealed and written from; return once the tiers have them (True per page
-        stored)."""
+        """Store pages ``sources`` of ``keys``, one object per group, each written straight from the
+        pages' memory (:meth:`_put_direct`) or, where that does not apply, gathered into the buffer its
+        frame is sealed and written from; return once the tiers have them (True per page stored)."""
         if self.manager is None or self.keys is None or self.view is None or not keys:
             return [False] * len(keys)
         manager, spec, page = self.manager, self.view.spec, self.view.page_size
@@ -371,6 +382,7 @@ class KvtierStorage(_Base):
         before = self._write_failures()
         began = time.perf_counter()
         todo = spans(first, len(keys), group)
+        puts: dict[futures.Future[int], tuple[Span, ChunkRecord]] = {}  # objects written straight from the pool
         # own copy (SGLang may reuse the host slots once this call returns), in this thread's buffer
         page_numel = page * spec.bytes_per_token // spec.itemsize
         flat = self._staging("write", sum(s.end - s.start for s in todo) * page_numel)
@@ -384,14 +396,27 @@ class KvtierStorage(_Base):
             if head and self._load(chain, span.start, head, group, PageList.of_object(obj_pages)) < head:
                 self.counters["write_unmerged_pages"] += span.end - span.first  # group head not stored
                 continue
-            sources.gather(obj_pages, head, span.first - first, span.end - span.first)
             record = self.keys.record(chain[span.start : span.end])
-            if manager.write_back(record, obj, _noop):
-                written.append(record)
-                out[span.first - first : span.end - first] = [True] * (span.end - span.first)
+            put = self._put_direct(record, obj_pages[:, :, :head], sources, span.first - first, span.end - span.first)
+            if put is not None:
+                puts[put] = (span, record)
+            else:
+                sources.gather(obj_pages, head, span.first - first, span.end - span.first)
+                if manager.write_back(record, obj, _noop):
+                    written.append(record)
+                    out[span.first - first : span.end - first] = [True] * (span.end - span.first)
             if (n + 1) % self.config.store_queue == 0:  # never overfill the write queue
                 self._flush()
         self._flush()
+        done, late = futures.wait(puts, timeout=FLUSH_TIMEOUT_S)
+        if late:  # those objects count as not stored, and their head pages' buffer is given up
+            self.counters["write_flush_timeouts"] += 1
+            self._buffers.write = None
+        for put in done:
+            span, record = puts[put]
+            if put.exception() is None and put.result() == 0:  # every tier took it
+                written.append(record)
+                out[span.first - first : span.end - first] = [True] * (span.end - span.first)
         failed = self._write_failures() - before
         stored = sum(out)
         if failed == 0:
@@ -402,6 +427,28 @@ class KvtierStorage(_Base):
         self.counters["write_objects"] += len(written) if failed == 0 else 0
         self.counters["write_failures"] += failed + out.count(False)
         return out if failed == 0 else [False] * len(keys)
+
+    def _put_direct(self, record: ChunkRecord, head: np.ndarray, sources: Pages, first: int,
+                    count: int) -> futures.Future[int] | None:
+        """Write the object ``head`` (its leading pages, read back from the tiers) + ``sources``' pages
+        ``[first, first + count)`` straight from their memory: the frame head (checksum, and MAC) is
+        computed here over the runs, then the put thread hands head + runs to every tier
+        (:meth:`StorageManager.put_frame`, one ``writev`` for the disk tier) while this thread goes on
+        with the next object. The same frame as write-back's, without the copy into a canonical buffer.
+        The caller waits for the returned future before SGLang may reuse the pages (its result: tiers
+        that did not take the object, counted by the manager as for write-back). ``None``, having
+        written nothing, where this does not apply (a tier with another codec, a host layout whose runs
+        are not whole blocks per layer and K/V)."""
+        assert self.manager is not None and self.view is not None and self._putter is not None
+        manager = self.manager
+        if not self._direct:
+            return None
+        runs = ([head] if head.shape[2] else []) + [run for _offset, run in sources.runs(first, count)]
+        slabs = object_slabs(runs)
+        if slabs is None:
+            return None
+        frame_head = wire.frame_head(record, self.view.spec, "raw", {}, slabs, manager.auth)
+        return self._putter.submit(manager.put_frame, record.key, [frame_head, *slabs])
 
     def _staging(self, use: str, numel: int) -> torch.Tensor:
         """This thread's flat buffer for ``use`` ("read" or "write") of ``numel`` elements, reused across
@@ -460,6 +507,9 @@ class KvtierStorage(_Base):
 
     @_guarded(_none)
     def close(self) -> None:
+        if self._putter is not None:
+            self._putter.shutdown(wait=True)
+            self._putter = None
         if self.manager is not None:
             self.manager.close()
             self.manager = None
