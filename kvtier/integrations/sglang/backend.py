@@ -43,16 +43,19 @@ that group's shared pages).
 
 Layout. Objects are stored in kvtier's canonical layout ``[layers, 2, pages * page_size, heads,
 head_dim]``, whatever SGLang's host layout (``layer_first``, ``page_first`` or ``page_first_direct``),
-so the frames do not depend on ``--hicache-mem-layout``. A write gathers each object's pages straight
-into the buffer its frame is checksummed and written from; a read scatters each verified object
-straight from the buffer the tier read it into: one single-threaded strided copy per run of pages
-that sit next to each other in the host pool (:class:`~kvtier.integrations.sglang.pages.HostPages`),
-not one per page. MLA and hybrid (v2) pools are not supported: kvtier then stays off and SGLang runs
-without L3.
+so the frames do not depend on ``--hicache-mem-layout``. A write sends each object's pages straight
+from the pool (frame head computed over the pool's runs, head + runs handed to the tiers, ``writev``
+for the disk tier) where the layout keeps a run's layer and K/V in one block and every tier stores raw
+frames, and otherwise gathers them into the buffer its frame is checksummed and written from; a read
+scatters each verified object straight from the buffer the tier read it into. Pages that sit next to
+each other in the host pool move as one run (:class:`~kvtier.integrations.sglang.pages.HostPages`):
+one ``writev`` buffer per layer and K/V, or one single-threaded strided copy, not one per page. MLA
+and hybrid (v2) pools are not supported: kvtier then stays off and SGLang runs without L3.
 
 Failure. Every backend call catches everything: an error is logged, counted in :attr:`counters` and
 answered as a miss (``False`` / 0 pages); SGLang then recomputes. Writes are synchronous (the call
-returns once the frames are in the tiers), on SGLang's own backup thread.
+returns once the frames are in the tiers, so SGLang may reuse the pages), on SGLang's own backup thread
+and, for objects written straight from the pool, two put threads of this backend.
 
 Cross-engine sharing with vLLM / HF: not through these keys. kvtier's token keys hash token ids in
 ``chunk_tokens`` chunks; SGLang hands the backend neither the tokens nor anything they could be
