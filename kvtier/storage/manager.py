@@ -89,6 +89,10 @@ class Load:
     tier: int
     record: ChunkRecord
     out: torch.Tensor
+    # the payload's destination as buffers in order (raw frames read straight into scattered memory:
+    # only for a tier whose ``get_into`` takes several buffers, the disk tier); ``out`` then gives only
+    # the chunk's shape (a ``meta`` tensor will do) and is not written
+    into: Sequence[memoryview] | None = None
 
 
 # what the reader hands back per chunk: (head of a zero-copy read | whole frame | None, zero-copy?)
@@ -319,10 +323,11 @@ class StorageManager:
             if slot.usable(time.monotonic()):
                 keys = [load.record.key for load in batch]
                 if slot.reads_into:
-                    views = [frames.payload_view(load.out) for load in batch]
+                    views = [frames.payload_view(load.out) if load.into is None else load.into for load in batch]
                     dests = [v for v in views if v is not None]
                     if len(dests) == len(batch):
-                        self._call(slot, "get", partial(slot.tier.get_each_into, keys, dests, arrived))
+                        # a ``Load.into`` payload is several buffers: only given for the disk tier, which takes them
+                        self._call(slot, "get", partial(slot.tier.get_each_into, keys, dests, arrived))  # type: ignore[arg-type]
                 rest = [i for i in range(sent, len(batch)) if (item := got[i]) is None or item[0] is None]
                 if rest:
                     found = self._call(slot, "get", partial(slot.tier.get_many, [keys[i] for i in rest]))
@@ -345,7 +350,9 @@ class StorageManager:
             slot.counters["misses"] += 1
             return False
         try:
-            if zero_copy:
+            if load.into is not None:
+                meta = frames.unpack_into_parts(data, zero_copy, self.spec, load.into, out.shape[2], key, self.auth)
+            elif zero_copy:
                 meta = frames.unpack_head_into(data, self.spec, out, key, self.auth)
             else:
                 meta = frames.unpack_into(data, self.spec, out, key, self.auth)

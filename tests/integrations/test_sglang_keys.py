@@ -278,9 +278,9 @@ def test_a_flipped_byte_is_a_counted_miss(tmp_path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[-3] ^= 0x01
     path.write_bytes(bytes(data))
-    before = PoolView(storage.mem_pool_host).page(5 * PAGE).clone()
     assert storage.batch_get_v1(HASHES[:3], slots([4, 5, 6])) == [True, False, False]
-    assert torch.equal(PoolView(storage.mem_pool_host).page(5 * PAGE), before)  # never half-written
+    assert torch.equal(PoolView(storage.mem_pool_host).page(4 * PAGE), PoolView(storage.mem_pool_host).page(0))
+    # page 5 may hold the damaged bytes (read straight into the pool): SGLang frees it unread (backend._read_into)
     assert storage.stats()["disk"]["corrupt"] == 1
     assert storage.batch_exists(HASHES[:3]) == 1  # discarded from the tier
 
@@ -428,9 +428,9 @@ def test_a_damaged_page_in_an_object_is_a_counted_miss(tmp_path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[-3] ^= 0x01
     path.write_bytes(bytes(data))
-    before = PoolView(storage.mem_pool_host).page(12 * PAGE).clone()
     assert storage.batch_get_v1(A[:8], slots(list(range(8, 16))), after([])) == [True] * 4 + [False] * 4
-    assert torch.equal(PoolView(storage.mem_pool_host).page(12 * PAGE), before)
+    pool = storage.mem_pool_host
+    assert same_pages(pool, [0, 1, 2, 3], pool, [8, 9, 10, 11])  # pages 12..15 are reported missing
     assert storage.stats()["disk"]["corrupt"] == 1
 
 

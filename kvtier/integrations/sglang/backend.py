@@ -104,6 +104,7 @@ from kvtier.integrations.sglang.pages import (
 from kvtier.integrations.sglang.stats import IoStats
 from kvtier.keys import Namespace
 from kvtier.record import ChunkRecord
+from kvtier.storage.disk import DiskTier
 from kvtier.storage.factory import build_tiers
 from kvtier.storage.manager import Load, StorageManager
 
@@ -300,7 +301,7 @@ class KvtierStorage(_Base):
         loads, offset = [], 0
         for hit, n in zip(hits, numel):
             out = flat[offset : offset + n].view(spec.chunk_shape(hit.record.num_tokens))
-            loads.append(Load(hit.tier, hit.record, out))
+            loads.append(Load(hit.tier, hit.record, out, self._read_into(hit, object_pages(out, page), target, first)))
             offset += n
         done = first
         with contextlib.closing(self.manager.load_many(loads)) as results:
@@ -309,10 +310,32 @@ class KvtierStorage(_Base):
                     self.counters["read_failures"] += 1
                     break
                 self.index.add(hit.record)
-                target.scatter(object_pages(load.out, page), hit.span.first - hit.span.start,
-                               hit.span.first - first, hit.end - hit.span.first)
+                if load.into is None:
+                    target.scatter(object_pages(load.out, page), hit.span.first - hit.span.start,
+                                   hit.span.first - first, hit.end - hit.span.first)
                 done = hit.end
         return done - first
+
+    def _read_into(self, hit: _Hit, obj: np.ndarray, target: Pages, first: int) -> list[memoryview] | None:
+        """Where ``hit``'s payload can be read straight to: the caller's pool pages for the pages it asked
+        for, ``obj`` (the object's staging view) for the object's other pages. Only into SGLang's host
+        pool (``batch_get_v1``) from the disk tier, and only where the layout keeps a run's layer and K/V
+        in one block; ``None`` otherwise (read into ``obj``, then scatter).
+
+        Writing into the pool before the object is verified is harmless because SGLang allocates those
+        host slots for this prefetch alone and uses only the leading pages answered True: the rest,
+        where a failed object's bytes may have landed, is freed unread (SGLang 0.5.23:
+        ``hybrid_cache_controller.py`` ``allocate_storage_hit`` allocates them;
+        ``cache_controller.py`` ``_page_get_zero_copy`` stops at the first False;
+        ``unified_radix_cache.py`` ~2368 releases ``host_indices[completed_tokens:]`` and
+        ``_handle_prefetch_result`` inserts only ``host_indices[:completed_tokens]``)."""
+        assert self.manager is not None
+        slot = self.manager.slots[hit.tier]
+        if not isinstance(target, HostPages) or not isinstance(slot.tier, DiskTier) or slot.codec != "raw":
+            return None
+        start, end, total = hit.span.first - hit.span.start, hit.end - hit.span.start, obj.shape[2]
+        runs = [run for _offset, run in target.runs(hit.span.first - first, hit.end - hit.span.first)]
+        return object_slabs(([obj[:, :, :start]] if start else []) + runs + ([obj[:, :, end:]] if end < total else []))
 
     # ---- lookups ----------------------------------------------------------------------------------
     @_guarded(lambda *_a: 0)
