@@ -46,8 +46,10 @@ head_dim]``, whatever SGLang's host layout (``layer_first``, ``page_first`` or `
 so the frames do not depend on ``--hicache-mem-layout``. A write sends each object's pages straight
 from the pool (frame head computed over the pool's runs, head + runs handed to the tiers, ``writev``
 for the disk tier) where the layout keeps a run's layer and K/V in one block and every tier stores raw
-frames, and otherwise gathers them into the buffer its frame is checksummed and written from; a read
-scatters each verified object straight from the buffer the tier read it into. Pages that sit next to
+frames, and otherwise gathers them into the buffer its frame is checksummed and written from. A read
+from the disk tier puts each object's payload straight into the caller's pool pages (``preadv``,
+verified there: see :meth:`KvtierStorage._read_into` for why that is safe in SGLang); otherwise it
+scatters each verified object from the buffer the tier read it into. Pages that sit next to
 each other in the host pool move as one run (:class:`~kvtier.integrations.sglang.pages.HostPages`):
 one ``writev`` buffer per layer and K/V, or one single-threaded strided copy, not one per page. MLA
 and hybrid (v2) pools are not supported: kvtier then stays off and SGLang runs without L3.
