@@ -18,13 +18,17 @@ Scenarios (``--scenario``):
 - ``async-itl``: three users stream long answers while a fourth sends a ``--doc-words`` prompt stored
   whole before (so its own prefill is one token, like a decoding user's step) whose KV kvtier serves
   from its disk tier (the CPU tier is too small to keep it: later documents evicted it; the files may
-  sit in the OS page cache). Inter-token latency of the three during the fourth's
-  load vs the same three alone (goal: at most 1.2x, i.e. ratio >= 1/1.2), for ``kvtier_load_async``
-  false and true, per repeat. "During the load" is the span the connector logs for it (its info
-  line :data:`~kvtier.integrations.vllm.transfer.LOAD_SPAN_LOG`, on the system-wide monotonic clock
-  the streams are timed with): every gap of the three that overlaps it. The window from the fourth's
-  request to its first token (which adds its lookup, its uncached tail's prefill and its first
-  decode step: a batch of four, not three) is reported as well, as "until 4th's first token".
+  sit in the OS page cache). Inter-token latency of the three during the fourth's load vs the same
+  three alone (goal: at most 1.2x, i.e. ratio >= 1/1.2), for ``kvtier_load_async`` false and true, per
+  repeat. "During the load" is the span the connector logs for it (its info line
+  :data:`~kvtier.integrations.vllm.transfer.LOAD_SPAN_LOG`, on the system-wide monotonic clock the
+  streams are timed with): every gap of the three that overlaps it. Each repeat also runs the same
+  arrival with a prompt whose KV sits in kvtier's CPU tier (stored just before: no lower-tier read,
+  the same copy into vLLM's blocks, the same window definition): "during load vs CPU-tier load" is
+  what the disk read itself costs the others, "during CPU-tier load" vs alone what the fourth's
+  arrival and the copy cost. The window from the fourth's request to its first token (which adds its
+  lookup, its uncached tail's prefill and its first decode step: a batch of four, not three) is
+  reported as well, as "until 4th's first token", for both.
 
 ``--layerwise`` adds ``kvtier+layerwise`` (``kvtier_layerwise: true``) to the TTFT scenarios.
 ``--quick`` shrinks every scenario to a smoke run.
@@ -327,7 +331,8 @@ def load_spans(log_text: str) -> list[tuple[float, float]]:
 
 def loading_stats(runs: list[Stream], load: Stream, spans: list[tuple[float, float]]) -> dict[str, Any]:
     """ITL of ``runs`` during the load that began while ``load`` waited for its first token (the
-    connector's span), and during the whole wait; the load's duration and the fourth's TTFT."""
+    connector's span), and during the whole wait; the load's duration and the fourth's TTFT; the gaps
+    in the span and when it began after the fourth's request (what the window held)."""
     mine = [sp for sp in spans if load.sent <= sp[0] <= load.stamps[0]]
     if len(mine) != 1:
         raise RuntimeError(f"expected one load of the fourth request in the server log, found {len(mine)}: "
@@ -337,53 +342,77 @@ def loading_stats(runs: list[Stream], load: Stream, spans: list[tuple[float, flo
         raise RuntimeError(f"no decoder token arrived while the fourth request waited {load.ttft:.2f}s: "
                            "raise --decode-tokens")
     return {"itl": itl_stats(during), "itl_until_first_token": itl_stats(until), "load_s": mine[0][1] - mine[0][0],
-            "fourth_ttft_s": load.ttft, "fourth_prompt_tokens": load.usage["prompt_tokens"]}
+            "fourth_ttft_s": load.ttft, "fourth_prompt_tokens": load.usage["prompt_tokens"],
+            "window_gaps_s": during, "span_after_sent_s": mine[0][0] - load.sent, "span": list(mine[0])}
+
+
+def _loaded_run(port: int, tokens: int, prompt: str, log: Path) -> dict[str, Any]:
+    """One run of three decoders and a fourth sending ``prompt``; its :func:`loading_stats`."""
+    runs, load = decode_run(port, tokens, prompt)
+    assert load is not None
+    time.sleep(0.5)  # the span's log line reaches the file
+    return loading_stats(runs, load, load_spans(log.read_text(errors="replace")))
 
 
 def async_itl(ports: dict[str, int], logs: dict[str, Path], repeats: int, doc_words: int,
               tokens: int) -> dict[str, Any]:
-    """Per configuration and repeat: ITL of three users alone, and during a fourth's disk-tier load
-    (whose span the configuration's server log ``logs[name]`` tells)."""
+    """Per configuration and repeat: ITL of three users alone, during a fourth's disk-tier load and
+    during a fourth's CPU-tier load (the same arrival whose KV needs no lower-tier read), whose spans
+    the configuration's server log ``logs[name]`` tells. The two loaded runs alternate which goes first."""
     names = list(ports)
     # the fourth sends a prompt stored whole before (its partial last chunk too): all but its last token
-    # are loaded, so its own prefill is one token, as a decoding user's step; the last document only
-    # pushes the others out of the CPU tier
-    prompts = [doc + "\nQuestion: which word comes first?\nAnswer:" for doc in documents(repeats + 1, doc_words,
-                                                                                        first=100)]
+    # are loaded, so its own prefill is one token, as a decoding user's step; the last disk document only
+    # pushes the others out of the CPU tier; a CPU document is stored just before its run (the CPU tier
+    # holds one document, so it evicts the disk one a run before promoted)
+    suffix = "\nQuestion: which word comes first?\nAnswer:"
+    disk = [doc + suffix for doc in documents(repeats + 1, doc_words, first=100)]
+    cpu = [doc + suffix for doc in documents(repeats, doc_words, first=100 + repeats + 1)]
     for name in names:  # store every prompt (CPU + disk); each evicts the one before from the CPU tier
-        for prompt in prompts:
+        for prompt in disk:
             stream(ports[name], prompt, 1)
     time.sleep(2)  # the write-back to disk finishes
-    out: dict[str, Any] = {n: {"alone": [], "loading": []} for n in names}
+    out: dict[str, Any] = {n: {"alone": [], "loading": [], "cpu_loading": []} for n in names}
     for k in range(repeats):
         for name in rotated(names, k):
             runs, _ = decode_run(ports[name], tokens, None)
             out[name]["alone"].append({"itl": itl_stats([b - a for s in runs for a, b in s.gaps(8)])})
-            runs, load = decode_run(ports[name], tokens, prompts[k])
-            assert load is not None
-            time.sleep(0.5)  # the span's log line reaches the file
-            last = loading_stats(runs, load, load_spans(logs[name].read_text(errors="replace")))
-            out[name]["loading"].append(last)
-            print(f"  {name} repeat {k}: ITL p50 {out[name]['alone'][-1]['itl']['p50'] * 1e3:.0f} -> "
-                  f"{last['itl']['p50'] * 1e3:.0f} ms during the {last['load_s']:.2f}s load, max "
-                  f"{last['itl']['max'] * 1e3:.0f} ms; fourth TTFT {last['fourth_ttft_s']:.2f}s "
-                  f"({last['fourth_prompt_tokens']} tokens)", flush=True)
+            for kind in (("loading", "cpu_loading") if k % 2 else ("cpu_loading", "loading")):
+                if kind == "cpu_loading":
+                    stream(ports[name], cpu[k], 1)  # now the CPU tier's one document
+                    time.sleep(2)  # its write-back to disk finishes before the run
+                out[name][kind].append(_loaded_run(ports[name], tokens, (cpu if kind == "cpu_loading" else disk)[k],
+                                                   logs[name]))
+            alone, d, c = out[name]["alone"][-1], out[name]["loading"][-1], out[name]["cpu_loading"][-1]
+            print(f"  {name} repeat {k}: ITL p50 {alone['itl']['p50'] * 1e3:.0f} ms alone, "
+                  f"{d['itl']['p50'] * 1e3:.0f} ms during the {d['load_s']:.2f}s disk load, "
+                  f"{c['itl']['p50'] * 1e3:.0f} ms during the {c['load_s']:.2f}s CPU-tier load; fourth TTFT "
+                  f"{d['fourth_ttft_s']:.2f}s / {c['fourth_ttft_s']:.2f}s ({d['fourth_prompt_tokens']} tokens)",
+                  flush=True)
     return out
 
 
 def async_itl_report(results: dict[str, Any], report: Report) -> None:
-    """Rows per configuration: the decoders' ITL p50 / p90 / max alone and during the fourth's load
-    (against alone, repeat by repeat), ITL p50 until the fourth's first token, the load's duration and
-    the fourth's TTFT."""
+    """Rows per configuration: the decoders' ITL p50 / p90 / max alone and during the fourth's disk
+    load (against alone, repeat by repeat); ITL p50 during a CPU-tier load (against alone), and the
+    disk load's against it (what the lower-tier read adds to the same arrival and window); ITL p50 until
+    the fourth's first token for both; the loads' durations and the fourth's TTFT."""
     for name, res in results.items():
         alone = {stat: report.add(f"ITL {stat} alone", [r["itl"][stat] for r in res["alone"]], series=name)
                  for stat in ("p50", "p90", "max")}
         for stat, row in alone.items():
             report.add(f"ITL {stat} during load", [r["itl"][stat] for r in res["loading"]], series=name, vs=row)
-        report.add("ITL p50 until 4th's first token", [r["itl_until_first_token"]["p50"] for r in res["loading"]],
-                   series=name, vs=alone["p50"])
-        report.add("load", [r["load_s"] for r in res["loading"]], series=name)
-        report.add("4th user TTFT", [r["fourth_ttft_s"] for r in res["loading"]], series=name)
+        cpu = report.add("ITL p50 during CPU-tier load", [r["itl"]["p50"] for r in res["cpu_loading"]],
+                         series=name, vs=alone["p50"])
+        report.add("ITL p50 during load vs CPU-tier load", [r["itl"]["p50"] for r in res["loading"]],
+                   series=name, vs=cpu)
+        until = {kind: report.add(f"ITL p50 until 4th's first token{label}",
+                                  [r["itl_until_first_token"]["p50"] for r in res[kind]], series=name, vs=alone["p50"])
+                 for kind, label in (("cpu_loading", " (CPU tier)"), ("loading", ""))}
+        report.add("ITL p50 until 4th's first token vs CPU tier",
+                   [r["itl_until_first_token"]["p50"] for r in res["loading"]], series=name, vs=until["cpu_loading"])
+        for kind, label in (("loading", ""), ("cpu_loading", " (CPU tier)")):
+            report.add(f"load{label}", [r["load_s"] for r in res[kind]], series=name)
+            report.add(f"4th user TTFT{label}", [r["fourth_ttft_s"] for r in res[kind]], series=name)
 
 
 # ---- running -----------------------------------------------------------------------------------------
