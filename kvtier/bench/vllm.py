@@ -60,6 +60,10 @@ from kvtier.bench.common import Report, Row, require_engine
 from kvtier.procs import free_port, stop_process, wait_healthy
 
 MODEL_NAME = "bench-model"
+#: vLLM 0.32 on CPU with torch 2.13 saves an AOT-compiled model it then fails to load on every later
+#: start ("'function' object has no attribute 'finalize_loading'") and compiles again; without AOT
+#: compilation a restart reuses torch's own compile caches (same compiled model; docs/vllm.md)
+AOT_COMPILE_OFF = ("VLLM_USE_AOT_COMPILE", "0")
 SCENARIOS = ("long-doc-qa", "multi-round-qa", "async-itl")
 
 
@@ -162,6 +166,7 @@ def servers(configs: list[Config], workdir: Path, model: str | None, max_model_l
 
     started: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
     env = server_env({**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(kv_space_gib)})
+    env.setdefault(*AOT_COMPILE_OFF)
     extra_args = ["--seed", "0"]
     if _has_cuda():  # the servers share one GPU
         extra_args += ["--gpu-memory-utilization", f"{0.85 / len(configs):.2f}"]
