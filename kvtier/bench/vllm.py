@@ -30,6 +30,7 @@ Scenarios (``--scenario``):
   lookup, its uncached tail's prefill and its first decode step: a batch of four, not three) is
   reported as well, as "until 4th's first token", for both.
 
+``--load-nice 19`` adds ``kvtier-async-nice19`` (the asynchronous loader at that nice value) to async-itl.
 ``--layerwise`` adds ``kvtier+layerwise`` (``kvtier_layerwise: true``) to the TTFT scenarios.
 ``--quick`` shrinks every scenario to a smoke run.
 """
@@ -48,7 +49,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +58,7 @@ from typing import Any
 import typer
 
 from kvtier.bench.common import Report, Row, require_engine
+from kvtier.integrations.vllm.loader import check_nice
 from kvtier.procs import free_port, stop_process, wait_healthy
 
 MODEL_NAME = "bench-model"
@@ -76,6 +78,7 @@ class Config:
     prefix_caching: bool = False
     overrides: dict[str, Any] = field(default_factory=dict)
     load_async: bool = False
+    load_nice: int | None = None  # the asynchronous loader's nice value (None: the connector's default)
     layerwise: bool = False
 
 
@@ -175,7 +178,8 @@ def servers(configs: list[Config], workdir: Path, model: str | None, max_model_l
             port = free_port()
             argv = server_command(model, port=port, overrides=c.overrides or None, max_model_len=max_model_len,
                                   served_model_name=MODEL_NAME, prefix_caching=c.prefix_caching, kvtier=c.kvtier,
-                                  load_async=c.load_async, layerwise=c.layerwise, extra_args=extra_args)
+                                  load_async=c.load_async, load_nice=c.load_nice, layerwise=c.layerwise,
+                                  extra_args=extra_args)
             with (workdir / f"{c.name}.log").open("wb") as log:
                 proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             started[c.name] = (proc, port)
@@ -435,14 +439,17 @@ def ttft_configs(names: list[str], chunk_tokens: int, cpu_capacity: str) -> list
     return [known[n] for n in names]
 
 
-def itl_configs(workdir: Path, chunk_tokens: int, doc_words: int) -> list[Config]:
-    """kvtier with a disk tier and a CPU tier that holds one document (and the decoders' prompts)."""
+def itl_configs(workdir: Path, chunk_tokens: int, doc_words: int, load_nices: Sequence[int] = ()) -> list[Config]:
+    """kvtier with a disk tier and a CPU tier that holds one document (and the decoders' prompts):
+    synchronous loads, asynchronous loads, and asynchronous loads at each of ``load_nices``."""
     doc_mib = 2 * doc_words * 46080 / (1 << 20)  # SmolLM2-135M, float32: 46,080 bytes per token
     configs = []
-    for name, load_async in (("kvtier-sync", False), ("kvtier-async", True)):
+    variants: list[tuple[str, bool, int | None]] = [("kvtier-sync", False, None), ("kvtier-async", True, None)]
+    variants += [(f"kvtier-async-nice{n}", True, n) for n in load_nices]
+    for name, load_async, nice in variants:
         overrides = {"chunk_tokens": chunk_tokens, "cpu": {"capacity": f"{int(doc_mib * 1.4)}MiB"},
                      "disk": {"enabled": True, "path": str(workdir / f"disk-{name}"), "capacity": "4GiB"}}
-        configs.append(Config(name, kvtier=True, overrides=overrides, load_async=load_async))
+        configs.append(Config(name, kvtier=True, overrides=overrides, load_async=load_async, load_nice=nice))
     return configs
 
 
@@ -456,8 +463,8 @@ TITLES = {"long-doc-qa": "long-doc-qa TTFT, interleaved (vs vLLM's own prefix-ca
 def run(scenario: str, configs: str, *, model: str | None = None, docs: int = 3, doc_words: int | None = None,
         output_len: int = 8, users: int = 4, rounds: int = 3, system_words: int = 150, history_words: int = 350,
         answer_len: int = 32, repeats: int = 3, decode_tokens: int = 128, chunk_tokens: int = 128,
-        cpu_capacity: str = "1GiB", layerwise: bool = False, kv_space_gib: int = 1, start_timeout: float = 600,
-        out_dir: str = "results", show: bool = True) -> dict[str, Any]:
+        cpu_capacity: str = "1GiB", layerwise: bool = False, load_nices: Sequence[int] = (), kv_space_gib: int = 1,
+        start_timeout: float = 600, out_dir: str = "results", show: bool = True) -> dict[str, Any]:
     """Run one scenario; write ``<out_dir>/vllm_<scenario>.json`` and ``.png``; return the record.
     ``doc_words`` defaults to 1,000 (≈2K tokens) for long-doc-qa, 2,040 (≈4K tokens) for async-itl."""
     require_engine("vllm", "vllm")
@@ -473,7 +480,7 @@ def run(scenario: str, configs: str, *, model: str | None = None, docs: int = 3,
     with tempfile.TemporaryDirectory(prefix="kvtier-vllm-bench-") as tmp:
         workdir = Path(tmp)
         if scenario == "async-itl":
-            chosen = itl_configs(workdir, chunk_tokens, doc_words)
+            chosen = itl_configs(workdir, chunk_tokens, doc_words, load_nices)
             max_model_len = 2 * doc_words + 512
         else:
             names = [n for n in configs.split(",") if n]
@@ -501,6 +508,15 @@ def run(scenario: str, configs: str, *, model: str | None = None, docs: int = 3,
     return report.finish(out_dir, show=show)
 
 
+def parse_nices(text: str) -> list[int]:
+    """``--load-nice``'s comma list as nice values (0-19); a bad one is named."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"--load-nice must be comma-separated integers, got {text!r}") from None
+    return [check_nice(v) for v in values]
+
+
 def register(app: typer.Typer) -> None:
     @app.command("vllm")
     def vllm_cmd(
@@ -520,6 +536,8 @@ def register(app: typer.Typer) -> None:
         chunk_tokens: int = typer.Option(128, help="kvtier chunk (128 = vLLM's CPU block)."),
         cpu_capacity: str = typer.Option("1GiB", help="TTFT scenarios: kvtier CPU tier size."),
         layerwise: bool = typer.Option(False, help="TTFT scenarios: add kvtier+layerwise."),
+        load_nice: str = typer.Option("", help="async-itl: also run the asynchronous loader at these nice values "
+                                               "(comma list, 0-19; default loader: 10)."),
         quick: bool = typer.Option(False, help="A smoke run: tiny documents, few users, rounds and repeats."),
         out: str = typer.Option("results", help="Output directory."),
     ) -> None:
@@ -529,4 +547,4 @@ def register(app: typer.Typer) -> None:
         if quick:
             sizes.update(QUICK)
         run(scenario, configs, model=model, output_len=output_len, chunk_tokens=chunk_tokens,
-            cpu_capacity=cpu_capacity, layerwise=layerwise, out_dir=out, **sizes)
+            cpu_capacity=cpu_capacity, layerwise=layerwise, load_nices=parse_nices(load_nice), out_dir=out, **sizes)

@@ -19,11 +19,13 @@ from kvtier.bench.vllm import (
     loading_stats,
     long_doc_report,
     pair_ratios,
+    parse_nices,
     rotated,
     ttft_configs,
 )
 from kvtier.cli import app
 from kvtier.config import load_config
+from kvtier.errors import ConfigError
 from kvtier.integrations.vllm.transfer import LOAD_SPAN_LOG
 
 
@@ -134,3 +136,14 @@ def test_the_load_window_is_the_connectors_logged_span() -> None:
     assert stats["span_after_sent_s"] == pytest.approx(0.15)
     with pytest.raises(RuntimeError, match="one load"):
         loading_stats([decoder], fourth, [])
+
+
+def test_load_nice_adds_async_configurations(tmp_path: Path) -> None:
+    configs = itl_configs(tmp_path, 128, 2040, parse_nices("19, 5"))
+    assert [(c.name, c.load_async, c.load_nice) for c in configs] == [
+        ("kvtier-sync", False, None), ("kvtier-async", True, None),
+        ("kvtier-async-nice19", True, 19), ("kvtier-async-nice5", True, 5)]
+    assert len({c.overrides["disk"]["path"] for c in configs}) == 4  # a disk directory each
+    for bad in ("x", "20"):
+        with pytest.raises((typer.BadParameter, ConfigError)):
+            parse_nices(bad)
