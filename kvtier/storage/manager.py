@@ -48,7 +48,7 @@ from functools import partial
 
 import torch
 
-from kvtier import frames
+from kvtier import batching, frames
 from kvtier.backoff import Backoff
 from kvtier.errors import CorruptChunk, FrameAuthError, KvtierError, LayoutError, TierUnavailable
 from kvtier.frame_auth import FrameKeys, warn_unauthenticated
@@ -291,19 +291,9 @@ class StorageManager:
 
     def _batches(self, loads: Sequence[Load]) -> deque[list[Load]]:
         """Consecutive loads of one tier, at most ``read_batch`` chunks / ``READ_BATCH_BYTES`` each."""
-        out: deque[list[Load]] = deque()
-        size = 0
-        for load in loads:
-            nbytes = load.out.numel() * load.out.element_size()
-            last = out[-1] if out else None
-            if (last is None or last[0].tier != load.tier or len(last) >= self.read_batch
-                    or size + nbytes > READ_BATCH_BYTES):
-                out.append([load])
-                size = nbytes
-            else:
-                last.append(load)
-                size += nbytes
-        return out
+        return deque(batching.cut(loads, self.read_batch, READ_BATCH_BYTES,
+                                  lambda load: load.out.numel() * load.out.element_size(),
+                                  lambda prev, load: prev.tier != load.tier))
 
     def _fetch_at(self, nice: int, batch: list[Load], deliver: Callable[[_Fetched], None]) -> None:
         """Reader thread: :meth:`_fetch` at nice value ``nice`` (the caller's)."""
