@@ -24,6 +24,7 @@ from kvtier.keys import Chunk, Chunker, Namespace
 from kvtier.layout import KVSpec
 from kvtier.procs import Child, ChildExited
 from kvtier.record import token_record
+from kvtier.storage import disk
 from kvtier.storage.disk import QUARANTINE, DiskTier, chunk_path
 
 SPEC = KVSpec(num_layers=2, num_kv_heads=2, head_dim=8, dtype="float32", chunk_tokens=16)
@@ -424,3 +425,73 @@ def test_no_secret_warning_only_for_tiers_others_can_write(tmp_path: Path, monke
     shared.mkdir(mode=0o777)
     shared.chmod(0o777)
     assert warned(shared)
+
+
+@pytest.mark.parametrize("make", ["disk", "fs"])
+def test_put_many_syncs_files_at_once_and_returns_after_all(tmp_path: Path, make: str,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A syncing put_many overlaps the files' fsyncs (several are in flight together), returns only when
+    every file is published, and a failed file fails the call after the others finished."""
+    from kvtier.storage.fs import FsTier
+
+    items = frames(8)
+    tier = DiskTier(tmp_path, 1 << 30) if make == "disk" else FsTier(tmp_path)
+    real_fsync = os.fsync
+    lock = threading.Lock()
+    in_flight = [0, 0]  # now, most at once
+
+    def slow_fsync(fd: int) -> None:
+        with lock:
+            in_flight[0] += 1
+            in_flight[1] = max(in_flight[1], in_flight[0])
+        time.sleep(0.02)
+        real_fsync(fd)
+        with lock:
+            in_flight[0] -= 1
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    tier.put_many([(c.key, (f[:7], memoryview(f)[7:])) for c, f, _ in items])
+    assert in_flight[1] > 1 and in_flight[0] == 0
+    for c, f, _ in items:
+        assert chunk_path(tmp_path, c.key).read_bytes() == f
+    assert not list(tmp_path.rglob("*.tmp"))
+
+    fresh = frames(4, seed=100)
+    broken = fresh[2][0].key
+
+    def failing_fsync(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").find(broken.hex()) >= 0:
+            raise OSError(5, "injected I/O error")
+        slow_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(TierUnavailable):
+        tier.put_many([(c.key, (f,)) for c, f, _ in fresh])
+    assert in_flight[0] == 0  # nothing still writing when the failure came back
+    for c, f, _ in fresh:
+        path = chunk_path(tmp_path, c.key)
+        assert (not path.exists()) if c.key == broken else path.read_bytes() == f
+    assert not list(tmp_path.rglob("*.tmp"))
+    tier.close()
+
+
+def test_frames_go_down_and_come_back_in_any_number_of_pieces(tier: DiskTier) -> None:
+    """A frame written from many buffers (more than one ``writev`` takes) is the joined frame; a payload
+    read into many buffers (more than one ``preadv`` fills) lands in them in order, and the frame
+    verifies over those pieces (checksum streamed over them) as over the whole payload."""
+    c, f, kv = frames(1)[0]
+    head_len = len(f) - kv.numel() * kv.element_size()
+    head, payload = f[:head_len], memoryview(f)[head_len:]
+    step = 1  # bytes per piece: thousands of pieces
+    assert len(payload) // step > 2 * disk.IOV_MAX
+    tier.put_parts(c.key, [head, *(payload[i : i + step] for i in range(0, len(payload), step))])
+    assert tier.get(c.key) == f
+    out = bytearray(len(payload))
+    pieces = [memoryview(out)[i : i + step] for i in range(0, len(out), step)]
+    got = tier.get_into(c.key, pieces)
+    assert got is not None and bytes(got) == head and out == payload
+    assert wire.verify_parts(got, pieces).key == c.key
+    pieces[-1][0] ^= 1
+    with pytest.raises(CorruptChunk, match="checksum"):
+        wire.verify_parts(got, pieces)
+    assert tier.get_into(c.key, pieces[:-1]) is None  # pieces one short of the payload: caller falls back
