@@ -18,14 +18,19 @@ Scenarios (``--scenario``):
 - ``async-itl``: three users stream long answers while a fourth sends a ``--doc-words`` prompt stored
   whole before (so its own prefill is one token, like a decoding user's step) whose KV kvtier serves
   from its disk tier (the CPU tier is too small to keep it: later documents evicted it; the files may
-  sit in the OS page cache). Inter-token latency of the three during the fourth's
-  load vs the same three alone (goal: at most 1.2x, i.e. ratio >= 1/1.2), for ``kvtier_load_async``
-  false and true, per repeat. "During the load" is the span the connector logs for it (its info
-  line :data:`~kvtier.integrations.vllm.transfer.LOAD_SPAN_LOG`, on the system-wide monotonic clock
-  the streams are timed with): every gap of the three that overlaps it. The window from the fourth's
-  request to its first token (which adds its lookup, its uncached tail's prefill and its first
-  decode step: a batch of four, not three) is reported as well, as "until 4th's first token".
+  sit in the OS page cache). Inter-token latency of the three during the fourth's load vs the same
+  three alone (goal: at most 1.2x, i.e. ratio >= 1/1.2), for ``kvtier_load_async`` false and true, per
+  repeat. "During the load" is the span the connector logs for it (its info line
+  :data:`~kvtier.integrations.vllm.transfer.LOAD_SPAN_LOG`, on the system-wide monotonic clock the
+  streams are timed with): every gap of the three that overlaps it. Each repeat also runs the same
+  arrival with a prompt whose KV sits in kvtier's CPU tier (stored just before: no lower-tier read,
+  the same copy into vLLM's blocks, the same window definition): "during load vs CPU-tier load" is
+  what the disk read itself costs the others, "during CPU-tier load" vs alone what the fourth's
+  arrival and the copy cost. The window from the fourth's request to its first token (which adds its
+  lookup, its uncached tail's prefill and its first decode step: a batch of four, not three) is
+  reported as well, as "until 4th's first token", for both.
 
+``--load-nice 19`` adds ``kvtier-async-nice19`` (the asynchronous loader at that nice value) to async-itl.
 ``--layerwise`` adds ``kvtier+layerwise`` (``kvtier_layerwise: true``) to the TTFT scenarios.
 ``--quick`` shrinks every scenario to a smoke run.
 """
@@ -44,7 +49,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,9 +58,14 @@ from typing import Any
 import typer
 
 from kvtier.bench.common import Report, Row, require_engine
+from kvtier.integrations.vllm.loader import check_nice
 from kvtier.procs import free_port, stop_process, wait_healthy
 
 MODEL_NAME = "bench-model"
+#: vLLM 0.32 on CPU with torch 2.13 saves an AOT-compiled model it then fails to load on every later
+#: start ("'function' object has no attribute 'finalize_loading'") and compiles again; without AOT
+#: compilation a restart reuses torch's own compile caches (same compiled model; docs/vllm.md)
+AOT_COMPILE_OFF = ("VLLM_USE_AOT_COMPILE", "0")
 SCENARIOS = ("long-doc-qa", "multi-round-qa", "async-itl")
 
 
@@ -68,6 +78,7 @@ class Config:
     prefix_caching: bool = False
     overrides: dict[str, Any] = field(default_factory=dict)
     load_async: bool = False
+    load_nice: int | None = None  # the asynchronous loader's nice value (None: the connector's default)
     layerwise: bool = False
 
 
@@ -158,6 +169,7 @@ def servers(configs: list[Config], workdir: Path, model: str | None, max_model_l
 
     started: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
     env = server_env({**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(kv_space_gib)})
+    env.setdefault(*AOT_COMPILE_OFF)
     extra_args = ["--seed", "0"]
     if _has_cuda():  # the servers share one GPU
         extra_args += ["--gpu-memory-utilization", f"{0.85 / len(configs):.2f}"]
@@ -166,7 +178,8 @@ def servers(configs: list[Config], workdir: Path, model: str | None, max_model_l
             port = free_port()
             argv = server_command(model, port=port, overrides=c.overrides or None, max_model_len=max_model_len,
                                   served_model_name=MODEL_NAME, prefix_caching=c.prefix_caching, kvtier=c.kvtier,
-                                  load_async=c.load_async, layerwise=c.layerwise, extra_args=extra_args)
+                                  load_async=c.load_async, load_nice=c.load_nice, layerwise=c.layerwise,
+                                  extra_args=extra_args)
             with (workdir / f"{c.name}.log").open("wb") as log:
                 proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             started[c.name] = (proc, port)
@@ -327,7 +340,8 @@ def load_spans(log_text: str) -> list[tuple[float, float]]:
 
 def loading_stats(runs: list[Stream], load: Stream, spans: list[tuple[float, float]]) -> dict[str, Any]:
     """ITL of ``runs`` during the load that began while ``load`` waited for its first token (the
-    connector's span), and during the whole wait; the load's duration and the fourth's TTFT."""
+    connector's span), and during the whole wait; the load's duration and the fourth's TTFT; the gaps
+    in the span and when it began after the fourth's request (what the window held)."""
     mine = [sp for sp in spans if load.sent <= sp[0] <= load.stamps[0]]
     if len(mine) != 1:
         raise RuntimeError(f"expected one load of the fourth request in the server log, found {len(mine)}: "
@@ -337,53 +351,77 @@ def loading_stats(runs: list[Stream], load: Stream, spans: list[tuple[float, flo
         raise RuntimeError(f"no decoder token arrived while the fourth request waited {load.ttft:.2f}s: "
                            "raise --decode-tokens")
     return {"itl": itl_stats(during), "itl_until_first_token": itl_stats(until), "load_s": mine[0][1] - mine[0][0],
-            "fourth_ttft_s": load.ttft, "fourth_prompt_tokens": load.usage["prompt_tokens"]}
+            "fourth_ttft_s": load.ttft, "fourth_prompt_tokens": load.usage["prompt_tokens"],
+            "window_gaps_s": during, "span_after_sent_s": mine[0][0] - load.sent, "span": list(mine[0])}
+
+
+def _loaded_run(port: int, tokens: int, prompt: str, log: Path) -> dict[str, Any]:
+    """One run of three decoders and a fourth sending ``prompt``; its :func:`loading_stats`."""
+    runs, load = decode_run(port, tokens, prompt)
+    assert load is not None
+    time.sleep(0.5)  # the span's log line reaches the file
+    return loading_stats(runs, load, load_spans(log.read_text(errors="replace")))
 
 
 def async_itl(ports: dict[str, int], logs: dict[str, Path], repeats: int, doc_words: int,
               tokens: int) -> dict[str, Any]:
-    """Per configuration and repeat: ITL of three users alone, and during a fourth's disk-tier load
-    (whose span the configuration's server log ``logs[name]`` tells)."""
+    """Per configuration and repeat: ITL of three users alone, during a fourth's disk-tier load and
+    during a fourth's CPU-tier load (the same arrival whose KV needs no lower-tier read), whose spans
+    the configuration's server log ``logs[name]`` tells. The two loaded runs alternate which goes first."""
     names = list(ports)
     # the fourth sends a prompt stored whole before (its partial last chunk too): all but its last token
-    # are loaded, so its own prefill is one token, as a decoding user's step; the last document only
-    # pushes the others out of the CPU tier
-    prompts = [doc + "\nQuestion: which word comes first?\nAnswer:" for doc in documents(repeats + 1, doc_words,
-                                                                                        first=100)]
+    # are loaded, so its own prefill is one token, as a decoding user's step; the last disk document only
+    # pushes the others out of the CPU tier; a CPU document is stored just before its run (the CPU tier
+    # holds one document, so it evicts the disk one a run before promoted)
+    suffix = "\nQuestion: which word comes first?\nAnswer:"
+    disk = [doc + suffix for doc in documents(repeats + 1, doc_words, first=100)]
+    cpu = [doc + suffix for doc in documents(repeats, doc_words, first=100 + repeats + 1)]
     for name in names:  # store every prompt (CPU + disk); each evicts the one before from the CPU tier
-        for prompt in prompts:
+        for prompt in disk:
             stream(ports[name], prompt, 1)
     time.sleep(2)  # the write-back to disk finishes
-    out: dict[str, Any] = {n: {"alone": [], "loading": []} for n in names}
+    out: dict[str, Any] = {n: {"alone": [], "loading": [], "cpu_loading": []} for n in names}
     for k in range(repeats):
         for name in rotated(names, k):
             runs, _ = decode_run(ports[name], tokens, None)
             out[name]["alone"].append({"itl": itl_stats([b - a for s in runs for a, b in s.gaps(8)])})
-            runs, load = decode_run(ports[name], tokens, prompts[k])
-            assert load is not None
-            time.sleep(0.5)  # the span's log line reaches the file
-            last = loading_stats(runs, load, load_spans(logs[name].read_text(errors="replace")))
-            out[name]["loading"].append(last)
-            print(f"  {name} repeat {k}: ITL p50 {out[name]['alone'][-1]['itl']['p50'] * 1e3:.0f} -> "
-                  f"{last['itl']['p50'] * 1e3:.0f} ms during the {last['load_s']:.2f}s load, max "
-                  f"{last['itl']['max'] * 1e3:.0f} ms; fourth TTFT {last['fourth_ttft_s']:.2f}s "
-                  f"({last['fourth_prompt_tokens']} tokens)", flush=True)
+            for kind in (("loading", "cpu_loading") if k % 2 else ("cpu_loading", "loading")):
+                if kind == "cpu_loading":
+                    stream(ports[name], cpu[k], 1)  # now the CPU tier's one document
+                    time.sleep(2)  # its write-back to disk finishes before the run
+                out[name][kind].append(_loaded_run(ports[name], tokens, (cpu if kind == "cpu_loading" else disk)[k],
+                                                   logs[name]))
+            alone, d, c = out[name]["alone"][-1], out[name]["loading"][-1], out[name]["cpu_loading"][-1]
+            print(f"  {name} repeat {k}: ITL p50 {alone['itl']['p50'] * 1e3:.0f} ms alone, "
+                  f"{d['itl']['p50'] * 1e3:.0f} ms during the {d['load_s']:.2f}s disk load, "
+                  f"{c['itl']['p50'] * 1e3:.0f} ms during the {c['load_s']:.2f}s CPU-tier load; fourth TTFT "
+                  f"{d['fourth_ttft_s']:.2f}s / {c['fourth_ttft_s']:.2f}s ({d['fourth_prompt_tokens']} tokens)",
+                  flush=True)
     return out
 
 
 def async_itl_report(results: dict[str, Any], report: Report) -> None:
-    """Rows per configuration: the decoders' ITL p50 / p90 / max alone and during the fourth's load
-    (against alone, repeat by repeat), ITL p50 until the fourth's first token, the load's duration and
-    the fourth's TTFT."""
+    """Rows per configuration: the decoders' ITL p50 / p90 / max alone and during the fourth's disk
+    load (against alone, repeat by repeat); ITL p50 during a CPU-tier load (against alone), and the
+    disk load's against it (what the lower-tier read adds to the same arrival and window); ITL p50 until
+    the fourth's first token for both; the loads' durations and the fourth's TTFT."""
     for name, res in results.items():
         alone = {stat: report.add(f"ITL {stat} alone", [r["itl"][stat] for r in res["alone"]], series=name)
                  for stat in ("p50", "p90", "max")}
         for stat, row in alone.items():
             report.add(f"ITL {stat} during load", [r["itl"][stat] for r in res["loading"]], series=name, vs=row)
-        report.add("ITL p50 until 4th's first token", [r["itl_until_first_token"]["p50"] for r in res["loading"]],
-                   series=name, vs=alone["p50"])
-        report.add("load", [r["load_s"] for r in res["loading"]], series=name)
-        report.add("4th user TTFT", [r["fourth_ttft_s"] for r in res["loading"]], series=name)
+        cpu = report.add("ITL p50 during CPU-tier load", [r["itl"]["p50"] for r in res["cpu_loading"]],
+                         series=name, vs=alone["p50"])
+        report.add("ITL p50 during load vs CPU-tier load", [r["itl"]["p50"] for r in res["loading"]],
+                   series=name, vs=cpu)
+        until = {kind: report.add(f"ITL p50 until 4th's first token{label}",
+                                  [r["itl_until_first_token"]["p50"] for r in res[kind]], series=name, vs=alone["p50"])
+                 for kind, label in (("cpu_loading", " (CPU tier)"), ("loading", ""))}
+        report.add("ITL p50 until 4th's first token vs CPU tier",
+                   [r["itl_until_first_token"]["p50"] for r in res["loading"]], series=name, vs=until["cpu_loading"])
+        for kind, label in (("loading", ""), ("cpu_loading", " (CPU tier)")):
+            report.add(f"load{label}", [r["load_s"] for r in res[kind]], series=name)
+            report.add(f"4th user TTFT{label}", [r["fourth_ttft_s"] for r in res[kind]], series=name)
 
 
 # ---- running -----------------------------------------------------------------------------------------
@@ -401,14 +439,17 @@ def ttft_configs(names: list[str], chunk_tokens: int, cpu_capacity: str) -> list
     return [known[n] for n in names]
 
 
-def itl_configs(workdir: Path, chunk_tokens: int, doc_words: int) -> list[Config]:
-    """kvtier with a disk tier and a CPU tier that holds one document (and the decoders' prompts)."""
+def itl_configs(workdir: Path, chunk_tokens: int, doc_words: int, load_nices: Sequence[int] = ()) -> list[Config]:
+    """kvtier with a disk tier and a CPU tier that holds one document (and the decoders' prompts):
+    synchronous loads, asynchronous loads, and asynchronous loads at each of ``load_nices``."""
     doc_mib = 2 * doc_words * 46080 / (1 << 20)  # SmolLM2-135M, float32: 46,080 bytes per token
     configs = []
-    for name, load_async in (("kvtier-sync", False), ("kvtier-async", True)):
+    variants: list[tuple[str, bool, int | None]] = [("kvtier-sync", False, None), ("kvtier-async", True, None)]
+    variants += [(f"kvtier-async-nice{n}", True, n) for n in load_nices]
+    for name, load_async, nice in variants:
         overrides = {"chunk_tokens": chunk_tokens, "cpu": {"capacity": f"{int(doc_mib * 1.4)}MiB"},
                      "disk": {"enabled": True, "path": str(workdir / f"disk-{name}"), "capacity": "4GiB"}}
-        configs.append(Config(name, kvtier=True, overrides=overrides, load_async=load_async))
+        configs.append(Config(name, kvtier=True, overrides=overrides, load_async=load_async, load_nice=nice))
     return configs
 
 
@@ -422,8 +463,8 @@ TITLES = {"long-doc-qa": "long-doc-qa TTFT, interleaved (vs vLLM's own prefix-ca
 def run(scenario: str, configs: str, *, model: str | None = None, docs: int = 3, doc_words: int | None = None,
         output_len: int = 8, users: int = 4, rounds: int = 3, system_words: int = 150, history_words: int = 350,
         answer_len: int = 32, repeats: int = 3, decode_tokens: int = 128, chunk_tokens: int = 128,
-        cpu_capacity: str = "1GiB", layerwise: bool = False, kv_space_gib: int = 1, start_timeout: float = 600,
-        out_dir: str = "results", show: bool = True) -> dict[str, Any]:
+        cpu_capacity: str = "1GiB", layerwise: bool = False, load_nices: Sequence[int] = (), kv_space_gib: int = 1,
+        start_timeout: float = 600, out_dir: str = "results", show: bool = True) -> dict[str, Any]:
     """Run one scenario; write ``<out_dir>/vllm_<scenario>.json`` and ``.png``; return the record.
     ``doc_words`` defaults to 1,000 (≈2K tokens) for long-doc-qa, 2,040 (≈4K tokens) for async-itl."""
     require_engine("vllm", "vllm")
@@ -439,7 +480,7 @@ def run(scenario: str, configs: str, *, model: str | None = None, docs: int = 3,
     with tempfile.TemporaryDirectory(prefix="kvtier-vllm-bench-") as tmp:
         workdir = Path(tmp)
         if scenario == "async-itl":
-            chosen = itl_configs(workdir, chunk_tokens, doc_words)
+            chosen = itl_configs(workdir, chunk_tokens, doc_words, load_nices)
             max_model_len = 2 * doc_words + 512
         else:
             names = [n for n in configs.split(",") if n]
@@ -467,6 +508,15 @@ def run(scenario: str, configs: str, *, model: str | None = None, docs: int = 3,
     return report.finish(out_dir, show=show)
 
 
+def parse_nices(text: str) -> list[int]:
+    """``--load-nice``'s comma list as nice values (0-19); a bad one is named."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"--load-nice must be comma-separated integers, got {text!r}") from None
+    return [check_nice(v) for v in values]
+
+
 def register(app: typer.Typer) -> None:
     @app.command("vllm")
     def vllm_cmd(
@@ -486,6 +536,8 @@ def register(app: typer.Typer) -> None:
         chunk_tokens: int = typer.Option(128, help="kvtier chunk (128 = vLLM's CPU block)."),
         cpu_capacity: str = typer.Option("1GiB", help="TTFT scenarios: kvtier CPU tier size."),
         layerwise: bool = typer.Option(False, help="TTFT scenarios: add kvtier+layerwise."),
+        load_nice: str = typer.Option("", help="async-itl: also run the asynchronous loader at these nice values "
+                                               "(comma list, 0-19; default loader: 10)."),
         quick: bool = typer.Option(False, help="A smoke run: tiny documents, few users, rounds and repeats."),
         out: str = typer.Option("results", help="Output directory."),
     ) -> None:
@@ -495,4 +547,4 @@ def register(app: typer.Typer) -> None:
         if quick:
             sizes.update(QUICK)
         run(scenario, configs, model=model, output_len=output_len, chunk_tokens=chunk_tokens,
-            cpu_capacity=cpu_capacity, layerwise=layerwise, out_dir=out, **sizes)
+            cpu_capacity=cpu_capacity, layerwise=layerwise, load_nices=parse_nices(load_nice), out_dir=out, **sizes)

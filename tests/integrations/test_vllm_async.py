@@ -43,6 +43,9 @@ def async_runs(vllm_env: dict[str, str], model_dir: Path, reference: list[str]) 
     try:
         connector = _connector()
         engine = connector.engine
+        staging = connector._staging.get("async")  # allocated and touched at start, before any load
+        runs["async_staging_tokens"] = 0 if staging is None else staging.shape[2]
+        runs["max_model_len"] = connector.max_model_len
         runs["miss"] = _generate(llm, STORED)
         real_retrieve, real_store = engine.retrieve, engine.store
         progress = threading.Event()
@@ -94,6 +97,10 @@ def test_the_loader_runs_below_the_engines_priority(async_runs: dict[str, Any]) 
 
     own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())  # vLLM's worker thread here (uni)
     assert async_runs["loader_nice"] == [max(LOAD_NICE, own)]
+
+
+def test_the_loaders_staging_is_ready_before_the_first_load(async_runs: dict[str, Any]) -> None:
+    assert async_runs["async_staging_tokens"] >= async_runs["max_model_len"]
 
 
 def test_failed_async_load_recomputes(reference: list[str], async_runs: dict[str, Any]) -> None:

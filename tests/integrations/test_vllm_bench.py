@@ -19,11 +19,13 @@ from kvtier.bench.vllm import (
     loading_stats,
     long_doc_report,
     pair_ratios,
+    parse_nices,
     rotated,
     ttft_configs,
 )
 from kvtier.cli import app
 from kvtier.config import load_config
+from kvtier.errors import ConfigError
 from kvtier.integrations.vllm.transfer import LOAD_SPAN_LOG
 
 
@@ -95,7 +97,8 @@ def test_itl_rows_compare_each_repeat_with_the_same_users_alone() -> None:
         itl = {"p50": p50, "p90": 2 * p50, "max": 4 * p50}
         return {"itl": itl, "itl_until_first_token": {"p50": 3 * p50}, "load_s": 0.5, "fourth_ttft_s": 1.0}
 
-    results = {"kvtier-sync": {"alone": [run(0.05), run(0.04)], "loading": [run(0.1), run(0.04)]}}
+    results = {"kvtier-sync": {"alone": [run(0.05), run(0.04)], "loading": [run(0.1), run(0.04)],
+                               "cpu_loading": [run(0.08), run(0.02)]}}
     report = Report("t", "t", unit="s", goal=1 / 1.2)
     async_itl_report(results, report)
     rows = _rows(report)
@@ -103,6 +106,15 @@ def test_itl_rows_compare_each_repeat_with_the_same_users_alone() -> None:
     assert row["vs"] == "kvtier-sync: ITL p50 alone" and row["ratio"]["min"] == 0.5 and row["ratio"]["max"] == 1.0
     until = rows[("kvtier-sync", "ITL p50 until 4th's first token")]
     assert until["vs"] == "kvtier-sync: ITL p50 alone" and until["ratio"]["max"] == pytest.approx(1 / 3)
+    # the disk load against the same arrival whose KV comes from the CPU tier, same window
+    cpu = rows[("kvtier-sync", "ITL p50 during CPU-tier load")]
+    assert cpu["vs"] == "kvtier-sync: ITL p50 alone"
+    assert (cpu["ratio"]["min"], cpu["ratio"]["max"]) == pytest.approx((0.625, 2.0))
+    disk = rows[("kvtier-sync", "ITL p50 during load vs CPU-tier load")]
+    assert disk["vs"] == "kvtier-sync: ITL p50 during CPU-tier load"
+    assert (disk["ratio"]["min"], disk["ratio"]["max"]) == pytest.approx((0.5, 0.8))
+    until_cpu = rows[("kvtier-sync", "ITL p50 until 4th's first token vs CPU tier")]
+    assert until_cpu["vs"] == "kvtier-sync: ITL p50 until 4th's first token (CPU tier)"
 
 
 def test_the_load_window_is_the_connectors_logged_span() -> None:
@@ -120,5 +132,18 @@ def test_the_load_window_is_the_connectors_logged_span() -> None:
     assert stats["load_s"] == pytest.approx(0.4) and stats["fourth_ttft_s"] == pytest.approx(1.35)
     assert stats["itl_until_first_token"]["max"] == pytest.approx(0.8)  # the fourth's prefill step
     assert stats["itl"]["max"] == pytest.approx(0.2)
+    assert stats["window_gaps_s"] == pytest.approx([0.2, 0.2, 0.2])
+    assert stats["span_after_sent_s"] == pytest.approx(0.15)
     with pytest.raises(RuntimeError, match="one load"):
         loading_stats([decoder], fourth, [])
+
+
+def test_load_nice_adds_async_configurations(tmp_path: Path) -> None:
+    configs = itl_configs(tmp_path, 128, 2040, parse_nices("19, 5"))
+    assert [(c.name, c.load_async, c.load_nice) for c in configs] == [
+        ("kvtier-sync", False, None), ("kvtier-async", True, None),
+        ("kvtier-async-nice19", True, 19), ("kvtier-async-nice5", True, 5)]
+    assert len({c.overrides["disk"]["path"] for c in configs}) == 4  # a disk directory each
+    for bad in ("x", "20"):
+        with pytest.raises((typer.BadParameter, ConfigError)):
+            parse_nices(bad)

@@ -50,6 +50,7 @@ def server_command(
     kvtier: bool = True,
     kv_role: str = "kv_both",
     load_async: bool = False,
+    load_nice: int | None = None,
     layerwise: bool = False,
     extra_args: list[str] | None = None,
 ) -> list[str]:
@@ -82,6 +83,8 @@ def server_command(
             extra["kvtier_model_id"] = served_model_name
         if load_async:
             extra["kvtier_load_async"] = True
+        if load_nice is not None:
+            extra["kvtier_load_nice"] = load_nice
         if layerwise:
             extra["kvtier_layerwise"] = True
         argv += ["--kv-transfer-config", json.dumps(kv_transfer_config(extra, kv_role))]

@@ -440,9 +440,20 @@ class KvtierConnector(KVConnectorBase_V1):
             engine = self.engine
             assert engine is not None
             self._lookup_server = vllm_lookup.LookupServer(self._lookup_path, engine.lookup, self._authkey)
+        if self._planner.load_async:
+            self._prefault_async_staging()
         log.info("kvtier: %d layers (%s), layout %s, block size %d, chunk %d tokens", len(self._layers),
                  "one buffer" if self._stacked is not None else "separate buffers", self._layout,
                  self.block_size, self.config.chunk_tokens)
+
+    def _prefault_async_staging(self) -> None:
+        """Allocate and touch the asynchronous loader's staging buffer for the longest request now (worker
+        start, nothing else running), when it takes at most :data:`~kvtier.integrations.vllm.loader.
+        PREFAULT_BYTES`: its first use would otherwise fault in every page on the low-priority loader
+        thread beside the forward pass (docs/vllm.md: a server's first 4K-token load took ~1 s and the
+        others' steps stalled as long; later loads 0.2-0.3 s). A larger one grows on first use."""
+        if self.max_model_len * self.spec.bytes_per_token <= vllm_loader.PREFAULT_BYTES:
+            self._stage(self.max_model_len, "async").zero_()
 
     @staticmethod
     def _worker_rank() -> int:
