@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent / "kvtier"
 
 LAYERS: list[tuple[str, set[str]]] = [
     ("foundation", {"errors", "net", "config", "config_cli", "metrics", "data", "queues", "procs", "extras", "compat",
-                    "backoff"}),
+                    "backoff", "batching", "nice"}),
     ("keys/layout", {"layout", "keys", "record", "frame_auth"}),
     ("codec/wire", {"wire", "codec", "tensors", "memory", "frames"}),
     ("storage", {"storage"}),

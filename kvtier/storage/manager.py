@@ -16,6 +16,10 @@ Invariants:
   misses or fails verification ends the run (prefix semantics: it and every chunk after it are misses,
   counted as ``misses`` / ``read_ahead_dropped``). When ``load_many`` returns or its iterator is closed,
   no read into the caller's tensors is still in flight.
+- A reader thread runs each batch at the CPU priority (nice value) of the thread that called
+  ``load_many``: an asynchronous load at a low priority keeps its reads there too, and a later
+  synchronous load's reads get the caller's priority back where the system allows raising it (else
+  they stay lower, counted as ``reader_nice_refused``).
 - Writes go down through one bounded queue; when it is full the write is dropped and counted, so the
   engine never waits for a slow tier. Queued writes hold a reference on their CPU slot until done.
 - Write-back is a two-stage pipeline: the sealing thread encodes each queued chunk into its frame head
@@ -45,12 +49,13 @@ from functools import partial
 
 import torch
 
-from kvtier import frames, wire
+from kvtier import batching, frames, wire
 from kvtier.backoff import Backoff
 from kvtier.errors import CorruptChunk, FrameAuthError, KvtierError, LayoutError, TierUnavailable
 from kvtier.frame_auth import FrameKeys, warn_unauthenticated
 from kvtier.keys import ChunkKey
 from kvtier.layout import KVSpec
+from kvtier.nice import set_thread_nice, thread_nice
 from kvtier.queues import wait_done
 from kvtier.record import ChunkRecord, verify
 from kvtier.storage.base import Tier
@@ -236,6 +241,7 @@ class StorageManager:
         pending: deque[tuple[list[Load], queue.SimpleQueue[_Checked], Future[None]]] = deque()
         stopped = threading.Event()
         reader = self._reader
+        nice = thread_nice()  # the readers work for this thread: at its priority
 
         def submit() -> None:
             if not batches:
@@ -252,7 +258,7 @@ class StorageManager:
             try:
                 if reader is None:
                     raise RuntimeError("storage manager closed")
-                future = reader.submit(self._fetch, batch, deliver)
+                future = reader.submit(self._fetch_at, nice, batch, deliver)
             except RuntimeError:  # closed meanwhile: the batch is a miss
                 for _load in batch:
                     arrived.put((None, 0))
@@ -290,19 +296,15 @@ class StorageManager:
 
     def _batches(self, loads: Sequence[Load]) -> deque[list[Load]]:
         """Consecutive loads of one tier, at most ``read_batch`` chunks / ``READ_BATCH_BYTES`` each."""
-        out: deque[list[Load]] = deque()
-        size = 0
-        for load in loads:
-            nbytes = load.out.numel() * load.out.element_size()
-            last = out[-1] if out else None
-            if (last is None or last[0].tier != load.tier or len(last) >= self.read_batch
-                    or size + nbytes > READ_BATCH_BYTES):
-                out.append([load])
-                size = nbytes
-            else:
-                last.append(load)
-                size += nbytes
-        return out
+        return deque(batching.cut(loads, self.read_batch, READ_BATCH_BYTES,
+                                  lambda load: load.out.numel() * load.out.element_size(),
+                                  lambda prev, load: prev.tier != load.tier))
+
+    def _fetch_at(self, nice: int, batch: list[Load], deliver: Callable[[_Fetched], None]) -> None:
+        """Reader thread: :meth:`_fetch` at nice value ``nice`` (the caller's)."""
+        if not set_thread_nice(nice):
+            self.counters["reader_nice_refused"] += 1
+        self._fetch(batch, deliver)
 
     def _fetch(self, batch: list[Load], deliver: Callable[[_Fetched], None]) -> None:
         """Reader thread: ``deliver`` the frame (or zero-copy head) of each chunk of ``batch`` exactly

@@ -46,7 +46,7 @@ from typing import TypeVar
 
 import msgspec
 
-from kvtier import wire
+from kvtier import batching, wire
 from kvtier.backoff import Backoff
 from kvtier.config import RemoteConfig
 from kvtier.errors import AuthError, CorruptChunk, ProtocolError, TierUnavailable
@@ -488,7 +488,7 @@ class RemoteTier(Tier):
         def call(conn: Connection) -> list[bool]:
             sendable = [i for i, item in enumerate(batch) if item[2] + P.KEY_BYTES <= conn.max_body]
             sent: list[tuple[int, list[int]]] = []
-            for group in _groups(sendable, [batch[i][2] for i in sendable], conn.max_body):
+            for group in batching.cut(sendable, MPUT_BATCH, conn.max_body, lambda i: batch[i][2]):
                 parts: list[_Body] = []
                 for i in group:
                     key, views, size = batch[i]
@@ -599,20 +599,6 @@ class RemoteTier(Tier):
     def close(self) -> None:
         self._closed = True
         self._drop_idle()
-
-
-def _groups(indices: list[int], sizes: list[int], max_bytes: int) -> list[list[int]]:
-    """``indices`` cut into consecutive groups of at most :data:`MPUT_BATCH`, each of at most
-    ``max_bytes`` in ``sizes`` (a single larger item forms its own group)."""
-    out: list[list[int]] = []
-    total = 0
-    for i, size in zip(indices, sizes, strict=True):
-        if not out or len(out[-1]) >= MPUT_BATCH or total + size > max_bytes:
-            out.append([])
-            total = 0
-        out[-1].append(i)
-        total += size
-    return out
 
 
 def _check_key(key: bytes) -> None:

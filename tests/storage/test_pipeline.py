@@ -20,6 +20,7 @@ from kvtier.engine import CacheEngine
 from kvtier.errors import TierUnavailable
 from kvtier.keys import ChunkKey
 from kvtier.layout import KVSpec
+from kvtier.nice import set_thread_nice, thread_nice
 from kvtier.record import ChunkRecord
 from kvtier.storage.disk import DiskTier, chunk_path
 
@@ -35,12 +36,14 @@ class RecordingDisk(DiskTier):
     def __init__(self, *args: object, fail_key: ChunkKey | None = None, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.read_batches: list[int] = []
+        self.read_nice: list[int] = []  # the reading thread's nice value, per batch
         self.write_batches: list[int] = []
         self.fail_key = fail_key
 
     def get_each_into(self, keys: Sequence[ChunkKey], payloads: Sequence[memoryview],
                       fn: Callable[[int, bytes | memoryview | None], None]) -> None:
         self.read_batches.append(len(keys))
+        self.read_nice.append(thread_nice())
         if self.fail_key in keys:
             raise TierUnavailable("injected: disk gone mid-retrieve")
         super().get_each_into(keys, payloads, fn)
@@ -299,3 +302,31 @@ def test_frames_are_checked_on_the_reader_and_a_check_bug_is_a_counted_miss(
     assert engine.stats()["disk"]["corrupt"] == 1
     assert len(engine.cpu) == 5  # the chunk that failed its check and every one after it stayed out
     engine.close()
+
+
+def test_readers_read_at_the_callers_priority(disk: RecordingDisk) -> None:
+    """A retrieve from a low-priority thread (vLLM's asynchronous loader) reads at its nice value; a
+    later one from a normal thread reads at that one's again, where the system allows raising it back."""
+    engine = make(disk)
+    try:
+        kv = stored(engine, disk)
+        base = thread_nice()
+        low = min(base + 5, 19)
+
+        def low_retrieve() -> int:
+            assert set_thread_nice(low)
+            out = torch.empty_like(kv)
+            return engine.retrieve(TOKENS, out)
+
+        worker = threading.Thread(target=lambda: results.append(low_retrieve()))
+        results: list[int] = []
+        worker.start()
+        worker.join(30)
+        assert results == [len(TOKENS)] and disk.read_nice and set(disk.read_nice) == {low}
+        disk.read_nice.clear()
+        engine.cpu.clear()
+        assert engine.retrieve(TOKENS, torch.empty_like(kv)) == len(TOKENS)
+        refused = engine.storage.counters["reader_nice_refused"]
+        assert set(disk.read_nice) == ({low} if refused else {base})  # refused: no privilege to raise it
+    finally:
+        engine.close()

@@ -2,19 +2,19 @@
 engine's, so that a load running beside the forward pass takes what the cores have to spare before it
 takes time from the forward pass. Pure Python (no vLLM, no torch).
 
-On Linux a nice value belongs to a thread: raising the loader's leaves the engine's threads as they
-are. Threads the loader starts inherit its value (the storage manager's reader threads do when the
-process's first lower-tier read comes from an asynchronous load).
+On Linux a nice value belongs to a thread (:mod:`kvtier.nice`): raising the loader's leaves the engine's
+threads as they are. The storage manager's reader threads read each batch at the priority of the
+thread that asked for it, so an asynchronous load's disk or network reads run at the loader's value
+too, and a synchronous load's (on the engine's thread) at the engine's.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from kvtier.errors import ConfigError
+from kvtier.nice import set_thread_nice, thread_nice
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +36,5 @@ def loader(nice: int) -> ThreadPoolExecutor:
 
 
 def _lower_priority(nice: int) -> None:
-    tid = threading.get_native_id()
-    try:
-        if os.getpriority(os.PRIO_PROCESS, tid) < nice:
-            os.setpriority(os.PRIO_PROCESS, tid, nice)  # Linux: this thread, not the process
-    except OSError as exc:
-        log.warning("kvtier: cannot lower the loader thread's priority (%s); it runs at the engine's", exc)
+    if thread_nice() < nice and not set_thread_nice(nice):
+        log.warning("kvtier: cannot lower the loader thread's priority; it runs at the engine's")
