@@ -129,7 +129,8 @@ class CacheEngine:
         if not chunks:
             return 0
         check_kv(self.spec, kv, chunks[-1].end)
-        todo = [c for c in chunks if c.end > skip_tokens and not self.cpu.contains(token_record(c, arr))]
+        todo = [(c, r) for c, r in zip(chunks, token_records(chunks, arr))  # each record built once
+                if c.end > skip_tokens and not self.cpu.contains(r)]
         # with write-back, group by group so the write-back of one overlaps the copy of the next; without,
         # one group: every copy_ wakes torch's threads, and on a busy machine each wake-up costs (measured
         # 0.41x of copy_ in 32 MiB groups vs 0.91x in one, 8K SmolLM2 tokens, 2 shared cores)
@@ -138,7 +139,8 @@ class CacheEngine:
         held: list[int] = []  # this store's slots stay referenced to the end: a later group must not evict them
         try:
             while done < len(todo):
-                part = todo[done : done + group]
+                part = [c for c, _r in todo[done : done + group]]
+                records = [r for _c, r in todo[done : done + group]]
 
                 def fill(slots: list[int], part: list[Chunk] = part) -> int:
                     # with lower tiers the write-back threads are sealing / sending the previous
@@ -148,7 +150,6 @@ class CacheEngine:
                         listener(arr, part[: len(slots)])
                     return len(slots)
 
-                records = [token_record(c, arr) for c in part]
                 admitted = self.cpu.admit(records, fill, keep=True)
                 for record, slot in zip(records, admitted):
                     if slot is None:  # stored meanwhile by another thread
@@ -167,7 +168,7 @@ class CacheEngine:
             for slot in held:
                 self.cpu.release(slot)
         # the cached prefix ends before the first chunk no slot was free for
-        cached = todo[done].start if done < len(todo) else chunks[-1].end
+        cached = todo[done][0].start if done < len(todo) else chunks[-1].end
         self._count(stores=1, stored_tokens=stored, store_refused_tokens=len(arr) - cached)
         self._observe("store", start)
         return cached

@@ -227,11 +227,15 @@ class _FrameKey(msgspec.Struct):
 _frame_key = msgspec.msgpack.Decoder(_FrameKey)
 
 
-def check_frame(frame: bytes | bytearray | memoryview, key: ChunkKey) -> None:
+def check_frame(frame: bytes | bytearray | memoryview, key: ChunkKey, digest: int | None = None) -> None:
     """What a store without the tenant's keys can check (the cache server): header, lengths, checksum
-    and that the metadata names ``key``. Raise :class:`CorruptChunk` otherwise. One xxh3 pass."""
+    and that the metadata names ``key``. Raise :class:`CorruptChunk` otherwise. One xxh3 pass, or none
+    when the caller gives ``digest``: the xxh3-64 of ``frame[HEADER_BYTES:]`` it computed as the bytes
+    arrived (equal to the frame's checksum input once the lengths below are checked)."""
     head, payload = split(frame)
-    if _checksum(head[HEADER_BYTES:], payload) != read_header(head).checksum:
+    if digest is None:
+        digest = _checksum(head[HEADER_BYTES:], payload)
+    if digest != read_header(head).checksum:
         raise CorruptChunk("checksum mismatch")
     try:
         named = _frame_key.decode(head[HEADER_BYTES:])

@@ -9,6 +9,13 @@ Receiving item by item through the event loop costs three or more thread and loo
 one handoff each way. (Timeline: timestamps around the server's receive steps during engine stores
 of 8K tokens, load average ~6.)
 
+Each frame is received :data:`SLICE` bytes at a time and each slice hashed (the running xxh3 of the
+checksum input) right after ``recv_into`` put it in the CPU cache, instead of one more pass over the
+whole frame once it is in: engine stores of 8K tokens against a real server, old and new code
+interleaved run by run on a shared 2-core machine, new / old speed 1.15x, 1.09x, 1.04x median (9-13
+pairs; one noisier 4-way run 0.89x), server CPU per store 2-9% lower; ``kvtier bench tiers --tier
+server`` gives the store ratio against raw loopback TCP.
+
 Invariants:
 - Every item is validated before its frame is received: a frame above ``limit`` or beyond the bytes
   the message header announced raises :class:`ProtocolError` (the server closes the connection).
@@ -26,6 +33,7 @@ import socket
 from collections.abc import Callable
 
 import numpy as np
+import xxhash
 
 from kvtier import wire
 from kvtier.errors import CorruptChunk, ProtocolError
@@ -33,6 +41,7 @@ from kvtier.storage import remote_protocol as P
 
 # one received item: key, frame, why its check failed ("" when it passed)
 Item = tuple[bytes, np.ndarray, str]
+SLICE = 512 << 10  # a frame is received (and its checksum input hashed) this many bytes at a time
 
 
 class MputBody:
@@ -49,6 +58,8 @@ class MputBody:
         self.frame: np.ndarray | None = None  # the frame being received
         self.target = memoryview(self.head)  # what is being filled: an item head or the frame
         self.got = 0
+        self.hasher: xxhash.xxh3_64 | None = None  # checksum input of the frame, hashed as it arrives
+        self.hashed = 0  # frame bytes hashed so far
         self.received = 0  # bytes taken from the socket (not the prefix)
         self.items: list[Item] = []
 
@@ -70,16 +81,24 @@ class MputBody:
             view[self.got : self.got + n] = self.prefix[:n]
             self.prefix = self.prefix[n:]
             self.got += n
+        self._hash()
         while self.got < len(view):
             try:
-                n = sock.recv_into(view[self.got :], 0, socket.MSG_WAITALL)
+                n = sock.recv_into(view[self.got : self.got + SLICE], 0, socket.MSG_WAITALL)
             except BlockingIOError:  # the receive timeout expired with nothing received
                 return False
             if n == 0:
                 raise ConnectionError("peer closed the connection mid-message")
             self.got += n
             self.received += n
+            self._hash()
         return True
+
+    def _hash(self) -> None:
+        """Hash the frame's newly received checksum input while it is still in the CPU cache."""
+        if self.hasher is not None and self.got > self.hashed:
+            self.hasher.update(self.target[self.hashed : self.got])
+            self.hashed = self.got
 
     def _start_frame(self) -> None:
         key, size = P.MPUT_ITEM.unpack(self.head)
@@ -92,14 +111,16 @@ class MputBody:
         self.left -= size
         self.key, self.frame = key, self.take(size)
         self.target, self.got = self.frame.data, 0
+        self.hasher, self.hashed = xxhash.xxh3_64(), min(wire.HEADER_BYTES, size)
 
     def _finish_frame(self) -> None:
         assert self.frame is not None
+        assert self.hasher is not None
         why = ""
         try:
-            wire.check_frame(self.target, self.key)
+            wire.check_frame(self.target, self.key, self.hasher.intdigest())
         except CorruptChunk as exc:
             why = str(exc)
         self.items.append((self.key, self.frame, why))
-        self.frame = None
+        self.frame, self.hasher = None, None
         self.target, self.got = memoryview(self.head), 0

@@ -28,6 +28,9 @@ Invariants:
   into the caller's memory (zero copy). A file whose size disagrees with the index is quarantined.
   After ``exists``, a ``get_into`` asks the kernel to start reading the next chunk listed
   (``POSIX_FADV_WILLNEED``, one chunk ahead).
+- ``put_many`` with ``fsync`` writes up to :data:`SYNC_WRITERS` files at once (:class:`SyncedWrites`),
+  each exactly as ``put`` does, and returns only when every one is done: one file's ``fsync`` waits
+  while the others are written, instead of every write waiting for the previous sync.
 - One process owns a directory at a time (``flock`` on ``.lock``); several processes sharing one
   directory use :class:`kvtier.storage.fs.FsTier` instead.
 """
@@ -45,6 +48,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO
 
@@ -63,6 +67,10 @@ Buffer = bytes | bytearray | memoryview
 Progress = Callable[[int, int], None]
 HEAD_GUESS = 4096  # first read of get_into: fixed header + metadata (~1.1 KiB for 256 tokens)
 FULL_PAUSE_S = 1.0  # after ENOSPC, puts are dropped (counted) this long without touching the disk
+# files a syncing put_many writes at once: one put_many of 189 MB in 32 files (ext4, 2-core VM) went
+# from 0.65x to 1.54x of plain write + fsync per file (medians of 7 interleaved runs on a shared
+# machine); the engine-level ratio is ``kvtier bench tiers --tier disk`` (store vs its write+fsync)
+SYNC_WRITERS = 4
 
 
 # ---- file helpers shared with FsTier and ``kvtier inspect`` -------------------------------------------
@@ -245,6 +253,46 @@ def publish(final: Path, parts: Sequence[Buffer], *, fsync: bool, tmp: Path | No
     return size
 
 
+class SyncedWrites:
+    """Runs a syncing tier's puts of many files at once (the threads mostly wait in ``fsync``).
+
+    Invariant: :meth:`run` returns (or raises the first failure) only after every put it started has
+    finished, so the caller may reuse the parts' memory and every put that returned normally is as
+    durable as a lone ``put``."""
+
+    def __init__(self, workers: int = SYNC_WRITERS) -> None:
+        self.workers = workers
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def run(self, put: Callable[[ChunkKey, Sequence[Buffer]], object],
+            items: Sequence[tuple[ChunkKey, Sequence[bytes | memoryview]]]) -> None:
+        """``put(key, parts)`` of every item, up to ``workers`` at once."""
+        if len(items) < 2:
+            for key, parts in items:
+                put(key, parts)
+            return
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="kvtier-file-write")
+            pool = self._pool
+        futures = [pool.submit(put, key, parts) for key, parts in items]
+        failure: BaseException | None = None
+        for future in futures:
+            try:
+                future.result()
+            except BaseException as exc:  # wait for the others before raising: they use the parts
+                failure = failure or exc
+        if failure is not None:
+            raise failure
+
+    def close(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+
 # ---- the tier ----------------------------------------------------------------------------------------
 class DiskTier(Tier):
     """Local-disk tier with a byte cap; thread-safe (one lock for the index, file I/O outside it)."""
@@ -275,6 +323,7 @@ class DiskTier(Tier):
         self._full_until = 0.0  # monotonic time until which writes are dropped after ENOSPC
         self._lock = threading.Lock()
         self._made: set[str] = set()
+        self._writes = SyncedWrites()
         self.counters: Counter[str] = Counter()
         try:
             self.root.mkdir(mode=0o700, parents=True, exist_ok=True)  # a new directory is the user's alone
@@ -440,6 +489,12 @@ class DiskTier(Tier):
 
     def put_parts(self, key: ChunkKey, parts: Sequence[Buffer]) -> None:
         self.write(key, parts)
+
+    def put_many(self, items: Sequence[tuple[ChunkKey, Sequence[bytes | memoryview]]]) -> None:
+        if self.fsync:
+            self._writes.run(self.write, items)
+        else:  # nothing to wait for: parallel copies into the page cache would only compete for CPU
+            super().put_many(items)
 
     def write(self, key: ChunkKey, parts: Sequence[Buffer]) -> bool:
         """``put_parts`` that says whether the chunk is now stored (False: dropped and counted, because it
@@ -609,6 +664,7 @@ class DiskTier(Tier):
             return len(keys)
 
     def close(self) -> None:
+        self._writes.close()
         if self._lockfile is not None:
             self._lockfile.close()  # releases the flock
             self._lockfile = None

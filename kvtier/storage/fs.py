@@ -39,6 +39,7 @@ from kvtier.storage.disk import (
     TEMP_SUFFIX,
     Buffer,
     NotRegularFile,
+    SyncedWrites,
     chunk_path,
     frame_length,
     fsync_dir,
@@ -63,6 +64,7 @@ class FsTier(Tier):
         self.fsync = fsync
         self.counters: Counter[str] = Counter()
         self._lock = threading.Lock()  # guards counters only
+        self._writes = SyncedWrites()
         try:
             (self.root / QUARANTINE).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -104,6 +106,13 @@ class FsTier(Tier):
         with self._lock:
             self.counters["puts"] += 1
             self.counters["bytes_written"] += size
+
+    def put_many(self, items: Sequence[tuple[ChunkKey, Sequence[bytes | memoryview]]]) -> None:
+        """Several files at once when syncing (see :class:`kvtier.storage.disk.SyncedWrites`)."""
+        if self.fsync:
+            self._writes.run(self.put_parts, items)
+        else:
+            super().put_many(items)
 
     def get(self, key: ChunkKey) -> bytes | None:
         return self._read(key)
@@ -195,6 +204,9 @@ class FsTier(Tier):
                     os.unlink(entry.path)
                     removed += 1
         return removed
+
+    def close(self) -> None:
+        self._writes.close()
 
     def stats(self) -> dict[str, int | float]:
         with self._lock:

@@ -424,3 +424,51 @@ def test_no_secret_warning_only_for_tiers_others_can_write(tmp_path: Path, monke
     shared.mkdir(mode=0o777)
     shared.chmod(0o777)
     assert warned(shared)
+
+
+@pytest.mark.parametrize("make", ["disk", "fs"])
+def test_put_many_syncs_files_at_once_and_returns_after_all(tmp_path: Path, make: str,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A syncing put_many overlaps the files' fsyncs (several are in flight together), returns only when
+    every file is published, and a failed file fails the call after the others finished."""
+    from kvtier.storage.fs import FsTier
+
+    items = frames(8)
+    tier = DiskTier(tmp_path, 1 << 30) if make == "disk" else FsTier(tmp_path)
+    real_fsync = os.fsync
+    lock = threading.Lock()
+    in_flight = [0, 0]  # now, most at once
+
+    def slow_fsync(fd: int) -> None:
+        with lock:
+            in_flight[0] += 1
+            in_flight[1] = max(in_flight[1], in_flight[0])
+        time.sleep(0.02)
+        real_fsync(fd)
+        with lock:
+            in_flight[0] -= 1
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    tier.put_many([(c.key, (f[:7], memoryview(f)[7:])) for c, f, _ in items])
+    assert in_flight[1] > 1 and in_flight[0] == 0
+    for c, f, _ in items:
+        assert chunk_path(tmp_path, c.key).read_bytes() == f
+    assert not list(tmp_path.rglob("*.tmp"))
+
+    fresh = frames(4, seed=100)
+    broken = fresh[2][0].key
+
+    def failing_fsync(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").find(broken.hex()) >= 0:
+            raise OSError(5, "injected I/O error")
+        slow_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(TierUnavailable):
+        tier.put_many([(c.key, (f,)) for c, f, _ in fresh])
+    assert in_flight[0] == 0  # nothing still writing when the failure came back
+    for c, f, _ in fresh:
+        path = chunk_path(tmp_path, c.key)
+        assert (not path.exists()) if c.key == broken else path.read_bytes() == f
+    assert not list(tmp_path.rglob("*.tmp"))
+    tier.close()
