@@ -3,11 +3,13 @@ into a canonical chunk view. Every verification is :mod:`kvtier.wire`'s; this mo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from kvtier import wire
 from kvtier.codec.base import get_codec
-from kvtier.errors import LayoutError
+from kvtier.errors import CorruptChunk, LayoutError
 from kvtier.frame_auth import FrameKeys
 from kvtier.keys import ChunkKey
 from kvtier.layout import KVSpec
@@ -63,4 +65,30 @@ def unpack_head_into(head: bytes | bytearray | memoryview, spec: KVSpec, out: to
     wire.check_meta(meta, spec, int(out.shape[2]), expect)
     if meta.codec != "raw":
         get_codec(meta.codec).decode(memoryview(bytes(payload)), meta.codec_params, spec, out)
+    return meta
+
+
+def unpack_into_parts(data: bytes | bytearray | memoryview, placed: bool, spec: KVSpec,
+                      parts: Sequence[memoryview], num_tokens: int, expect: ChunkKey | None = None,
+                      auth: FrameKeys | None = None) -> wire.ChunkMeta:
+    """Verify a raw frame of ``num_tokens`` positions whose payload goes into ``parts`` (buffers whose
+    concatenation is the payload: scattered destination memory). ``placed``: ``data`` is the head and a
+    reader already put the payload into ``parts`` (zero copy; verified there); otherwise ``data`` is the
+    whole frame, verified, then copied into ``parts``. Raises as :func:`unpack_into` does, and
+    :class:`LayoutError` for a frame of another codec; on any error ``parts`` hold garbage."""
+    if placed:
+        meta = wire.verify_parts(data, parts, auth)
+        payload = None
+    else:
+        meta, payload = wire.unpack_meta(data, auth)
+    wire.check_meta(meta, spec, num_tokens, expect)
+    if meta.codec != "raw":
+        raise LayoutError(f"a {meta.codec} frame cannot be read into scattered memory (raw only)")
+    if payload is not None:
+        if payload.nbytes != sum(p.nbytes for p in parts):
+            raise CorruptChunk(f"payload of {payload.nbytes} bytes for buffers of {sum(p.nbytes for p in parts)}")
+        at = 0
+        for part in parts:
+            part[:] = payload[at : at + part.nbytes]
+            at += part.nbytes
     return meta

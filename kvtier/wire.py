@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import hmac
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
 import msgspec
@@ -85,27 +85,42 @@ _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(ChunkMeta)
 
 
-def _checksum(meta: bytes | memoryview, payload: bytes | memoryview) -> int:
+# A frame's payload: one buffer, or several whose concatenation it is (e.g. the runs of an engine's
+# memory a writer sends with ``writev`` or a reader fills with ``preadv``, without joining them).
+Payload = bytes | memoryview | Sequence[bytes | memoryview]
+
+
+def payload_parts(payload: Payload) -> tuple[bytes | memoryview, ...]:
+    """``payload`` as the buffers it is made of, in order."""
+    return (payload,) if isinstance(payload, (bytes, bytearray, memoryview)) else tuple(payload)
+
+
+def _checksum(meta: bytes | memoryview, parts: Iterable[bytes | memoryview]) -> int:
+    """xxh3-64 of ``meta`` followed by ``parts``: streaming, so any split of the same bytes gives the
+    same value."""
     h = xxhash.xxh3_64()
     h.update(meta)
-    h.update(payload)
+    for part in parts:
+        h.update(part)
     return h.intdigest()
 
 
 def frame_head(record: ChunkRecord, spec: KVSpec, codec: str, codec_params: dict[str, Any],
-               payload: bytes | memoryview, auth: FrameKeys | None = None) -> bytes:
+               payload: Payload, auth: FrameKeys | None = None) -> bytes:
     """Header + metadata of the frame of ``record`` around codec output ``payload``; the frame is
-    ``head + payload``. With ``auth`` the header names its current key and carries the MAC."""
+    ``head + payload`` (the parts of ``payload`` joined). With ``auth`` the header names its current key
+    and carries the MAC."""
     meta = _encoder.encode(ChunkMeta(
         key=record.key, parent=record.parent, kind=int(record.kind), identity=record.identity,
         spec=spec.fingerprint(), codec=codec, codec_params=codec_params, num_tokens=record.num_tokens,
     ))
-    payload_len = memoryview(payload).nbytes
-    checksum = _checksum(meta, payload)
+    parts = payload_parts(payload)
+    payload_len = sum(memoryview(p).nbytes for p in parts)
+    checksum = _checksum(meta, parts)
     if auth is None:
         return HEADER.pack(MAGIC, VERSION, 0, len(meta), payload_len, checksum, 0, _NO_MAC) + meta
     covered = HEADER.pack(MAGIC, VERSION, FLAG_MAC, len(meta), payload_len, checksum, auth.key_id, _NO_MAC)
-    mac = auth.mac(auth.key_id, (memoryview(covered)[:MAC_COVERS], meta, payload))
+    mac = auth.mac(auth.key_id, (memoryview(covered)[:MAC_COVERS], meta, *parts))
     assert mac is not None  # the current key is always in the ring
     return covered[:MAC_COVERS] + mac + meta
 
@@ -156,13 +171,15 @@ def _decode_meta(meta_bytes: bytes | memoryview) -> ChunkMeta:
     return meta
 
 
-def verify_parts(head: bytes | bytearray | memoryview, payload: bytes | memoryview,
+def verify_parts(head: bytes | bytearray | memoryview, payload: Payload,
                  auth: FrameKeys | None = None) -> ChunkMeta:
-    """Verify a frame given as ``head`` (header + metadata, exactly) and ``payload``: lengths,
-    checksum, MAC when ``auth`` is given, metadata record. Return the metadata."""
+    """Verify a frame given as ``head`` (header + metadata, exactly) and ``payload`` (one buffer or its
+    parts in order): lengths, checksum, MAC when ``auth`` is given, metadata record. Return the
+    metadata."""
     view = memoryview(head).cast("B")
     header = read_header(view)
-    payload_bytes = memoryview(payload).nbytes
+    parts = payload_parts(payload)
+    payload_bytes = sum(memoryview(p).nbytes for p in parts)
     if len(view) != HEADER_BYTES + header.meta_len or payload_bytes != header.payload_len:
         raise CorruptChunk(f"head of {len(view)} bytes and payload of {payload_bytes} bytes, header says "
                            f"{HEADER_BYTES + header.meta_len} and {header.payload_len}")
@@ -170,8 +187,8 @@ def verify_parts(head: bytes | bytearray | memoryview, payload: bytes | memoryvi
     # A MAC that verifies covers the checksum field and every byte the checksum covers: no second pass
     # over the payload. Without one, the checksum tells damage (CorruptChunk) from a frame this keyring
     # did not write (FrameAuthError), as it does for a reader without keys.
-    problem = None if auth is None else _mac_problem(view, header, (meta_bytes, payload), auth)
-    if (auth is None or problem is not None) and _checksum(meta_bytes, payload) != header.checksum:
+    problem = None if auth is None else _mac_problem(view, header, (meta_bytes, *parts), auth)
+    if (auth is None or problem is not None) and _checksum(meta_bytes, parts) != header.checksum:
         raise CorruptChunk("checksum mismatch")
     if problem is not None:
         raise FrameAuthError(problem)
@@ -234,7 +251,7 @@ def check_frame(frame: bytes | bytearray | memoryview, key: ChunkKey, digest: in
     arrived (equal to the frame's checksum input once the lengths below are checked)."""
     head, payload = split(frame)
     if digest is None:
-        digest = _checksum(head[HEADER_BYTES:], payload)
+        digest = _checksum(head[HEADER_BYTES:], (payload,))
     if digest != read_header(head).checksum:
         raise CorruptChunk("checksum mismatch")
     try:

@@ -143,19 +143,34 @@ def frame_length(head: Buffer) -> int:
     return wire.HEADER_BYTES + header.meta_len + header.payload_len
 
 
+IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024  # buffers per writev / preadv
+
+
 def write_all(fd: int, parts: Sequence[Buffer]) -> int:
-    """Write every byte of ``parts`` with ``writev`` (no join), retrying short writes."""
-    views = [memoryview(p).cast("B") for p in parts if len(p)]
+    """Write every byte of ``parts`` with ``writev`` (no join; at most ``IOV_MAX`` buffers a call),
+    retrying short writes."""
+    views = _byte_views(parts)
     total = 0
     while views:
-        n = os.writev(fd, views)
+        n = os.writev(fd, views[:IOV_MAX])
         total += n
-        while views and n >= len(views[0]):
-            n -= len(views[0])
-            views.pop(0)
-        if n:
-            views[0] = views[0][n:]
+        _advance(views, n)
     return total
+
+
+def _byte_views(parts: Sequence[Buffer]) -> list[memoryview]:
+    return [v for v in (memoryview(p).cast("B") for p in parts) if len(v)]
+
+
+def _advance(views: list[memoryview], n: int) -> None:
+    """Drop the first ``n`` bytes of ``views`` (what one ``writev`` / ``preadv`` moved)."""
+    done = 0
+    while done < len(views) and n >= len(views[done]):
+        n -= len(views[done])
+        done += 1
+    del views[:done]
+    if n:
+        views[0] = views[0][n:]
 
 
 def read_exact(fd: int, size: int) -> bytes | None:
@@ -172,26 +187,29 @@ def read_exact(fd: int, size: int) -> bytes | None:
     return bytes(out)
 
 
-def read_frame_into(fd: int, size: int, payload: memoryview) -> bytes | None:
+def read_frame_into(fd: int, size: int, payload: memoryview | Sequence[memoryview]) -> bytes | None:
     """Read the open frame file ``fd`` (expected ``size`` bytes) as head + payload, the payload straight
-    into ``payload``; return the head (header + metadata, unverified), or ``None`` if the file is not
-    ``size`` bytes, its header is unreadable or its payload is not ``len(payload)`` bytes."""
+    into ``payload`` (one buffer, or several filled in order with ``preadv``: the frame's payload is
+    their concatenation); return the head (header + metadata, unverified), or ``None`` if the file is
+    not ``size`` bytes, its header is unreadable or its payload is not the buffers' total size."""
+    views = _byte_views(wire.payload_parts(payload))
     head = os.pread(fd, HEAD_GUESS, 0)
     try:
         meta_len, payload_len = wire.read_header(head)[:2]
     except CorruptChunk:
         return None
     head_len = wire.HEADER_BYTES + meta_len
-    if payload_len != payload.nbytes or size != head_len + payload_len or os.fstat(fd).st_size != size:
+    if payload_len != sum(map(len, views)) or size != head_len + payload_len or os.fstat(fd).st_size != size:
         return None
     if len(head) < head_len:
         head += os.pread(fd, head_len - len(head), len(head))
     got = 0
-    while got < payload_len:
-        n = os.preadv(fd, [payload[got:]], head_len + got)
+    while views:
+        n = os.preadv(fd, views[:IOV_MAX], head_len + got)
         if n == 0:
             return None
         got += n
+        _advance(views, n)
     return head[:head_len]
 
 
@@ -548,7 +566,9 @@ class DiskTier(Tier):
     def get(self, key: ChunkKey) -> bytes | None:
         return self._read(key)
 
-    def get_into(self, key: ChunkKey, payload: memoryview) -> bytes | None:
+    def get_into(self, key: ChunkKey, payload: memoryview | Sequence[memoryview]) -> bytes | None:
+        """:meth:`Tier.get_into`; ``payload`` may also be several buffers whose concatenation is the
+        payload (filled in order with ``preadv``: a read straight into scattered engine memory)."""
         with self._lock:
             size = self._index.get(key)
             if size is None:

@@ -95,6 +95,10 @@ class Load:
     tier: int
     record: ChunkRecord
     out: torch.Tensor
+    # the payload's destination as buffers in order (raw frames read straight into scattered memory:
+    # only for a tier whose ``get_into`` takes several buffers, the disk tier); ``out`` then gives only
+    # the chunk's shape (a ``meta`` tensor will do) and is not written
+    into: Sequence[memoryview] | None = None
 
 
 # what the reader hands back per chunk: (head of a zero-copy read | whole frame | None, zero-copy?)
@@ -326,10 +330,11 @@ class StorageManager:
             if slot.usable(time.monotonic()):
                 keys = [load.record.key for load in batch]
                 if slot.reads_into:
-                    views = [frames.payload_view(load.out) for load in batch]
+                    views = [frames.payload_view(load.out) if load.into is None else load.into for load in batch]
                     dests = [v for v in views if v is not None]
                     if len(dests) == len(batch):
-                        self._call(slot, "get", partial(slot.tier.get_each_into, keys, dests, arrived))
+                        # a ``Load.into`` payload is several buffers: only given for the disk tier, which takes them
+                        self._call(slot, "get", partial(slot.tier.get_each_into, keys, dests, arrived))  # type: ignore[arg-type]
                 rest = [i for i in range(sent, len(batch)) if (item := got[i]) is None or item[0] is None]
                 if rest:
                     found = self._call(slot, "get", partial(slot.tier.get_many, [keys[i] for i in rest]))
@@ -352,7 +357,9 @@ class StorageManager:
             return None, 0
         key, out = load.record.key, load.out
         try:
-            if zero_copy:
+            if load.into is not None:
+                meta = frames.unpack_into_parts(data, zero_copy, self.spec, load.into, out.shape[2], key, self.auth)
+            elif zero_copy:
                 meta = frames.unpack_head_into(data, self.spec, out, key, self.auth)
                 return meta, len(data) + out.numel() * out.element_size()
             return frames.unpack_into(data, self.spec, out, key, self.auth), len(data)
@@ -488,9 +495,11 @@ class StorageManager:
         """True if ``tier`` is one of this manager's tiers."""
         return any(slot.tier is tier for slot in self.slots)
 
-    def put_frame(self, key: ChunkKey, frame: bytes) -> int:
-        """Write an encoded frame to every writable tier now, with the health checks and backoff of
-        write-back; return how many tiers did not take it (failed or skipped as unhealthy)."""
+    def put_frame(self, key: ChunkKey, frame: bytes | Sequence[bytes | memoryview]) -> int:
+        """Write an encoded frame (or its parts in order, written without joining them) to every writable
+        tier now, with the health checks and backoff of write-back; return how many tiers did not take
+        it (failed or skipped as unhealthy)."""
+        parts = (frame,) if isinstance(frame, bytes) else frame
         missed = 0
         now = time.monotonic()
         for slot in self.slots:
@@ -501,9 +510,9 @@ class StorageManager:
                 missed += 1
                 continue
             try:
-                self._call(slot, "put", partial(slot.tier.put, key, frame))
+                self._call(slot, "put", partial(slot.tier.put_parts, key, parts))
                 slot.counters["writes"] += 1
-                slot.counters["bytes_written"] += len(frame)
+                slot.counters["bytes_written"] += sum(memoryview(p).nbytes for p in parts)
             except TierUnavailable:
                 slot.counters["writes_failed"] += 1
                 missed += 1

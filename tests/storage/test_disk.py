@@ -24,6 +24,7 @@ from kvtier.keys import Chunk, Chunker, Namespace
 from kvtier.layout import KVSpec
 from kvtier.procs import Child, ChildExited
 from kvtier.record import token_record
+from kvtier.storage import disk
 from kvtier.storage.disk import QUARANTINE, DiskTier, chunk_path
 
 SPEC = KVSpec(num_layers=2, num_kv_heads=2, head_dim=8, dtype="float32", chunk_tokens=16)
@@ -472,3 +473,25 @@ def test_put_many_syncs_files_at_once_and_returns_after_all(tmp_path: Path, make
         assert (not path.exists()) if c.key == broken else path.read_bytes() == f
     assert not list(tmp_path.rglob("*.tmp"))
     tier.close()
+
+
+def test_frames_go_down_and_come_back_in_any_number_of_pieces(tier: DiskTier) -> None:
+    """A frame written from many buffers (more than one ``writev`` takes) is the joined frame; a payload
+    read into many buffers (more than one ``preadv`` fills) lands in them in order, and the frame
+    verifies over those pieces (checksum streamed over them) as over the whole payload."""
+    c, f, kv = frames(1)[0]
+    head_len = len(f) - kv.numel() * kv.element_size()
+    head, payload = f[:head_len], memoryview(f)[head_len:]
+    step = 1  # bytes per piece: thousands of pieces
+    assert len(payload) // step > 2 * disk.IOV_MAX
+    tier.put_parts(c.key, [head, *(payload[i : i + step] for i in range(0, len(payload), step))])
+    assert tier.get(c.key) == f
+    out = bytearray(len(payload))
+    pieces = [memoryview(out)[i : i + step] for i in range(0, len(out), step)]
+    got = tier.get_into(c.key, pieces)
+    assert got is not None and bytes(got) == head and out == payload
+    assert wire.verify_parts(got, pieces).key == c.key
+    pieces[-1][0] ^= 1
+    with pytest.raises(CorruptChunk, match="checksum"):
+        wire.verify_parts(got, pieces)
+    assert tier.get_into(c.key, pieces[:-1]) is None  # pieces one short of the payload: caller falls back

@@ -43,16 +43,21 @@ that group's shared pages).
 
 Layout. Objects are stored in kvtier's canonical layout ``[layers, 2, pages * page_size, heads,
 head_dim]``, whatever SGLang's host layout (``layer_first``, ``page_first`` or ``page_first_direct``),
-so the frames do not depend on ``--hicache-mem-layout``. A write gathers each object's pages straight
-into the buffer its frame is checksummed and written from; a read scatters each verified object
-straight from the buffer the tier read it into: one single-threaded strided copy per run of pages
-that sit next to each other in the host pool (:class:`~kvtier.integrations.sglang.pages.HostPages`),
-not one per page. MLA and hybrid (v2) pools are not supported: kvtier then stays off and SGLang runs
-without L3.
+so the frames do not depend on ``--hicache-mem-layout``. A write sends each object's pages straight
+from the pool (frame head computed over the pool's runs, head + runs handed to the tiers, ``writev``
+for the disk tier) where the layout keeps a run's layer and K/V in one block and every tier stores raw
+frames, and otherwise gathers them into the buffer its frame is checksummed and written from. A read
+from the disk tier puts each object's payload straight into the caller's pool pages (``preadv``,
+verified there: see :meth:`KvtierStorage._read_into` for why that is safe in SGLang); otherwise it
+scatters each verified object from the buffer the tier read it into. Pages that sit next to
+each other in the host pool move as one run (:class:`~kvtier.integrations.sglang.pages.HostPages`):
+one ``writev`` buffer per layer and K/V, or one single-threaded strided copy, not one per page. MLA
+and hybrid (v2) pools are not supported: kvtier then stays off and SGLang runs without L3.
 
 Failure. Every backend call catches everything: an error is logged, counted in :attr:`counters` and
 answered as a miss (``False`` / 0 pages); SGLang then recomputes. Writes are synchronous (the call
-returns once the frames are in the tiers), on SGLang's own backup thread.
+returns once the frames are in the tiers, so SGLang may reuse the pages), on SGLang's own backup thread
+and, for objects written straight from the pool, two put threads of this backend.
 
 Cross-engine sharing with vLLM / HF: not through these keys. kvtier's token keys hash token ids in
 ``chunk_tokens`` chunks; SGLang hands the backend neither the tokens nor anything they could be
@@ -69,11 +74,14 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from concurrent import futures
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import numpy as np
 import torch
 
+from kvtier import wire
 from kvtier.config import KvtierConfig, load_config
 from kvtier.errors import ConfigError, LayoutError
 from kvtier.frame_auth import FrameKeys
@@ -91,12 +99,14 @@ from kvtier.integrations.sglang.pages import (
     matching_pages,
     namespace_model,
     object_pages,
+    object_slabs,
     pages_of,
     spans,
 )
 from kvtier.integrations.sglang.stats import IoStats
 from kvtier.keys import Namespace
 from kvtier.record import ChunkRecord
+from kvtier.storage.disk import DiskTier
 from kvtier.storage.factory import build_tiers
 from kvtier.storage.manager import Load, StorageManager
 
@@ -114,6 +124,8 @@ __all__ = ["EXTRA_KEYS", "KvtierStorage"]
 EXTRA_KEYS = ("kvtier_config", "kvtier", "kvtier_model_id", "kvtier_pages_per_object")
 _T = TypeVar("_T")
 READ_BATCH_PAGES = 8  # pages per read batch of the storage manager
+FLUSH_TIMEOUT_S = 30.0  # a write call waits this long for its objects (as the manager's flush)
+PUT_THREADS = 2  # objects written at once by a write call (their file writes / fsyncs overlap)
 
 
 # ---- the backend ----------------------------------------------------------------------------------
@@ -190,6 +202,8 @@ class KvtierStorage(_Base):
         self.keys: PageKeys | None = None
         self.view: PoolView | None = None
         self.manager: StorageManager | None = None
+        self._direct = False  # every writable tier stores raw frames: objects go down straight from the pool
+        self._putter: futures.ThreadPoolExecutor | None = None  # the thread those objects are written on
         self._buffers = threading.local()
         if getattr(storage_config, "is_mla_model", False):
             log.error("kvtier: MLA models are not supported by the SGLang adapter; L3 stays empty")
@@ -213,6 +227,9 @@ class KvtierStorage(_Base):
                                       queue_depth=self.config.store_queue,
                                       auth=FrameKeys.from_config(self.config.auth),
                                       read_batch=max(1, READ_BATCH_PAGES // self._group))
+        self._direct = all(slot.codec == "raw" for slot in self.manager.slots
+                           if not getattr(slot.tier, "read_only", False))
+        self._putter = futures.ThreadPoolExecutor(max_workers=PUT_THREADS, thread_name_prefix="kvtier-sglang-put")
         log.info("kvtier: SGLang pages of %d tokens, %d pages per object, %s, namespace %s", view.page_size,
                  self._group, view.spec.fingerprint(), self.model_id)
 
@@ -286,7 +303,7 @@ class KvtierStorage(_Base):
         loads, offset = [], 0
         for hit, n in zip(hits, numel):
             out = flat[offset : offset + n].view(spec.chunk_shape(hit.record.num_tokens))
-            loads.append(Load(hit.tier, hit.record, out))
+            loads.append(Load(hit.tier, hit.record, out, self._read_into(hit, object_pages(out, page), target, first)))
             offset += n
         done = first
         with contextlib.closing(self.manager.load_many(loads)) as results:
@@ -295,10 +312,32 @@ class KvtierStorage(_Base):
                     self.counters["read_failures"] += 1
                     break
                 self.index.add(hit.record)
-                target.scatter(object_pages(load.out, page), hit.span.first - hit.span.start,
-                               hit.span.first - first, hit.end - hit.span.first)
+                if load.into is None:
+                    target.scatter(object_pages(load.out, page), hit.span.first - hit.span.start,
+                                   hit.span.first - first, hit.end - hit.span.first)
                 done = hit.end
         return done - first
+
+    def _read_into(self, hit: _Hit, obj: np.ndarray, target: Pages, first: int) -> list[memoryview] | None:
+        """Where ``hit``'s payload can be read straight to: the caller's pool pages for the pages it asked
+        for, ``obj`` (the object's staging view) for the object's other pages. Only into SGLang's host
+        pool (``batch_get_v1``) from the disk tier, and only where the layout keeps a run's layer and K/V
+        in one block; ``None`` otherwise (read into ``obj``, then scatter).
+
+        Writing into the pool before the object is verified is harmless because SGLang allocates those
+        host slots for this prefetch alone and uses only the leading pages answered True: the rest,
+        where a failed object's bytes may have landed, is freed unread (SGLang 0.5.23:
+        ``hybrid_cache_controller.py`` ``allocate_storage_hit`` allocates them;
+        ``cache_controller.py`` ``_page_get_zero_copy`` stops at the first False;
+        ``unified_radix_cache.py`` ~2368 releases ``host_indices[completed_tokens:]`` and
+        ``_handle_prefetch_result`` inserts only ``host_indices[:completed_tokens]``)."""
+        assert self.manager is not None
+        slot = self.manager.slots[hit.tier]
+        if not isinstance(target, HostPages) or not isinstance(slot.tier, DiskTier) or slot.codec != "raw":
+            return None
+        start, end, total = hit.span.first - hit.span.start, hit.end - hit.span.start, obj.shape[2]
+        runs = [run for _offset, run in target.runs(hit.span.first - first, hit.end - hit.span.first)]
+        return object_slabs(([obj[:, :, :start]] if start else []) + runs + ([obj[:, :, end:]] if end < total else []))
 
     # ---- lookups ----------------------------------------------------------------------------------
     @_guarded(lambda *_a: 0)
@@ -359,9 +398,9 @@ class KvtierStorage(_Base):
 
     # ---- writes -----------------------------------------------------------------------------------
     def _write(self, keys: Sequence[str], extra_info: Any, sources: Pages) -> list[bool]:
-        """Store pages ``sources`` of ``keys``, one object per group, each gathered straight into the
-        buffer its frame is sealed and written from; return once the tiers have them (True per page
-        stored)."""
+        """Store pages ``sources`` of ``keys``, one object per group, each written straight from the
+        pages' memory (:meth:`_put_direct`) or, where that does not apply, gathered into the buffer its
+        frame is sealed and written from; return once the tiers have them (True per page stored)."""
         if self.manager is None or self.keys is None or self.view is None or not keys:
             return [False] * len(keys)
         manager, spec, page = self.manager, self.view.spec, self.view.page_size
@@ -371,6 +410,7 @@ class KvtierStorage(_Base):
         before = self._write_failures()
         began = time.perf_counter()
         todo = spans(first, len(keys), group)
+        puts: dict[futures.Future[int], tuple[Span, ChunkRecord]] = {}  # objects written straight from the pool
         # own copy (SGLang may reuse the host slots once this call returns), in this thread's buffer
         page_numel = page * spec.bytes_per_token // spec.itemsize
         flat = self._staging("write", sum(s.end - s.start for s in todo) * page_numel)
@@ -384,14 +424,27 @@ class KvtierStorage(_Base):
             if head and self._load(chain, span.start, head, group, PageList.of_object(obj_pages)) < head:
                 self.counters["write_unmerged_pages"] += span.end - span.first  # group head not stored
                 continue
-            sources.gather(obj_pages, head, span.first - first, span.end - span.first)
             record = self.keys.record(chain[span.start : span.end])
-            if manager.write_back(record, obj, _noop):
-                written.append(record)
-                out[span.first - first : span.end - first] = [True] * (span.end - span.first)
+            put = self._put_direct(record, obj_pages[:, :, :head], sources, span.first - first, span.end - span.first)
+            if put is not None:
+                puts[put] = (span, record)
+            else:
+                sources.gather(obj_pages, head, span.first - first, span.end - span.first)
+                if manager.write_back(record, obj, _noop):
+                    written.append(record)
+                    out[span.first - first : span.end - first] = [True] * (span.end - span.first)
             if (n + 1) % self.config.store_queue == 0:  # never overfill the write queue
                 self._flush()
         self._flush()
+        done, late = futures.wait(puts, timeout=FLUSH_TIMEOUT_S)
+        if late:  # those objects count as not stored, and their head pages' buffer is given up
+            self.counters["write_flush_timeouts"] += 1
+            self._buffers.write = None
+        for put in done:
+            span, record = puts[put]
+            if put.exception() is None and put.result() == 0:  # every tier took it
+                written.append(record)
+                out[span.first - first : span.end - first] = [True] * (span.end - span.first)
         failed = self._write_failures() - before
         stored = sum(out)
         if failed == 0:
@@ -402,6 +455,28 @@ class KvtierStorage(_Base):
         self.counters["write_objects"] += len(written) if failed == 0 else 0
         self.counters["write_failures"] += failed + out.count(False)
         return out if failed == 0 else [False] * len(keys)
+
+    def _put_direct(self, record: ChunkRecord, head: np.ndarray, sources: Pages, first: int,
+                    count: int) -> futures.Future[int] | None:
+        """Write the object ``head`` (its leading pages, read back from the tiers) + ``sources``' pages
+        ``[first, first + count)`` straight from their memory: the frame head (checksum, and MAC) is
+        computed here over the runs, then the put thread hands head + runs to every tier
+        (:meth:`StorageManager.put_frame`, one ``writev`` for the disk tier) while this thread goes on
+        with the next object. The same frame as write-back's, without the copy into a canonical buffer.
+        The caller waits for the returned future before SGLang may reuse the pages (its result: tiers
+        that did not take the object, counted by the manager as for write-back). ``None``, having
+        written nothing, where this does not apply (a tier with another codec, a host layout whose runs
+        are not whole blocks per layer and K/V)."""
+        assert self.manager is not None and self.view is not None and self._putter is not None
+        manager = self.manager
+        if not self._direct:
+            return None
+        runs = ([head] if head.shape[2] else []) + [run for _offset, run in sources.runs(first, count)]
+        slabs = object_slabs(runs)
+        if slabs is None:
+            return None
+        frame_head = wire.frame_head(record, self.view.spec, "raw", {}, slabs, manager.auth)
+        return self._putter.submit(manager.put_frame, record.key, [frame_head, *slabs])
 
     def _staging(self, use: str, numel: int) -> torch.Tensor:
         """This thread's flat buffer for ``use`` ("read" or "write") of ``numel`` elements, reused across
@@ -460,6 +535,9 @@ class KvtierStorage(_Base):
 
     @_guarded(_none)
     def close(self) -> None:
+        if self._putter is not None:
+            self._putter.shutdown(wait=True)
+            self._putter = None
         if self.manager is not None:
             self.manager.close()
             self.manager = None

@@ -26,8 +26,8 @@ from kvtier.tensors import dtype_name, int_view
 from kvtier.wire import MAX_PAGE_IDENTITY
 
 __all__ = ["LAYOUTS", "HostPages", "PageIndex", "PageKeys", "PageList", "Pages", "PoolView", "Span",
-           "auto_pages_per_object", "copy_exact", "matching_pages", "namespace_model", "object_pages", "pages_of",
-           "spans"]
+           "auto_pages_per_object", "copy_exact", "matching_pages", "namespace_model", "object_pages", "object_slabs",
+           "pages_of", "spans"]
 
 LAYOUTS = ("layer_first", "page_first", "page_first_direct")  # host layouts whose page is one strided view
 
@@ -260,6 +260,26 @@ def object_pages(obj: torch.Tensor, page_size: int) -> np.ndarray:
     ``[layers, 2, pages, page_size, heads, head_dim]`` (a numpy view of integers, :func:`~kvtier.tensors.int_view`)."""
     flat = int_view(obj).numpy()
     return flat.reshape(*flat.shape[:2], -1, page_size, *flat.shape[3:])
+
+
+def object_slabs(runs: Sequence[np.ndarray]) -> list[memoryview] | None:
+    """The bytes of the object made of ``runs`` (``[layers, 2, n, page_size, heads, head_dim]`` raw
+    views, in page order) in canonical order (per layer, K then V, each run's pages in turn) as
+    memoryviews of the runs' own memory: what ``writev`` sends and ``preadv`` fills, with no copy.
+    ``None`` when a run's pages of one layer and K or V are not one contiguous block (the page_first
+    layouts): the caller then copies through a canonical buffer."""
+    blocks: list[list[memoryview]] = []
+    for run in runs:
+        block = run[0, 0]
+        if not block.flags.c_contiguous or min(run.strides[:2]) < 0:
+            return None
+        layers, kv = run.shape[:2]
+        step_layer, step_kv = run.strides[:2]
+        extent = (layers - 1) * step_layer + (kv - 1) * step_kv + block.nbytes
+        whole = np.lib.stride_tricks.as_strided(run.view(np.uint8), shape=(extent,), strides=(1,)).data
+        blocks.append([whole[at : at + block.nbytes] for layer in range(layers) for k in range(kv)
+                       for at in (layer * step_layer + k * step_kv,)])
+    return [run_blocks[i] for i in range(len(blocks[0]) if blocks else 0) for run_blocks in blocks]
 
 
 def copy_exact(dst: np.ndarray, src: np.ndarray) -> None:
