@@ -361,13 +361,14 @@ class StorageManager:
                 meta = frames.unpack_into_parts(data, zero_copy, self.spec, load.into, out.shape[2], key, self.auth)
             elif zero_copy:
                 meta = frames.unpack_head_into(data, self.spec, out, key, self.auth)
-                return meta, len(data) + out.numel() * out.element_size()
-            return frames.unpack_into(data, self.spec, out, key, self.auth), len(data)
+            else:
+                meta = frames.unpack_into(data, self.spec, out, key, self.auth)
         except KvtierError as exc:
             return exc, 0
         except Exception as exc:  # a codec bug must not stop the reader: the chunk is a corrupt miss
             log.exception("checking chunk %s failed", key.hex())
             return KvtierError(f"checking the frame failed: {exc!r}"), 0
+        return meta, len(data) + (out.numel() * out.element_size() if zero_copy else 0)
 
     def _verify(self, load: Load, checked: _Checked) -> bool:
         """The caller's side of one chunk's verification (:meth:`_check` ran on the reader): its record
