@@ -36,7 +36,7 @@ from kvtier import frames
 from kvtier.config import KvtierConfig, load_config
 from kvtier.errors import ConfigError, KvtierError
 from kvtier.frame_auth import FrameKeys
-from kvtier.keys import Chunk, Chunker, Namespace, Tokens
+from kvtier.keys import Chunk, Chunker, ChunkKey, Namespace, Tokens
 from kvtier.layout import KVSpec
 from kvtier.namespace_probe import NamespaceProbe
 from kvtier.record import ChunkRecord, token_record, token_records, verify
@@ -98,22 +98,23 @@ class CacheEngine:
                 log.debug("engine observer failed", exc_info=True)
 
     # ---- lookup ----------------------------------------------------------------------------------
-    def _present(self, tokens: Tokens) -> tuple[np.ndarray, list[Chunk], list[int | None]]:
-        """Chunks of ``tokens`` and, for the leading present run, where each is (None = CPU)."""
-        arr, chunks = self.chunker.chunks(tokens)
-        where: list[int | None] = [None] * self.cpu.leading_hits(chunks, arr)
-        if len(where) < len(chunks) and self.storage.enabled:
-            where.extend(self.storage.locate([c.key for c in chunks[len(where) :]]))
-        return arr, chunks, where
+    def _present(self, tokens: Tokens) -> tuple[np.ndarray, list[ChunkKey], list[int | None]]:
+        """The token ids, their chunks' keys and, for the leading present run, where each chunk is
+        (None = CPU)."""
+        arr, keys, hashed = self.chunker.hashed(tokens)
+        where: list[int | None] = [None] * self.cpu.leading_hits(keys, hashed)
+        if len(where) < len(keys) and self.storage.enabled:
+            where.extend(self.storage.locate(keys[len(where) :]))
+        return arr, keys, where
 
     def lookup(self, tokens: Tokens) -> int:
         """Length of the cached, verified prefix of ``tokens``."""
         start = time.perf_counter()
-        _arr, chunks, where = self._present(tokens)
-        hit = chunks[len(where) - 1].end if where else 0
+        arr, _keys, where = self._present(tokens)
+        hit = min(len(where) * self.chunker.chunk_tokens, len(arr))
         if hit == 0:
-            self.probe.on_miss(_arr)
-        self._count(lookups=1, lookup_tokens=len(_arr), lookup_hit_tokens=hit)
+            self.probe.on_miss(arr)
+        self._count(lookups=1, lookup_tokens=len(arr), lookup_hit_tokens=hit)
         self._observe("lookup", start)
         return hit
 
@@ -211,11 +212,12 @@ class CacheEngine:
         it). With ``into``, lower-tier chunks are copied into it while the next ones are still being
         read, and come back with slot ``None``; the caller copies the others. Without ``into`` every
         slot is held. Exactly the chunks of ``[0, hit)`` are copied."""
-        arr, chunks, where = self._present(tokens)
+        arr, keys, where = self._present(tokens)
         n = len(where)
+        chunks = self.chunker.chunks_of(arr, keys[:n])
         if into is not None and n:
             check_kv(self.spec, into, chunks[n - 1].end)
-        records = [token_record(c, arr) for c in chunks[:n]]
+        records = token_records(chunks, arr)
         held: list[int | None] = [None] * n
         for i in range(n):  # CPU hits first, so reserving slots for lower-tier hits cannot evict them
             if where[i] is None:

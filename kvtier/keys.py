@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import array
 import functools
-import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple, TypeAlias
@@ -84,18 +83,30 @@ def chain_key(parent: ChunkKey, token_bytes: bytes) -> ChunkKey:
 
 def chain(root: ChunkKey, ids: np.ndarray, chunk_tokens: int, count: int) -> list[ChunkKey]:
     """``[k_0 = root, k_1, ..., k_count]`` over the first ``count`` chunks of ``ids`` (a contiguous
-    uint32-le array; the last chunk may be short): :func:`chain_key` in a bare loop over a view of the ids
-    (no copy of the array). The one loop behind engine lookups, the controller and the router."""
+    uint32-le array; the last chunk may be short). The keys of engine lookups, the controller and the
+    router: :func:`hashed_chain`'s."""
+    return [root, *hashed_chain(root, ids, chunk_tokens, count)[0]]
+
+
+def hashed_chain(root: ChunkKey, ids: np.ndarray, chunk_tokens: int,
+                 count: int) -> tuple[list[ChunkKey], list[bytes]]:
+    """``[k_1, ..., k_count]`` and, per key, the bytes it was hashed from (``k_i || tokens of chunk
+    i``, what :func:`chain_key` hashes): :func:`chain_key` in a bare loop over a view of the ids (no copy
+    of the array). The hashed bytes are kept because they are the parent and identity a hit is verified
+    by (:meth:`kvtier.storage.cpu.CpuTier.leading_hits` compares them whole); keeping them costs one
+    append per chunk."""
     data = ids.data.cast("B")
     digest = _xxh3_128
-    keys = [root]
-    append = keys.append
+    keys: list[ChunkKey] = []
+    hashed: list[bytes] = []
     parent = root
     step = 4 * chunk_tokens
     for offset in range(0, step * count, step):
-        parent = digest(parent + data[offset : offset + step])  # a short last slice stops at the end
-        append(parent)
-    return keys
+        blob = parent + data[offset : offset + step]  # a short last slice stops at the end
+        hashed.append(blob)
+        parent = digest(blob)
+        keys.append(parent)
+    return keys, hashed
 
 
 @dataclass(frozen=True)
@@ -141,24 +152,33 @@ class Chunker:
         self.partial = partial
         self._root = namespace.root()
 
-    def chunks(self, tokens: Tokens, *, limit: int | None = None) -> tuple[np.ndarray, list[Chunk]]:
-        """Return the token array and its chunks in order.
+    def hashed(self, tokens: Tokens, *, limit: int | None = None) -> tuple[np.ndarray, list[ChunkKey], list[bytes]]:
+        """The token array, the keys ``k_1 ... k_count`` of its chunks in order and the bytes each key
+        was hashed from (:func:`hashed_chain`): the lookup hot path, which needs no :class:`Chunk`.
 
         ``limit`` stops after that many chunks (lookups use it to avoid hashing what cannot hit).
         """
         arr = as_token_array(tokens)
         c = self.chunk_tokens
-        n = len(arr)
-        stop = n if self.partial else n - n % c
+        stop = len(arr) if self.partial else len(arr) - len(arr) % c
         count = -(-stop // c)
         if limit is not None:
             count = min(count, max(limit, 0))
+        return (arr, *hashed_chain(self._root, arr, c, count))
+
+    def chunks(self, tokens: Tokens, *, limit: int | None = None) -> tuple[np.ndarray, list[Chunk]]:
+        """Return the token array and its chunks in order (``limit`` as in :meth:`hashed`)."""
+        arr, keys, _hashed = self.hashed(tokens, limit=limit)
+        return arr, self.chunks_of(arr, keys)
+
+    def chunks_of(self, arr: np.ndarray, keys: list[ChunkKey]) -> list[Chunk]:
+        """The :class:`Chunk` tuples of the first ``len(keys)`` chunks of ``arr``, given their keys
+        (from :meth:`hashed`), built by C-level map."""
+        count = len(keys)
         if count == 0:
-            return arr, []
-        # the hot path of every lookup (32K tokens: 128 chunks in ~50 us): the chain, then the Chunk
-        # tuples built by C-level map
-        keys = chain(self._root, arr, c, count)
+            return []
+        c = self.chunk_tokens
         ends = list(range(c, (count + 1) * c, c))
-        ends[-1] = min(ends[-1], n)
-        return arr, list(map(_new_chunk, zip(range(count), range(0, count * c, c), ends,
-                                             itertools.islice(keys, 1, None), keys)))
+        ends[-1] = min(ends[-1], len(arr))
+        parents = [self._root, *keys[:-1]]
+        return list(map(_new_chunk, zip(range(count), range(0, count * c, c), ends, keys, parents)))

@@ -132,3 +132,36 @@ def test_kvspec_sizes_match_torch() -> None:
         spec = KVSpec(num_layers=2, num_kv_heads=2, head_dim=4, dtype=name, chunk_tokens=16)
         assert spec.itemsize == torch.empty((), dtype=spec.torch_dtype).element_size()
         assert spec.chunk_bytes == torch.empty(spec.chunk_shape(), dtype=spec.torch_dtype).nbytes
+
+
+def test_cpu_leading_hits_is_verify_of_each_chunk() -> None:
+    """The lookup's whole-bytes compare (parent || ids per chunk) accepts exactly what ``verify``
+    accepts: a chunk whose stored record differs in any field (or splits parent/ids differently into
+    the same bytes) ends the hit there and counts a collision."""
+    from kvtier.record import Kind, token_records, verify
+    from kvtier.storage.cpu import CpuTier
+
+    chunker = Chunker(Namespace("m", SPEC))
+    tokens = list(range(100, 170))  # 4 full chunks and a partial one
+    arr, keys, hashed = chunker.hashed(tokens)
+    real = token_records(chunker.chunks_of(arr, keys), arr)
+    r2 = real[2]
+    forged = {
+        "parent": r2._replace(parent=b"\7" * 16),
+        "identity": r2._replace(identity=r2.identity[:-4] + b"\0\0\0\0"),
+        "num_tokens": r2._replace(num_tokens=15),
+        "kind": r2._replace(kind=Kind.PAGE),
+        "split": r2._replace(parent=r2.parent + r2.identity[:4], identity=r2.identity[4:], num_tokens=15),
+    }
+    for name, record in [("same", r2), *forged.items()]:
+        tier = CpuTier(SPEC, 8 * SPEC.chunk_bytes)
+        tier.admit([*real[:2], record, *real[3:]], len)
+        expected = 5 if name == "same" else 2
+        assert tier.leading_hits(keys, hashed) == expected, name
+        assert tier.counters["collisions"] == (0 if name == "same" else 1), name
+        assert [tier.contains(r) for r in real] == [verify(s, r) for s, r in zip([*real[:2], record, *real[3:]], real)]
+    tier = CpuTier(SPEC, 8 * SPEC.chunk_bytes)
+    tier.admit(real[:3], len)
+    assert tier.leading_hits(keys, hashed) == 3 and tier.leading_hits(keys[:2], hashed[:2]) == 2
+    assert tier.leading_hits([], []) == 0 and tier.counters["collisions"] == 0
+    assert tier.remove(real[0].key) and tier.leading_hits(keys, hashed) == 0

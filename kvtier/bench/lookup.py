@@ -33,7 +33,7 @@ def run(tokens: int = 32768, repeat: int = 50, out_dir: str = "results", show: b
         if engine.lookup(as_list) != tokens:
             raise RuntimeError("lookup of the stored prompt missed")
         times = interleaved({
-            "hash only": lambda: engine.chunker.chunks(ids),
+            "hash only": lambda: engine.chunker.hashed(ids),
             "list -> array": lambda: as_token_array(as_list),
             "lookup(array)": lambda: engine.lookup(ids),
             "lookup(tensor)": lambda: engine.lookup(as_tensor),

@@ -22,10 +22,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
-import numpy as np
 import torch
 
-from kvtier.keys import Chunk, ChunkKey
+from kvtier.keys import KEY_BYTES, ChunkKey
 from kvtier.layout import KVSpec
 from kvtier.memory import Arena
 from kvtier.record import ChunkRecord, Kind, verify
@@ -45,6 +44,14 @@ class Entry:
     record: ChunkRecord
 
 
+def _hashed_of(record: ChunkRecord) -> bytes:
+    """``parent || identity`` of a well-formed token record: the bytes its key is the hash of
+    (:func:`kvtier.keys.chain_key`); ``b""`` (never a lookup's hashed bytes) for any other record."""
+    if record.kind == Kind.TOKENS and len(record.parent) == KEY_BYTES and len(record.identity) == 4 * record.num_tokens:
+        return record.parent + record.identity
+    return b""
+
+
 class CpuTier:
     """Thread-safe; one lock guards the index, the policy and the arena bookkeeping."""
 
@@ -55,6 +62,7 @@ class CpuTier:
         self.arena = Arena(spec, capacity_bytes)
         self._policy = make_policy(policy)
         self._index: dict[ChunkKey, Entry] = {}
+        self._hashed: dict[ChunkKey, bytes] = {}  # same keys as _index: _hashed_of(entry.record)
         self._lock = threading.RLock()
         self.counters: Counter[str] = Counter()
         self.listeners: list[Listener] = []
@@ -80,34 +88,25 @@ class CpuTier:
         with self._lock:
             return self._verified(record) is not None
 
-    def leading_hits(self, chunks: list[Chunk], tokens: np.ndarray) -> int:
-        """How many of ``chunks``, from the first, are present and verified (one lock round).
+    def leading_hits(self, keys: list[ChunkKey], hashed: list[bytes]) -> int:
+        """How many chunks, from the first, are present and verified (one lock round): ``keys`` and
+        ``hashed`` are :meth:`kvtier.keys.Chunker.hashed`'s (key ``k_i`` and the bytes ``k_{i-1} ||
+        tokens`` it was hashed from, per chunk).
 
-        The same check as :func:`kvtier.record.verify` of each chunk's token record, ordered for speed
-        (the lookup hot path): key, parent, kind and length per chunk, then the token ids of the whole
-        run in one compare; only when that compare fails are they compared chunk by chunk."""
-        tokens_kind = Kind.TOKENS
+        The same check as :func:`kvtier.record.verify` of each chunk's token record, shaped for the
+        lookup hot path: the index keeps, per token record, ``parent || identity`` (:func:`_hashed_of`),
+        which equals the caller's hashed bytes iff parent and token ids are equal (the parent is a
+        fixed :data:`~kvtier.keys.KEY_BYTES` long; length and kind follow from the ids), so a lookup is
+        one C-level dict ``get`` per key and one list compare."""
         with self._lock:
-            get = self._index.get
-            stored: list[bytes] = []
-            for c in chunks:
-                entry = get(c.key)
-                if entry is None:
-                    break
-                r = entry.record
-                if r.parent != c.parent or r.kind != tokens_kind or r.num_tokens != c.end - c.start:
-                    self.counters["collisions"] += 1
-                    break
-                stored.append(r.identity)
-            if not stored:
-                return 0
-            data = tokens.tobytes()  # uint32-le ids: chunk i's identity is data[start * 4 : end * 4]
-            end = chunks[len(stored) - 1].end * 4
-            if b"".join(stored) == data[:end]:
-                return len(stored)
-            self.counters["collisions"] += 1  # the joined compare differed: find the first chunk that does
-            return next(i for i, (c, identity) in enumerate(zip(chunks, stored))
-                        if identity != data[c.start * 4 : c.end * 4])
+            stored = list(map(self._hashed.get, keys))
+        if stored == hashed:
+            return len(stored)
+        present = stored.index(None) if None in stored else len(stored)
+        if stored[:present] == hashed[:present]:
+            return present
+        self.counters["collisions"] += 1  # a stored record differs from the caller's: the first one ends the hit
+        return next(i for i, (mine, theirs) in enumerate(zip(stored, hashed)) if mine != theirs)
 
     def __len__(self) -> int:
         return len(self._index)
@@ -157,6 +156,7 @@ class CpuTier:
                 self.counters["store_refused_all_busy"] += 1
                 return None
             slot = self._index.pop(victim).slot  # reuse the victim's slot directly
+            del self._hashed[victim]
             self.counters["evictions"] += 1
             self._emit("evict", victim)
         self.arena.ref(slot)
@@ -206,6 +206,7 @@ class CpuTier:
             self.arena.free(slot)
             return False
         self._index[record.key] = Entry(slot, record)
+        self._hashed[record.key] = _hashed_of(record)
         self._policy.insert(record.key)
         self._emit("admit", record.key)
         return True
@@ -239,6 +240,7 @@ class CpuTier:
             if entry is None or self.arena.busy(entry.slot):
                 return False
             del self._index[key]
+            del self._hashed[key]
             self._policy.remove(key)
             self.arena.free(entry.slot)
             self._emit("evict", key)

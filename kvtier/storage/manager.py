@@ -9,9 +9,10 @@ Invariants:
 - Reads of many chunks (:meth:`StorageManager.load_many`) are pipelined: batches of up to
   ``read_batch`` chunks (at most ``READ_BATCH_BYTES``) go to the tier in one ``get_each_into`` /
   ``get_many`` call on a reader thread, at most ``read_ahead`` batches ahead of the chunk the caller is
-  verifying and copying; a streaming tier hands each chunk over as soon as it is in place, so the
-  caller verifies and copies chunk i while i+1 arrives. Chunks are verified and handed out strictly in
-  order; the first chunk that
+  verifying and copying; a streaming tier hands each chunk over as soon as it is in place. The reader
+  thread checks each frame it read (checksum or MAC, metadata, decode into the caller's tensor) before
+  handing it over, so the caller compares the record and copies chunk i while i+1 is read and checked.
+  Chunks are verified and handed out strictly in order; the first chunk that
   misses or fails verification ends the run (prefix semantics: it and every chunk after it are misses,
   counted as ``misses`` / ``read_ahead_dropped``). When ``load_many`` returns or its iterator is closed,
   no read into the caller's tensors is still in flight.
@@ -48,7 +49,7 @@ from functools import partial
 
 import torch
 
-from kvtier import batching, frames
+from kvtier import batching, frames, wire
 from kvtier.backoff import Backoff
 from kvtier.errors import CorruptChunk, FrameAuthError, KvtierError, LayoutError, TierUnavailable
 from kvtier.frame_auth import FrameKeys, warn_unauthenticated
@@ -102,6 +103,9 @@ class Load:
 
 # what the reader hands back per chunk: (head of a zero-copy read | whole frame | None, zero-copy?)
 _Fetched = tuple[bytes | memoryview | None, bool]
+# ... and what it passes on once it checked the frame: (metadata | why the frame was refused | None for a
+# miss, bytes read)
+_Checked = tuple[wire.ChunkMeta | KvtierError | None, int]
 
 
 class _Stopped(BaseException):
@@ -238,7 +242,7 @@ class StorageManager:
         Yields True for each chunk now verified in its ``out``; after the first chunk that is not, yields
         False once and stops. Close the iterator (or exhaust it) before reusing any ``out``."""
         batches = self._batches(loads)
-        pending: deque[tuple[list[Load], queue.SimpleQueue[_Fetched], Future[None]]] = deque()
+        pending: deque[tuple[list[Load], queue.SimpleQueue[_Checked], Future[None]]] = deque()
         stopped = threading.Event()
         reader = self._reader
         nice = thread_nice()  # the readers work for this thread: at its priority
@@ -247,12 +251,13 @@ class StorageManager:
             if not batches:
                 return
             batch = batches.popleft()
-            arrived: queue.SimpleQueue[_Fetched] = queue.SimpleQueue()
+            arrived: queue.SimpleQueue[_Checked] = queue.SimpleQueue()
+            loads = iter(batch)  # the reader delivers each chunk of the batch once, in order
 
             def deliver(got: _Fetched) -> None:
                 if stopped.is_set():  # the caller is gone: write nothing more into its tensors
                     raise _Stopped
-                arrived.put(got)
+                arrived.put(self._check(next(loads), got))
 
             try:
                 if reader is None:
@@ -260,7 +265,7 @@ class StorageManager:
                 future = reader.submit(self._fetch_at, nice, batch, deliver)
             except RuntimeError:  # closed meanwhile: the batch is a miss
                 for _load in batch:
-                    arrived.put((None, False))
+                    arrived.put((None, 0))
                 future = Future()
                 future.set_result(None)
             pending.append((batch, arrived, future))
@@ -272,11 +277,11 @@ class StorageManager:
                 batch, arrived, future = pending.popleft()
                 topped_up = False  # the next batch is asked for once this one is read, as before streaming
                 for i, load in enumerate(batch):  # each chunk as soon as the reader placed it
-                    got = arrived.get()
+                    checked = arrived.get()
                     if not topped_up and future.done():
                         submit()
                         topped_up = True
-                    if not self._verify(load, got):
+                    if not self._verify(load, checked):
                         dropped = len(batch) - i - 1 + sum(len(b) for b, _a, _f in pending) + sum(map(len, batches))
                         self.counters["read_ahead_dropped"] += dropped
                         yield False
@@ -343,14 +348,14 @@ class StorageManager:
         for item in got[sent:]:
             deliver(item if item is not None else (None, False))
 
-    def _verify(self, load: Load, got: _Fetched) -> bool:
-        """Check one fetched chunk (decoding a whole frame into ``load.out``); count the outcome."""
-        slot = self.slots[load.tier]
+    def _check(self, load: Load, got: _Fetched) -> _Checked:
+        """Reader thread: the frame check of one fetched chunk (checksum or MAC, metadata, key, KV spec)
+        and its decode into ``load.out``: the costly part of verifying, done by the thread that read the
+        chunk, so the caller copies chunk i out while chunk i+1 is read and checked. Never raises."""
         data, zero_copy = got
-        key, out = load.record.key, load.out
         if data is None:
-            slot.counters["misses"] += 1
-            return False
+            return None, 0
+        key, out = load.record.key, load.out
         try:
             if load.into is not None:
                 meta = frames.unpack_into_parts(data, zero_copy, self.spec, load.into, out.shape[2], key, self.auth)
@@ -358,25 +363,41 @@ class StorageManager:
                 meta = frames.unpack_head_into(data, self.spec, out, key, self.auth)
             else:
                 meta = frames.unpack_into(data, self.spec, out, key, self.auth)
-            if not verify(meta.record(), load.record):
-                slot.counters["collisions"] += 1
-                return False
-        except FrameAuthError as exc:  # not discarded: the frame may be another tenant's, valid for it
-            slot.counters["mac_failures"] += 1
-            log.warning("chunk %s from tier %s failed authentication: %s", key.hex(), slot.tier.name, exc)
+        except KvtierError as exc:
+            return exc, 0
+        except Exception as exc:  # a codec bug must not stop the reader: the chunk is a corrupt miss
+            log.exception("checking chunk %s failed", key.hex())
+            return KvtierError(f"checking the frame failed: {exc!r}"), 0
+        return meta, len(data) + (out.numel() * out.element_size() if zero_copy else 0)
+
+    def _verify(self, load: Load, checked: _Checked) -> bool:
+        """The caller's side of one chunk's verification (:meth:`_check` ran on the reader): its record
+        must equal the caller's; count the outcome and discard a damaged frame."""
+        slot = self.slots[load.tier]
+        outcome, nbytes = checked
+        key = load.record.key
+        if outcome is None:
+            slot.counters["misses"] += 1
             return False
-        except (CorruptChunk, LayoutError) as exc:
+        if isinstance(outcome, FrameAuthError):  # not discarded: the frame may be another tenant's, valid for it
+            slot.counters["mac_failures"] += 1
+            log.warning("chunk %s from tier %s failed authentication: %s", key.hex(), slot.tier.name, outcome)
+            return False
+        if isinstance(outcome, (CorruptChunk, LayoutError)):
             slot.counters["corrupt"] += 1
-            log.warning("discarding damaged chunk %s from tier %s: %s", key.hex(), slot.tier.name, exc)
+            log.warning("discarding damaged chunk %s from tier %s: %s", key.hex(), slot.tier.name, outcome)
             with contextlib.suppress(KvtierError):
                 slot.tier.discard(key)
             return False
-        except KvtierError as exc:  # e.g. unknown codec in the header
+        if isinstance(outcome, KvtierError):  # e.g. unknown codec in the header
             slot.counters["corrupt"] += 1
-            log.warning("cannot decode chunk %s from tier %s: %s", key.hex(), slot.tier.name, exc)
+            log.warning("cannot decode chunk %s from tier %s: %s", key.hex(), slot.tier.name, outcome)
+            return False
+        if not verify(outcome.record(), load.record):
+            slot.counters["collisions"] += 1
             return False
         slot.counters["hits"] += 1
-        slot.counters["bytes_read"] += len(data) + (out.numel() * out.element_size() if zero_copy else 0)
+        slot.counters["bytes_read"] += nbytes
         return True
 
     # ---- writes ----------------------------------------------------------------------------------

@@ -273,6 +273,37 @@ def test_write_back_seals_the_next_chunk_while_writing(disk: RecordingDisk, monk
     engine.close()
 
 
+def test_frames_are_checked_on_the_reader_and_a_check_bug_is_a_counted_miss(
+        disk: RecordingDisk, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The frame check (checksum / MAC, metadata, decode) runs on the thread that read the frame, so
+    the caller only compares records and copies; an unexpected exception from the check (a codec bug)
+    ends the hit at that chunk as a counted corrupt miss, never an exception in the engine or a hang."""
+    import kvtier.frames as frames_mod
+
+    engine = make(disk)
+    kv = stored(engine, disk)
+    bad = engine.chunker.chunks(TOKENS)[1][5].key
+    threads: set[str] = set()
+    real = frames_mod.unpack_head_into
+
+    def checked(head: Any, spec: KVSpec, out: torch.Tensor, expect: ChunkKey | None = None,
+                auth: Any = None) -> Any:
+        threads.add(threading.current_thread().name)
+        if expect == bad:
+            raise RuntimeError("injected: a bug in the frame check")
+        return real(head, spec, out, expect, auth)
+
+    monkeypatch.setattr(frames_mod, "unpack_head_into", checked)
+    into = torch.zeros_like(kv)
+    assert engine.retrieve(TOKENS, into) == 5 * 16
+    assert torch.equal(into[:, :, : 5 * 16], kv[:, :, : 5 * 16])
+    assert threads and threading.current_thread().name not in threads
+    assert all(name.startswith("kvtier-read") for name in threads)
+    assert engine.stats()["disk"]["corrupt"] == 1
+    assert len(engine.cpu) == 5  # the chunk that failed its check and every one after it stayed out
+    engine.close()
+
+
 def test_readers_read_at_the_callers_priority(disk: RecordingDisk) -> None:
     """A retrieve from a low-priority thread (vLLM's asynchronous loader) reads at its nice value; a
     later one from a normal thread reads at that one's again, where the system allows raising it back."""
