@@ -154,6 +154,7 @@ class StorageManager:
         self.put_listeners: list[Callable[[str, bytes], None]] = []
         # a tier with ``read_only = True`` (e.g. the P2P tier) is only read: write-back skips it
         self._writable = any(not getattr(tier, "read_only", False) for tier, _codec in tiers)
+        self._put_counts = threading.Lock()  # put_frame may run on several threads at once (SGLang's put threads)
         self._queue: queue.Queue[_Write | None] = queue.Queue(maxsize=queue_depth)
         self._sealed: queue.Queue[_Write | None] = queue.Queue(maxsize=WRITE_BATCH)
         self._codecs = sorted({codec for tier, codec in tiers if not getattr(tier, "read_only", False)})
@@ -499,7 +500,8 @@ class StorageManager:
     def put_frame(self, key: ChunkKey, frame: bytes | Sequence[bytes | memoryview]) -> int:
         """Write an encoded frame (or its parts in order, written without joining them) to every writable
         tier now, with the health checks and backoff of write-back; return how many tiers did not take
-        it (failed or skipped as unhealthy)."""
+        it (failed or skipped as unhealthy). Safe to call from several threads at once (its counts are
+        taken under a lock)."""
         parts = (frame,) if isinstance(frame, bytes) else frame
         missed = 0
         now = time.monotonic()
@@ -507,16 +509,18 @@ class StorageManager:
             if getattr(slot.tier, "read_only", False):
                 continue
             if not slot.usable(now):
-                slot.counters["writes_skipped_unhealthy"] += 1
-                missed += 1
-                continue
-            try:
-                self._call(slot, "put", partial(slot.tier.put_parts, key, parts))
-                slot.counters["writes"] += 1
-                slot.counters["bytes_written"] += sum(memoryview(p).nbytes for p in parts)
-            except TierUnavailable:
-                slot.counters["writes_failed"] += 1
-                missed += 1
+                outcome = "writes_skipped_unhealthy"
+            else:
+                try:
+                    self._call(slot, "put", partial(slot.tier.put_parts, key, parts))
+                    outcome = "writes"
+                except TierUnavailable:
+                    outcome = "writes_failed"
+            with self._put_counts:
+                slot.counters[outcome] += 1
+                if outcome == "writes":
+                    slot.counters["bytes_written"] += sum(memoryview(p).nbytes for p in parts)
+            missed += outcome != "writes"
         return missed
 
     def _notify_put(self, tier: str, key: bytes) -> None:

@@ -330,3 +330,33 @@ def test_readers_read_at_the_callers_priority(disk: RecordingDisk) -> None:
         assert set(disk.read_nice) == ({low} if refused else {base})  # refused: no privilege to raise it
     finally:
         engine.close()
+
+
+def test_put_frame_counts_every_write_when_called_from_many_threads(tmp_path: Path) -> None:
+    """put_frame runs on several threads at once (SGLang's put threads): every write is counted once,
+    with thread switches forced between bytecodes so an unlocked read-modify-write would lose some."""
+    import sys
+
+    from kvtier.storage.manager import StorageManager
+
+    tier = DiskTier(tmp_path / "disk", 1 << 30, fsync=False)
+    manager = StorageManager(SPEC, [(tier, "raw")])
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        def put(t: int) -> None:
+            for i in range(150):
+                assert manager.put_frame((t * 1000 + i).to_bytes(16, "little"), [b"head", b"x" * 64]) == 0
+
+        threads = [threading.Thread(target=put, args=(t,)) for t in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(old)
+    counts = manager.stats()
+    assert counts[tier.name]["writes"] == 6 * 150 and counts[tier.name]["bytes_written"] == 6 * 150 * 68
+    assert len(tier) == 6 * 150
+    manager.close()
+    tier.close()
