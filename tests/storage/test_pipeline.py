@@ -336,6 +336,7 @@ def test_put_frame_counts_every_write_when_called_from_many_threads(tmp_path: Pa
     """put_frame runs on several threads at once (SGLang's put threads): every write is counted once,
     with thread switches forced between bytecodes so an unlocked read-modify-write would lose some."""
     import sys
+    from concurrent.futures import ThreadPoolExecutor
 
     from kvtier.storage.manager import StorageManager
 
@@ -348,11 +349,8 @@ def test_put_frame_counts_every_write_when_called_from_many_threads(tmp_path: Pa
             for i in range(150):
                 assert manager.put_frame((t * 1000 + i).to_bytes(16, "little"), [b"head", b"x" * 64]) == 0
 
-        threads = [threading.Thread(target=put, args=(t,)) for t in range(6)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        with ThreadPoolExecutor(6) as pool:
+            list(pool.map(put, range(6)))  # re-raises a thread's failed assertion here
     finally:
         sys.setswitchinterval(old)
     counts = manager.stats()
