@@ -95,6 +95,18 @@ def payload_parts(payload: Payload) -> tuple[bytes | memoryview, ...]:
     return (payload,) if isinstance(payload, (bytes, bytearray, memoryview)) else tuple(payload)
 
 
+def advance(views: list[memoryview], n: int) -> None:
+    """Drop the first ``n`` bytes of ``views`` (byte views, in order) in place: what one ``writev`` /
+    ``preadv`` / ``recvmsg_into`` over them moved."""
+    done = 0
+    while done < len(views) and n >= len(views[done]):
+        n -= len(views[done])
+        done += 1
+    del views[:done]
+    if n:
+        views[0] = views[0][n:]
+
+
 def _checksum(meta: bytes | memoryview, parts: Iterable[bytes | memoryview]) -> int:
     """xxh3-64 of ``meta`` followed by ``parts``: streaming, so any split of the same bytes gives the
     same value."""

@@ -154,23 +154,12 @@ def write_all(fd: int, parts: Sequence[Buffer]) -> int:
     while views:
         n = os.writev(fd, views[:IOV_MAX])
         total += n
-        _advance(views, n)
+        wire.advance(views, n)
     return total
 
 
 def _byte_views(parts: Sequence[Buffer]) -> list[memoryview]:
     return [v for v in (memoryview(p).cast("B") for p in parts) if len(v)]
-
-
-def _advance(views: list[memoryview], n: int) -> None:
-    """Drop the first ``n`` bytes of ``views`` (what one ``writev`` / ``preadv`` moved)."""
-    done = 0
-    while done < len(views) and n >= len(views[done]):
-        n -= len(views[done])
-        done += 1
-    del views[:done]
-    if n:
-        views[0] = views[0][n:]
 
 
 def read_exact(fd: int, size: int) -> bytes | None:
@@ -209,7 +198,7 @@ def read_frame_into(fd: int, size: int, payload: memoryview | Sequence[memoryvie
         if n == 0:
             return None
         got += n
-        _advance(views, n)
+        wire.advance(views, n)
     return head[:head_len]
 
 
