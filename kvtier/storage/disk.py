@@ -55,7 +55,7 @@ from typing import IO
 from kvtier import wire
 from kvtier.errors import CorruptChunk, TierUnavailable
 from kvtier.keys import KEY_BYTES, ChunkKey
-from kvtier.storage.base import Tier
+from kvtier.storage.base import ScatteredTier
 from kvtier.storage.policy import make_policy
 
 log = logging.getLogger(__name__)
@@ -301,7 +301,7 @@ class SyncedWrites:
 
 
 # ---- the tier ----------------------------------------------------------------------------------------
-class DiskTier(Tier):
+class DiskTier(ScatteredTier):
     """Local-disk tier with a byte cap; thread-safe (one lock for the index, file I/O outside it)."""
 
     name = "disk"
@@ -555,9 +555,8 @@ class DiskTier(Tier):
     def get(self, key: ChunkKey) -> bytes | None:
         return self._read(key)
 
-    def get_into(self, key: ChunkKey, payload: memoryview | Sequence[memoryview]) -> bytes | None:
-        """:meth:`Tier.get_into`; ``payload`` may also be several buffers whose concatenation is the
-        payload (filled in order with ``preadv``: a read straight into scattered engine memory)."""
+    def get_into_parts(self, key: ChunkKey, parts: Sequence[memoryview]) -> bytes | None:
+        """:meth:`ScatteredTier.get_into_parts`: the buffers are filled in order with ``preadv``."""
         with self._lock:
             size = self._index.get(key)
             if size is None:
@@ -568,7 +567,7 @@ class DiskTier(Tier):
         except OSError:
             return None  # get sorts out what happened
         try:
-            head = read_frame_into(fd, size, payload)
+            head = read_frame_into(fd, size, parts)
         except OSError:
             return None
         finally:
