@@ -16,7 +16,7 @@ import msgspec
 import numpy as np
 import pytest
 import torch
-from server_support import CuttingProxy, FlippingProxy, ServerProcess
+from server_support import CuttingProxy, FlippingProxy, ServerProcess, recv_exact
 
 from kvtier import wire
 from kvtier.config import load_config
@@ -269,8 +269,6 @@ class _LyingServer:
         threading.Thread(target=self._serve, daemon=True).start()
 
     def _serve(self) -> None:
-        from server_support import recv_exact
-
         while True:
             try:
                 sock, _addr = self.listener.accept()
