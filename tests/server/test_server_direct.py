@@ -118,6 +118,17 @@ def test_cpu_hits_and_lower_tier_hits_mix_in_one_retrieve(server: ServerProcess)
         assert engine.stats()["engine"]["direct_chunks"] == CHUNKS // 2 and len(engine.cpu) == CHUNKS // 2
 
 
+def test_a_partial_last_chunk_is_read_straight_in_too(server: ServerProcess) -> None:
+    tokens = np.arange(900_000, 900_000 + 3 * 16 + 5, dtype=np.uint32)
+    kv = torch.randn(SPEC.chunk_shape(len(tokens)), generator=torch.Generator().manual_seed(40))
+    with CacheEngine(SPEC, "direct-test", config(True), tiers=[(RemoteTier("127.0.0.1", server.port), "raw")]) as e:
+        assert e.store(tokens, kv) == len(tokens) and e.storage.flush(30)
+    with reader(server.port, False) as engine:
+        into = torch.full_like(kv, float("nan"))
+        assert engine.retrieve(tokens, into) == len(tokens)
+        assert torch.equal(into, kv) and engine.stats()["engine"]["direct_chunks"] == 4
+
+
 def test_direct_read_into_a_view_of_a_larger_buffer(server: ServerProcess) -> None:
     """The vLLM connector's staging: ``buffer[:, :, :tokens]`` of a longer buffer (planes contiguous,
     the whole not): received in place, and nothing past ``tokens`` is touched."""
