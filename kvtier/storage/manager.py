@@ -7,11 +7,15 @@ Invariants:
   ``collisions``), discarded from that tier when damaged, and treated as a miss.
 - With a keyring (``auth``) every frame written down carries a MAC under the current key.
 - Reads of many chunks (:meth:`StorageManager.load_many`) are pipelined: batches of up to
-  ``read_batch`` chunks (at most ``READ_BATCH_BYTES``) go to the tier in one ``get_each_into`` /
-  ``get_many`` call on a reader thread, at most ``read_ahead`` batches ahead of the chunk the caller is
-  verifying and copying; a streaming tier hands each chunk over as soon as it is in place. The reader
-  thread checks each frame it read (checksum or MAC, metadata, decode into the caller's tensor) before
+  ``read_batch`` chunks (at most ``READ_BATCH_BYTES``) go to the tier in one ``get_each_into`` (a
+  :class:`~kvtier.storage.base.ScatteredTier`: ``get_each_into_parts``, each payload straight into the
+  caller's buffers) / ``get_many`` call on a reader thread, at most ``read_ahead`` batches ahead of the
+  chunk the caller is verifying and copying; a streaming tier hands each chunk over as soon as it is in
+  place. The reader thread checks each frame it read (checksum or MAC, metadata, decode into the caller's tensor) before
   handing it over, so the caller compares the record and copies chunk i while i+1 is read and checked.
+  A chunk is handed out (True) only after its whole frame verified; a payload read straight into
+  caller memory may already be there when verification fails (then it is garbage the caller must not
+  use, and so may the payloads of chunks read ahead of it).
   Chunks are verified and handed out strictly in order; the first chunk that
   misses or fails verification ends the run (prefix semantics: it and every chunk after it are misses,
   counted as ``misses`` / ``read_ahead_dropped``). When ``load_many`` returns or its iterator is closed,
