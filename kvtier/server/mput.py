@@ -25,6 +25,8 @@ Invariants:
   frames land in buffers from ``take`` (the server's :class:`~kvtier.server.pool.BufferPool`).
 - :meth:`MputBody.run` stops (False) when the socket's receive timeout expires with nothing received
   and resumes where it stopped on the next call; its socket must be blocking with that timeout set.
+  It raises the socket's receive mark (``SO_RCVLOWAT``) only while it runs and never past what the
+  message still brings; the mark is 1 again whenever it returns or raises.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from kvtier.storage import remote_protocol as P
 
 # one received item: key, frame, why its check failed ("" when it passed)
 Item = tuple[bytes, np.ndarray, str]
+LOWAT = 256 << 10  # the kernel wakes the receiving thread once this many bytes are queued (or the message's rest)
 
 
 class MputBody:
@@ -58,17 +61,39 @@ class MputBody:
         self.got = 0
         self.received = 0  # bytes taken from the socket (not the prefix)
         self.items: list[Item] = []
+        self.lowat_cap = 1  # SO_RCVLOWAT allowed on this socket during run(), 1 = the kernel's default
+        self.lowat = 1  # SO_RCVLOWAT set now
 
     def run(self, sock: socket.socket) -> bool:
-        """Receive until every item is in :attr:`items` (True) or the peer stalled (False)."""
-        while len(self.items) < self.count:
-            if not self._fill(sock):
-                return False
-            if self.frame is None:
-                self._start_frame()
-            else:
-                self._finish_frame()
-        return True
+        """Receive until every item is in :attr:`items` (True) or the peer stalled (False). The socket's
+        ``SO_RCVLOWAT`` is raised meanwhile (see :meth:`_wake_after`) and back at 1 when this returns."""
+        rcvbuf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        self.lowat_cap = max(1, min(LOWAT, rcvbuf // 4))
+        try:
+            while len(self.items) < self.count:
+                if not self._fill(sock):
+                    return False
+                if self.frame is None:
+                    self._start_frame()
+                else:
+                    self._finish_frame()
+            return True
+        finally:
+            self._wake_after(sock, 1)
+
+    def _wake_after(self, sock: socket.socket, n: int) -> None:
+        """Have the kernel wake this thread only once ``n`` bytes are queued: one wake-up (and one copy)
+        per ``n`` bytes instead of one per arriving segment batch. The kernel checks the mark against
+        what is queued, not against what a waiting ``recv`` still needs, so a receive must end at least
+        ``n`` bytes before the message does (those bytes are surely coming); the message's last
+        :data:`LOWAT` bytes are received with the mark at 1 (otherwise the receive waited for its
+        timeout: measured). ``n`` stays under a quarter of the receive buffer: a mark the buffer does
+        not hold twice over makes the kernel grow the buffer and clamp the TCP window to the mark.
+        Server CPU per 189 MB engine store: 48-55 -> 39-44 ms median with 256 KiB (15 stores per side,
+        old and new server processes interleaved, shared 2-core machine)."""
+        if n != self.lowat:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, n)
+            self.lowat = n
 
     def _fill(self, sock: socket.socket) -> bool:
         view = self.target
@@ -78,8 +103,16 @@ class MputBody:
             self.prefix = self.prefix[n:]
             self.got += n
         while self.got < len(view):
+            # the message's unread rest: ``left`` still counts an item head being filled, not a frame
+            rest = self.left - self.got if self.frame is None else self.left + len(view) - self.got
+            want = len(view) - self.got
+            if rest > self.lowat_cap:  # stop lowat bytes before the message's end: those surely follow
+                self._wake_after(sock, self.lowat_cap)
+                want = min(want, rest - self.lowat_cap)
+            else:  # the tail: woken per arrival, as a raised mark would not be reached
+                self._wake_after(sock, 1)
             try:
-                n = sock.recv_into(view[self.got :], 0, socket.MSG_WAITALL)
+                n = sock.recv_into(view[self.got : self.got + want], 0, socket.MSG_WAITALL)
             except BlockingIOError:  # the receive timeout expired with nothing received
                 return False
             if n == 0:

@@ -83,3 +83,50 @@ def test_the_server_check_reads_no_payload_but_a_reload_check_does(monkeypatch: 
 
     monkeypatch.setattr(wire, "_checksum", no_hash)
     wire.check_frame(frame, key)
+
+
+class _Recorder:
+    """A real socket whose receives are recorded with the receive mark set at the time."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.calls: list[tuple[int, int]] = []  # (SO_RCVLOWAT, bytes asked for)
+
+    def getsockopt(self, *args: int) -> int:
+        return self.sock.getsockopt(*args)
+
+    def setsockopt(self, *args: int) -> None:
+        self.sock.setsockopt(*args)
+
+    def recv_into(self, view: memoryview, nbytes: int, flags: int) -> int:
+        self.calls.append((self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT), len(view)))
+        return self.sock.recv_into(view, nbytes, flags)
+
+
+def test_the_receive_mark_is_raised_but_never_past_what_the_message_still_brings() -> None:
+    """Over real loopback TCP: while receiving, the kernel's wake-up mark (SO_RCVLOWAT) is raised, each
+    receive ends at least that many bytes before the message does (the kernel compares the mark with
+    what is queued, so a receive waiting for the message's last bytes under a higher mark would sleep
+    until its timeout), and the mark is back at 1 afterwards (the event loop reads small requests)."""
+    frames = make_frames(6, SPEC, seed=9)
+    body = b"".join(P.MPUT_ITEM.pack(k, len(f)) + f for k, f in frames)
+    listener = socket.create_server(("127.0.0.1", 0))
+    with listener, socket.create_connection(listener.getsockname()) as theirs:
+        ours, _addr = listener.accept()
+        with ours:
+            ours.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)  # room for the mark
+            ours.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 5, 0))
+            sender = threading.Thread(target=theirs.sendall, args=(body,))
+            sender.start()
+            state = mput.MputBody(len(frames), len(body), 1 << 20, lambda n: np.empty(n, dtype=np.uint8))
+            recorder = _Recorder(ours)
+            assert state.run(recorder)  # type: ignore[arg-type]
+            sender.join()
+            assert ours.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == 1
+    assert [bytes(f) for _k, f, _why in state.items] == [f for _k, f in frames]
+    assert max(mark for mark, _n in recorder.calls) == mput.LOWAT
+    unread = len(body)
+    for mark, asked in recorder.calls:  # every receive got all it asked for (MSG_WAITALL, no timeout)
+        assert mark == 1 or unread - asked >= mark
+        unread -= asked
+    assert unread == 0
