@@ -15,7 +15,7 @@ Invariants:
   :class:`~kvtier.storage.manager.StorageManager` backs the tier off; P2P skips a failed peer for a
   while). The next call after an outage simply connects afresh.
 - Public methods raise only :class:`TierUnavailable` (the Tier contract). A PUT the server refuses
-  (corrupt frame, frame above its limits or quota, persistence refused it) is counted
+  (malformed frame, frame above its limits or quota, persistence refused it) is counted
   (``puts_refused``) and dropped, not raised: it is not an outage.
 - Replies are bounded by this client's own ``max_reply_bytes``, never by the limit the server
   announces: a larger reply header closes the connection before any of its body is read, and a reply
