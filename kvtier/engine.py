@@ -19,6 +19,14 @@ Semantics (all methods are thread-safe):
   every other chunk through a bounded scratch buffer that is dropped after the copy-out. Then
   positions from ``hit`` on that were asked of a lower tier MAY have been overwritten (a chunk that
   failed verification, and chunks read ahead of it); callers recompute from ``hit`` on.
+- ``retrieve_to(tokens, sink)`` and ``store_from(tokens, source)`` are ``retrieve`` and ``store``
+  without a canonical tensor in between (an engine with its own layout moves each chunk straight
+  between a CPU slot and its buffers): ``sink(start, end, view)`` gets each verified chunk of the hit,
+  in order, as a canonical ``[layers, 2, end - start, heads, dim]`` view valid during the call only (its
+  CPU slot, the slot it was just promoted into, or without promotion the scratch it was read into);
+  ``source(start, end, view)`` fills the view of the slot reserved for that chunk. A chunk counts once
+  its sink returned (retrieve) or once its whole admission group was filled (store). An exception from
+  the callback propagates after every slot was released and nothing it touched was admitted.
 - Every chunk enters the CPU tier through one admission path (:meth:`CpuTier.admit`): store, the
   layer-wise store, promotion and chunks fetched by the cluster agent (:meth:`admit_frame`).
 - The KV spec's ``chunk_tokens`` must equal the config's (a :class:`ConfigError` otherwise).
@@ -33,7 +41,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, cast
 
@@ -57,6 +65,10 @@ log = logging.getLogger(__name__)
 
 STORE_GROUP_BYTES = 32 << 20  # store admits (and queues for write-back) this many bytes of chunks at a time
 STAGE_BYTES = 64 << 20  # without promotion: scratch for lower-tier chunks not read straight into ``into``
+
+#: ``sink(start, end, view)`` / ``source(start, end, view)`` of :meth:`CacheEngine.retrieve_to` /
+#: :meth:`CacheEngine.store_from`: positions ``[start, end)`` of the tokens as a canonical chunk view
+ChunkCall = Callable[[int, int, torch.Tensor], None]
 
 
 class CacheEngine:
@@ -135,9 +147,35 @@ class CacheEngine:
         """
         start = time.perf_counter()
         arr, chunks = self.chunker.chunks(tokens)
+        if chunks:
+            check_kv(self.spec, kv, chunks[-1].end)
+        # with lower tiers the write-back threads are sealing / sending the previous group meanwhile: a
+        # multi-threaded copy_ would wait on the busy core
+        return self._store(start, arr, chunks, skip_tokens,
+                           lambda plan: self._move(plan, kv, into_arena=True, one_thread=self.storage.enabled))
+
+    def store_from(self, tokens: Tokens, source: ChunkCall, *, skip_tokens: int = 0) -> int:
+        """:meth:`store` with each chunk's reserved slot filled by ``source(start, end, view)`` (in order,
+        see the module docstring) instead of copied from a tensor; ``skip_tokens`` as there."""
+        start = time.perf_counter()
+        arr, chunks = self.chunker.chunks(tokens)
+        return self._store(start, arr, chunks, skip_tokens, self._per_chunk(source))
+
+    def _per_chunk(self, call: ChunkCall) -> Callable[[Sequence[tuple[Chunk, int]]], None]:
+        """A plan mover (as :meth:`_move`) that hands ``call`` each planned chunk's slot view in turn."""
+
+        def each(plan: Sequence[tuple[Chunk, int]]) -> None:
+            for chunk, slot in plan:
+                call(chunk.start, chunk.end, self.cpu.arena.view(slot, chunk.num_tokens))
+
+        return each
+
+    def _store(self, start: float, arr: np.ndarray, chunks: list[Chunk], skip_tokens: int,
+               fill_slots: Callable[[Sequence[tuple[Chunk, int]]], None]) -> int:
+        """Admit the uncached ``chunks`` of ``arr``, group by group, ``fill_slots(plan)`` writing each
+        group's ``(chunk, slot)`` plan; return the cached prefix length (see :meth:`store`)."""
         if not chunks:
             return 0
-        check_kv(self.spec, kv, chunks[-1].end)
         todo = [(c, r) for c, r in zip(chunks, token_records(chunks, arr))  # each record built once
                 if c.end > skip_tokens and not self.cpu.contains(r)]
         # with write-back, group by group so the write-back of one overlaps the copy of the next; without,
@@ -152,9 +190,7 @@ class CacheEngine:
                 records = [r for _c, r in todo[done : done + group]]
 
                 def fill(slots: list[int], part: list[Chunk] = part) -> int:
-                    # with lower tiers the write-back threads are sealing / sending the previous
-                    # group meanwhile: a multi-threaded copy_ would wait on the busy core
-                    self._move(list(zip(part, slots)), kv, into_arena=True, one_thread=self.storage.enabled)
+                    fill_slots(list(zip(part, slots)))
                     for listener in self.chunk_listeners:
                         listener(arr, part[: len(slots)])
                     return len(slots)
@@ -174,13 +210,17 @@ class CacheEngine:
                 if len(admitted) < len(part):
                     break
         finally:
-            for slot in held:
-                self.cpu.release(slot)
+            self._release(held)
         # the cached prefix ends before the first chunk no slot was free for
         cached = todo[done][0].start if done < len(todo) else chunks[-1].end
         self._count(stores=1, stored_tokens=stored, store_refused_tokens=len(arr) - cached)
         self._observe("store", start)
         return cached
+
+    def _release(self, slots: Iterable[int | None]) -> None:
+        for slot in slots:
+            if slot is not None:
+                self.cpu.release(slot)
 
     def _write_back(self, record: ChunkRecord, slot: int) -> None:
         """Queue the chunk in referenced ``slot`` for the lower tiers; the reference is released when
@@ -214,19 +254,21 @@ class CacheEngine:
             i += count
 
     # ---- retrieve --------------------------------------------------------------------------------
-    def _acquire(self, arr: np.ndarray, keys: list[ChunkKey], where: list[int | None],
-                 into: KVLike | None) -> tuple[int, list[tuple[Chunk, int | None]]]:
+    def _acquire(self, arr: np.ndarray, keys: list[ChunkKey], where: list[int | None], *,
+                 cpu: Callable[[Sequence[tuple[Chunk, int]]], None] | None = None, out: ChunkCall | None = None,
+                 planes: list[memoryview] | None = None) -> tuple[int, list[tuple[Chunk, int | None]]]:
         """Hold the cached prefix (``arr``, ``keys``, ``where`` from :meth:`_present`) in CPU, promoting
-        lower-tier hits, or with promotion off reading them into ``into`` (then required).
+        lower-tier hits, or with promotion off reading them for this call only into ``out`` (then
+        required; ``planes``: a destination's plane views for reads straight into it).
 
-        Returns the hit length and, per hit chunk, its CPU slot (referenced: release it). With
-        ``into``, lower-tier chunks are written into it while the next ones are still being read, and
-        come back with slot ``None``; the caller copies the others. Without ``into`` every slot is
-        held."""
+        The CPU hits are a prefix of the hit (``where`` starts with their ``None``): ``cpu(plan)``, if given,
+        gets their ``(chunk, slot)`` plan before any lower tier is read. ``out(start, end, view)``, if
+        given, gets each lower-tier chunk as soon as it verified, while the next ones are still being
+        read; those come back with slot ``None``. Returns the hit length and, per hit chunk, its CPU
+        slot (referenced: :meth:`_release` them). On an exception, a callback's included, every slot
+        is released and nothing read is admitted."""
         n = len(where)
         chunks = self.chunker.chunks_of(arr, keys[:n])
-        if into is not None and n:
-            check_kv(self.spec, into, chunks[n - 1].end)
         records = token_records(chunks, arr)
         held: list[int | None] = [None] * n
         for i in range(n):  # CPU hits first, so reserving slots for lower-tier hits cannot evict them
@@ -237,27 +279,25 @@ class CacheEngine:
                     break
         lower = [i for i in range(n) if where[i] is not None]
         try:
+            if cpu is not None:
+                cpu([(chunks[i], cast(int, held[i])) for i in range(n) if where[i] is None])
             if lower and self.config.cpu.promote:
-                n = self._promote(lower, where, records, chunks, held, into, n, arr)
+                n = self._promote(lower, where, records, chunks, held, out, n, arr)
             elif lower:
-                assert into is not None, "without promotion lower-tier hits need a destination"
-                n = self._read_through(lower, where, records, chunks, into, n)
+                assert out is not None, "without promotion lower-tier hits need a destination"
+                n = self._read_through(lower, where, records, chunks, out, planes, n)
         except BaseException:
-            for slot in held:
-                if slot is not None:
-                    self.cpu.release(slot)
+            self._release(held)
             raise
-        for slot in held[n:]:
-            if slot is not None:
-                self.cpu.release(slot)
+        self._release(held[n:])
         hit = chunks[n - 1].end if n else 0
         return hit, [(chunks[i], held[i]) for i in range(n)]
 
     def _promote(self, lower: list[int], where: list[int | None], records: list[ChunkRecord],
-                 chunks: list[Chunk], held: list[int | None], into: KVLike | None, n: int,
+                 chunks: list[Chunk], held: list[int | None], out: ChunkCall | None, n: int,
                  arr: np.ndarray) -> int:
-        """Admit the lower-tier hits ``lower`` into CPU through one pipelined read (copying each into
-        ``into`` as it is verified); fill ``held``; return the new hit length in chunks."""
+        """Admit the lower-tier hits ``lower`` into CPU through one pipelined read (handing each to
+        ``out`` as it is verified); fill ``held``; return the new hit length in chunks."""
 
         def fill(slots: list[int]) -> int:
             loads = [Load(cast(int, where[i]), records[i], self.cpu.arena.view(slot, records[i].num_tokens))
@@ -270,9 +310,9 @@ class CacheEngine:
                         break
                     for listener in self.chunk_listeners:  # a promotion admits it to the CPU tier
                         listener(arr, [chunks[lower[done]]])
-                    if into is not None:
+                    if out is not None:
                         chunk = chunks[lower[done]]
-                        copy_out(loads[done].out, into, chunk.start, chunk.end, one_thread=True)
+                        out(chunk.start, chunk.end, loads[done].out)
                     done += 1
             finally:
                 reads.close()  # no read may still target a slot the admission gives back
@@ -281,7 +321,7 @@ class CacheEngine:
         admitted = self.cpu.admit([records[i] for i in lower], fill, keep=True)
         self._count(promoted_chunks=len(admitted))
         for i, slot in zip(lower, admitted):
-            if into is not None:  # copied out while reading: nothing left to hold
+            if out is not None:  # handed out while reading: nothing left to hold
                 if slot is not None:
                     self.cpu.release(slot)
                 continue
@@ -293,12 +333,11 @@ class CacheEngine:
         return lower[len(admitted)] if len(admitted) < len(lower) else n
 
     def _read_through(self, lower: list[int], where: list[int | None], records: list[ChunkRecord],
-                      chunks: list[Chunk], into: KVLike, n: int) -> int:
-        """Read the lower-tier hits ``lower`` into ``into`` for this retrieve only (promotion off):
-        straight into ``into``'s planes where the tier and ``into`` allow it, else through scratch
-        buffers of at most ``STAGE_BYTES`` at a time, copied out as each chunk is verified. Return the
-        new hit length in chunks."""
-        planes = plane_views(into)
+                      chunks: list[Chunk], out: ChunkCall, planes: list[memoryview] | None, n: int) -> int:
+        """Read the lower-tier hits ``lower`` for this retrieve only (promotion off): straight into
+        ``planes`` (the destination's per-layer K and V rows) where the tier and ``planes`` allow it,
+        else through scratch buffers of at most ``STAGE_BYTES`` at a time, handed to ``out`` as each
+        chunk is verified. Return the new hit length in chunks."""
         row = self.spec.bytes_per_token // (2 * self.spec.num_layers)  # bytes of one position of one plane
 
         def direct(i: int) -> bool:
@@ -329,10 +368,10 @@ class CacheEngine:
                         break
                     if loads[done].into is None:
                         chunk = chunks[segment[done]]
-                        copy_out(loads[done].out, into, chunk.start, chunk.end, one_thread=True)
+                        out(chunk.start, chunk.end, loads[done].out)
                     done += 1
             finally:
-                reads.close()  # nothing may still write into ``into`` or the scratch
+                reads.close()  # nothing may still write into ``planes`` or the scratch
             direct_done = sum(loads[j].into is not None for j in range(done))
             self._count(direct_chunks=direct_done, staged_chunks=done - direct_done)
             if done < len(segment):
@@ -342,21 +381,40 @@ class CacheEngine:
     def retrieve(self, tokens: Tokens, into: KVLike) -> int:
         """Write the cached prefix of ``tokens`` into ``into``; return its length (see the module
         docstring for which positions may have been written)."""
+        return self._timed_retrieve(tokens, lambda arr, keys, where: self._retrieve(arr, keys, where, into))
+
+    def retrieve_to(self, tokens: Tokens, sink: ChunkCall) -> int:
+        """Hand each verified chunk of the cached prefix of ``tokens`` to ``sink(start, end, view)``, in
+        order; return the prefix's length (see the module docstring). Nothing outside the hit reaches
+        ``sink``."""
+
+        def run(arr: np.ndarray, keys: list[ChunkKey], where: list[int | None]) -> int:
+            hit, held = self._acquire(arr, keys, where, cpu=self._per_chunk(sink), out=sink)
+            self._release(slot for _c, slot in held)
+            return hit
+
+        return self._timed_retrieve(tokens, run)
+
+    def _timed_retrieve(self, tokens: Tokens,
+                        run: Callable[[np.ndarray, list[ChunkKey], list[int | None]], int]) -> int:
         start = time.perf_counter()
         arr, keys, where = self._present(tokens)
-        hit = self._retrieve(arr, keys, where, into)
+        hit = run(arr, keys, where)
         self._count(retrieves=1, retrieve_tokens=len(arr), retrieve_hit_tokens=hit)
         self._observe("retrieve", start)
         return hit
 
     def _retrieve(self, arr: np.ndarray, keys: list[ChunkKey], where: list[int | None], into: KVLike) -> int:
-        hit, held = self._acquire(arr, keys, where, into)
-        try:
-            self._move([(c, slot) for c, slot in held if slot is not None], into, into_arena=False)
-        finally:
-            for _c, slot in held:
-                if slot is not None:
-                    self.cpu.release(slot)
+        span = min(len(where) * self.chunker.chunk_tokens, len(arr))  # the hit, if every chunk arrives
+        if span:
+            check_kv(self.spec, into, span)
+
+        def copy(start: int, end: int, view: torch.Tensor) -> None:
+            copy_out(view, into, start, end, one_thread=True)
+
+        hit, held = self._acquire(arr, keys, where, cpu=lambda plan: self._move(plan, into, into_arena=False),
+                                  out=copy, planes=plane_views(into))
+        self._release(slot for _c, slot in held)
         return hit
 
     # ---- frames (cluster agent) ------------------------------------------------------------------
@@ -534,7 +592,7 @@ class LayerwiseRetrieve:
         # without promotion the prefix is read once into a canonical KV of its own (dropped at close)
         self._kv: torch.Tensor | None = None
         if engine.config.cpu.promote:
-            self.hit_tokens, held = engine._acquire(arr, keys, where, None)
+            self.hit_tokens, held = engine._acquire(arr, keys, where)
             self._chunks = [chunk for chunk, _slot in held]
             self._slots = [cast(int, slot) for _chunk, slot in held]  # without ``into`` every slot is held
         else:
