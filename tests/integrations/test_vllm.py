@@ -86,19 +86,62 @@ def kvtier_runs(vllm_env: dict[str, str], model_dir: Path, reference: list[str])
         runs["hit"] = _generate(llm, PROMPTS)
         runs["external_hits"] = _metric(llm, "vllm:external_prefix_cache_hits")
         runs["novel"] = _generate(llm, [NOVEL])[0]
-        real_retrieve = engine.retrieve
+        real_retrieve = engine.retrieve_to
 
-        def short_retrieve(tokens: Any, into: Any) -> int:
-            """Deliver only the first chunk, poison the rest of the staging buffer."""
-            hit = real_retrieve(tokens, into)
-            into[:, :, CHUNK:].fill_(float("nan"))
-            return min(hit, CHUNK)
+        def short_retrieve(tokens: Any, sink: Any) -> int:
+            """Deliver only the first chunk (as if the second failed verification)."""
+            return min(real_retrieve(tokens, lambda start, end, view: start < CHUNK and sink(start, end, view)),
+                       CHUNK)
 
         runs.update(failure_rounds(llm, connector, PROMPTS, {"short": short_retrieve, "broken": broken_retrieve}))
         runs["counters"] = dict(connector.counters)
+        runs["exact"] = _exact_kv(connector)
     finally:
         _close(llm)
     return runs
+
+
+def _exact_kv(connector: Any) -> dict[str, bool]:
+    """The connector's whole-request load and save (chunks straight between kvtier's CPU slots and vLLM's
+    real paged CPU cache: its layout, transposed K, all layers as one view) move exactly the bytes asked
+    for: a load writes only ``[start, end)`` (here from the second chunk to inside the last block), sync
+    and async alike; a save stores what the blocks hold. Uses free blocks at the end of vLLM's pool."""
+    import torch
+
+    from kvtier.integrations.vllm import layout as vl
+    from kvtier.integrations.vllm.plan import LoadReq, SaveReq
+
+    engine, layers, d = connector.engine, connector._layers, connector.spec.head_dim
+    n, end, sentinel = 3 * CHUNK, 3 * CHUNK - 64, -7.0
+    nb = layers[0].shape[0]
+    bs = connector.block_size
+    ids = [nb - 1, nb - 2, nb - 6, nb - 5, nb - 4, nb - 3][: n // bs]  # runs of consecutive ids and not
+    gen = torch.Generator().manual_seed(5)
+    kv = torch.randn(connector.spec.chunk_shape(n), generator=gen)
+    tokens = [9000 + i for i in range(n)]
+    found: dict[str, bool] = {"stored": engine.store(tokens, kv) == n}
+
+    def blocks() -> torch.Tensor:
+        return vl.gather_span(connector._layout, layers, ids, 0, n, torch.empty_like(kv), d)
+
+    for is_async in (False, True):
+        for layer in layers:
+            layer[ids] = sentinel
+        loaded = connector._load(LoadReq(f"exact-{is_async}", tokens, CHUNK, end, ids, is_async))
+        got = blocks()
+        found[f"load_async={is_async}"] = (loaded == end and torch.equal(got[:, :, CHUNK:end], kv[:, :, CHUNK:end])
+                                           and bool((got[:, :, :CHUNK] == sentinel).all())
+                                           and bool((got[:, :, end:] == sentinel).all()))
+    saved_before = connector.counters.get("saved_tokens", 0)
+    other = [t + n for t in tokens]
+    kv2 = torch.randn(connector.spec.chunk_shape(n), generator=gen)
+    vl.scatter_span(connector._layout, layers, ids, 0, n, kv2, d)
+    engine.store(other[:CHUNK], kv2[:, :, :CHUNK])  # the first chunk is cached: the save skips it
+    connector._save(SaveReq("exact-save", other, CHUNK, ids))
+    out = torch.zeros_like(kv2)
+    found["save"] = (connector.counters.get("saved_tokens", 0) - saved_before == n - CHUNK
+                     and engine.retrieve(other, out) == n and torch.equal(out, kv2))
+    return found
 
 
 def test_kvtier_miss_matches_vllm(reference: list[str], kvtier_runs: dict[str, Any]) -> None:
@@ -124,6 +167,11 @@ def test_short_prompt_and_shared_prefix(reference: list[str], kvtier_runs: dict[
     text, n, cached = kvtier_runs["novel"]
     assert text == reference[-1]
     assert 0 < cached < n - 1 and cached % CHUNK == 0  # only the whole chunks shared with PROMPTS[0]
+
+
+def test_load_and_save_move_exact_kv_through_vllms_blocks(kvtier_runs: dict[str, Any]) -> None:
+    assert kvtier_runs["exact"] == {"stored": True, "load_async=False": True, "load_async=True": True,
+                                    "save": True}
 
 
 def test_failed_load_recomputes(reference: list[str], kvtier_runs: dict[str, Any]) -> None:

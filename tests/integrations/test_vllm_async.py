@@ -43,32 +43,30 @@ def async_runs(vllm_env: dict[str, str], model_dir: Path, reference: list[str]) 
     try:
         connector = _connector()
         engine = connector.engine
-        staging = connector._staging.get("async")  # allocated and touched at start, before any load
-        runs["async_staging_tokens"] = 0 if staging is None else staging.shape[2]
-        runs["max_model_len"] = connector.max_model_len
         runs["miss"] = _generate(llm, STORED)
-        real_retrieve, real_store = engine.retrieve, engine.store
+        real_retrieve, real_store = engine.retrieve_to, engine.store_from
         progress = threading.Event()
         waited: list[bool] = []
 
-        def waiting_retrieve(tokens: Any, into: Any) -> int:
+        def waiting_retrieve(tokens: Any, sink: Any) -> int:
             """Hold the load until another request's KV was stored: with a synchronous load that
             request could not run (the step would wait for this load) and the wait would time out."""
             waited.append(progress.wait(180))
-            return real_retrieve(tokens, into)
+            return real_retrieve(tokens, sink)
 
-        def signalling_store(tokens: Any, kv: Any, **kw: Any) -> int:
-            cached = real_store(tokens, kv, **kw)
+        def signalling_store(tokens: Any, source: Any, **kw: Any) -> int:
+            cached = real_store(tokens, source, **kw)
             progress.set()
             return cached
 
-        engine.retrieve, engine.store = waiting_retrieve, signalling_store
+        engine.retrieve_to, engine.store_from = waiting_retrieve, signalling_store
         runs["concurrent"] = _generate(llm, [STORED[0], NOVEL])  # a hit that waits, and a miss
-        engine.retrieve, engine.store = real_retrieve, real_store
+        engine.retrieve_to, engine.store_from = real_retrieve, real_store
         runs["waited"] = waited
         runs["hit"] = _generate(llm, STORED)
         runs.update(failure_rounds(llm, connector, STORED, {"broken": broken_retrieve}))
         runs["counters"] = dict(connector.counters)
+        runs["staging"] = connector._staging
         runs["loader_nice"] = [os.getpriority(os.PRIO_PROCESS, t.native_id or 0) for t in threading.enumerate()
                                if t.name.startswith("kvtier-load")]
     finally:
@@ -99,8 +97,8 @@ def test_the_loader_runs_below_the_engines_priority(async_runs: dict[str, Any]) 
     assert async_runs["loader_nice"] == [max(LOAD_NICE, own)]
 
 
-def test_the_loaders_staging_is_ready_before_the_first_load(async_runs: dict[str, Any]) -> None:
-    assert async_runs["async_staging_tokens"] >= async_runs["max_model_len"]
+def test_loads_and_saves_need_no_staging_buffer(async_runs: dict[str, Any]) -> None:
+    assert async_runs["staging"] is None  # every chunk moved straight between its CPU slot and vLLM's blocks
 
 
 def test_failed_async_load_recomputes(reference: list[str], async_runs: dict[str, Any]) -> None:

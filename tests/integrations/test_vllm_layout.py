@@ -97,7 +97,7 @@ def test_span_moves_what_the_slot_mapping_moves(layout: str, one_buffer: bool, s
                                                 one_thread: bool) -> None:
     """scatter_span / gather_span (whole blocks as block copies, runs of consecutive ids at once) write
     and read exactly the bytes of the per-token slot mapping, for partial and whole blocks alike, with
-    torch's copy or the calling thread's (the asynchronous loader's)."""
+    torch's copy or the calling thread's (the connector's chunk-by-chunk loads and saves)."""
     layers = _layers_in_one_buffer(layout, 3) if one_buffer else [_paged(layout) for _ in range(3)]
     stacked = vl.stack_layers(layers)
     assert (stacked is not None) == one_buffer
@@ -108,8 +108,8 @@ def test_span_moves_what_the_slot_mapping_moves(layout: str, one_buffer: bool, s
     vl.scatter_span(layout, layers, block_ids, start, end, canon, D, stacked, one_thread=one_thread)
     for got, want in zip(layers, expected):
         assert torch.equal(got, want)  # nothing else touched either
-    out = torch.zeros(3, 2, end - start + 4, H, D)[:, :, 4:]  # a strided window, as the staging buffer
-    vl.gather_span(layout, layers, block_ids, start, end, out, D, stacked)
+    out = torch.zeros(3, 2, end - start + 4, H, D)[:, :, 4:]  # a strided window, as a part of a chunk
+    vl.gather_span(layout, layers, block_ids, start, end, out, D, stacked, one_thread=one_thread)
     assert torch.equal(out, canon)
 
 

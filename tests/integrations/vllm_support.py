@@ -190,26 +190,26 @@ def _run_process(args: dict[str, Any], env: dict[str, str]) -> tuple[list[list[A
 
 
 
-def broken_retrieve(tokens: Any, into: Any) -> int:
-    """A kvtier retrieve whose tier is down."""
+def broken_retrieve(tokens: Any, sink: Any) -> int:
+    """A kvtier ``retrieve_to`` whose tier is down."""
     raise OSError("disk on fire")
 
 
 def failure_rounds(llm: Any, connector: Any, prompts: list[Any],
                    retrieves: dict[str, Callable[[Any, Any], int]]) -> dict[str, Any]:
-    """Generate ``prompts`` once per replacement of the engine's ``retrieve`` (in order), then once with
+    """Generate ``prompts`` once per replacement of the engine's ``retrieve_to`` (in order), then once with
     the real one again. Returns ``{name: outputs, ..., "failures": load failures counted in those rounds,
     "after": outputs}``."""
     engine = connector.engine
-    real_retrieve = engine.retrieve
+    real_retrieve = engine.retrieve_to
     before = connector.counters.get("load_failures", 0)
     runs: dict[str, Any] = {}
     try:
         for name, retrieve in retrieves.items():
-            engine.retrieve = retrieve
+            engine.retrieve_to = retrieve
             runs[name] = _generate(llm, prompts)
     finally:
-        engine.retrieve = real_retrieve
+        engine.retrieve_to = real_retrieve
     runs["failures"] = connector.counters.get("load_failures", 0) - before
     runs["after"] = _generate(llm, prompts)
     return runs

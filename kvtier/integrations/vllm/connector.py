@@ -319,7 +319,7 @@ class KvtierConnector(KVConnectorBase_V1):
         self._step: LayerwiseStep | None = None  # this step's layer-wise transfers (kvtier_layerwise)
         self._layers: list[torch.Tensor] = []
         self._stacked: torch.Tensor | None = None  # all layers as one view, when vLLM allocated them so
-        self._staging: dict[str, torch.Tensor] = {}
+        self._staging: torch.Tensor | None = None  # the layer-wise path's (LayerwiseStep)
         self._load_errors: set[int] = set()
         self._failed_loads: set[str] = set()
         self._step_errors: set[int] = set()
@@ -440,20 +440,9 @@ class KvtierConnector(KVConnectorBase_V1):
             engine = self.engine
             assert engine is not None
             self._lookup_server = vllm_lookup.LookupServer(self._lookup_path, engine.lookup, self._authkey)
-        if self._planner.load_async:
-            self._prefault_async_staging()
         log.info("kvtier: %d layers (%s), layout %s, block size %d, chunk %d tokens", len(self._layers),
                  "one buffer" if self._stacked is not None else "separate buffers", self._layout,
                  self.block_size, self.config.chunk_tokens)
-
-    def _prefault_async_staging(self) -> None:
-        """Allocate and touch the asynchronous loader's staging buffer for the longest request now (worker
-        start, nothing else running), when it takes at most :data:`~kvtier.integrations.vllm.loader.
-        PREFAULT_BYTES`: its first use would otherwise fault in every page on the low-priority loader
-        thread beside the forward pass (docs/vllm.md: a server's first 4K-token load took ~1 s and the
-        others' steps stalled as long; later loads 0.2-0.3 s). A larger one grows on first use."""
-        if self.max_model_len * self.spec.bytes_per_token <= vllm_loader.PREFAULT_BYTES:
-            self._stage(self.max_model_len, "async").zero_()
 
     @staticmethod
     def _worker_rank() -> int:
@@ -493,15 +482,15 @@ class KvtierConnector(KVConnectorBase_V1):
         ):
             raise LayoutError("the CPU kernel's block layout differs from kvtier's 'cpu' adapter")
 
-    def _stage(self, tokens: int, user: str = "step") -> torch.Tensor:
-        """A canonical ``[layers, 2, tokens, heads, dim]`` view of a reusable staging buffer: one for
-        the step's own loads and saves (``"step"``), one for the asynchronous loader (``"async"``)."""
-        staging = self._staging.get(user)
+    def _stage(self, tokens: int) -> torch.Tensor:
+        """A canonical ``[layers, 2, tokens, heads, dim]`` view of the layer-wise path's reusable staging
+        buffer (whole-request loads and saves move each chunk straight between its slot and the blocks)."""
+        staging = self._staging
         if staging is None or staging.shape[2] < tokens:
             chunk = self.config.chunk_tokens
             size = max(tokens, min(self.max_model_len, 4 * chunk))
             size = -(-size // chunk) * chunk
-            staging = self._staging[user] = torch.empty(self.spec.chunk_shape(size), dtype=self.spec.torch_dtype)
+            staging = self._staging = torch.empty(self.spec.chunk_shape(size), dtype=self.spec.torch_dtype)
         return staging[:, :, :tokens]
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
@@ -515,12 +504,12 @@ class KvtierConnector(KVConnectorBase_V1):
             if load.is_async:
                 if self._loader is None:
                     self._loader = vllm_loader.loader(self._load_nice)
-                self._loading[load.req_id] = self._loader.submit(self._run_load, load, "async")
+                self._loading[load.req_id] = self._loader.submit(self._run_load, load)
                 self._count("async_loads")
             elif step is not None:
                 self._begin_layer_load(step, load)
             else:
-                self._run_load(load, "step")
+                self._run_load(load)
 
     def _layerwise_step(self) -> LayerwiseStep | None:
         """This step's layer-wise transfers, created on first use (``start_load_kv`` runs before the
@@ -543,7 +532,7 @@ class KvtierConnector(KVConnectorBase_V1):
         if end < load.end:
             self._report_short(load, end)
 
-    def _run_load(self, load: LoadReq, staging: str) -> None:
+    def _run_load(self, load: LoadReq) -> None:
         """Load, time and, when fewer tokens than promised arrived, report the blocks for recompute.
         One info line per load gives its span on the system-wide monotonic clock (``kvtier bench vllm``
         reads it to find which inter-token gaps of other requests overlap the load)."""
@@ -551,7 +540,7 @@ class KvtierConnector(KVConnectorBase_V1):
         began = time.monotonic()
         try:
             if self._layers and self.usable:
-                loaded = self._load(load, staging)
+                loaded = self._load(load)
         except Exception:
             log.exception("kvtier load for %s failed; vLLM will recompute", load.req_id)
             loaded = 0
@@ -577,18 +566,27 @@ class KvtierConnector(KVConnectorBase_V1):
         log.warning("kvtier: request %s loaded %d of %d tokens; reporting %d blocks for recompute",
                     load.req_id, max(loaded - load.start, 0), load.end - load.start, last - first)
 
-    def _load(self, load: LoadReq, user: str = "step") -> int:
-        """Copy ``[start, end)`` of the cached prefix into vLLM's blocks; return the end of what was
-        actually written (``end`` on success)."""
+    def _load(self, load: LoadReq) -> int:
+        """Copy ``[start, end)`` of the cached prefix into vLLM's blocks, each verified chunk straight
+        from the slot the engine holds it in (no staging copy); return the end of what was actually
+        written (``end`` on success). Chunks before ``start`` (vLLM's own prefix-cache hit) and
+        positions from ``end`` on are not copied.
+
+        Chunks are copied on the calling thread only, as in :meth:`_save`: a multi-threaded ``copy_``
+        per chunk wakes torch's threads once per chunk and waits on the slower one, and vLLM's engine
+        core keeps a core busy (A/B in docs/vllm.md)."""
         assert self.engine is not None  # worker side
-        staging = self._stage(len(load.tokens), user)
-        hit = self.engine.retrieve(load.tokens, staging)
-        end = min(hit, load.end)
+
+        def scatter(first: int, last: int, view: torch.Tensor) -> None:
+            lo, hi = max(first, load.start), min(last, load.end)
+            if hi > lo:
+                vllm_layout.scatter_span(self._layout, self._layers, load.block_ids, lo, hi,
+                                         view[:, :, lo - first : hi - first], self.spec.head_dim, self._stacked,
+                                         one_thread=True)
+
+        end = min(self.engine.retrieve_to(load.tokens, scatter), load.end)
         if end <= load.start:
             return 0
-        vllm_layout.scatter_span(self._layout, self._layers, load.block_ids, load.start, end,
-                                 staging[:, :, load.start : end], self.spec.head_dim, self._stacked,
-                                 one_thread=load.is_async)
         self._count("loaded_tokens", end - load.start)
         return end
 
@@ -687,13 +685,16 @@ class KvtierConnector(KVConnectorBase_V1):
                         self._flush_timeout_s)
 
     def _save(self, save: SaveReq) -> None:
-        n = len(save.tokens)
-        skip = min(save.skip, n)
-        staging = self._stage(n)
-        vllm_layout.gather_span(self._layout, self._layers, save.block_ids, skip, n, staging[:, :, skip:n],
-                                self.spec.head_dim, self._stacked)
+        """Store the request's uncached chunks, each gathered out of the blocks straight into the CPU
+        slot reserved for it (no staging copy)."""
+        skip = min(save.skip, len(save.tokens))
+
+        def gather(first: int, last: int, view: torch.Tensor) -> None:
+            vllm_layout.gather_span(self._layout, self._layers, save.block_ids, first, last, view,
+                                    self.spec.head_dim, self._stacked, one_thread=True)
+
         assert self.engine is not None  # worker side
-        cached = self.engine.store(save.tokens, staging, skip_tokens=skip)
+        cached = self.engine.store_from(save.tokens, gather, skip_tokens=skip)
         self._count("saved_tokens", max(cached - skip, 0))
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:

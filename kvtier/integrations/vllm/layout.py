@@ -243,9 +243,11 @@ def scatter_span(layout: str, layers: Sequence[torch.Tensor], block_ids: Sequenc
 
 
 def gather_span(layout: str, layers: Sequence[torch.Tensor], block_ids: Sequence[int], start: int, end: int,
-                out: torch.Tensor, head_dim: int, stacked: torch.Tensor | None = None) -> torch.Tensor:
+                out: torch.Tensor, head_dim: int, stacked: torch.Tensor | None = None, *,
+                one_thread: bool = False) -> torch.Tensor:
     """Inverse of :func:`scatter_span`: fill canonical ``out`` from positions ``[start, end)``."""
-    _span_move(layout, layers, stacked, block_ids, start, end, out, head_dim, into_paged=False, one_thread=False)
+    _span_move(layout, layers, stacked, block_ids, start, end, out, head_dim, into_paged=False,
+               one_thread=one_thread)
     return out
 
 

@@ -20,9 +20,6 @@ log = logging.getLogger(__name__)
 
 #: default nice value of the loader thread (``kvtier_load_nice``)
 LOAD_NICE = 10
-#: the connector allocates and touches the loader's staging buffer (``max_model_len`` tokens) at worker
-#: start when it is at most this large
-PREFAULT_BYTES = 1 << 30
 
 
 def check_nice(value: object) -> int:
