@@ -26,7 +26,8 @@ Semantics (all methods are thread-safe):
   CPU slot, the slot it was just promoted into, or without promotion the scratch it was read into);
   ``source(start, end, view)`` fills the view of the slot reserved for that chunk. A chunk counts once
   its sink returned (retrieve) or once its whole admission group was filled (store). An exception from
-  the callback propagates after every slot was released and nothing it touched was admitted.
+  the callback propagates after every slot was released; nothing of the retrieve's promotion, nor of
+  the store's group being filled, was admitted (the store's earlier groups stay cached).
 - Every chunk enters the CPU tier through one admission path (:meth:`CpuTier.admit`): store, the
   layer-wise store, promotion and chunks fetched by the cluster agent (:meth:`admit_frame`).
 - The KV spec's ``chunk_tokens`` must equal the config's (a :class:`ConfigError` otherwise).
