@@ -130,10 +130,12 @@ def test_spans_sit_at_fixed_positions() -> None:
     assert spans(5, 0, 4) == []
 
 
-def test_auto_pages_per_object_is_a_power_of_two_within_4_mib() -> None:
-    assert auto_pages_per_object(360 << 10) == 8  # SmolLM2-135M, 16-token bf16 pages
-    assert auto_pages_per_object(1440 << 10) == 2
-    assert auto_pages_per_object(8 << 20) == 1
+def test_auto_pages_per_object_is_a_power_of_two_within_16_mib() -> None:
+    assert auto_pages_per_object(360 << 10) == 32  # SmolLM2-135M, 16-token bf16 pages: 11.25 MiB
+    assert auto_pages_per_object(1440 << 10) == 8
+    assert auto_pages_per_object(8 << 20) == 2
+    assert auto_pages_per_object(9 << 20) == 1
+    assert auto_pages_per_object(32 << 20) == 1  # a page larger than the cap still is an object
     assert auto_pages_per_object(1) == MAX_PAGES_PER_OBJECT
 
 
@@ -417,6 +419,24 @@ def test_a_prompt_sharing_part_of_a_group_hits_the_shared_pages(tmp_path: Path) 
     fresh = grouped(tmp_path, fake_pool(slots=16 * PAGE, seed=3))  # A and B both whole, by their own keys
     assert fresh.batch_exists(A[:8], after([])) == 8 and fresh.batch_exists(B[:8], after([])) == 8
     assert fresh.batch_exists(B[:10], after([])) == 8
+
+
+def test_shorter_objects_of_a_group_are_probed_in_one_call_per_tier(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A group whose longest object is missing is probed for every shorter one at once, longest first
+    (one ``exists`` per tier, not one per length: a round trip each on a remote tier)."""
+    storage = grouped(tmp_path)
+    assert storage.batch_set_v1(A[:6], slots(list(range(6))), after([])) == [True] * 6  # 0-3 and the tail 4-5
+    assert storage.manager is not None and storage.keys is not None
+    tier = storage.manager.slots[0].tier
+    calls: list[int] = []
+    exists = tier.exists
+    monkeypatch.setattr(tier, "exists", lambda keys: calls.append(len(keys)) or exists(keys))
+    assert storage.batch_exists(A[:8], after([])) == 6
+    assert calls == [2, 3]  # the two groups' longest objects, then pages 4-6, 4-5 and 4 of group 1
+    present, absent = storage.keys.record(A[:4]).key, storage.keys.record(A[:3]).key
+    assert storage.manager.where([present, absent, present]) == [0, None, 0]
+    assert storage.manager.locate([present, absent, present]) == [0]
 
 
 def test_a_damaged_page_in_an_object_is_a_counted_miss(tmp_path: Path) -> None:

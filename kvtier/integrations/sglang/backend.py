@@ -11,7 +11,7 @@ Tested on SGLang 0.5.23 (CPU, see docs/sglang.md). Enable it with::
 (all optional): ``kvtier_config`` (YAML file; default ``$KVTIER_CONFIG``), ``kvtier`` (a mapping of
 config overrides), ``kvtier_model_id`` (the model part of every key; default SGLang's model name),
 ``kvtier_pages_per_object`` (pages per stored object, 1..128, default ``"auto"``: the largest power of
-two that keeps an object within 4 MiB). ``KVTIER_*`` environment variables apply as everywhere else.
+two that keeps an object within 16 MiB). ``KVTIER_*`` environment variables apply as everywhere else.
 At least one serialized tier (disk, remote, redis or fs) must be enabled: SGLang's host pool already
 is the CPU tier.
 
@@ -274,11 +274,11 @@ class KvtierStorage(_Base):
         one the chain names, else one from the page index."""
         assert self.manager is not None and self.keys is not None
         top = min(span.start + self.pages_per_object, len(chain))
-        for end in range(top - 1, span.first, -1):
-            record = self.keys.record(chain[span.start : end])
-            found = self.manager.locate([record.key])
-            if found:
-                return _Hit(span, found[0], record, min(end, span.end))
+        ends = range(top - 1, span.first, -1)
+        shorter = [self.keys.record(chain[span.start : end]) for end in ends]
+        for end, record, tier in zip(ends, shorter, self.manager.where([r.key for r in shorter])):  # longest first
+            if tier is not None:
+                return _Hit(span, tier, record, min(end, span.end))
         indexed = self.index.find(self.keys.page_id(chain[span.first]))
         if indexed is None or indexed[1] != span.first - span.start:
             return None
