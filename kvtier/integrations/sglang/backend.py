@@ -57,7 +57,7 @@ and hybrid (v2) pools are not supported: kvtier then stays off and SGLang runs w
 Failure. Every backend call catches everything: an error is logged, counted in :attr:`counters` and
 answered as a miss (``False`` / 0 pages); SGLang then recomputes. Writes are synchronous (the call
 returns once the frames are in the tiers, so SGLang may reuse the pages), on SGLang's own backup thread
-and, for objects written straight from the pool, two put threads of this backend.
+and, for objects written straight from the pool, the put threads of this backend (:data:`PUT_THREADS`).
 
 Cross-engine sharing with vLLM / HF: not through these keys. kvtier's token keys hash token ids in
 ``chunk_tokens`` chunks; SGLang hands the backend neither the tokens nor anything they could be
@@ -125,7 +125,9 @@ EXTRA_KEYS = ("kvtier_config", "kvtier", "kvtier_model_id", "kvtier_pages_per_ob
 _T = TypeVar("_T")
 READ_BATCH_PAGES = 8  # pages per read batch of the storage manager
 FLUSH_TIMEOUT_S = 30.0  # a write call waits this long for its objects (as the manager's flush)
-PUT_THREADS = 2  # objects written at once by a write call (their file writes / fsyncs overlap)
+# objects written at once by a write call (their file writes / fsyncs overlap): a 128-page batch of 32-page
+# objects all at once; with fsync faster than 2, neutral without (docs/sglang.md, "Stop 23")
+PUT_THREADS = 4
 
 
 # ---- the backend ----------------------------------------------------------------------------------
