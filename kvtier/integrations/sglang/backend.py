@@ -126,7 +126,7 @@ _T = TypeVar("_T")
 READ_BATCH_PAGES = 8  # pages per read batch of the storage manager
 FLUSH_TIMEOUT_S = 30.0  # a write call waits this long for its objects (as the manager's flush)
 # objects written at once by a write call (their file writes / fsyncs overlap): a 128-page batch of 32-page
-# objects all at once; with fsync faster than 2, neutral without (docs/sglang.md, "Stop 23")
+# objects all at once; with fsync faster than 2, neutral without (docs/sglang.md, "Object size")
 PUT_THREADS = 4
 
 
