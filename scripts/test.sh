@@ -32,6 +32,13 @@ engine_suite() {  # engine_suite VENV TEST_GLOB: pytest from tests/ (the install
   (cd tests && "../$1/bin/pytest" -q -p no:cacheprovider --rootdir=.. $2)
 }
 
+# the three venvs, the wheel and the test files take ~9 GB: say so up front when the disk is short
+# (a pip download cut off by a full disk reads like a network failure)
+free_kib=$(df -Pk . | awk 'NR == 2 {print $4}')
+if [ "${free_kib:-0}" -lt $((10 * 1024 * 1024)) ]; then
+  echo "[test] warning: only $((free_kib / 1024 / 1024)) GiB free here; a full run needs ~10 GiB" >&2
+fi
+
 if stage setup ./scripts/setup.sh; then
   stage main-suite .venv/bin/pytest -q "$@"
   stage wheel ./scripts/build.sh
