@@ -86,6 +86,13 @@ class CpuConfig(_Section):
 
     capacity: ByteSize = Field(2 * GiB, description="Arena size in bytes (allocated once at start).")
     policy: Policy = Field("lru", description="Eviction policy: lru, lfu, fifo or s3fifo.")
+    promote: bool = Field(
+        True,
+        description="Admit lower-tier hits to the CPU tier (the next retrieve of them is a CPU hit). "
+        "False: a lower-tier hit is read for that retrieve only, straight into the caller's tensor where "
+        "its layout allows, and the CPU tier is left as it was (no admission, no eviction), so one-off "
+        "reads of a big remote cache do not flush the hot CPU set; a repeated read pays the lower tier again.",
+    )
 
 
 class DiskConfig(_Section):

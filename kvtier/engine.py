@@ -6,11 +6,19 @@ Semantics (all methods are thread-safe):
 - ``store(tokens, kv)`` copies the chunks of ``tokens`` not yet cached out of ``kv`` into CPU slots
   and returns once the copy is done; writes to lower tiers continue in the background through a
   bounded queue. Returns the length of the cached prefix after the call (a refused chunk stops it).
-- ``retrieve(tokens, into)`` writes the longest cached prefix into ``into`` and returns its length;
-  exactly positions ``[0, hit)`` were written, nothing else. Lower-tier hits are promoted to CPU: they
-  are read in batches ahead of the chunk being verified and copied out (``StorageManager.load_many``),
-  straight into the CPU slots they are admitted to; the first chunk that misses or fails verification
-  ends the hit.
+- ``retrieve(tokens, into)`` writes the longest cached prefix into ``into`` and returns its length
+  ``hit``: positions ``[0, hit)`` hold the cached KV. Lower-tier hits are read in batches ahead of the
+  chunk being verified (``StorageManager.load_many``); the first chunk that misses or fails
+  verification ends the hit, and a chunk counts (is part of ``hit``) only after its whole frame
+  verified (checksum or MAC, key, record).
+  With ``cpu.promote`` (default) they are promoted: read straight into the CPU slots they are admitted
+  to, then copied out, and nothing outside ``[0, hit)`` is written. Without it they are read for this
+  retrieve only and the CPU tier is left as it was (no admission, no eviction): a raw frame from a
+  :class:`~kvtier.storage.base.ScatteredTier` is received straight into ``into`` when ``into`` is CPU
+  memory whose per-layer K and V rows are contiguous (each plane ``[layer, k|v, start:end]`` one run),
+  every other chunk through a bounded scratch buffer that is dropped after the copy-out. Then
+  positions from ``hit`` on that were asked of a lower tier MAY have been overwritten (a chunk that
+  failed verification, and chunks read ahead of it); callers recompute from ``hit`` on.
 - Every chunk enters the CPU tier through one admission path (:meth:`CpuTier.admit`): store, the
   layer-wise store, promotion and chunks fetched by the cluster agent (:meth:`admit_frame`).
 - The KV spec's ``chunk_tokens`` must equal the config's (a :class:`ConfigError` otherwise).
@@ -32,7 +40,7 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from kvtier import frames
+from kvtier import batching, frames
 from kvtier.config import KvtierConfig, load_config
 from kvtier.errors import ConfigError, KvtierError
 from kvtier.frame_auth import FrameKeys
@@ -43,11 +51,12 @@ from kvtier.record import ChunkRecord, token_record, token_records, verify
 from kvtier.storage.base import Tier
 from kvtier.storage.cpu import CpuTier
 from kvtier.storage.manager import Load, StorageManager
-from kvtier.tensors import KVLike, check_kv, copy_in, copy_in_run, copy_out, copy_out_run
+from kvtier.tensors import KVLike, check_kv, copy_in, copy_in_run, copy_out, copy_out_run, plane_views
 
 log = logging.getLogger(__name__)
 
 STORE_GROUP_BYTES = 32 << 20  # store admits (and queues for write-back) this many bytes of chunks at a time
+STAGE_BYTES = 64 << 20  # without promotion: scratch for lower-tier chunks not read straight into ``into``
 
 
 class CacheEngine:
@@ -205,14 +214,15 @@ class CacheEngine:
             i += count
 
     # ---- retrieve --------------------------------------------------------------------------------
-    def _acquire(self, tokens: Tokens, into: KVLike | None) -> tuple[np.ndarray, int, list[tuple[Chunk, int | None]]]:
-        """Hold the cached prefix of ``tokens`` in CPU, promoting lower-tier hits.
+    def _acquire(self, arr: np.ndarray, keys: list[ChunkKey], where: list[int | None],
+                 into: KVLike | None) -> tuple[int, list[tuple[Chunk, int | None]]]:
+        """Hold the cached prefix (``arr``, ``keys``, ``where`` from :meth:`_present`) in CPU, promoting
+        lower-tier hits, or with promotion off reading them into ``into`` (then required).
 
-        Returns the token ids, the hit length and, per hit chunk, its CPU slot (referenced: release
-        it). With ``into``, lower-tier chunks are copied into it while the next ones are still being
-        read, and come back with slot ``None``; the caller copies the others. Without ``into`` every
-        slot is held. Exactly the chunks of ``[0, hit)`` are copied."""
-        arr, keys, where = self._present(tokens)
+        Returns the hit length and, per hit chunk, its CPU slot (referenced: release it). With
+        ``into``, lower-tier chunks are written into it while the next ones are still being read, and
+        come back with slot ``None``; the caller copies the others. Without ``into`` every slot is
+        held."""
         n = len(where)
         chunks = self.chunker.chunks_of(arr, keys[:n])
         if into is not None and n:
@@ -227,8 +237,11 @@ class CacheEngine:
                     break
         lower = [i for i in range(n) if where[i] is not None]
         try:
-            if lower:
+            if lower and self.config.cpu.promote:
                 n = self._promote(lower, where, records, chunks, held, into, n, arr)
+            elif lower:
+                assert into is not None, "without promotion lower-tier hits need a destination"
+                n = self._read_through(lower, where, records, chunks, into, n)
         except BaseException:
             for slot in held:
                 if slot is not None:
@@ -238,7 +251,7 @@ class CacheEngine:
             if slot is not None:
                 self.cpu.release(slot)
         hit = chunks[n - 1].end if n else 0
-        return arr, hit, [(chunks[i], held[i]) for i in range(n)]
+        return hit, [(chunks[i], held[i]) for i in range(n)]
 
     def _promote(self, lower: list[int], where: list[int | None], records: list[ChunkRecord],
                  chunks: list[Chunk], held: list[int | None], into: KVLike | None, n: int,
@@ -279,18 +292,71 @@ class CacheEngine:
             held[i] = slot
         return lower[len(admitted)] if len(admitted) < len(lower) else n
 
+    def _read_through(self, lower: list[int], where: list[int | None], records: list[ChunkRecord],
+                      chunks: list[Chunk], into: KVLike, n: int) -> int:
+        """Read the lower-tier hits ``lower`` into ``into`` for this retrieve only (promotion off):
+        straight into ``into``'s planes where the tier and ``into`` allow it, else through scratch
+        buffers of at most ``STAGE_BYTES`` at a time, copied out as each chunk is verified. Return the
+        new hit length in chunks."""
+        planes = plane_views(into)
+        row = self.spec.bytes_per_token // (2 * self.spec.num_layers)  # bytes of one position of one plane
+
+        def direct(i: int) -> bool:
+            return planes is not None and self.storage.slots[cast(int, where[i])].reads_scattered
+
+        def staged_bytes(i: int) -> int:
+            return 0 if direct(i) else records[i].num_tokens * self.spec.bytes_per_token
+
+        for segment in batching.cut(lower, len(lower), STAGE_BYTES, staged_bytes):
+            scratch = torch.empty(sum(staged_bytes(i) for i in segment) // self.spec.itemsize,
+                                  dtype=self.spec.torch_dtype)
+            loads, at = [], 0
+            for i in segment:
+                chunk, shape = chunks[i], self.spec.chunk_shape(chunks[i].num_tokens)
+                if planes is not None and direct(i):
+                    parts = [plane[chunk.start * row : chunk.end * row] for plane in planes]
+                    meta = torch.empty(shape, dtype=self.spec.torch_dtype, device="meta")  # the shape only
+                    loads.append(Load(cast(int, where[i]), records[i], meta, parts))
+                else:
+                    size = staged_bytes(i) // self.spec.itemsize
+                    loads.append(Load(cast(int, where[i]), records[i], scratch[at : at + size].view(shape)))
+                    at += size
+            done = 0
+            reads = self.storage.load_many(loads)
+            try:
+                for ok in reads:
+                    if not ok:
+                        break
+                    if loads[done].into is None:
+                        chunk = chunks[segment[done]]
+                        copy_out(loads[done].out, into, chunk.start, chunk.end, one_thread=True)
+                    done += 1
+            finally:
+                reads.close()  # nothing may still write into ``into`` or the scratch
+            direct_done = sum(loads[j].into is not None for j in range(done))
+            self._count(direct_chunks=direct_done, staged_chunks=done - direct_done)
+            if done < len(segment):
+                return segment[done]
+        return n
+
     def retrieve(self, tokens: Tokens, into: KVLike) -> int:
-        """Write the cached prefix of ``tokens`` into ``into``; return its length."""
+        """Write the cached prefix of ``tokens`` into ``into``; return its length (see the module
+        docstring for which positions may have been written)."""
         start = time.perf_counter()
-        arr, hit, held = self._acquire(tokens, into)
+        arr, keys, where = self._present(tokens)
+        hit = self._retrieve(arr, keys, where, into)
+        self._count(retrieves=1, retrieve_tokens=len(arr), retrieve_hit_tokens=hit)
+        self._observe("retrieve", start)
+        return hit
+
+    def _retrieve(self, arr: np.ndarray, keys: list[ChunkKey], where: list[int | None], into: KVLike) -> int:
+        hit, held = self._acquire(arr, keys, where, into)
         try:
             self._move([(c, slot) for c, slot in held if slot is not None], into, into_arena=False)
         finally:
             for _c, slot in held:
                 if slot is not None:
                     self.cpu.release(slot)
-        self._count(retrieves=1, retrieve_tokens=len(arr), retrieve_hit_tokens=hit)
-        self._observe("retrieve", start)
         return hit
 
     # ---- frames (cluster agent) ------------------------------------------------------------------
@@ -462,13 +528,26 @@ class LayerwiseRetrieve:
 
     def __init__(self, engine: CacheEngine, tokens: Tokens) -> None:
         self._engine = engine
-        arr, self.hit_tokens, held = engine._acquire(tokens, None)
-        self._chunks = [chunk for chunk, _slot in held]
-        self._slots = [cast(int, slot) for _chunk, slot in held]  # without ``into`` every slot is held
+        arr, keys, where = engine._present(tokens)
+        self._chunks: list[Chunk] = []
+        self._slots: list[int] = []
+        # without promotion the prefix is read once into a canonical KV of its own (dropped at close)
+        self._kv: torch.Tensor | None = None
+        if engine.config.cpu.promote:
+            self.hit_tokens, held = engine._acquire(arr, keys, where, None)
+            self._chunks = [chunk for chunk, _slot in held]
+            self._slots = [cast(int, slot) for _chunk, slot in held]  # without ``into`` every slot is held
+        else:
+            span = min(len(where) * engine.chunker.chunk_tokens, len(arr))
+            self._kv = torch.empty(engine.spec.chunk_shape(span), dtype=engine.spec.torch_dtype)
+            self.hit_tokens = engine._retrieve(arr, keys, where, self._kv)
         engine._count(retrieves=1, retrieve_tokens=len(arr), retrieve_hit_tokens=self.hit_tokens)
 
     def layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write layer ``layer`` of the hit prefix into ``k``, ``v`` (``[tokens, kv_heads, head_dim]``)."""
+        if self._kv is not None:
+            k[: self.hit_tokens].copy_(self._kv[layer, 0, : self.hit_tokens])
+            v[: self.hit_tokens].copy_(self._kv[layer, 1, : self.hit_tokens])
         for chunk, slot in zip(self._chunks, self._slots):
             view = self._engine.cpu.arena.view(slot, chunk.num_tokens)
             k[chunk.start : chunk.end].copy_(view[layer, 0])
@@ -479,3 +558,4 @@ class LayerwiseRetrieve:
             self._engine.cpu.release(slot)
         self._slots = []
         self._chunks = []
+        self._kv = None

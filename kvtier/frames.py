@@ -71,19 +71,23 @@ def unpack_head_into(head: bytes | bytearray | memoryview, spec: KVSpec, out: to
 def unpack_into_parts(data: bytes | bytearray | memoryview, placed: bool, spec: KVSpec,
                       parts: Sequence[memoryview], num_tokens: int, expect: ChunkKey | None = None,
                       auth: FrameKeys | None = None) -> wire.ChunkMeta:
-    """Verify a raw frame of ``num_tokens`` positions whose payload goes into ``parts`` (buffers whose
-    concatenation is the payload: scattered destination memory). ``placed``: ``data`` is the head and a
-    reader already put the payload into ``parts`` (zero copy; verified there); otherwise ``data`` is the
-    whole frame, verified, then copied into ``parts``. Raises as :func:`unpack_into` does, and
-    :class:`LayoutError` for a frame of another codec; on any error ``parts`` hold garbage."""
+    """Verify a frame of ``num_tokens`` positions whose decoded chunk goes into ``parts`` (buffers whose
+    concatenation is the canonical chunk's bytes: scattered destination memory). ``placed``: ``data``
+    is the head and a reader already put the raw payload into ``parts`` (zero copy; verified there);
+    otherwise ``data`` is the whole frame, verified, then copied (raw) or decoded through a scratch
+    chunk (other codecs) into ``parts``. Raises as :func:`unpack_into` does; on any error ``parts``
+    hold garbage."""
     if placed:
         meta = wire.verify_parts(data, parts, auth)
         payload = None
     else:
         meta, payload = wire.unpack_meta(data, auth)
     wire.check_meta(meta, spec, num_tokens, expect)
-    if meta.codec != "raw":
-        raise LayoutError(f"a {meta.codec} frame cannot be read into scattered memory (raw only)")
+    if meta.codec != "raw":  # decoded into a scratch chunk, then its bytes scattered into the parts
+        scratch = torch.empty(spec.chunk_shape(num_tokens), dtype=spec.torch_dtype)
+        coded = payload if payload is not None else memoryview(b"".join(parts))
+        get_codec(meta.codec).decode(coded, meta.codec_params, spec, scratch)
+        payload = payload_view(scratch)
     if payload is not None:
         if payload.nbytes != sum(p.nbytes for p in parts):
             raise CorruptChunk(f"payload of {payload.nbytes} bytes for buffers of {sum(p.nbytes for p in parts)}")

@@ -161,3 +161,19 @@ def int_view(tensor: torch.Tensor) -> torch.Tensor:
     one): what numpy can take without a dtype of its own (bfloat16, float8) and copies bytes exactly."""
     as_int = _SAME_SIZE_INT[tensor.element_size()]
     return tensor if tensor.dtype == as_int else tensor.view(as_int)
+
+
+def plane_views(kv: KVLike) -> list[memoryview] | None:
+    """Flat byte views of ``kv``'s planes in canonical order (layer 0 K, layer 0 V, layer 1 K, ...),
+    each over every position of its plane, when every plane is a contiguous CPU tensor: then the
+    positions ``[start, end)`` of a plane are bytes ``[start * row, end * row)`` of its view (``row``:
+    the plane's bytes per position), and one chunk's canonical bytes are those runs in order.
+    ``None`` otherwise (e.g. transposed or GPU planes)."""
+    planes = ([kv[layer, j] for layer in range(kv.shape[0]) for j in (0, 1)] if isinstance(kv, torch.Tensor)
+              else [t for k, v in kv for t in (k, v)])
+    views = []
+    for plane in planes:
+        if plane.device.type != "cpu" or not plane.is_contiguous() or plane.numel() == 0 or plane.requires_grad:
+            return None
+        views.append(plane.view(torch.uint8).reshape(-1).numpy().data)
+    return views

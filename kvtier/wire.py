@@ -14,9 +14,11 @@ Layout (little endian)::
     32     32    MAC: BLAKE3-keyed over bytes [0, 32) + metadata + payload (zeros when key_id is 0)
     64     ...   metadata (msgspec msgpack of :class:`ChunkMeta`), then payload
 
-The checksum detects damage and lets a process without the tenant's secret (the cache server) check
-frames; the MAC (:mod:`kvtier.frame_auth`) proves the writer held the secret. A reader with a keyring
-accepts only frames whose MAC verifies under a key it holds (:class:`FrameAuthError` otherwise, or
+The checksum detects damage, for every reader (one without the tenant's secret too); the MAC
+(:mod:`kvtier.frame_auth`) proves the writer held the secret. Integrity is end to end: stores in between
+(the cache server, Redis, a shared filesystem) keep what they are given and check at most its structure
+(:func:`check_frame`); every reader verifies every frame it uses. A reader with a keyring accepts only
+frames whose MAC verifies under a key it holds (:class:`FrameAuthError` otherwise, or
 :class:`CorruptChunk` when the checksum shows damage) and does not checksum them again: the MAC covers
 the checksum field and every byte the checksum covers. A reader without keys checks the checksum only
 and so trusts every writer of its tiers.
@@ -93,6 +95,18 @@ Payload = bytes | memoryview | Sequence[bytes | memoryview]
 def payload_parts(payload: Payload) -> tuple[bytes | memoryview, ...]:
     """``payload`` as the buffers it is made of, in order."""
     return (payload,) if isinstance(payload, (bytes, bytearray, memoryview)) else tuple(payload)
+
+
+def advance(views: list[memoryview], n: int) -> None:
+    """Drop the first ``n`` bytes of ``views`` (byte views, in order) in place: what one ``writev`` /
+    ``preadv`` / ``recvmsg_into`` over them moved."""
+    done = 0
+    while done < len(views) and n >= len(views[done]):
+        n -= len(views[done])
+        done += 1
+    del views[:done]
+    if n:
+        views[0] = views[0][n:]
 
 
 def _checksum(meta: bytes | memoryview, parts: Iterable[bytes | memoryview]) -> int:
@@ -244,19 +258,25 @@ class _FrameKey(msgspec.Struct):
 _frame_key = msgspec.msgpack.Decoder(_FrameKey)
 
 
-def check_frame(frame: bytes | bytearray | memoryview, key: ChunkKey, digest: int | None = None) -> None:
-    """What a store without the tenant's keys can check (the cache server): header, lengths, checksum
-    and that the metadata names ``key``. Raise :class:`CorruptChunk` otherwise. One xxh3 pass, or none
-    when the caller gives ``digest``: the xxh3-64 of ``frame[HEADER_BYTES:]`` it computed as the bytes
-    arrived (equal to the frame's checksum input once the lengths below are checked)."""
+def check_frame(frame: bytes | bytearray | memoryview, key: ChunkKey) -> tuple[memoryview, memoryview]:
+    """The structure a store without the tenant's keys checks before it keeps a frame (the cache
+    server): magic, version, flags, lengths, and that the metadata names ``key``. Raise
+    :class:`CorruptChunk` otherwise; return ``(head, payload)``. No pass over the payload: its checksum
+    is the reader's to verify (:func:`verify_parts`), since anyone can compute one, and a reader never
+    trusts a store for it."""
     head, payload = split(frame)
-    if digest is None:
-        digest = _checksum(head[HEADER_BYTES:], (payload,))
-    if digest != read_header(head).checksum:
-        raise CorruptChunk("checksum mismatch")
     try:
         named = _frame_key.decode(head[HEADER_BYTES:])
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise CorruptChunk(f"bad metadata record: {exc}") from exc
     if named.key != key:
         raise CorruptChunk(f"frame holds key {named.key.hex()}, request names {key.hex()}")
+    return head, payload
+
+
+def check_intact(frame: bytes | bytearray | memoryview, key: ChunkKey) -> None:
+    """:func:`check_frame` plus the checksum: for a store that reloads what it kept (the server's disk)
+    and drops damaged copies instead of serving them. Raise :class:`CorruptChunk` otherwise."""
+    head, payload = check_frame(frame, key)
+    if _checksum(head[HEADER_BYTES:], (payload,)) != read_header(head).checksum:
+        raise CorruptChunk("checksum mismatch")

@@ -45,6 +45,13 @@ def test_bad_values_name_key_value_and_choices() -> None:
         load_config(overrides={"cpu": {"capacity": "lots"}}, environ={})
     with pytest.raises(ConfigError, match=r"chunk_tokens.*0"):
         load_config(overrides={"chunk_tokens": 0}, environ={})
+    with pytest.raises(ConfigError, match=r"cpu.promote.*'sometimes'.*boolean"):
+        load_config(overrides={"cpu": {"promote": "sometimes"}}, environ={})
+
+
+def test_promotion_is_on_by_default_and_switched_off_by_env() -> None:
+    assert load_config(environ={}).cpu.promote is True
+    assert load_config(environ={"KVTIER_CPU__PROMOTE": "false"}).cpu.promote is False
 
 
 def test_bad_file(tmp_path: Path) -> None:

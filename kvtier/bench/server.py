@@ -7,7 +7,7 @@ Measured in one run, interleaved so machine noise hits both sides alike:
   them back into one preallocated buffer per frame. No framing, no checksum, no per-frame round trip:
   the best a TCP protocol can do with the same distinct bytes.
 - ours: :class:`~kvtier.storage.remote.RemoteTier` ``put`` / ``get`` (one round trip per frame, the
-  server verifies each PUT's xxh3 checksum; the client returns fresh ``bytes``), and the batched
+  server checks each PUT's structure; the client returns fresh ``bytes``), and the batched
   ``put_many`` (MPUT) / ``get_many`` (MGET: one request, frames streamed back and consumed one by one
   as they arrive, like the manager verifying and copying them) and ``get_many_into`` (MGET with each
   payload received straight into a preallocated destination, as the engine's zero-copy path does).

@@ -4,6 +4,13 @@ What users wait on when the CPU tier does not hold their prefix: ``CacheEngine.r
 prompt (8,192 bf16 tokens of SmolLM2-135M geometry by default, 32 chunks of 256 tokens, ~189 MB) with
 the CPU tier emptied, so every chunk comes from the lower tier (read, verified, promoted, copied out),
 and ``CacheEngine.store`` until every chunk is written to that tier (copy in, frame, write-back, flush).
+The retrieve is measured twice: with promotion (``cpu.promote``, the default: every chunk is admitted to
+the CPU tier, then copied out) and without (``retrieve, no promotion``: read for that retrieve only,
+straight into the destination tensor where the tier can), against the same ceiling.
+
+CPU per side: for every timed run, the CPU time of this process (the engine, or the ceiling's client)
+and of its peer process (cache server / raw sink, redis-server), summed over their threads from
+``/proc/<pid>/task/*/schedstat``; min/median/max in ms go into the JSON (``cpu_ms``).
 
 Ceilings, on the same frames, measured in the same run and interleaved with ours (the order alternates
 every run, so the machine's drift hits both sides alike; ratios are per run pair, min/median/max):
@@ -35,7 +42,8 @@ import typer
 
 TIERS = ("server", "redis", "disk", "mooncake")
 GOAL = 0.8
-OPS = (("retrieve", "ceiling read"), ("store", "ceiling write"))
+DIRECT = "retrieve, no promotion"
+OPS = (("retrieve", "ceiling read"), (DIRECT, "ceiling read"), ("store", "ceiling write"))
 
 
 class Unavailable(Exception):
@@ -51,7 +59,8 @@ class Ceiling:
     """A lower tier for the engine and the raw reads / writes of the same frames it is measured against.
 
     ``before_read`` runs before every timed read, ours and the ceiling's (e.g. dropping the page cache);
-    ``before_write`` before every ceiling write (e.g. removing what the previous one wrote)."""
+    ``before_write`` before every ceiling write (e.g. removing what the previous one wrote). ``peer`` /
+    ``ceiling_peer``: the process on the other end of our tier / of the ceiling, for CPU accounting."""
 
     tier: Any
     read: Callable[[], None]
@@ -59,6 +68,33 @@ class Ceiling:
     what: str
     before_read: Callable[[], object] = _nothing
     before_write: Callable[[], None] = _nothing
+    peer: int | None = None
+    ceiling_peer: int | None = None
+
+
+def _child(marker: str) -> int | None:
+    """The pid of this process's child whose command line contains ``marker``."""
+    for task in Path("/proc/self/task").iterdir():
+        with contextlib.suppress(OSError):
+            for pid in (task / "children").read_text().split():
+                with contextlib.suppress(OSError):
+                    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+                    if marker in cmdline.decode(errors="replace"):
+                        return int(pid)
+    return None
+
+
+def cpu_ns(pid: int | str | None) -> int:
+    """CPU nanoseconds used so far by every live thread of process ``pid`` ("self": this one); 0 for
+    ``None`` or a process that is gone."""
+    if pid is None:
+        return 0
+    total = 0
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                total += int((task / "schedstat").read_text().split()[0])
+    return total
 
 
 @contextlib.contextmanager
@@ -69,7 +105,8 @@ def _server(frames: list[bytes], _work: Path) -> Iterator[Ceiling]:
     size = len(frames[0])
     with kvtier_server(3 * size * len(frames) + (64 << 20)) as port, raw_peer(frames) as (put, get):
         yield Ceiling(RemoteTier("127.0.0.1", port, timeout_s=30.0), get, put,
-                      "raw loopback TCP stream of the same bytes (distinct buffers both sides)")
+                      "raw loopback TCP stream of the same bytes (distinct buffers both sides)",
+                      peer=_child("kvtier.server"), ceiling_peer=_child("import socket, struct"))
 
 
 @contextlib.contextmanager
@@ -100,9 +137,10 @@ def _redis(frames: list[bytes], _work: Path) -> Iterator[Ceiling]:
             pipe.execute()
 
         write()
+        server = _child(os.path.basename(binary))
         try:
             yield Ceiling(RedisTier(f"redis://127.0.0.1:{port}/0"), read, write,
-                          "pipelined plain redis-py GET / SET of the same frames")
+                          "pipelined plain redis-py GET / SET of the same frames", peer=server, ceiling_peer=server)
         finally:
             plain.close()
 
@@ -180,7 +218,7 @@ CEILINGS = {"server": _server, "redis": _redis, "disk": _disk, "mooncake": _moon
 
 
 def measure(name: str, tokens: int, repeat: int, work: Path) -> tuple[dict[str, list[float]], dict[str, Any]]:
-    """Seconds of every timed run of ``name``'s four operations, and the engine's counters."""
+    """Seconds of every timed run of ``name``'s five operations, and the engines' counters and CPU."""
     import numpy as np
     import torch
 
@@ -204,12 +242,15 @@ def measure(name: str, tokens: int, repeat: int, work: Path) -> tuple[dict[str, 
     frames = [wire_frames.pack(token_record(c, arr), kv[:, :, c.start : c.end].contiguous(), spec) for c in chunks]
     with CEILINGS[name](frames, work) as ceiling:
         engine = CacheEngine(spec, model, cfg, tiers=[(ceiling.tier, "raw")])
+        # the same tier without promotion (an engine of its own: config is immutable)
+        direct = CacheEngine(spec, model, cfg.model_copy(update={"cpu": cfg.cpu.model_copy(update={"promote": False})}),
+                             tiers=[(ceiling.tier, "raw")])
         try:
             current = [ids]
 
-            def retrieve() -> None:
-                if engine.retrieve(current[0], into) != tokens:
-                    raise RuntimeError(f"retrieve missed: {engine.stats()}")
+            def retrieve(e: CacheEngine = engine) -> None:
+                if e.retrieve(current[0], into) != tokens:
+                    raise RuntimeError(f"retrieve missed: {e.stats()}")
 
             def store() -> None:
                 if engine.store(current[0], kv) != tokens or not engine.storage.flush(600):
@@ -226,20 +267,53 @@ def measure(name: str, tokens: int, repeat: int, work: Path) -> tuple[dict[str, 
                 engine.cpu.clear()  # every chunk comes from the lower tier
                 ceiling.before_read()
 
-            times = interleaved({"store": store, "ceiling write": ceiling.write,
-                                 "retrieve": retrieve, "ceiling read": ceiling.read}, repeat,
-                                prepare={"store": before_store, "ceiling write": ceiling.before_write,
-                                         "retrieve": before_retrieve, "ceiling read": ceiling.before_read})
-            engine.cpu.clear()
-            retrieve()
-            if not torch.equal(into, kv):
-                raise RuntimeError("retrieve returned different bytes than were stored")
-            stats = engine.stats()
+            ops: dict[str, Callable[[], object]] = {
+                "store": store, "ceiling write": ceiling.write, "retrieve": retrieve,
+                "ceiling read": ceiling.read, DIRECT: lambda: retrieve(direct)}
+            prepare = {"store": before_store, "ceiling write": ceiling.before_write,
+                       "retrieve": before_retrieve, "ceiling read": ceiling.before_read, DIRECT: ceiling.before_read}
+            peers = {op: ceiling.ceiling_peer if op.startswith("ceiling") else ceiling.peer for op in ops}
+            cpu: dict[str, list[tuple[int, int]]] = {op: [] for op in ops}
+            started: dict[str, tuple[int, int]] = {}
+
+            def before(op: str) -> Callable[[], None]:
+                def go() -> None:
+                    prepare[op]()
+                    started[op] = (cpu_ns("self"), cpu_ns(peers[op]))
+                return go
+
+            def timed(op: str) -> Callable[[], None]:
+                def go() -> None:
+                    ops[op]()
+                    ours, peer = started[op]
+                    cpu[op].append((cpu_ns("self") - ours, cpu_ns(peers[op]) - peer))
+                return go
+
+            times = interleaved({op: timed(op) for op in ops}, repeat, prepare={op: before(op) for op in ops})
+            for e in (engine, direct):
+                e.cpu.clear()
+                into.zero_()
+                retrieve(e)
+                if not torch.equal(into, kv):
+                    raise RuntimeError("retrieve returned different bytes than were stored")
+            if len(direct.cpu):
+                raise RuntimeError("the engine without promotion admitted chunks to its CPU tier")
+            stats, direct_stats = engine.stats(), direct.stats()
         finally:
+            direct.close()
             engine.close()
     lower = {k: v for k, v in stats.get(ceiling.tier.name, {}).items() if isinstance(v, int | float)}
     return times, {"ceiling": ceiling.what, "bytes": sum(len(f) for f in frames), "chunks": len(chunks),
-                   "engine_counters": stats["engine"], "tier_counters": lower}
+                   "engine_counters": stats["engine"], "no_promotion_counters": direct_stats["engine"],
+                   "tier_counters": lower,
+                   "cpu_ms": {op: {"client": _spread([c for c, _p in runs[-repeat:]]),
+                                   "peer": _spread([p for _c, p in runs[-repeat:]]) if peers[op] else None}
+                              for op, runs in cpu.items()}}
+
+
+def _spread(ns: list[int]) -> dict[str, float]:
+    ms = sorted(n / 1e6 for n in ns)
+    return {"min": round(ms[0], 1), "median": round(ms[len(ms) // 2], 1), "max": round(ms[-1], 1)}
 
 
 def run(tiers: tuple[str, ...] = TIERS, tokens: int = 8192, repeat: int = 5, out_dir: str = "results",
@@ -268,10 +342,16 @@ def run(tiers: tuple[str, ...] = TIERS, tokens: int = 8192, repeat: int = 5, out
                     "CPU tier emptied", amount=nbytes / 1e9, goal=GOAL,
                     meta={"tokens": tokens, "repeat": repeat, "skipped": skipped,
                           "tiers": {n: info for n, (_t, info) in measured.items()}})
-    for name, (times, _info) in measured.items():
+    for name, (times, info) in measured.items():
+        bases: dict[str, Any] = {}
         for ours, ceiling in OPS:
-            base = report.add(ceiling, times[ceiling], series=name)
-            report.add(f"engine {ours}", times[ours], series=name, vs=base)
+            if ceiling not in bases:
+                bases[ceiling] = report.add(ceiling, times[ceiling], series=name)
+            report.add(f"engine {ours}", times[ours], series=name, vs=bases[ceiling])
+        if show:
+            for op, use in info["cpu_ms"].items():
+                peer = f", peer {use['peer']['median']:.1f} ms" if use["peer"] else ""
+                typer.echo(f"{name} {op}: CPU median this process {use['client']['median']:.1f} ms{peer}")
     return report.finish(out_dir, show=show)
 
 

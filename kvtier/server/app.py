@@ -27,8 +27,12 @@ Invariants:
   whole request must arrive within ``read_timeout_s``; an authenticated connection may idle
   ``idle_timeout_s`` between requests. Each connection has one fixed 64 KiB scratch buffer; at most
   ``max_connections`` connections exist (more get BUSY and are closed).
-- A PUT frame is verified (wire header, lengths, xxh3 checksum, key) before it is stored; corrupt puts
-  are refused with CORRUPT and nothing changes. A PUT is acknowledged OK only once the store holds it
+- A PUT frame's structure is checked (wire header, lengths, the key it names) before it is stored;
+  a malformed put is refused with CORRUPT and nothing changes. The server does not recompute the
+  payload checksum: it stores what it is given within its caps, and integrity is end to end (every
+  reader verifies each frame's checksum or MAC, key and identity; a checksum the server recomputed
+  proves nothing against a client, which can compute one too). A damaged frame a client put is served
+  as stored and becomes the reader's counted corrupt miss. A PUT is acknowledged OK only once the store holds it
   as promised (memory, or the disk when persistence is on); otherwise the reply is REFUSED.
 - Responses on a connection are written in request order (pipelining).
 - On SIGTERM/SIGINT: stop accepting, close idle connections, let requests in progress finish (up to
@@ -774,7 +778,7 @@ class CacheServer:
         return status, [P.error_body(message)], 0, 0, 0
 
     async def _put_body(self, conn: Connection, key: bytes, size: int) -> Reply:
-        """Receive a ``size``-byte frame for ``key`` (under the request budget), verify and store it."""
+        """Receive a ``size``-byte frame for ``key`` (under the request budget), check and store it."""
         small = size <= SMALL_BODY
         if not small:  # a header whose body never comes holds no budget (and no I/O thread)
             await self._timed(conn.wait_data())
@@ -798,7 +802,7 @@ class CacheServer:
         return self._error(P.Status.CORRUPT, f"frame for key {key.hex()} refused: {why}")
 
     async def _store(self, conn: Connection, key: bytes, frame: np.ndarray) -> Reply:
-        """Store a frame that passed :func:`kvtier.wire.check_frame`."""
+        """Store a frame whose structure passed :func:`kvtier.wire.check_frame`."""
         try:
             refused = await self.store.put(conn.tenant, key, frame)
         except KvtierError as exc:

@@ -14,8 +14,10 @@ Invariants:
   or, with persistence, the tenant's disk tier indexed it (durable when the disk tier fsyncs; memory is
   then a cache of the disk, so a memory eviction loses nothing). Otherwise it returns the reason and the
   server answers an error.
-- Frames enter the store only after :func:`kvtier.wire.check_frame`; frames read back from
-  disk are verified again before they are served or cached.
+- Frames enter the store only after :func:`kvtier.wire.check_frame` (structure and key; the payload
+  checksum is the reader's to verify, see :mod:`kvtier.server.app`); frames read back from disk pass
+  :func:`kvtier.wire.check_intact` (checksum too) before they are served or cached: a damaged file,
+  or a damaged frame a client put, is discarded there and counted ``corrupt_on_disk``.
 - Memory operations run on the event loop thread (no lock needed); disk operations run in worker threads
   (the disk tier is thread-safe).
 """
@@ -33,7 +35,7 @@ import numpy as np
 from kvtier.errors import CorruptChunk, KvtierError
 from kvtier.storage.policy import make_policy
 from kvtier.storage.remote_protocol import KEY_BYTES
-from kvtier.wire import check_frame
+from kvtier.wire import check_intact
 
 if TYPE_CHECKING:
     from kvtier.storage.disk import DiskTier
@@ -161,7 +163,7 @@ class ChunkStore:
         return self.disks.get(tenant)
 
     async def put(self, tenant: str, key: bytes, frame: Frame) -> str:
-        """Store a verified frame; ``""`` once it is held as promised, else why it was refused.
+        """Store a frame whose structure was checked; ``""`` once it is held as promised, else why it was refused.
         Raises :class:`KvtierError` when the disk tier fails."""
         quota = self.quotas.get(tenant, 0)
         disk = self._disk(tenant)
@@ -195,7 +197,7 @@ class ChunkStore:
             self.counters["misses"] += 1
             return None
         try:
-            check_frame(frame, key)
+            check_intact(frame, key)
         except CorruptChunk as exc:
             log.warning("persisted chunk %s is damaged (%s); discarding it", key.hex(), exc)
             self.counters["corrupt_on_disk"] += 1

@@ -14,6 +14,8 @@ interprets the payload. Contract for every implementation:
   treats every key of it as missed (reads) or not written (writes).
 - Every method raises :class:`~kvtier.errors.TierUnavailable` (and only that) when the backing store
   cannot be reached, so the manager can treat it as a miss and back off.
+- A :class:`ScatteredTier` also reads one payload straight into several buffers (scattered caller
+  memory: an engine's per-layer K and V rows), with the same contract as ``get_each_into``.
 - ``discard(key)`` is called by the manager when a frame failed verification: the tier removes it (a
   tier with a quarantine area moves it there) and counts it.
 - Tiers are thread-safe.
@@ -104,3 +106,30 @@ class Tier(ABC):
     def stats(self) -> dict[str, int | float]:
         """Tier-specific numbers for ``CacheEngine.stats()`` (default none)."""
         return {}
+
+
+class ScatteredTier(Tier):
+    """A tier that can place one stored payload into several buffers, filled in order (``preadv`` /
+    ``recvmsg_into``): the typed capability the storage manager checks before it hands a tier a
+    payload as buffers (:attr:`kvtier.storage.manager.Load.into`)."""
+
+    @abstractmethod
+    def get_into_parts(self, key: ChunkKey, parts: Sequence[memoryview]) -> bytes | memoryview | None:
+        """:meth:`Tier.get_into` with the payload's destination given as ``parts`` (their concatenation
+        is the payload; their total must be exactly its size, else ``None`` and the parts untouched)."""
+
+    def get_into(self, key: ChunkKey, payload: memoryview) -> bytes | memoryview | None:
+        return self.get_into_parts(key, (payload,))
+
+    def get_each_into_parts(self, keys: Sequence[ChunkKey], payloads: Sequence[Sequence[memoryview]],
+                            fn: Callable[[int, bytes | memoryview | None], None]) -> None:
+        """:meth:`Tier.get_each_into` with each payload given as buffers (see :meth:`get_into_parts`).
+        Default: one ``get_into_parts`` after the other; a tier that batches reads overrides this."""
+        if len(keys) != len(payloads):
+            raise ValueError(f"{len(keys)} keys but {len(payloads)} payload destinations")
+        for i, (key, parts) in enumerate(zip(keys, payloads)):
+            fn(i, self.get_into_parts(key, parts))
+
+    def get_each_into(self, keys: Sequence[ChunkKey], payloads: Sequence[memoryview],
+                      fn: Callable[[int, bytes | memoryview | None], None]) -> None:
+        self.get_each_into_parts(keys, [(payload,) for payload in payloads], fn)

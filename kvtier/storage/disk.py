@@ -55,7 +55,7 @@ from typing import IO
 from kvtier import wire
 from kvtier.errors import CorruptChunk, TierUnavailable
 from kvtier.keys import KEY_BYTES, ChunkKey
-from kvtier.storage.base import Tier
+from kvtier.storage.base import ScatteredTier
 from kvtier.storage.policy import make_policy
 
 log = logging.getLogger(__name__)
@@ -154,23 +154,12 @@ def write_all(fd: int, parts: Sequence[Buffer]) -> int:
     while views:
         n = os.writev(fd, views[:IOV_MAX])
         total += n
-        _advance(views, n)
+        wire.advance(views, n)
     return total
 
 
 def _byte_views(parts: Sequence[Buffer]) -> list[memoryview]:
     return [v for v in (memoryview(p).cast("B") for p in parts) if len(v)]
-
-
-def _advance(views: list[memoryview], n: int) -> None:
-    """Drop the first ``n`` bytes of ``views`` (what one ``writev`` / ``preadv`` moved)."""
-    done = 0
-    while done < len(views) and n >= len(views[done]):
-        n -= len(views[done])
-        done += 1
-    del views[:done]
-    if n:
-        views[0] = views[0][n:]
 
 
 def read_exact(fd: int, size: int) -> bytes | None:
@@ -209,7 +198,7 @@ def read_frame_into(fd: int, size: int, payload: memoryview | Sequence[memoryvie
         if n == 0:
             return None
         got += n
-        _advance(views, n)
+        wire.advance(views, n)
     return head[:head_len]
 
 
@@ -312,7 +301,7 @@ class SyncedWrites:
 
 
 # ---- the tier ----------------------------------------------------------------------------------------
-class DiskTier(Tier):
+class DiskTier(ScatteredTier):
     """Local-disk tier with a byte cap; thread-safe (one lock for the index, file I/O outside it)."""
 
     name = "disk"
@@ -566,9 +555,8 @@ class DiskTier(Tier):
     def get(self, key: ChunkKey) -> bytes | None:
         return self._read(key)
 
-    def get_into(self, key: ChunkKey, payload: memoryview | Sequence[memoryview]) -> bytes | None:
-        """:meth:`Tier.get_into`; ``payload`` may also be several buffers whose concatenation is the
-        payload (filled in order with ``preadv``: a read straight into scattered engine memory)."""
+    def get_into_parts(self, key: ChunkKey, parts: Sequence[memoryview]) -> bytes | None:
+        """:meth:`ScatteredTier.get_into_parts`: the buffers are filled in order with ``preadv``."""
         with self._lock:
             size = self._index.get(key)
             if size is None:
@@ -579,7 +567,7 @@ class DiskTier(Tier):
         except OSError:
             return None  # get sorts out what happened
         try:
-            head = read_frame_into(fd, size, payload)
+            head = read_frame_into(fd, size, parts)
         except OSError:
             return None
         finally:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from kvtier.errors import CorruptChunk, TierUnavailable
 from kvtier.keys import ChunkKey
-from kvtier.storage.base import Tier
+from kvtier.storage.base import ScatteredTier
 from kvtier.storage.disk import (
     QUARANTINE,
     SUFFIX,
@@ -52,7 +52,7 @@ from kvtier.storage.disk import (
 )
 
 
-class FsTier(Tier):
+class FsTier(ScatteredTier):
     """Tier over a shared directory; thread-safe and multi-process safe without any lock."""
 
     name = "fs"
@@ -117,13 +117,13 @@ class FsTier(Tier):
     def get(self, key: ChunkKey) -> bytes | None:
         return self._read(key)
 
-    def get_into(self, key: ChunkKey, payload: memoryview) -> bytes | None:
+    def get_into_parts(self, key: ChunkKey, parts: Sequence[memoryview]) -> bytes | None:
         try:
             fd = open_regular(chunk_path(self.root, key))
         except OSError:
             return None  # get sorts out what happened
         try:
-            head = read_frame_into(fd, os.fstat(fd).st_size, payload)
+            head = read_frame_into(fd, os.fstat(fd).st_size, parts)
         except OSError:
             return None
         finally:
@@ -132,7 +132,7 @@ class FsTier(Tier):
             with self._lock:
                 self.counters["gets"] += 1
                 self.counters["gets_zero_copy"] += 1
-                self.counters["bytes_read"] += len(head) + payload.nbytes
+                self.counters["bytes_read"] += len(head) + sum(p.nbytes for p in parts)
         return head
 
     def _read(self, key: ChunkKey) -> bytes | None:

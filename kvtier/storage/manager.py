@@ -7,11 +7,15 @@ Invariants:
   ``collisions``), discarded from that tier when damaged, and treated as a miss.
 - With a keyring (``auth``) every frame written down carries a MAC under the current key.
 - Reads of many chunks (:meth:`StorageManager.load_many`) are pipelined: batches of up to
-  ``read_batch`` chunks (at most ``READ_BATCH_BYTES``) go to the tier in one ``get_each_into`` /
-  ``get_many`` call on a reader thread, at most ``read_ahead`` batches ahead of the chunk the caller is
-  verifying and copying; a streaming tier hands each chunk over as soon as it is in place. The reader
-  thread checks each frame it read (checksum or MAC, metadata, decode into the caller's tensor) before
+  ``read_batch`` chunks (at most ``READ_BATCH_BYTES``) go to the tier in one ``get_each_into`` (a
+  :class:`~kvtier.storage.base.ScatteredTier`: ``get_each_into_parts``, each payload straight into the
+  caller's buffers) / ``get_many`` call on a reader thread, at most ``read_ahead`` batches ahead of the
+  chunk the caller is verifying and copying; a streaming tier hands each chunk over as soon as it is in
+  place. The reader thread checks each frame it read (checksum or MAC, metadata, decode into the caller's tensor) before
   handing it over, so the caller compares the record and copies chunk i while i+1 is read and checked.
+  A chunk is handed out (True) only after its whole frame verified; a payload read straight into
+  caller memory may already be there when verification fails (then it is garbage the caller must not
+  use, and so may the payloads of chunks read ahead of it).
   Chunks are verified and handed out strictly in order; the first chunk that
   misses or fails verification ends the run (prefix semantics: it and every chunk after it are misses,
   counted as ``misses`` / ``read_ahead_dropped``). When ``load_many`` returns or its iterator is closed,
@@ -58,7 +62,7 @@ from kvtier.layout import KVSpec
 from kvtier.nice import set_thread_nice, thread_nice
 from kvtier.queues import wait_done
 from kvtier.record import ChunkRecord, verify
-from kvtier.storage.base import Tier
+from kvtier.storage.base import ScatteredTier, Tier
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +90,11 @@ class TierSlot:
         overridden = cls.get_into is not Tier.get_into or cls.get_many_into is not Tier.get_many_into
         return self.codec == "raw" and overridden
 
+    @property
+    def reads_scattered(self) -> bool:
+        """The tier reads raw payloads straight into several buffers each (:attr:`Load.into`)."""
+        return self.codec == "raw" and isinstance(self.tier, ScatteredTier)
+
 
 @dataclass(frozen=True)
 class Load:
@@ -95,9 +104,10 @@ class Load:
     tier: int
     record: ChunkRecord
     out: torch.Tensor
-    # the payload's destination as buffers in order (raw frames read straight into scattered memory:
-    # only for a tier whose ``get_into`` takes several buffers, the disk tier); ``out`` then gives only
-    # the chunk's shape (a ``meta`` tensor will do) and is not written
+    # the payload's destination as buffers in order (scattered caller memory, e.g. an engine's per-layer
+    # K and V rows); ``out`` then gives only the chunk's shape (a ``meta`` tensor will do) and is not
+    # written. A :class:`ScatteredTier` with the raw codec reads the payload straight into them (verified
+    # there); any other tier or frame is read whole, verified, then decoded into them
     into: Sequence[memoryview] | None = None
 
 
@@ -336,11 +346,7 @@ class StorageManager:
             if slot.usable(time.monotonic()):
                 keys = [load.record.key for load in batch]
                 if slot.reads_into:
-                    views = [frames.payload_view(load.out) if load.into is None else load.into for load in batch]
-                    dests = [v for v in views if v is not None]
-                    if len(dests) == len(batch):
-                        # a ``Load.into`` payload is several buffers: only given for the disk tier, which takes them
-                        self._call(slot, "get", partial(slot.tier.get_each_into, keys, dests, arrived))  # type: ignore[arg-type]
+                    self._fetch_into(slot, batch, keys, arrived)
                 rest = [i for i in range(sent, len(batch)) if (item := got[i]) is None or item[0] is None]
                 if rest:
                     found = self._call(slot, "get", partial(slot.tier.get_many, [keys[i] for i in rest]))
@@ -353,6 +359,27 @@ class StorageManager:
             got[sent:] = [None] * (len(batch) - sent)
         for item in got[sent:]:
             deliver(item if item is not None else (None, False))
+
+    def _fetch_into(self, slot: TierSlot, batch: list[Load], keys: list[ChunkKey],
+                    arrived: Callable[[int, bytes | memoryview | None], None]) -> None:
+        """Reader thread: the zero-copy reads of ``batch`` where the tier can place every payload (a
+        scattered tier takes each as buffers, any other tier one contiguous ``out`` each); chunks it
+        leaves head-less are read whole by the caller."""
+        views = [frames.payload_view(load.out) if load.into is None else None for load in batch]
+        tier = slot.tier
+        if isinstance(tier, ScatteredTier):
+            parts: list[Sequence[memoryview]] = []
+            for load, view in zip(batch, views):
+                if load.into is not None:
+                    parts.append(load.into)
+                elif view is not None:
+                    parts.append((view,))
+            if len(parts) == len(batch):
+                self._call(slot, "get", partial(tier.get_each_into_parts, keys, parts, arrived))
+            return
+        dests = [view for view in views if view is not None]
+        if len(dests) == len(batch):
+            self._call(slot, "get", partial(tier.get_each_into, keys, dests, arrived))
 
     def _check(self, load: Load, got: _Fetched) -> _Checked:
         """Reader thread: the frame check of one fetched chunk (checksum or MAC, metadata, key, KV spec)

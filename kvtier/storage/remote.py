@@ -15,13 +15,13 @@ Invariants:
   :class:`~kvtier.storage.manager.StorageManager` backs the tier off; P2P skips a failed peer for a
   while). The next call after an outage simply connects afresh.
 - Public methods raise only :class:`TierUnavailable` (the Tier contract). A PUT the server refuses
-  (corrupt frame, frame above its limits or quota, persistence refused it) is counted
+  (malformed frame, frame above its limits or quota, persistence refused it) is counted
   (``puts_refused``) and dropped, not raised: it is not an outage.
 - Replies are bounded by this client's own ``max_reply_bytes``, never by the limit the server
   announces: a larger reply header closes the connection before any of its body is read, and a reply
   must arrive within ``timeout_s`` plus its size at 100 MB/s, so a hostile or broken server can neither
   exhaust this process's memory nor hold a call for ever (both are failed calls, i.e. misses).
-- ``get_many`` / ``get_each`` / ``get_each_into`` / ``put_many`` use the batched MGET / MPUT ops: one
+- ``get_many`` / ``get_each`` / ``get_each_into(_parts)`` / ``put_many`` use the batched MGET / MPUT ops: one
   request for many keys, replies streamed and each frame received into its own ``bytes`` object (or
   its payload straight into the caller's buffer) and handed over as it arrives.
 - Reads use kernel socket timeouts on blocking sockets, so one ``recv(n, MSG_WAITALL)`` receives a
@@ -52,7 +52,7 @@ from kvtier.config import RemoteConfig
 from kvtier.errors import AuthError, CorruptChunk, ProtocolError, TierUnavailable
 from kvtier.keys import ChunkKey
 from kvtier.storage import remote_protocol as P
-from kvtier.storage.base import Tier
+from kvtier.storage.base import ScatteredTier
 from kvtier.storage.remote_protocol import byte_view
 
 log = logging.getLogger(__name__)
@@ -189,11 +189,15 @@ class Connection:
         self._recv_exact(body)
         return h, body
 
-    def recv_into(self, expect_rid: int, expect_op: int, payload: memoryview) -> tuple[P.Header, bytes | None]:
-        """Read one frame reply, its payload straight into ``payload`` (zero copy) and return the head
-        (wire header + metadata, unverified). The head is ``None`` when the reply is not OK or the frame
-        is not exactly ``payload.nbytes`` of payload; its body is then consumed, ``payload`` is
-        untouched, and the connection stays in step."""
+    def recv_into(self, expect_rid: int, expect_op: int,
+                  parts: Sequence[memoryview]) -> tuple[P.Header, bytes | None]:
+        """Read one frame reply, its payload straight into ``parts`` (buffers filled in order, zero
+        copy) and return the head (wire header + metadata, unverified). The head is ``None`` when the
+        reply is not OK or the frame's payload is not exactly the parts' total size; its body is then
+        consumed through the connection's scratch buffer, ``parts`` are untouched, and the connection
+        stays in step. A reply whose length disagrees with its frame header's lengths raises
+        :class:`ProtocolError` (the caller drops the connection): nothing larger than the reply's
+        frame header announced is ever received, into the parts or anywhere else."""
         h = self._reply_header(expect_rid, expect_op)
         fixed = wire.HEADER_BYTES
         if h.status != P.Status.OK or h.body_len < fixed:
@@ -208,15 +212,35 @@ class Connection:
             header = wire.read_header(head)
         except CorruptChunk:  # not a frame: the caller's fallback read reports it
             header = None
-        if header is None or header.payload_len != payload.nbytes or (
-                fixed + header.meta_len + header.payload_len != h.body_len):
+        if header is not None and fixed + header.meta_len + header.payload_len != h.body_len:
+            raise ProtocolError(f"reply of {h.body_len} bytes holds a frame of "
+                                f"{fixed + header.meta_len + header.payload_len}")
+        views = [v for v in (byte_view(p) for p in parts) if v.nbytes]
+        if header is None or header.payload_len != sum(v.nbytes for v in views):
             self._skip(h.body_len - fixed)
             return h, None
-        meta_len = header.meta_len
-        head += bytes(meta_len)
+        head += bytes(header.meta_len)
         self._recv_exact(memoryview(head)[fixed:])
-        self._recv_exact(payload.cast("B") if payload.format != "B" or payload.ndim != 1 else payload)
+        if len(views) == 1:
+            self._recv_exact(views[0])
+        else:
+            self._recv_views(views)
         return h, bytes(head)
+
+    def _recv_views(self, views: list[memoryview]) -> None:
+        """Fill ``views`` in order with ``recvmsg_into`` (at most ``IOV_MAX`` buffers a call), under
+        the same deadline as :meth:`_recv_exact`."""
+        deadline = self._deadline(sum(v.nbytes for v in views))
+        while views:
+            try:
+                n = self.sock.recvmsg_into(views[: P.IOV_MAX], 0, socket.MSG_WAITALL)[0]
+            except BlockingIOError as exc:  # SO_RCVTIMEO expired
+                raise TimeoutError("timed out waiting for the cache server") from exc
+            if n == 0:
+                raise ConnectionError("server closed the connection")
+            wire.advance(views, n)
+            if views and time.monotonic() > deadline:
+                raise TimeoutError("the cache server sends too slowly")
 
     def _skip(self, n: int) -> None:
         """Receive and drop ``n`` bytes (through the scratch buffer)."""
@@ -250,7 +274,7 @@ def _check_status(h: P.Header, body: _Body, *, put: bool = False) -> None:
     raise ProtocolError(f"unexpected status {name}: {message}")
 
 
-class RemoteTier(Tier):
+class RemoteTier(ScatteredTier):
     """Client of one ``kvtier server``; thread-safe."""
 
     name = "remote"
@@ -538,21 +562,23 @@ class RemoteTier(Tier):
         self._count("misses", len(keys) - hits)
         return hits
 
-    def get_into(self, key: ChunkKey, payload: memoryview) -> bytes | memoryview | None:
-        return self.get_many_into([key], [payload])[0]
+    def get_into_parts(self, key: ChunkKey, parts: Sequence[memoryview]) -> bytes | memoryview | None:
+        heads: list[bytes | memoryview | None] = [None]
+        self.get_each_into_parts([key], [parts], heads.__setitem__)
+        return heads[0]
 
-    def get_each_into(self, keys: Sequence[ChunkKey], payloads: Sequence[memoryview],
-                      fn: Callable[[int, bytes | memoryview | None], None]) -> None:
-        """Batched zero-copy GET (MGET): the payload of ``keys[i]`` is received straight into
-        ``payloads[i]`` (which must be exactly its size) and ``fn(i, head)`` called as soon as it is
-        there (head: wire header + metadata, unverified, see :func:`kvtier.frames.unpack_head_into`;
-        ``None`` for a miss or a size mismatch, that payload then untouched), while the next frames
-        are still arriving. ``fn`` sees each index once, in order: a retry after a failure mid-way
-        asks only for the keys not handed over yet. An exception from ``fn`` drops the connection
-        (its reply stream is not read to the end) and propagates. After a failure a payload not
-        handed over may hold partial bytes of a frame."""
+    def get_each_into_parts(self, keys: Sequence[ChunkKey], payloads: Sequence[Sequence[memoryview]],
+                            fn: Callable[[int, bytes | memoryview | None], None]) -> None:
+        """Batched zero-copy GET (MGET): the payload of ``keys[i]`` is received straight into the
+        buffers ``payloads[i]`` (filled in order; their total must be exactly its size) and ``fn(i,
+        head)`` called as soon as it is there (head: wire header + metadata, unverified, see
+        :func:`kvtier.frames.unpack_head_into`; ``None`` for a miss or a size mismatch, that payload
+        then untouched), while the next frames are still arriving. ``fn`` sees each index once, in
+        order: a retry after a failure mid-way asks only for the keys not handed over yet. An
+        exception from ``fn`` drops the connection (its reply stream is not read to the end) and
+        propagates. After a failure a payload not handed over may hold partial bytes of a frame."""
         if len(keys) != len(payloads):
-            raise ValueError(f"{len(keys)} keys but {len(payloads)} payload buffers")
+            raise ValueError(f"{len(keys)} keys but {len(payloads)} payload destinations")
         for key in keys:
             _check_key(key)
         done = 0  # keys handed to fn

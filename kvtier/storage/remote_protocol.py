@@ -89,7 +89,7 @@ class Status(enum.IntEnum):
     AUTH_REQUIRED = 3
     AUTH_FAILED = 4
     TOO_LARGE = 5  # body above the message limit; the body is not read and the connection is closed
-    CORRUPT = 6  # PUT frame failed verification; nothing stored
+    CORRUPT = 6  # PUT frame is malformed (header, lengths, key it names); nothing stored
     BUSY = 7  # connection limit reached
     SHUTTING_DOWN = 8
     SERVER_ERROR = 9

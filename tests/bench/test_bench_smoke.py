@@ -28,8 +28,15 @@ def test_tiers_engine_vs_ceiling_on_server_redis_disk(tmp_path: Path) -> None:
     for tier in ("server", "redis", "disk"):
         info = record["tiers"][tier]
         assert info["chunks"] == 2 and info["engine_counters"]["promoted_chunks"] >= 2
+        assert "promoted_chunks" not in info["no_promotion_counters"]
+        direct = info["no_promotion_counters"].get("direct_chunks", 0)
+        assert direct + info["no_promotion_counters"].get("staged_chunks", 0) >= 2
+        assert (direct >= 2) == (tier != "redis")  # redis cannot read into caller memory: staged
         assert info["tier_counters"].get("corrupt", 0) == 0
-        for ours, ceiling in (("engine retrieve", "ceiling read"), ("engine store", "ceiling write")):
+        cpu = info["cpu_ms"]
+        assert cpu["retrieve"]["client"]["median"] > 0 and (cpu["ceiling read"]["peer"] is None) == (tier == "disk")
+        for ours, ceiling in (("engine retrieve", "ceiling read"), ("engine retrieve, no promotion", "ceiling read"),
+                              ("engine store", "ceiling write")):
             row = rows[(tier, ours)]
             assert row["vs"] == f"{tier}: {ceiling}" and len(row["runs"]) == 3 and row["ratio"]["median"] > 0
             assert isinstance(row["meets_goal"], bool)

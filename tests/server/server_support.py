@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -166,3 +168,80 @@ def stats_of(server: ServerProcess, token: str = "") -> dict[str, Any]:
         return tier.server_stats()
     finally:
         tier.close()
+
+
+# ---- relays between a client and a real server (damage in transit) ------------------------------------
+class CuttingProxy:
+    """A loopback TCP relay to ``port`` that closes its first connection once it relayed ``cut`` bytes
+    from the server to the client (later connections are relayed whole; every one with ``every``)."""
+
+    def __init__(self, port: int, cut: int, *, every: bool = False) -> None:
+        self.port, self.cut, self.every = port, cut, every
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.accepted = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def address(self) -> int:
+        return int(self.listener.getsockname()[1])
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _addr = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.port))
+            self.accepted += 1
+            self._relay(client, upstream)
+
+    def _relay(self, client: socket.socket, upstream: socket.socket) -> None:
+        limit = self.cut if self.accepted == 1 or self.every else None
+        for src, dst, cap in ((client, upstream, None), (upstream, client, limit)):
+            threading.Thread(target=self._pump, args=(src, dst, cap, (client, upstream)), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket, cap: int | None, both: tuple[socket.socket, ...]) -> None:
+        sent = 0
+        with contextlib.suppress(OSError):
+            while cap is None or sent < cap:
+                data = src.recv(min(65536, cap - sent) if cap is not None else 65536)
+                if not data:
+                    break
+                dst.sendall(data)
+                sent += len(data)
+        for sock in both:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+class FlippingProxy(CuttingProxy):
+    """A loopback TCP relay to ``port`` that inverts one byte of the server-to-client stream: the last
+    byte of the first occurrence of ``marker`` (damage in transit; the server's stored frame is intact)."""
+
+    def __init__(self, port: int, marker: bytes) -> None:
+        self.marker, self.flipped = marker, 0
+        super().__init__(port, cut=0)
+
+    def _relay(self, client: socket.socket, upstream: socket.socket) -> None:
+        threading.Thread(target=self._pump, args=(client, upstream, None, (client, upstream)), daemon=True).start()
+        threading.Thread(target=self._flip, args=(upstream, client), daemon=True).start()
+
+    def _flip(self, src: socket.socket, dst: socket.socket) -> None:
+        tail = b""  # the bytes before ``data``, enough to find a marker cut across two reads
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                found = (tail + data).find(self.marker)
+                if found >= 0 and not self.flipped:
+                    buf = bytearray(data)
+                    buf[found + len(self.marker) - 1 - len(tail)] ^= 0xFF
+                    data = bytes(buf)
+                    self.flipped += 1
+                dst.sendall(data)
+                tail = (tail + data)[-(len(self.marker) - 1) :]
+        for sock in (src, dst):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)

@@ -18,16 +18,20 @@ def test_protocol_keys_are_chunk_keys() -> None:
     assert P.KEY_BYTES == keys.KEY_BYTES
 
 
-def test_check_frame_accepts_real_frames_and_rejects_damage() -> None:
+def test_check_frame_checks_structure_and_check_intact_the_checksum_too() -> None:
     (key, frame), (other, _f) = make_frames(2)
     wire.check_frame(frame, key)
     wire.check_frame(memoryview(frame), key)
+    wire.check_intact(frame, key)
     flipped = bytearray(frame)
-    flipped[len(frame) // 2] ^= 0x40
-    for bad, k in ((bytes(flipped), key), (frame[:-1], key), (frame + b"x", key), (frame, other),
-                   (b"", key), (b"KVT1" + bytes(80), key)):
-        with pytest.raises(CorruptChunk):
-            wire.check_frame(bad, k)
+    flipped[len(frame) // 2] ^= 0x40  # a payload byte: only the checksum shows it
+    wire.check_frame(bytes(flipped), key)
+    with pytest.raises(CorruptChunk, match="checksum mismatch"):
+        wire.check_intact(bytes(flipped), key)
+    for bad, k in ((frame[:-1], key), (frame + b"x", key), (frame, other), (b"", key), (b"KVT1" + bytes(80), key)):
+        for check in (wire.check_frame, wire.check_intact):
+            with pytest.raises(CorruptChunk):
+                check(bad, k)
 
 
 def test_header_validation() -> None:

@@ -78,18 +78,27 @@ def test_put_parts_and_overwrite(tier: RemoteTier) -> None:
     assert tier.stats()["puts_refused"] == 1
 
 
-def test_corrupt_put_refused_and_connection_survives(server: ServerProcess) -> None:
-    (key, frame), = make_frames(1, seed=11)
+def test_malformed_put_refused_damaged_payload_kept_and_connection_survives(server: ServerProcess) -> None:
+    """The server checks a frame's structure (here: the key it names), not its payload checksum: a frame
+    with a damaged payload is stored as given (its readers verify it; see
+    tests/storage/test_remote_integrity.py)."""
+    (key, frame), (other, _f) = make_frames(2, seed=11)
     bad = bytearray(frame)
     bad[-3] ^= 0xFF
+    refused = stats_of(server).get("refused_corrupt", 0)
     with server.connect() as sock:
-        sock.sendall(hello() + request(P.Op.PUT, 2, key + bytes(bad), key_count=1)
-                     + request(P.Op.GET, 3, key, key_count=1) + request(P.Op.PING, 4))
+        sock.sendall(hello() + request(P.Op.PUT, 2, other + frame, key_count=1)
+                     + request(P.Op.GET, 3, other, key_count=1) + request(P.Op.PUT, 4, key + bytes(bad), key_count=1)
+                     + request(P.Op.GET, 5, key, key_count=1) + request(P.Op.PING, 6))
         assert read_reply(sock)[0].status == P.Status.OK
         h, body = read_reply(sock)
-        assert (h.request_id, h.status) == (2, P.Status.CORRUPT) and b"checksum" in body
+        assert (h.request_id, h.status) == (2, P.Status.CORRUPT) and b"frame holds key" in body
         assert read_reply(sock)[0].status == P.Status.NOT_FOUND
         assert read_reply(sock)[0].status == P.Status.OK
+        h, body = read_reply(sock)
+        assert (h.request_id, h.status, bytes(body)) == (5, P.Status.OK, bytes(bad))
+        assert read_reply(sock)[0].status == P.Status.OK
+    assert stats_of(server)["refused_corrupt"] == refused + 1
 
 
 def test_pipelined_requests_answer_in_order(server: ServerProcess, tier: RemoteTier) -> None:
@@ -246,9 +255,7 @@ def test_mput_answers_each_item_and_keeps_the_connection(server: ServerProcess, 
     """Small bodies go item by item through the event loop, large ones (256 KiB frames) through one I/O
     thread pass (kvtier.server.mput): the same answers either way."""
     frames = make_frames(3, seed=42) if spec is None else make_frames(3, spec, seed=42)
-    bad = bytearray(frames[1][1])
-    bad[-1] ^= 1
-    items = [(frames[0][0], frames[0][1]), (frames[1][0], bytes(bad)), (frames[2][0], frames[2][1])]
+    items = [frames[0], (frames[1][0], frames[2][1]), frames[2]]  # item 1's frame names another key
     body = b"".join(P.MPUT_ITEM.pack(k, len(f)) + f for k, f in items)
     one_pass = stats_of(server).get("mput_one_pass", 0)
     with server.connect() as sock:

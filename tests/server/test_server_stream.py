@@ -5,15 +5,12 @@ the connection and nothing more is written into its buffers."""
 
 from __future__ import annotations
 
-import contextlib
-import socket
-import threading
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import torch
-from server_support import ServerProcess, make_frames
+from server_support import CuttingProxy, FlippingProxy, ServerProcess, make_frames
 
 from kvtier import wire
 from kvtier.config import load_config
@@ -93,57 +90,10 @@ def test_a_consumer_that_stops_drops_the_connection(server: ServerProcess) -> No
     tier.close()
 
 
-class _CuttingProxy:
-    """A loopback TCP relay to ``port`` that closes its first connection once it relayed ``cut`` bytes
-    from the server to the client (later connections are relayed whole)."""
-
-    def __init__(self, port: int, cut: int) -> None:
-        self.port, self.cut = port, cut
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.accepted = 0
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    @property
-    def address(self) -> int:
-        return int(self.listener.getsockname()[1])
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _addr = self.listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.port))
-            self.accepted += 1
-            self._relay(client, upstream)
-
-    def _relay(self, client: socket.socket, upstream: socket.socket) -> None:
-        limit = self.cut if self.accepted == 1 else None
-        for src, dst, cap in ((client, upstream, None), (upstream, client, limit)):
-            threading.Thread(target=self._pump, args=(src, dst, cap, (client, upstream)), daemon=True).start()
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket, cap: int | None, both: tuple[socket.socket, ...]) -> None:
-        sent = 0
-        with contextlib.suppress(OSError):
-            while cap is None or sent < cap:
-                data = src.recv(min(65536, cap - sent) if cap is not None else 65536)
-                if not data:
-                    break
-                dst.sendall(data)
-                sent += len(data)
-        for sock in both:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-
-    def close(self) -> None:
-        self.listener.close()
-
-
 def test_a_cut_mid_stream_resumes_without_handing_a_chunk_over_twice(server: ServerProcess) -> None:
     keys, frames, head_len = _stored(server.port, 4, seed=73)
     dests = _dests(frames, head_len)
-    proxy = _CuttingProxy(server.port, cut=1024 + len(frames[0]) * 3 // 2)  # HELLO reply, frame 0, half of 1
+    proxy = CuttingProxy(server.port, cut=1024 + len(frames[0]) * 3 // 2)  # HELLO reply, frame 0, half of 1
     seen: list[int] = []
     tier = RemoteTier("127.0.0.1", proxy.address, timeout_s=5.0)
     try:
@@ -185,35 +135,6 @@ def test_engine_stream_reads_verify_every_chunk(server: ServerProcess) -> None:
         assert stats["remote"]["collisions"] == 1 and stats["manager"]["read_ahead_dropped"] == 2
 
 
-class _FlippingProxy(_CuttingProxy):
-    """A loopback TCP relay to ``port`` that inverts one byte of the server-to-client stream: the last
-    byte of the first occurrence of ``marker`` (damage in transit; the server's stored frame is intact)."""
-
-    def __init__(self, port: int, marker: bytes) -> None:
-        self.marker, self.flipped = marker, 0
-        super().__init__(port, cut=0)
-
-    def _relay(self, client: socket.socket, upstream: socket.socket) -> None:
-        threading.Thread(target=self._pump, args=(client, upstream, None, (client, upstream)), daemon=True).start()
-        threading.Thread(target=self._flip, args=(upstream, client), daemon=True).start()
-
-    def _flip(self, src: socket.socket, dst: socket.socket) -> None:
-        tail = b""  # the bytes before ``data``, enough to find a marker cut across two reads
-        with contextlib.suppress(OSError):
-            while data := src.recv(65536):
-                found = (tail + data).find(self.marker)
-                if found >= 0 and not self.flipped:
-                    buf = bytearray(data)
-                    buf[found + len(self.marker) - 1 - len(tail)] ^= 0xFF
-                    data = bytes(buf)
-                    self.flipped += 1
-                dst.sendall(data)
-                tail = (tail + data)[-(len(self.marker) - 1) :]
-        for sock in (src, dst):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-
-
 def test_engine_counts_a_byte_flipped_in_transit_mid_frame_as_a_miss(server: ServerProcess) -> None:
     """A byte damaged on the wire in the middle of a chunk's payload (received straight into the CPU
     tier's slot): the chunk is a counted corrupt miss, the hit ends before it, the chunks before it are
@@ -227,7 +148,7 @@ def test_engine_counts_a_byte_flipped_in_transit_mid_frame_as_a_miss(server: Ser
     with CacheEngine(spec, "flip-test", cfg, tiers=[(direct, "raw")]) as engine:
         engine.store(tokens, kv)
         assert engine.storage.flush(30)
-    proxy = _FlippingProxy(server.port, kv[1, 0, 3 * 16 + 8].contiguous().numpy().tobytes())
+    proxy = FlippingProxy(server.port, kv[1, 0, 3 * 16 + 8].contiguous().numpy().tobytes())
     tier = RemoteTier("127.0.0.1", proxy.address, timeout_s=5.0)
     try:
         with CacheEngine(spec, "flip-test", cfg, tiers=[(tier, "raw")]) as engine:

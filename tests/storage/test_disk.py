@@ -488,10 +488,10 @@ def test_frames_go_down_and_come_back_in_any_number_of_pieces(tier: DiskTier) ->
     assert tier.get(c.key) == f
     out = bytearray(len(payload))
     pieces = [memoryview(out)[i : i + step] for i in range(0, len(out), step)]
-    got = tier.get_into(c.key, pieces)
+    got = tier.get_into_parts(c.key, pieces)
     assert got is not None and bytes(got) == head and out == payload
     assert wire.verify_parts(got, pieces).key == c.key
     pieces[-1][0] ^= 1
     with pytest.raises(CorruptChunk, match="checksum"):
         wire.verify_parts(got, pieces)
-    assert tier.get_into(c.key, pieces[:-1]) is None  # pieces one short of the payload: caller falls back
+    assert tier.get_into_parts(c.key, pieces[:-1]) is None  # pieces one short of the payload: caller falls back

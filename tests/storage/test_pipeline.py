@@ -40,13 +40,13 @@ class RecordingDisk(DiskTier):
         self.write_batches: list[int] = []
         self.fail_key = fail_key
 
-    def get_each_into(self, keys: Sequence[ChunkKey], payloads: Sequence[memoryview],
-                      fn: Callable[[int, bytes | memoryview | None], None]) -> None:
+    def get_each_into_parts(self, keys: Sequence[ChunkKey], payloads: Sequence[Sequence[memoryview]],
+                            fn: Callable[[int, bytes | memoryview | None], None]) -> None:
         self.read_batches.append(len(keys))
         self.read_nice.append(thread_nice())
         if self.fail_key in keys:
             raise TierUnavailable("injected: disk gone mid-retrieve")
-        super().get_each_into(keys, payloads, fn)
+        super().get_each_into_parts(keys, payloads, fn)
 
     def put_many(self, items: Sequence[tuple[ChunkKey, Sequence[bytes | memoryview]]]) -> None:
         self.write_batches.append(len(items))

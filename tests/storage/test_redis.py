@@ -61,10 +61,10 @@ def keys(n: int, salt: int = 0) -> list[bytes]:
     return [bytes([salt, i % 256, i // 256]) * 5 + b"\x00" for i in range(n)]
 
 
-def engine(url: str, mode: str = "single", **redis_over: object) -> CacheEngine:
+def engine(url: str, mode: str = "single", promote: bool = True, **redis_over: object) -> CacheEngine:
     cfg = load_config(environ={}, overrides={
         "chunk_tokens": 16,
-        "cpu": {"capacity": 64 * SPEC.chunk_bytes},
+        "cpu": {"capacity": 64 * SPEC.chunk_bytes, "promote": promote},
         "redis": {"enabled": True, "url": url, "mode": mode, "timeout_s": 1.0,
                   "key_prefix": f"t{time.monotonic_ns()}:", **redis_over},
     })
@@ -178,6 +178,21 @@ def test_engine_round_trip_hits_redis(server: RedisServer) -> None:
     assert torch.equal(out, kv)
     st = redis_stats(e)
     assert st["hits"] == 4 and st["writes"] == 4 and st.get("corrupt", 0) == 0
+    e.close()
+
+
+def test_engine_without_promotion_stages_redis_hits(server: RedisServer) -> None:
+    """Redis cannot read into caller memory: without promotion its hits go through scratch, exact, and
+    the CPU tier stays empty (a partial last chunk included)."""
+    e = engine(server.url, promote=False)
+    tokens = list(range(700, 760))
+    kv = kv_for(60, seed=4)
+    store_and_evict(e, tokens, kv)
+    for _ in range(2):
+        out = torch.zeros_like(kv)
+        assert e.retrieve(tokens, out) == 60 and torch.equal(out, kv)
+    assert len(e.cpu) == 0 and e.stats()["engine"]["staged_chunks"] == 8
+    assert redis_stats(e)["hits"] == 8
     e.close()
 
 

@@ -25,8 +25,9 @@ TOKENS = list(range(500, 580))  # 5 full chunks
 N_CHUNKS = 5
 
 
-def make(tiers: list[tuple[Tier, str]], slots: int = 64) -> CacheEngine:
-    cfg = load_config(environ={}, overrides={"chunk_tokens": 16, "cpu": {"capacity": slots * SPEC.chunk_bytes}})
+def make(tiers: list[tuple[Tier, str]], slots: int = 64, promote: bool = True) -> CacheEngine:
+    cfg = load_config(environ={}, overrides={"chunk_tokens": 16,
+                                             "cpu": {"capacity": slots * SPEC.chunk_bytes, "promote": promote}})
     return CacheEngine(SPEC, "test-model", cfg, tiers=tiers)
 
 
@@ -139,6 +140,30 @@ def test_two_engines_share_an_fs_tier(tmp_path: Path) -> None:
     finally:
         a.close()
         b.close()
+
+
+@pytest.mark.parametrize("kind", ["disk", "fs"])
+def test_without_promotion_hits_are_read_straight_into_the_destination(tmp_path: Path, kind: str) -> None:
+    """``preadv`` into the caller's per-layer K and V rows; the CPU tier stays empty; a chunk damaged on
+    disk ends the hit there (counted) and the chunks before it are exact."""
+    tier: Tier = DiskTier(tmp_path / "t", 1 << 30, fsync=False) if kind == "disk" else FsTier(tmp_path / "t")
+    with make([(tier, "raw")], promote=False) as e:
+        kv = kv_for(len(TOKENS), seed=3)
+        assert e.store(TOKENS, kv) == len(TOKENS) and e.storage.flush(10)
+        e.cpu.clear()
+        out = torch.zeros_like(kv)
+        assert e.retrieve(TOKENS, out) == len(TOKENS) and torch.equal(out, kv)
+        assert len(e.cpu) == 0 and e.stats()["engine"]["direct_chunks"] == N_CHUNKS
+        assert e.stats()[kind]["gets_zero_copy"] == N_CHUNKS
+        _arr, chunks = e.chunker.chunks(TOKENS)
+        path = chunk_path(tmp_path / "t", chunks[3].key)
+        data = bytearray(path.read_bytes())
+        data[-5] ^= 0x40  # inside the payload
+        path.write_bytes(data)
+        out = torch.zeros_like(kv)
+        assert e.retrieve(TOKENS, out) == chunks[3].start
+        assert torch.equal(out[:, :, : chunks[3].start], kv[:, :, : chunks[3].start])
+        assert e.stats()[kind]["corrupt"] == 1 and len(e.cpu) == 0
 
 
 def test_factory_builds_disk_and_fs_in_order(tmp_path: Path) -> None:
