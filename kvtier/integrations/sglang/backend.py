@@ -47,9 +47,10 @@ so the frames do not depend on ``--hicache-mem-layout``. A write sends each obje
 from the pool (frame head computed over the pool's runs, head + runs handed to the tiers, ``writev``
 for the disk tier) where the layout keeps a run's layer and K/V in one block and every tier stores raw
 frames, and otherwise gathers them into the buffer its frame is checksummed and written from. A read
-from the disk tier puts each object's payload straight into the caller's pool pages (``preadv``,
-verified there: see :meth:`KvtierStorage._read_into` for why that is safe in SGLang); otherwise it
-scatters each verified object from the buffer the tier read it into. Pages that sit next to
+from a tier that reads raw payloads into several buffers (disk and fs ``preadv``, the cache server
+``recvmsg_into``) puts each object's payload straight into the caller's pool pages (verified there:
+see :meth:`KvtierStorage._read_into` for why that is safe in SGLang); otherwise it scatters each
+verified object from the buffer the tier read it into. Pages that sit next to
 each other in the host pool move as one run (:class:`~kvtier.integrations.sglang.pages.HostPages`):
 one ``writev`` buffer per layer and K/V, or one single-threaded strided copy, not one per page. MLA
 and hybrid (v2) pools are not supported: kvtier then stays off and SGLang runs without L3.
@@ -106,7 +107,6 @@ from kvtier.integrations.sglang.pages import (
 from kvtier.integrations.sglang.stats import IoStats
 from kvtier.keys import Namespace
 from kvtier.record import ChunkRecord
-from kvtier.storage.disk import DiskTier
 from kvtier.storage.factory import build_tiers
 from kvtier.storage.manager import Load, StorageManager
 
@@ -323,8 +323,9 @@ class KvtierStorage(_Base):
     def _read_into(self, hit: _Hit, obj: np.ndarray, target: Pages, first: int) -> list[memoryview] | None:
         """Where ``hit``'s payload can be read straight to: the caller's pool pages for the pages it asked
         for, ``obj`` (the object's staging view) for the object's other pages. Only into SGLang's host
-        pool (``batch_get_v1``) from the disk tier, and only where the layout keeps a run's layer and K/V
-        in one block; ``None`` otherwise (read into ``obj``, then scatter).
+        pool (``batch_get_v1``) from a tier that reads raw payloads into several buffers (disk, fs, the
+        cache server: :attr:`~kvtier.storage.manager.TierSlot.reads_scattered`), and only where the
+        layout keeps a run's layer and K/V in one block; ``None`` otherwise (read into ``obj``, then scatter).
 
         Writing into the pool before the object is verified is harmless because SGLang allocates those
         host slots for this prefetch alone and uses only the leading pages answered True: the rest,
@@ -335,7 +336,7 @@ class KvtierStorage(_Base):
         ``_handle_prefetch_result`` inserts only ``host_indices[:completed_tokens]``)."""
         assert self.manager is not None
         slot = self.manager.slots[hit.tier]
-        if not isinstance(target, HostPages) or not isinstance(slot.tier, DiskTier) or slot.codec != "raw":
+        if not isinstance(target, HostPages) or not slot.reads_scattered:
             return None
         start, end, total = hit.span.first - hit.span.start, hit.end - hit.span.start, obj.shape[2]
         runs = [run for _offset, run in target.runs(hit.span.first - first, hit.end - hit.span.first)]
