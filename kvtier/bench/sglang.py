@@ -12,7 +12,10 @@ into kvtier's canonical layout (writes) and scattered back (reads), single-threa
 copies (``pool gather`` / ``pool scatter``; each row's ``vs_pool_copy``).
 ``--baseline NAME=DIR`` (repeatable) adds another kvtier checkout's backend (e.g. the one-page-per-object
 backend: ``git archive c3c4a65 kvtier | tar -x -C DIR``) in a child process, interleaved run by run with
-the others on the same batch; the multi-page rows are reported ÷ each baseline, paired per run.
+the others on the same batch; the multi-page rows are reported ÷ each baseline, paired per run. Before
+every backend op (untimed) the page cache's dirty pages go to disk (:func:`os.sync`): without it an op
+paid for the kernel's writeback of the writes before it (up to ~200 MiB a run from the other rows), a
+cost that fell on whichever op ran next, not on the one that wrote.
 
 ``ttft`` (SGLang test venv): one SGLang server with kvtier (disk tier); per prompt size, ``--repeat``
 distinct prompts are sent cold (a kvtier miss: full prefill), then after ``/flush_cache`` (SGLang's
@@ -71,6 +74,13 @@ def _spread(values: list[float]) -> dict[str, float]:
 
 
 KINDS = (("1 page per object", 1), ("multi-page objects", None))  # None: --pages-per-object
+
+
+def _cleared(storage: Any) -> None:
+    """Untimed before a write: the backend emptied and every dirty page on disk (:func:`os.sync`, as
+    before every backend op), so no op pays for the kernel's writeback of the op before it."""
+    storage.clear()
+    os.sync()
 WARMUP = 1  # untimed first run of every op (interleaved's default)
 
 
@@ -156,12 +166,14 @@ def storage_bench(pages: int, page_tokens: int, pages_per_object: int | str, rep
                     stack.callback(others[-1].close)
                     for op in ("write", "read"):
                         ops[f"baseline {name}: {op}"] = functools.partial(others[-1].run, op)
+                        prepare[f"baseline {name}: {op}"] = os.sync
                 for kind, group in KINDS:
                     st = _backend(pool, Path(tmp) / f"{sync}-{kind}", fsync, group or pages_per_object)
                     backends[kind] = st
                     ops[f"{kind}: write"] = functools.partial(st.batch_set_v1, keys, slots, first_call)
-                    prepare[f"{kind}: write"] = st.clear
+                    prepare[f"{kind}: write"] = functools.partial(_cleared, st)
                     ops[f"{kind}: read"] = functools.partial(st.batch_get_v1, keys, slots, first_call)
+                    prepare[f"{kind}: read"] = os.sync
                 times = interleaved(ops, repeat, prepare=prepare)
                 ceiling = times["copy_"]
             results[f"ceiling copy_ ({sync})"] = {"GBps": _spread([gb / t for t in ceiling]), "runs_s": ceiling}

@@ -220,9 +220,19 @@ class StorageManager:
     def locate(self, keys: Sequence[ChunkKey]) -> list[int]:
         """For the leading run of ``keys`` present in some tier, the index of the first tier holding
         each; stops at the first key no usable tier has."""
-        if not keys or not self.slots:
-            return []
+        out: list[int] = []
+        for w in self.where(keys):
+            if w is None:
+                break
+            out.append(w)
+        return out
+
+    def where(self, keys: Sequence[ChunkKey]) -> list[int | None]:
+        """Per key, the index of the first usable tier holding it, or ``None``: one ``exists`` call per
+        tier for all of ``keys`` (no prefix rule, unlike :meth:`locate`)."""
         where: list[int | None] = [None] * len(keys)
+        if not keys:
+            return where
         now = time.monotonic()
         for i, slot in enumerate(self.slots):
             todo = [j for j, w in enumerate(where) if w is None]
@@ -235,12 +245,7 @@ class StorageManager:
             for j, hit in zip(todo, found):  # type: ignore[call-overload]
                 if hit:
                     where[j] = i
-        out: list[int] = []
-        for w in where:
-            if w is None:
-                break
-            out.append(w)
-        return out
+        return where
 
     def load(self, tier_index: int, record: ChunkRecord, out: torch.Tensor) -> bool:
         """Fetch ``record`` from one tier and decode it into ``out``; False on miss, damage, a failed

@@ -1,15 +1,15 @@
 """kvtier as SGLang's HiCache storage, on a real SGLang server (CPU test setup, see docs/sglang.md).
 
-Three server starts (about 45 s each on 2 cores) share one prompt of about 600 tokens (37 pages of
-16 tokens, stored as objects of 8 pages: SmolLM2's "auto" size) and a second prompt that shares its
-first 12 pages, i.e. only half of its second object:
+Three server starts (about 45 s each on 2 cores) share one prompt of 1,100 tokens (68 pages of
+16 tokens, stored as two objects of 32 pages, SmolLM2's "auto" size, and a tail object of 4) and a
+second prompt that shares its first 12 pages, i.e. only part of its first object:
 
 1. SGLang without the hierarchical cache: the reference greedy texts.
 2. SGLang + kvtier (disk tier in a temp dir): a cold request (kvtier miss), then ``/flush_cache`` (SGLang
    keeps nothing of its own) and the same request again: a kvtier hit, reported by SGLang's own
    ``cached_tokens_details`` and, through the backend's ``get_stats()``, by SGLang's ``/metrics``. Then
-   the second prompt: its 12 shared pages come from kvtier (one whole object and the verified half of
-   the next).
+   the second prompt: its 12 shared pages come from kvtier (the verified leading part of the first
+   object, found through the page index).
 3. After server 2 exited, one stored object gets a flipped byte; a fresh server on the same disk
    tier hits every page before the damaged object and recomputes from there.
 
@@ -43,11 +43,11 @@ from kvtier.procs import free_port
 pytestmark = pytest.mark.slow
 
 PAGE = 16
-PROMPT_TOKENS = 600
+PROMPT_TOKENS = 1100
 NEW_TOKENS = 24
-DAMAGED_PAGE = 10
-PAGES_PER_OBJECT = 8  # auto for SmolLM2-135M's 360 KiB pages
-SHARED_PAGES = 12  # the second prompt's pages in common with the first: inside the second object
+DAMAGED_PAGE = 40  # in the second object [32, 64): a restarted server hits the 32 pages before it
+PAGES_PER_OBJECT = 32  # auto for SmolLM2-135M's 360 KiB pages
+SHARED_PAGES = 12  # the second prompt's pages in common with the first: inside the first object
 
 
 def _storage_tokens(reply: dict[str, Any]) -> int:

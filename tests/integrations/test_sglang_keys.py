@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -130,10 +131,12 @@ def test_spans_sit_at_fixed_positions() -> None:
     assert spans(5, 0, 4) == []
 
 
-def test_auto_pages_per_object_is_a_power_of_two_within_4_mib() -> None:
-    assert auto_pages_per_object(360 << 10) == 8  # SmolLM2-135M, 16-token bf16 pages
-    assert auto_pages_per_object(1440 << 10) == 2
-    assert auto_pages_per_object(8 << 20) == 1
+def test_auto_pages_per_object_is_a_power_of_two_within_16_mib() -> None:
+    assert auto_pages_per_object(360 << 10) == 32  # SmolLM2-135M, 16-token bf16 pages: 11.25 MiB
+    assert auto_pages_per_object(1440 << 10) == 8
+    assert auto_pages_per_object(8 << 20) == 2
+    assert auto_pages_per_object(9 << 20) == 1
+    assert auto_pages_per_object(32 << 20) == 1  # a page larger than the cap still is an object
     assert auto_pages_per_object(1) == MAX_PAGES_PER_OBJECT
 
 
@@ -419,6 +422,24 @@ def test_a_prompt_sharing_part_of_a_group_hits_the_shared_pages(tmp_path: Path) 
     assert fresh.batch_exists(B[:10], after([])) == 8
 
 
+def test_shorter_objects_of_a_group_are_probed_in_one_call_per_tier(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A group whose longest object is missing is probed for every shorter one at once, longest first
+    (one ``exists`` per tier, not one per length: a round trip each on a remote tier)."""
+    storage = grouped(tmp_path)
+    assert storage.batch_set_v1(A[:6], slots(list(range(6))), after([])) == [True] * 6  # 0-3 and the tail 4-5
+    assert storage.manager is not None and storage.keys is not None
+    tier = storage.manager.slots[0].tier
+    calls: list[int] = []
+    exists = tier.exists
+    monkeypatch.setattr(tier, "exists", lambda keys: calls.append(len(keys)) or exists(keys))
+    assert storage.batch_exists(A[:8], after([])) == 6
+    assert calls == [2, 3]  # the two groups' longest objects, then pages 4-6, 4-5 and 4 of group 1
+    present, absent = storage.keys.record(A[:4]).key, storage.keys.record(A[:3]).key
+    assert storage.manager.where([present, absent, present]) == [0, None, 0]
+    assert storage.manager.locate([present, absent, present]) == [0]
+
+
 def test_a_damaged_page_in_an_object_is_a_counted_miss(tmp_path: Path) -> None:
     storage = grouped(tmp_path)
     storage.batch_set_v1(A[:8], slots(list(range(8))), after([]))
@@ -527,3 +548,50 @@ def test_a_failed_direct_write_is_reported_not_stored(tmp_path: Path) -> None:
     assert storage.batch_set_v1(A[:6], slots(list(range(6))), after([])) == [False] * 6
     assert storage.counters["write_failures"] >= 6 and storage.batch_exists(A[:6], after([])) == 0
     storage.close()
+
+
+def test_pages_from_the_cache_server_land_straight_in_the_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cache server tier receives raw payloads into several buffers (``recvmsg_into``) as the disk
+    tier reads them (``preadv``): ``batch_get_v1`` through a real ``kvtier server`` puts each object
+    straight into the pool pages, byte exact, and a byte damaged in transit ends the hit at its object
+    (a counted corrupt miss; the server's copy is intact)."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "server"))
+    from server_support import FlippingProxy, ServerProcess
+
+    def remote_backend(port: int, pool: SimpleNamespace) -> KvtierStorage:
+        return backend(tmp_path, pool, kvtier_pages_per_object=4,
+                       kvtier={"remote": {"enabled": True, "port": port, "timeout_s": 10.0}})
+
+    src = fake_pool(slots=16 * PAGE, seed=1)
+    with ServerProcess(tmp_path) as server:
+        writer = remote_backend(server.port, src)
+        assert writer.batch_set_v1(A[:8], slots(list(range(8))), after([])) == [True] * 8
+        writer.close()
+
+        direct: list[bool] = []
+        reader = remote_backend(server.port, fake_pool(slots=16 * PAGE, seed=2))
+        read_into = reader._read_into
+
+        def spy(*args: Any) -> Any:
+            parts = read_into(*args)
+            direct.append(parts is not None)
+            return parts
+
+        monkeypatch.setattr(reader, "_read_into", spy)
+        assert reader.batch_get_v1(A[:8], slots(list(range(8, 16))), after([])) == [True] * 8
+        assert same_pages(src, list(range(8)), reader.mem_pool_host, list(range(8, 16)))
+        assert direct == [True, True]
+        reader.close()
+
+        # one K row of page 5 (the second object), bf16 bits as the frame carries them: the proxy flips its last byte
+        row = PoolView(src).page(5 * PAGE)[1, 0, 3].reshape(-1).view(torch.int16).numpy().tobytes()
+        proxy = FlippingProxy(server.port, row)
+        try:
+            damaged = remote_backend(proxy.address, fake_pool(slots=16 * PAGE, seed=3))
+            assert damaged.batch_get_v1(A[:8], slots(list(range(8))), after([])) == [True] * 4 + [False] * 4
+            assert proxy.flipped == 1
+            assert same_pages(src, [0, 1, 2, 3], damaged.mem_pool_host, [0, 1, 2, 3])
+            assert damaged.stats()["remote"]["corrupt"] == 1
+            damaged.close()
+        finally:
+            proxy.close()

@@ -11,7 +11,7 @@ Tested on SGLang 0.5.23 (CPU, see docs/sglang.md). Enable it with::
 (all optional): ``kvtier_config`` (YAML file; default ``$KVTIER_CONFIG``), ``kvtier`` (a mapping of
 config overrides), ``kvtier_model_id`` (the model part of every key; default SGLang's model name),
 ``kvtier_pages_per_object`` (pages per stored object, 1..128, default ``"auto"``: the largest power of
-two that keeps an object within 4 MiB). ``KVTIER_*`` environment variables apply as everywhere else.
+two that keeps an object within 16 MiB). ``KVTIER_*`` environment variables apply as everywhere else.
 At least one serialized tier (disk, remote, redis or fs) must be enabled: SGLang's host pool already
 is the CPU tier.
 
@@ -47,9 +47,10 @@ so the frames do not depend on ``--hicache-mem-layout``. A write sends each obje
 from the pool (frame head computed over the pool's runs, head + runs handed to the tiers, ``writev``
 for the disk tier) where the layout keeps a run's layer and K/V in one block and every tier stores raw
 frames, and otherwise gathers them into the buffer its frame is checksummed and written from. A read
-from the disk tier puts each object's payload straight into the caller's pool pages (``preadv``,
-verified there: see :meth:`KvtierStorage._read_into` for why that is safe in SGLang); otherwise it
-scatters each verified object from the buffer the tier read it into. Pages that sit next to
+from a tier that reads raw payloads into several buffers (disk and fs ``preadv``, the cache server
+``recvmsg_into``) puts each object's payload straight into the caller's pool pages (verified there:
+see :meth:`KvtierStorage._read_into` for why that is safe in SGLang); otherwise it scatters each
+verified object from the buffer the tier read it into. Pages that sit next to
 each other in the host pool move as one run (:class:`~kvtier.integrations.sglang.pages.HostPages`):
 one ``writev`` buffer per layer and K/V, or one single-threaded strided copy, not one per page. MLA
 and hybrid (v2) pools are not supported: kvtier then stays off and SGLang runs without L3.
@@ -57,7 +58,7 @@ and hybrid (v2) pools are not supported: kvtier then stays off and SGLang runs w
 Failure. Every backend call catches everything: an error is logged, counted in :attr:`counters` and
 answered as a miss (``False`` / 0 pages); SGLang then recomputes. Writes are synchronous (the call
 returns once the frames are in the tiers, so SGLang may reuse the pages), on SGLang's own backup thread
-and, for objects written straight from the pool, two put threads of this backend.
+and, for objects written straight from the pool, the put threads of this backend (:data:`PUT_THREADS`).
 
 Cross-engine sharing with vLLM / HF: not through these keys. kvtier's token keys hash token ids in
 ``chunk_tokens`` chunks; SGLang hands the backend neither the tokens nor anything they could be
@@ -106,7 +107,6 @@ from kvtier.integrations.sglang.pages import (
 from kvtier.integrations.sglang.stats import IoStats
 from kvtier.keys import Namespace
 from kvtier.record import ChunkRecord
-from kvtier.storage.disk import DiskTier
 from kvtier.storage.factory import build_tiers
 from kvtier.storage.manager import Load, StorageManager
 
@@ -125,7 +125,9 @@ EXTRA_KEYS = ("kvtier_config", "kvtier", "kvtier_model_id", "kvtier_pages_per_ob
 _T = TypeVar("_T")
 READ_BATCH_PAGES = 8  # pages per read batch of the storage manager
 FLUSH_TIMEOUT_S = 30.0  # a write call waits this long for its objects (as the manager's flush)
-PUT_THREADS = 2  # objects written at once by a write call (their file writes / fsyncs overlap)
+# objects written at once by a write call (their file writes / fsyncs overlap): a 128-page batch of 32-page
+# objects all at once; with fsync faster than 2, neutral without (docs/sglang.md, "Object size")
+PUT_THREADS = 4
 
 
 # ---- the backend ----------------------------------------------------------------------------------
@@ -274,11 +276,11 @@ class KvtierStorage(_Base):
         one the chain names, else one from the page index."""
         assert self.manager is not None and self.keys is not None
         top = min(span.start + self.pages_per_object, len(chain))
-        for end in range(top - 1, span.first, -1):
-            record = self.keys.record(chain[span.start : end])
-            found = self.manager.locate([record.key])
-            if found:
-                return _Hit(span, found[0], record, min(end, span.end))
+        ends = range(top - 1, span.first, -1)
+        shorter = [self.keys.record(chain[span.start : end]) for end in ends]
+        for end, record, tier in zip(ends, shorter, self.manager.where([r.key for r in shorter])):  # longest first
+            if tier is not None:
+                return _Hit(span, tier, record, min(end, span.end))
         indexed = self.index.find(self.keys.page_id(chain[span.first]))
         if indexed is None or indexed[1] != span.first - span.start:
             return None
@@ -321,8 +323,9 @@ class KvtierStorage(_Base):
     def _read_into(self, hit: _Hit, obj: np.ndarray, target: Pages, first: int) -> list[memoryview] | None:
         """Where ``hit``'s payload can be read straight to: the caller's pool pages for the pages it asked
         for, ``obj`` (the object's staging view) for the object's other pages. Only into SGLang's host
-        pool (``batch_get_v1``) from the disk tier, and only where the layout keeps a run's layer and K/V
-        in one block; ``None`` otherwise (read into ``obj``, then scatter).
+        pool (``batch_get_v1``) from a tier that reads raw payloads into several buffers (disk, fs, the
+        cache server: :attr:`~kvtier.storage.manager.TierSlot.reads_scattered`), and only where the
+        layout keeps a run's layer and K/V in one block; ``None`` otherwise (read into ``obj``, then scatter).
 
         Writing into the pool before the object is verified is harmless because SGLang allocates those
         host slots for this prefetch alone and uses only the leading pages answered True: the rest,
@@ -333,7 +336,7 @@ class KvtierStorage(_Base):
         ``_handle_prefetch_result`` inserts only ``host_indices[:completed_tokens]``)."""
         assert self.manager is not None
         slot = self.manager.slots[hit.tier]
-        if not isinstance(target, HostPages) or not isinstance(slot.tier, DiskTier) or slot.codec != "raw":
+        if not isinstance(target, HostPages) or not slot.reads_scattered:
             return None
         start, end, total = hit.span.first - hit.span.start, hit.end - hit.span.start, obj.shape[2]
         runs = [run for _offset, run in target.runs(hit.span.first - first, hit.end - hit.span.first)]

@@ -42,7 +42,7 @@ def namespace_model(model: str, tp_rank: int = 0, tp_size: int = 1, pp_rank: int
 
 PAGE_ID_BYTES = 32
 MAX_PAGES_PER_OBJECT = MAX_PAGE_IDENTITY // PAGE_ID_BYTES  # the identity holds one page id per page
-AUTO_OBJECT_BYTES = 4 << 20  # ``pages_per_object`` "auto": objects of at most this many bytes
+AUTO_OBJECT_BYTES = 16 << 20  # ``pages_per_object`` "auto": objects of at most this many bytes (docs/sglang.md)
 
 
 def auto_pages_per_object(page_bytes: int) -> int:
