@@ -347,9 +347,11 @@ class CacheEngine:
         def staged_bytes(i: int) -> int:
             return 0 if direct(i) else records[i].num_tokens * self.spec.bytes_per_token
 
-        for segment in batching.cut(lower, len(lower), STAGE_BYTES, staged_bytes):
-            scratch = torch.empty(sum(staged_bytes(i) for i in segment) // self.spec.itemsize,
-                                  dtype=self.spec.torch_dtype)
+        segments = list(batching.cut(lower, len(lower), STAGE_BYTES, staged_bytes))
+        # one scratch for every segment (each is done with it before the next starts), allocated once
+        scratch = torch.empty(max(sum(staged_bytes(i) for i in segment) for segment in segments)
+                              // self.spec.itemsize, dtype=self.spec.torch_dtype)
+        for segment in segments:
             loads, at = [], 0
             for i in segment:
                 chunk, shape = chunks[i], self.spec.chunk_shape(chunks[i].num_tokens)
@@ -405,8 +407,12 @@ class CacheEngine:
         self._observe("retrieve", start)
         return hit
 
+    def _hit_bound(self, arr: np.ndarray, where: list[int | None]) -> int:
+        """The hit length of ``where`` (from :meth:`_present`) if every present chunk arrives intact."""
+        return min(len(where) * self.chunker.chunk_tokens, len(arr))
+
     def _retrieve(self, arr: np.ndarray, keys: list[ChunkKey], where: list[int | None], into: KVLike) -> int:
-        span = min(len(where) * self.chunker.chunk_tokens, len(arr))  # the hit, if every chunk arrives
+        span = self._hit_bound(arr, where)
         if span:
             check_kv(self.spec, into, span)
 
@@ -597,8 +603,8 @@ class LayerwiseRetrieve:
             self._chunks = [chunk for chunk, _slot in held]
             self._slots = [cast(int, slot) for _chunk, slot in held]  # without ``into`` every slot is held
         else:
-            span = min(len(where) * engine.chunker.chunk_tokens, len(arr))
-            self._kv = torch.empty(engine.spec.chunk_shape(span), dtype=engine.spec.torch_dtype)
+            shape = engine.spec.chunk_shape(engine._hit_bound(arr, where))
+            self._kv = torch.empty(shape, dtype=engine.spec.torch_dtype)
             self.hit_tokens = engine._retrieve(arr, keys, where, self._kv)
         engine._count(retrieves=1, retrieve_tokens=len(arr), retrieve_hit_tokens=self.hit_tokens)
 
